@@ -1,0 +1,139 @@
+"""The ``eventwire`` command: ``serve``, ``check-config`` and ``send``.
+
+Parses flags, loads settings and sites, configures logging and runs the
+rooms; no logic of its own beyond mapping errors to exit codes (2 for a
+configuration error, 0 for a graceful stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from server import __version__
+from server.config import LoadedConfig, describe, load_settings
+from server.errors import ConfigError
+from server.gateway import EventwireServer
+from server.log import configure
+from server.rules import SiteRules, describe_sites, load_sites
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="settings file (config/eventwire.toml)")
+    parser.add_argument("--sites", help="sites file (config/sites.toml)")
+    parser.add_argument("--listen", help="public listener HOST:PORT")
+    parser.add_argument("--admin", help="admin listener HOST:PORT")
+    parser.add_argument("--redis", dest="redis_url", help="Redis URL (redis://host:port/db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``eventwire``."""
+    parser = argparse.ArgumentParser(prog="eventwire", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"eventwire {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the tracking server")
+    _common(serve)
+    check = sub.add_parser("check-config", help="print the effective configuration")
+    _common(check)
+    send = sub.add_parser("send", help="send one event and print the server's answer")
+    send.add_argument("--url", required=True, help="ws://HOST:PORT/v1/track/SITE")
+    send.add_argument("--uuid", default=None, help="customer uuid (default: random)")
+    send.add_argument("--label", default=None)
+    send.add_argument("--origin", default=None, help="Origin header to send")
+    send.add_argument("action", help="context.activity name, e.g. page.visit")
+    send.add_argument("params", nargs="*", help="KEY=VALUE params; VALUE is JSON or a string")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[LoadedConfig, dict[str, SiteRules]]:
+    overrides: dict[str, Any] = {
+        "sites": args.sites,
+        "listen": args.listen,
+        "admin": args.admin,
+        "redis_url": args.redis_url,
+    }
+    loaded = load_settings(args.config, overrides=overrides)
+    return loaded, load_sites(loaded.sites_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.command == "send":
+        return _run(_send(args))
+    try:
+        loaded, sites = _load(args)
+    except ConfigError as exc:
+        print(f"eventwire: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        out = {
+            "config_file": str(loaded.config_path) if loaded.config_path else None,
+            "sources": loaded.sources,
+            "settings": describe(loaded),
+            "sites": describe_sites(sites),
+        }
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(out)).decode() + "\n")
+        return 0
+    configure(loaded.settings.log_level)
+    return _run(_serve(loaded, sites))
+
+
+async def _serve(loaded: LoadedConfig, sites: dict[str, SiteRules]) -> int:
+    server = EventwireServer(loaded.settings, sites)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def _param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"eventwire send: param {text!r} is not KEY=VALUE")
+    try:
+        return key, msgspec.json.decode(value)
+    except msgspec.DecodeError:
+        return key, value
+
+
+async def _send(args: argparse.Namespace) -> int:
+    from server.client import EventwireClient
+
+    params = dict(_param(p) for p in args.params)
+    async with EventwireClient(args.url, args.uuid, origin=args.origin) as client:
+        seq = client.track(args.action, params, args.label)
+        try:
+            await client.flush(timeout=10)
+        except TimeoutError:
+            error = client.closed_error
+            why = f"{error.code}: {error.detail}" if error else "no answer within 10 s"
+            print(f"not stored: {why}", file=sys.stderr)
+            return 1
+    for r in client.rejections:
+        if r.seq == seq:
+            print(f"rejected {r.code}: {r.detail}", file=sys.stderr)
+            return 1
+    assert client.welcome is not None
+    print(f"stored: {args.action} for {client.uuid} in session {client.welcome.session}")
+    return 0
+
+
+def _run(main: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        code: int = asyncio.run(main)
+    else:
+        code = uvloop.run(main)
+    return code

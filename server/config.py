@@ -1,0 +1,205 @@
+"""Typed settings: ``config/eventwire.toml``, then ``EVENTWIRE_*`` variables, then flags.
+
+This module owns every server setting, its default and what it costs. It
+reads files and the environment and never touches the network. Each setting
+``name`` can be overridden by the environment variable ``EVENTWIRE_NAME``
+(durations in seconds, floats allowed); command-line flags override both. A
+wrong value stops startup with a :class:`~server.errors.ConfigError` naming
+the key, its source and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+from msgspec import Meta
+
+from server.errors import ConfigError
+
+ENV_PREFIX: Final = "EVENTWIRE_"
+DEFAULT_CONFIG: Final = Path("config/eventwire.toml")
+
+Seconds = Annotated[float, Meta(gt=0)]
+Count = Annotated[int, Meta(ge=1)]
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:8780`` for IPv6); port 0 means any free port.
+
+    Raises:
+        ValueError: the value is not HOST:PORT with a port in 0-65535.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every server setting with its default. See ``config/eventwire.toml``."""
+
+    # -- listeners and Redis
+    listen: str = "127.0.0.1:8780"
+    admin: str = "127.0.0.1:8781"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Path of the sites file; relative paths are resolved from the config file's folder.
+    sites: str = "sites.toml"
+    key_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "ew"
+    log_level: Annotated[str, Meta(pattern=r"^(debug|info|warning|error)$")] = "info"
+
+    # -- PROTOCOL.md limits
+    #: Largest frame read; a larger one closes 1009. Memory: one frame per connection at most.
+    max_frame_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024
+    max_batch: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    max_event_bytes: Annotated[int, Meta(ge=256)] = 32 * 1024
+    max_clock_skew: Annotated[float, Meta(ge=0)] = 300.0
+    max_event_age: Seconds = 7 * 86400.0
+    hello_timeout: Seconds = 5.0
+
+    # -- Redis layout
+    #: ``MAXLEN ~`` of each events stream: a safety cap on Redis memory (~0.5 KiB an event).
+    stream_maxlen: Count = 1_000_000
+    #: ``MAXLEN ~`` of each rejected stream.
+    rejected_maxlen: Count = 100_000
+    #: How long a producer's highest stored seq is kept (de-duplication window).
+    producer_ttl: Seconds = 7 * 86400.0
+
+    # -- store behaviour
+    #: How long one Redis round trip may take before frames are nacked ``unavailable``.
+    store_timeout: Seconds = 2.0
+    #: ``retry_after_ms`` sent with ``nack unavailable``.
+    retry_after_ms: Annotated[int, Meta(ge=0)] = 500
+    #: Events in one Lua call; bounds how long Redis is busy with one call (~1 ms per 500).
+    publish_batch_events: Annotated[int, Meta(ge=1)] = 2000
+
+    # -- connections
+    #: Frames of one connection waiting for their ack; more stop reading the socket.
+    max_inflight_frames: Count = 64
+    #: Open WebSocket connections per process; more are refused with HTTP 503.
+    max_connections: Count = 50_000
+    ping_interval: Seconds = 20.0
+    ping_timeout: Seconds = 20.0
+    #: On SIGTERM, how long in-flight frames may take to be acked before connections close.
+    drain_timeout: Seconds = 10.0
+
+    def __post_init__(self) -> None:
+        for key in ("listen", "admin"):
+            try:
+                parse_hostport(getattr(self, key))
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        scheme = urlsplit(self.redis_url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"redis_url: scheme must be redis, rediss or unix, got {scheme!r}")
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        """``listen`` as (host, port)."""
+        return parse_hostport(self.listen)
+
+    @property
+    def admin_addr(self) -> tuple[str, int]:
+        """``admin`` as (host, port)."""
+        return parse_hostport(self.admin)
+
+
+SETTING_NAMES: Final = frozenset(Settings.__struct_fields__)
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:****@{netloc}"))
+
+
+class LoadedConfig(msgspec.Struct, frozen=True):
+    """Settings with where they came from."""
+
+    settings: Settings
+    config_path: Path | None
+    sites_path: Path
+    sources: dict[str, str]
+
+
+def load_settings(
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedConfig:
+    """Read the settings: file, then environment, then ``overrides`` (flags).
+
+    Args:
+        config_path: a TOML file; None means ``$EVENTWIRE_CONFIG`` or
+            ``config/eventwire.toml`` if either exists, else the defaults.
+        env: the environment to read ``EVENTWIRE_*`` from (``os.environ``).
+        overrides: values from command-line flags, by setting name.
+
+    Raises:
+        ConfigError: naming the key, where it came from and what is wrong.
+    """
+    env = os.environ if env is None else env
+    if config_path is None:
+        named = env.get(ENV_PREFIX + "CONFIG")
+        if named:
+            config_path = Path(named)
+        elif DEFAULT_CONFIG.exists():
+            config_path = DEFAULT_CONFIG
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if config_path is not None:
+        try:
+            raw = tomllib.loads(config_path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
+        sources.update(dict.fromkeys(raw, str(config_path)))
+    for name in SETTING_NAMES:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            raw[name] = value
+            sources[name] = ENV_PREFIX + name.upper()
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            raw[name] = value
+            sources[name] = "command line"
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(str(exc), sources)) from None
+    sites_path = Path(settings.sites)
+    if not sites_path.is_absolute():
+        # A path written in the config file is relative to that file; one from
+        # the environment or a flag is relative to where the command runs.
+        if config_path is not None and sources.get("sites", str(config_path)) == str(config_path):
+            sites_path = config_path.parent / sites_path
+        elif "sites" not in sources:
+            sites_path = DEFAULT_CONFIG.parent / sites_path
+    return LoadedConfig(settings, config_path, sites_path, sources)
+
+
+def _explain(message: str, sources: Mapping[str, str]) -> str:
+    """Add the source of the offending key to a msgspec validation message."""
+    for key, source in sources.items():
+        if f"`$.{key}`" in message or message.startswith(f"{key}:"):
+            return f"setting {key!r} (from {source}): {message}"
+    return f"settings: {message}"
+
+
+def describe(loaded: LoadedConfig) -> dict[str, Any]:
+    """The effective settings as plain data, secrets masked, for ``check-config``."""
+    out: dict[str, Any] = msgspec.to_builtins(loaded.settings)
+    out["redis_url"] = mask_url(out["redis_url"])
+    out["sites"] = str(loaded.sites_path)
+    return out

@@ -1,0 +1,315 @@
+"""The public WebSocket listener: routes, handshake checks, limits, graceful drain.
+
+:class:`EventwireServer` owns the process' listeners and the store. For each
+connection it checks the route (``/v1/track/{site}``, else 404), the site
+(404), the ``Origin`` (403), the connection limit (503) and the subprotocol
+before the upgrade, then feeds frames to an :class:`~server.ingest.IngestConnection`
+and turns the errors it raises into the protocol's answers:
+
+- no hello within ``hello_timeout``, or a bad hello: ``error``, close 1008;
+- a frame that does not decode: ``error``, raw bytes recorded, close 1007;
+- a frame over ``max_frame_bytes``: close 1009 (websockets enforces it);
+- Redis unavailable at hello: ``error unavailable``, close 1013.
+
+On :meth:`EventwireServer.stop` it stops accepting, lets in-flight frames be
+acked (up to ``drain_timeout``), closes every connection 1001, publishes the
+sessions' ends, then closes the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Final
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, NegotiationError
+from websockets.http11 import Request, Response
+from websockets.protocol import OPEN
+from websockets.typing import Subprotocol
+
+from server import metrics
+from server.admin import AdminListener
+from server.config import Settings, mask_url
+from server.errors import ProtocolViolation, StoreUnavailable, UndecodableFrame
+from server.ingest import IngestConnection, undecodable_record
+from server.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS, Error
+from server.rules import SiteRules
+from server.sessions import Sessions, now_ms
+from server.store import Store, connect_redis
+
+TRACK_PREFIX: Final = "/v1/track/"
+
+log = structlog.get_logger("eventwire.gateway")
+_ids = itertools.count(1)
+
+
+class TrackConnection(ServerConnection):
+    """A websockets connection that remembers its site and can answer without waiting."""
+
+    site: str = ""
+
+    def send_now(self, data: bytes, text: bool) -> None:
+        """Queue one message on the transport now; drop it if the connection is closing.
+
+        ``send()`` is a coroutine with a context manager and a drain per call,
+        which costs more than the rest of an ack. Acks are small and the
+        receive loop waits in :meth:`wait_writable` while the transport is
+        paused, so what is written here stays bounded by
+        ``max_inflight_frames`` answers. A dropped answer is harmless: the
+        client resends unanswered frames after reconnecting.
+        """
+        if self.protocol.state is not OPEN:
+            return
+        if text:
+            self.protocol.send_text(data)
+        else:
+            self.protocol.send_binary(data)
+        self.send_data()
+
+    async def wait_writable(self) -> None:
+        """Wait while the client does not read what was written (TCP backpressure)."""
+        if self.paused:
+            await self.drain()
+
+
+class EventwireServer:
+    """One server process: public listener, admin listener, store.
+
+    Args:
+        settings: effective settings.
+        sites: compiled site rules by site id.
+
+    Use ``await start()`` then ``await stop()``, or ``async with``.
+    """
+
+    def __init__(self, settings: Settings, sites: dict[str, SiteRules]) -> None:
+        self.settings = settings
+        self.sites = sites
+        self.store: Store | None = None
+        self.sessions: Sessions | None = None
+        self.public: Server | None = None
+        self.admin: Server | None = None
+        self._connections: dict[TrackConnection, IngestConnection] = {}
+        self._draining = False
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the store and open both listeners."""
+        settings = self.settings
+        store = Store(connect_redis(settings.redis_url, settings), settings)
+        await store.__aenter__()
+        self.store = store
+        self.sessions = Sessions(store)
+        host, port = settings.listen_addr
+        self.public = await serve(
+            self._handler,
+            host,
+            port,
+            process_request=self._process_request,
+            select_subprotocol=_select_subprotocol,
+            create_connection=TrackConnection,
+            compression=None,
+            max_size=settings.max_frame_bytes,
+            # Incoming frames queued per connection before TCP backpressure.
+            max_queue=(16, 4),
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            open_timeout=settings.hello_timeout,
+            server_header=None,
+            reuse_port=True,
+        )
+        admin = AdminListener(self.ready)
+        self.admin = await admin.start(*settings.admin_addr)
+        log.info(
+            "listening", track=self.url, admin=self.admin_url, redis=mask_url(settings.redis_url)
+        )
+
+    async def stop(self) -> None:
+        """Drain and stop: in-flight frames are acked, connections closed 1001."""
+        if self._draining:
+            await self._stopped.wait()
+            return
+        self._draining = True
+        if self.public is not None:
+            self.public.close(close_connections=False)
+        connections = list(self._connections.items())
+        if connections:
+            drains = [asyncio.ensure_future(ingest.drain()) for _, ingest in connections]
+            _, late = await asyncio.wait(drains, timeout=self.settings.drain_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(
+                *(ws.close(1001, "server shutting down") for ws, _ in connections),
+                return_exceptions=True,
+            )
+        if self.public is not None:
+            await self.public.wait_closed()
+        if self.admin is not None:
+            self.admin.close()
+            await self.admin.wait_closed()
+        if self.store is not None:
+            await self.store.close()
+        self._stopped.set()
+        log.info("stopped", connections_closed=len(connections))
+
+    async def __aenter__(self) -> EventwireServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def ready(self) -> bool:
+        """Whether this process can take events now (Redis answers, not draining)."""
+        return not self._draining and self.store is not None and await self.store.ping()
+
+    @property
+    def port(self) -> int:
+        """The public listener's bound port."""
+        assert self.public is not None
+        port: int = self.public.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def admin_port(self) -> int:
+        """The admin listener's bound port."""
+        assert self.admin is not None
+        port: int = self.admin.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        """Base URL of the public listener."""
+        return f"ws://{_urlhost(self.settings.listen_addr[0])}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """Base URL of the admin listener."""
+        return f"http://{_urlhost(self.settings.admin_addr[0])}:{self.admin_port}"
+
+    # -- handshake ------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if not path.startswith(TRACK_PREFIX):
+            return _refuse(connection, HTTPStatus.NOT_FOUND, "not found; track at /v1/track/{site}")
+        site = path[len(TRACK_PREFIX) :]
+        rules = self.sites.get(site)
+        if rules is None:
+            return _refuse(connection, HTTPStatus.NOT_FOUND, f"unknown site {site[:64]!r}")
+        if not rules.origin_allowed(request.headers.get("Origin")):
+            return _refuse(connection, HTTPStatus.FORBIDDEN, "origin not allowed for this site")
+        if self._draining:
+            return _refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down")
+        if len(self._connections) >= self.settings.max_connections:
+            return _refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections")
+        assert isinstance(connection, TrackConnection)
+        connection.site = site
+        return None
+
+    # -- connection -----------------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, TrackConnection)
+        assert self.store is not None
+        assert self.sessions is not None
+        site = ws.site
+        codec = CODECS[ws.subprotocol or JSON_SUBPROTOCOL]
+        text = not codec.binary
+
+        def send(data: bytes) -> None:
+            ws.send_now(data, text)
+
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(connection_id=next(_ids), site=site)
+        ingest = IngestConnection(
+            self.sites[site], self.settings, self.store, self.sessions, codec, send
+        )
+        self._connections[ws] = ingest
+        opened = time.monotonic()
+        open_gauge = metrics.CONNECTIONS_OPEN.labels(site)
+        open_gauge.inc()
+        error: ProtocolViolation | None = None
+        data: bytes | str = b""
+        try:
+            try:
+                async with asyncio.timeout(self.settings.hello_timeout):
+                    data = await ws.recv(decode=False)
+            except TimeoutError:
+                raise ProtocolViolation(
+                    "hello_timeout", f"no hello within {self.settings.hello_timeout:g} s"
+                ) from None
+            try:
+                await ingest.hello(data)
+            except StoreUnavailable as exc:
+                raise ProtocolViolation("unavailable", str(exc), 1013) from None
+            metrics.CONNECTIONS.labels(site).inc()
+            while True:
+                data = await ws.recv(decode=False)
+                await ingest.receive(data)
+                await ws.wait_writable()
+        except ConnectionClosed:
+            pass
+        except ProtocolViolation as exc:
+            error = exc
+            metrics.PROTOCOL_ERRORS.labels(site, exc.code).inc()
+            if isinstance(exc, UndecodableFrame):
+                await self.store.record_rejected(
+                    site, undecodable_record(site, ingest.who, exc.detail, data, now_ms())
+                )
+            # Answers already due go first, so the error is the last message.
+            await ingest.drain()
+            try:
+                await ws.send(codec.encode(Error(code=exc.code, detail=exc.detail)), text=text)
+                await ws.close(exc.close_code, _reason(exc.detail))
+            except ConnectionClosed:
+                pass
+        finally:
+            del self._connections[ws]
+            open_gauge.dec()
+            await ingest.close()
+            code = ws.close_code if ws.close_code is not None else 1006
+            log.info(
+                "connection_closed",
+                close_code=code,
+                close_reason=ws.close_reason or (error.detail if error else ""),
+                duration_ms=int((time.monotonic() - opened) * 1000),
+                subprotocol=codec.name,
+                **ingest.stats(),
+            )
+
+
+def _reason(detail: str) -> str:
+    # A close reason must fit a control frame: 123 bytes of UTF-8.
+    return detail.encode()[:120].decode("utf-8", "ignore")
+
+
+def _refuse(connection: ServerConnection, status: HTTPStatus, text: str) -> Response:
+    metrics.HANDSHAKES_REFUSED.labels(str(status.value)).inc()
+    return connection.respond(status, text + "\n")
+
+
+def _select_subprotocol(
+    connection: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    # websockets' stock negotiation refuses a client that offers none with
+    # HTTP 400; PROTOCOL.md says no subprotocol means JSON.
+    if not offered:
+        return None
+    for name in offered:
+        if name in SUBPROTOCOLS:
+            return name
+    raise NegotiationError(f"offer one of {', '.join(SUBPROTOCOLS)}")
+
+
+def _urlhost(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host

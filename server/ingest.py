@@ -1,0 +1,371 @@
+"""One tracking connection's state machine: hello -> welcome, track -> ack/nack.
+
+This room turns decoded messages into store calls and answers; it never
+touches a socket. ``gateway`` feeds it frames and gives it a ``send``
+coroutine. Errors map to protocol answers here:
+
+- a bad event -> a rejection inside the ack (final; also in the rejected stream);
+- Redis down or slow -> ``nack unavailable`` (nothing of the frame stored);
+- a broken protocol -> :class:`~server.errors.ProtocolViolation`, which the
+  gateway turns into an ``error`` message and a close code.
+
+Frames are answered in the order they arrived. Up to ``max_inflight_frames``
+of them may wait for Redis at once, so a client that pipelines frames keeps
+the server busy. The store reports each frame's end from its publisher task
+(:class:`~server.store.FrameSink`), and the answers that are due go out then,
+without a task or a wait per frame; ``gateway`` applies backpressure when the
+client does not read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+import structlog
+
+from server import metrics
+from server.config import Settings
+from server.errors import ProtocolViolation, StoreUnavailable, UndecodableFrame
+from server.protocol import (
+    Ack,
+    Codec,
+    Hello,
+    Identify,
+    Nack,
+    RejectedRecord,
+    Rejection,
+    Track,
+    Welcome,
+    WireEvent,
+    record_encoder,
+)
+from server.rules import SiteRules
+from server.sessions import IDENTIFY, Session, Sessions, now_ms
+from server.store import EVENT, REJECT, REJECT_ALWAYS, FrameOwner, Store
+from server.validation import INVALID, Identity, Limits, Rejected, judge_event
+
+#: ``raw`` in the rejected stream is cut to this many characters (PROTOCOL.md section 7).
+RAW_LIMIT: Final = 4096
+
+log = structlog.get_logger("eventwire.ingest")
+
+#: Writes one encoded message to the client now, without waiting; never raises.
+Send = Callable[[bytes], None]
+
+
+class _Pending:
+    """A frame waiting for its answer, in arrival order."""
+
+    __slots__ = ("rejections", "reply", "seq")
+
+    def __init__(self, seq: int, rejections: list[Rejection], reply: bytes | None = None) -> None:
+        self.seq = seq
+        self.rejections = rejections
+        self.reply = reply
+
+
+class IngestConnection:
+    """The state of one tracking connection.
+
+    Args:
+        rules: the site's rules.
+        settings: server settings.
+        store: the Redis room.
+        sessions: the session room.
+        codec: the negotiated subprotocol.
+        send: writes one encoded message to the client without waiting.
+    """
+
+    def __init__(
+        self,
+        rules: SiteRules,
+        settings: Settings,
+        store: Store,
+        sessions: Sessions,
+        codec: Codec,
+        send: Send,
+    ) -> None:
+        self.rules = rules
+        self.site = rules.site
+        self.settings = settings
+        self.store = store
+        self.sessions = sessions
+        self.codec = codec
+        self._send = send
+        self.limits = Limits(
+            max_event_bytes=settings.max_event_bytes,
+            max_clock_skew_ms=int(settings.max_clock_skew * 1000),
+            max_event_age_ms=int(settings.max_event_age * 1000),
+        )
+        self.who: Identity | None = None
+        self.session: Session | None = None
+        self.owner = FrameOwner()
+        self._pending: deque[_Pending] = deque()
+        self._room: asyncio.Future[None] | None = None
+        self._closed = False
+        self.frames = 0
+        self.accepted = 0
+        self.duplicate = 0
+        self.rejected = 0
+        self.nacked = 0
+        self._m_frames = metrics.FRAMES.labels(self.site)
+        self._m_accepted = metrics.EVENTS.labels(self.site, "accepted")
+        self._m_duplicate = metrics.EVENTS.labels(self.site, "duplicate")
+        self._m_rejected = metrics.EVENTS.labels(self.site, "rejected")
+
+    # -- hello ------------------------------------------------------------------
+
+    async def hello(self, data: bytes | str) -> None:
+        """Handle the first frame: it must be a hello; answer with a welcome.
+
+        Raises:
+            ProtocolViolation: the frame is not a valid hello (1008) or not
+                decodable (1007).
+            StoreUnavailable: Redis could not open the session.
+        """
+        try:
+            msg = self.codec.decode(data)
+        except msgspec.ValidationError as exc:
+            raise ProtocolViolation("bad_hello", f"invalid hello: {exc}") from None
+        if not isinstance(msg, Hello):
+            raise ProtocolViolation("bad_hello", "the first message must be a hello")
+        acked, session = await asyncio.gather(
+            self.store.acked(self.site, msg.producer),
+            self.sessions.open(self.site, msg.uuid, msg.producer, msg.context),
+        )
+        self.session = session
+        self.who = Identity(
+            site=self.site, uuid=msg.uuid, session=session.id, producer=msg.producer
+        )
+        structlog.contextvars.bind_contextvars(uuid=msg.uuid, session=session.id)
+        welcome = Welcome(
+            session=session.id,
+            resumed=False,
+            acked=acked,
+            server_time=now_ms(),
+            max_batch=self.settings.max_batch,
+        )
+        self._send(self.codec.encode(welcome))
+
+    # -- frames after hello -----------------------------------------------------
+
+    async def receive(self, data: bytes | str) -> None:
+        """Handle one frame after the hello.
+
+        Returns once the frame is queued; its answer follows in order. Waits
+        first while ``max_inflight_frames`` frames are unanswered.
+
+        Raises:
+            ProtocolViolation: the frame breaks the protocol.
+        """
+        while len(self._pending) >= self.settings.max_inflight_frames:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        try:
+            msg: Any = self.codec.decode(data)
+        except msgspec.ValidationError:
+            msg = self.codec.split_track(data)
+        if isinstance(msg, Track):
+            self._track(msg.events)
+        elif isinstance(msg, list):
+            self._track(msg)
+        elif isinstance(msg, Identify):
+            await self._identify(msg)
+        else:
+            raise ProtocolViolation("bad_message", "hello was already received")
+
+    def _track(self, events: list[WireEvent] | list[WireEvent | tuple[int, str, bytes]]) -> None:
+        assert self.who is not None
+        assert self.session is not None
+        if not 1 <= len(events) <= self.settings.max_batch:
+            raise UndecodableFrame(
+                f"track holds {len(events)} events; it must hold 1 to {self.settings.max_batch}"
+            )
+        self.frames += 1
+        self._m_frames.inc()
+        received = now_ms()
+        who = self.who
+        limits = self.limits
+        items: list[Any] = []
+        rejections: list[Rejection] = []
+        high = 0
+        low = 0
+        for event in events:
+            if isinstance(event, WireEvent):
+                seq = event.seq
+                outcome: bytes | Rejected = (
+                    judge_event(event, who, received, limits)
+                    if seq > high
+                    else Rejected(INVALID, f"seq {seq} is not above the seq before it ({high})")
+                )
+            else:
+                seq, detail, raw = event
+                outcome = Rejected(INVALID, detail)
+            if low == 0 or seq < low:
+                low = seq
+            if isinstance(outcome, bytes):
+                items += (seq, EVENT, outcome)
+                high = seq
+                continue
+            rejections.append(Rejection(seq=seq, code=outcome.code, detail=outcome.detail))
+            raw_text = (
+                self.codec.to_json_text(raw)
+                if not isinstance(event, WireEvent)
+                else record_encoder.encode(event).decode()
+            )
+            record = record_encoder.encode(
+                RejectedRecord(
+                    site=self.site,
+                    uuid=who.uuid,
+                    producer=who.producer,
+                    seq=seq,
+                    code=outcome.code,
+                    detail=outcome.detail,
+                    received=received,
+                    raw=raw_text[:RAW_LIMIT],
+                )
+            )
+            if seq > high:
+                items += (seq, REJECT, record)
+                high = seq
+            else:
+                items += (seq, REJECT_ALWAYS, record)
+        if rejections:
+            self._count_rejections(rejections)
+        self.session.last_activity = received
+        if not self.owner.admit(low):
+            self._pending.append(_Pending(high, [], self._nack(high)))
+            self._flush()
+            return
+        pending = _Pending(high, rejections)
+        self._pending.append(pending)
+        self.store.submit(self.site, who.producer, items, self, pending, self.owner, low)
+
+    async def _identify(self, msg: Identify) -> None:
+        """Switch the connection to another customer (PROTOCOL.md section 2).
+
+        Frames already queued keep the customer they were sent for: their
+        events were encoded when they arrived.
+        """
+        assert self.who is not None
+        assert self.session is not None
+        if msg.uuid == self.who.uuid:
+            return
+        old = self.session
+        previous = self.who.uuid
+        try:
+            await self.sessions.publish(old, IDENTIFY, {"previous_uuid": previous}, uuid=msg.uuid)
+            await self.sessions.end(old, "identify")
+            session = await self.sessions.open(self.site, msg.uuid, self.who.producer, None)
+        except StoreUnavailable as exc:
+            raise ProtocolViolation("unavailable", f"identify failed: {exc}", 1013) from None
+        self.session = session
+        self.who = Identity(
+            site=self.site, uuid=msg.uuid, session=session.id, producer=self.who.producer
+        )
+        structlog.contextvars.bind_contextvars(uuid=msg.uuid, session=session.id)
+
+    def _count_rejections(self, rejections: list[Rejection]) -> None:
+        self.rejected += len(rejections)
+        self._m_rejected.inc(len(rejections))
+        for r in rejections:
+            metrics.REJECTS.labels(self.site, r.code).inc()
+
+    def _nack(self, seq: int) -> bytes:
+        self.nacked += 1
+        metrics.NACKS.labels(self.site, "unavailable").inc()
+        return self.codec.encode(
+            Nack(seq=seq, code="unavailable", retry_after_ms=self.settings.retry_after_ms)
+        )
+
+    # -- answers, in order ------------------------------------------------------
+
+    def frame_stored(self, token: _Pending, added: int, duplicate: int) -> None:
+        """FrameSink: the frame's events are in Redis; its ack may go."""
+        self.accepted += added
+        self.duplicate += duplicate
+        if added:
+            self._m_accepted.inc(added)
+            if self.session is not None:
+                self.session.events += added
+        if duplicate:
+            self._m_duplicate.inc(duplicate)
+        token.reply = self.codec.encode(
+            Ack(seq=token.seq, accepted=added, duplicate=duplicate, rejected=token.rejections)
+        )
+        self._flush()
+
+    def frame_failed(self, token: _Pending, why: str) -> None:
+        """FrameSink: nothing of the frame is stored; it is nacked."""
+        token.reply = self._nack(token.seq)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send every answer that is due, in frame order."""
+        pending = self._pending
+        while pending and pending[0].reply is not None:
+            reply = pending.popleft().reply
+            assert reply is not None
+            if not self._closed:
+                self._send(reply)
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until every received frame has been answered."""
+        while self._pending:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+
+    async def close(self, reason: str = "closed") -> None:
+        """Stop answering and end the connection's session."""
+        self._closed = True
+        session = self.session
+        if session is None:
+            return
+        self.session = None
+        try:
+            await self.sessions.end(session, reason)
+        except StoreUnavailable as exc:
+            log.warning("session_end_lost", session=session.id, error=str(exc))
+
+    def stats(self) -> dict[str, int]:
+        """Counts for the connection's closing log line."""
+        return {
+            "frames": self.frames,
+            "accepted": self.accepted,
+            "duplicate": self.duplicate,
+            "rejected": self.rejected,
+            "nacked": self.nacked,
+        }
+
+
+def undecodable_record(
+    site: str, who: Identity | None, detail: str, data: bytes | str, received: int
+) -> bytes:
+    """The rejected-stream record of a frame that could not be decoded."""
+    if isinstance(data, str):
+        raw, b64 = data[:RAW_LIMIT], False
+    else:
+        try:
+            raw, b64 = data.decode("utf-8")[:RAW_LIMIT], False
+        except UnicodeDecodeError:
+            raw, b64 = base64.b64encode(data[:3072]).decode(), True
+    return record_encoder.encode(
+        RejectedRecord(
+            site=site,
+            uuid=who.uuid if who else None,
+            producer=who.producer if who else None,
+            seq=None,
+            code="undecodable",
+            detail=detail,
+            received=received,
+            raw=raw,
+            raw_base64=b64,
+        )
+    )

@@ -1,0 +1,55 @@
+"""Logging: structlog configured once, JSON off a TTY, console on a TTY.
+
+Handlers bind ``connection_id``, ``site``, ``uuid`` and ``session`` with
+contextvars at the top of a connection, so every line of that connection
+carries them; the closing line of a connection is the canonical one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import msgspec
+import structlog
+
+_encoder = msgspec.json.Encoder(enc_hook=repr)
+
+
+def _serialize(obj: Any, **_: Any) -> str:
+    # structlog passes default= to its serializer; msgspec takes enc_hook instead.
+    return _encoder.encode(obj).decode()
+
+
+def configure(level: str = "info", json: bool | None = None) -> None:
+    """Configure structlog and the stdlib loggers of our dependencies.
+
+    Args:
+        level: debug, info, warning or error.
+        json: JSON lines; None means JSON unless stdout is a TTY.
+    """
+    if json is None:
+        json = not sys.stdout.isatty()
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=_serialize)
+        if json
+        else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info
+            if json
+            else structlog.processors.StackInfoRenderer(),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    # websockets and redis log through the stdlib; keep their warnings, on stderr.
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)

@@ -1,0 +1,282 @@
+"""Wire messages of PROTOCOL.md v1 and the records written to Redis.
+
+This module owns the schema: every message is a msgspec ``Struct``, client
+messages form a tagged union on ``type``, and each subprotocol has one
+:class:`Codec` built once at import time. Nothing here does I/O or applies a
+rule beyond types and bounds; ``validation`` and ``ingest`` do that.
+
+Unknown fields are ignored on purpose: a newer client may send more than v1
+says, and a v1 server must not refuse it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from server.errors import UndecodableFrame
+
+JSON_SUBPROTOCOL: Final = "eventwire.v1.json"
+MSGPACK_SUBPROTOCOL: Final = "eventwire.v1.msgpack"
+SUBPROTOCOLS: Final = (JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL)
+
+#: Seqs travel through Lua, whose numbers are doubles: stay exact below 2**53.
+MAX_SEQ: Final = 2**53 - 1
+
+Uuid = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+#: Printable ASCII without spaces: it becomes part of a Redis key.
+Producer = Annotated[str, Meta(min_length=8, max_length=64, pattern=r"^[!-~]+$")]
+Seq = Annotated[int, Meta(ge=1, le=MAX_SEQ)]
+Token = Annotated[str, Meta(max_length=8192)]
+
+
+# ---- client -> server -------------------------------------------------------
+
+
+class Hello(Struct, tag="hello", tag_field="type", kw_only=True):
+    """First message of a connection: who the customer and the producer are."""
+
+    uuid: Uuid
+    producer: Producer
+    token: Token | None = None
+    client: Annotated[str, Meta(max_length=128)] | None = None
+    context: dict[str, Any] | None = None
+
+
+class WireEvent(Struct, kw_only=True):
+    """One event as a client sends it; ``validation`` turns it into a :class:`StoredEvent`.
+
+    ``action`` is only typed here: its form is a per-event rule answered with
+    ``invalid_action``, not a frame-level decode error.
+    """
+
+    seq: Seq
+    action: str
+    label: Annotated[str, Meta(max_length=256)] | None = None
+    time: int | None = None
+    params: dict[str, Any] | None = None
+
+
+class Track(Struct, tag="track", tag_field="type", kw_only=True):
+    """A batch of events; answered by exactly one ack or nack."""
+
+    events: list[WireEvent]
+
+
+class Identify(Struct, tag="identify", tag_field="type", kw_only=True):
+    """Switch the connection to another customer."""
+
+    uuid: Uuid
+    token: Token | None = None
+
+
+ClientMessage = Hello | Track | Identify
+
+
+class _LooseTrack(Struct, tag="track", tag_field="type"):
+    """A track frame whose events are kept raw, to judge them one by one."""
+
+    events: list[msgspec.Raw]
+
+
+class _SeqOnly(Struct):
+    seq: Seq
+
+
+# ---- server -> client -------------------------------------------------------
+
+
+class Welcome(Struct, tag="welcome", tag_field="type", kw_only=True):
+    """Answer to hello."""
+
+    session: str
+    resumed: bool
+    acked: int
+    server_time: int
+    max_batch: int
+
+
+class Rejection(Struct, kw_only=True):
+    """One rejected event inside an ack; final, the client must not resend it."""
+
+    seq: int
+    code: str
+    detail: str
+
+
+class Ack(Struct, tag="ack", tag_field="type", kw_only=True):
+    """Answer to a track frame, sent after its accepted events are in Redis."""
+
+    seq: int
+    accepted: int
+    duplicate: int
+    rejected: list[Rejection] = []
+
+
+class Nack(Struct, tag="nack", tag_field="type", kw_only=True):
+    """Nothing of the frame was stored; resend it after ``retry_after_ms``."""
+
+    seq: int
+    code: Literal["unavailable", "rate_limited"]
+    retry_after_ms: int
+
+
+class Error(Struct, tag="error", tag_field="type", kw_only=True):
+    """Sent just before the server closes the connection."""
+
+    code: str
+    detail: str
+
+
+ServerMessage = Welcome | Ack | Nack | Error
+
+
+# ---- Redis records (PROTOCOL.md section 7) ----------------------------------
+
+
+class StoredEvent(Struct, kw_only=True, omit_defaults=True):
+    """The JSON in the ``event`` field of ``ew:{site}:events``."""
+
+    site: str
+    uuid: str
+    session: str
+    producer: str
+    seq: int
+    action: str
+    label: str
+    time: int
+    received: int
+    params: dict[str, Any]
+    original_time: int | None = None
+    authenticated: bool = False
+
+
+class RejectedRecord(Struct, kw_only=True, omit_defaults=True):
+    """The JSON in the ``event`` field of ``ew:{site}:rejected``.
+
+    ``raw_base64`` is an extension: true when ``raw`` holds base64 of a binary
+    frame that was not decodable.
+    """
+
+    site: str
+    uuid: str | None
+    producer: str | None
+    seq: int | None
+    code: str
+    detail: str
+    received: int
+    raw: str
+    raw_base64: bool = False
+
+
+# ---- codecs -----------------------------------------------------------------
+
+
+class Codec:
+    """Encoder and decoders of one subprotocol, built once.
+
+    Args:
+        name: the subprotocol name.
+        binary: whether messages travel in binary frames.
+    """
+
+    def __init__(self, name: str, binary: bool) -> None:
+        self.name = name
+        self.binary = binary
+        mod: Any = msgspec.msgpack if binary else msgspec.json
+        self._mod = mod
+        self._client = mod.Decoder(ClientMessage)
+        self._loose = mod.Decoder(_LooseTrack | Hello | Identify)
+        self._event = mod.Decoder(WireEvent)
+        self._seq = mod.Decoder(_SeqOnly)
+        self._any = mod.Decoder()
+        self._server = mod.Decoder(ServerMessage)
+        self._encoder = mod.Encoder()
+
+    def decode(self, data: bytes | str) -> ClientMessage:
+        """Decode one client frame, strictly typed.
+
+        Raises:
+            msgspec.ValidationError: the frame is well-formed but some part
+                does not match the schema; :meth:`split_track` can judge a
+                track frame's events one by one.
+            UndecodableFrame: the frame is not a message at all.
+        """
+        try:
+            msg: ClientMessage = self._client.decode(data)
+        except msgspec.ValidationError:
+            raise
+        except msgspec.DecodeError as exc:
+            raise UndecodableFrame(str(exc)) from None
+        return msg
+
+    def split_track(
+        self, data: bytes | str
+    ) -> list[WireEvent | tuple[int, str, bytes]] | ClientMessage:
+        """Decode a frame that failed strict decoding, event by event.
+
+        Returns:
+            For a track frame, one entry per event: the decoded event, or
+            ``(seq, detail, raw)`` for an event that does not match the
+            schema. Any other message is returned decoded.
+
+        Raises:
+            UndecodableFrame: the frame, or the seq of one of its events, does
+                not decode; no event of it can be answered by seq.
+        """
+        try:
+            loose: _LooseTrack | Hello | Identify = self._loose.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise UndecodableFrame(str(exc)) from None
+        if not isinstance(loose, _LooseTrack):
+            return loose
+        out: list[WireEvent | tuple[int, str, bytes]] = []
+        for i, raw in enumerate(loose.events):
+            try:
+                out.append(self._event.decode(raw))
+            except msgspec.ValidationError as exc:
+                try:
+                    seq = self._seq.decode(raw).seq
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    raise UndecodableFrame(f"{exc} - in `$.events[{i}]`") from None
+                detail = str(exc).replace("`$", f"`$.events[{i}]", 1)
+                out.append((seq, detail, bytes(raw)))
+        return out
+
+    def to_json_text(self, raw: bytes) -> str:
+        """Render one raw encoded value as JSON text, for the rejected stream."""
+        if not self.binary:
+            return raw.decode("utf-8", "replace")
+        try:
+            return msgspec.json.encode(self._any.decode(raw), enc_hook=repr).decode()
+        except (msgspec.DecodeError, TypeError, ValueError):
+            return raw.hex()
+
+    def encode(self, msg: ServerMessage) -> bytes:
+        """Encode one server message (UTF-8 JSON, or MessagePack)."""
+        out: bytes = self._encoder.encode(msg)
+        return out
+
+    def encode_client(self, msg: ClientMessage) -> bytes:
+        """Encode one client message (used by the Python client)."""
+        out: bytes = self._encoder.encode(msg)
+        return out
+
+    def decode_server(self, data: bytes | str) -> ServerMessage:
+        """Decode one server message (used by the Python client).
+
+        Raises:
+            msgspec.DecodeError: the frame is not a server message.
+        """
+        msg: ServerMessage = self._server.decode(data)
+        return msg
+
+
+JSON_CODEC: Final = Codec(JSON_SUBPROTOCOL, binary=False)
+MSGPACK_CODEC: Final = Codec(MSGPACK_SUBPROTOCOL, binary=True)
+CODECS: Final = {JSON_SUBPROTOCOL: JSON_CODEC, MSGPACK_SUBPROTOCOL: MSGPACK_CODEC}
+
+#: Stored records are JSON whatever the subprotocol (PROTOCOL.md section 7).
+record_encoder: Final = msgspec.json.Encoder()

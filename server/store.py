@@ -1,0 +1,490 @@
+"""The only module that speaks Redis: client factory, key names, the Lua step, replies.
+
+Every frame's events reach Redis through :class:`Store.publish`: frames from
+all connections are gathered into one pipeline of one ``EVALSHA`` per site,
+and only one pipeline is in flight at a time. While it is, the next frames
+gather (group commit), so a busy server makes few, large round trips and an
+idle one answers in one round trip. A single pipeline in flight also keeps
+one connection's frames in the order they arrived, which the per-producer
+de-duplication needs: a later frame must never be stored before an earlier
+one that failed (see :class:`FrameOwner`).
+
+Key names (PROTOCOL.md section 7), all hash-tagged by site so that one Lua
+call may touch them together::
+
+    {prefix}:{site}:events              accepted events (XADD MAXLEN ~)
+    {prefix}:{site}:rejected            rejected events and undecodable frames
+    {prefix}:{site}:producer:{producer} the producer's highest stored seq (PX ttl)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Final, Protocol
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+from hiredis import pack_command
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server import metrics
+from server.config import Settings
+from server.errors import StoreUnavailable
+
+#: Kinds of item in one frame, as the Lua step reads them.
+EVENT: Final = b"e"  # stored in the events stream once (seq above the stored seq)
+REJECT: Final = b"r"  # recorded in the rejected stream once
+REJECT_ALWAYS: Final = b"R"  # out-of-order seq: recorded, does not move the stored seq
+COUNT_ONLY: Final = b"n"  # denied: moves the stored seq, stored nowhere
+
+# KEYS[1] events stream, KEYS[2] rejected stream, KEYS[2 + f] producer key of frame f.
+# ARGV[1] events MAXLEN, ARGV[2] rejected MAXLEN, ARGV[3] producer ttl in ms, then per
+# frame: the item count n and n (seq, kind, payload) triples in seq order.
+# Returns per frame {added, duplicate}. One call is atomic, so check, append and
+# raise of the stored seq can never interleave with another connection's.
+PUBLISH_LUA: Final = """
+local out = {}
+local a = 4
+for f = 3, #KEYS do
+  local pkey = KEYS[f]
+  local top = redis.call('GET', pkey)
+  local cur = tonumber(top or '0')
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  local added, dup = 0, 0
+  for i = 1, n do
+    local seq, kind = ARGV[a], ARGV[a + 1]
+    local s = tonumber(seq)
+    if kind == 'R' then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[a + 2])
+    elseif s > cur then
+      cur = s
+      top = seq
+      if kind == 'e' then
+        redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[a + 2])
+        added = added + 1
+      elseif kind == 'r' then
+        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[a + 2])
+      end
+    elseif kind == 'e' then
+      dup = dup + 1
+    end
+    a = a + 3
+  end
+  if top then
+    redis.call('SET', pkey, top, 'PX', ARGV[3])
+  end
+  out[#out + 1] = added
+  out[#out + 1] = dup
+end
+return out
+"""
+
+
+log = structlog.get_logger("eventwire.store")
+
+
+class Keys:
+    """Every Redis key name eventwire uses, in one place.
+
+    Args:
+        prefix: the ``key_prefix`` setting.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def events(self, site: str) -> str:
+        """The stream of accepted events of a site."""
+        return f"{self.prefix}:{{{site}}}:events"
+
+    def rejected(self, site: str) -> str:
+        """The stream of rejected events and undecodable frames of a site."""
+        return f"{self.prefix}:{{{site}}}:rejected"
+
+    def producer(self, site: str, producer: str) -> str:
+        """The key holding a producer's highest stored seq."""
+        return f"{self.prefix}:{{{site}}}:producer:{producer}"
+
+
+class FrameOwner:
+    """Ordering state of the frames one connection has in flight.
+
+    After a frame fails, every frame the connection sent before it could see
+    the nack must fail too: storing them would raise the producer's stored seq
+    above the failed frame's events, and their resend would then count as
+    duplicate and be lost. Frames carry the ``epoch`` current when they were
+    sent; a failure poisons its epoch; the connection starts a new epoch when
+    the client resends from ``barrier_seq`` or below (PROTOCOL.md's client
+    resends everything unacked, in order).
+    """
+
+    __slots__ = ("barrier_seq", "epoch", "failed_epoch")
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.failed_epoch = -1
+        self.barrier_seq = 0
+
+    def admit(self, first_seq: int) -> bool:
+        """Whether a new frame may be stored; False means nack it at once."""
+        if self.failed_epoch < self.epoch:
+            return True
+        if first_seq <= self.barrier_seq:
+            self.epoch += 1
+            return True
+        return False
+
+    def fail(self, epoch: int, first_seq: int) -> None:
+        """Record that a frame of ``epoch`` starting at ``first_seq`` failed."""
+        if epoch > self.failed_epoch:
+            self.failed_epoch = epoch
+            self.barrier_seq = first_seq
+
+
+class FrameSink(Protocol):
+    """Who hears how a frame ended. Called from the publisher task; must not block."""
+
+    def frame_stored(self, token: Any, added: int, duplicate: int) -> None:
+        """The frame's step ran: ``added`` events stored, ``duplicate`` skipped."""
+
+    def frame_failed(self, token: Any, why: str) -> None:
+        """Nothing of the frame may be taken as stored."""
+
+
+class Frame:
+    """One producer's items on their way into the Lua step."""
+
+    __slots__ = (
+        "args",
+        "epoch",
+        "first_seq",
+        "n",
+        "owner",
+        "producer_key",
+        "sink",
+        "site",
+        "token",
+    )
+
+    def __init__(
+        self,
+        site: str,
+        producer_key: str,
+        args: list[Any],
+        sink: FrameSink,
+        token: Any,
+        owner: FrameOwner | None,
+        first_seq: int,
+    ) -> None:
+        self.site = site
+        self.producer_key = producer_key
+        self.n = len(args) // 3
+        self.args = args
+        self.sink = sink
+        self.token = token
+        self.owner = owner
+        self.epoch = owner.epoch if owner is not None else 0
+        self.first_seq = first_seq
+
+    def fail(self, why: str) -> None:
+        """Tell the sink, and poison the owner's epoch (see :class:`FrameOwner`)."""
+        if self.owner is not None:
+            self.owner.fail(self.epoch, self.first_seq)
+        self.sink.frame_failed(self.token, why)
+
+
+class _FutureSink:
+    """A sink for one awaited frame (server-made events)."""
+
+    def frame_stored(self, token: Any, added: int, duplicate: int) -> None:
+        if not token.done():
+            token.set_result((added, duplicate))
+
+    def frame_failed(self, token: Any, why: str) -> None:
+        if not token.done():
+            token.set_exception(StoreUnavailable(why))
+
+
+_future_sink: Final = _FutureSink()
+
+
+def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
+    """Create the redis.asyncio client every room uses.
+
+    No retries inside redis-py: a failed step is answered ``nack unavailable``
+    and the client's resend is the retry, which de-duplication makes safe.
+    """
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        socket_timeout=settings.store_timeout,
+        socket_connect_timeout=settings.store_timeout,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=64,
+        decode_responses=False,
+        health_check_interval=0,
+    )
+    return client
+
+
+class Store:
+    """Redis access for the server: the publish pipeline and small look-ups.
+
+    Args:
+        client: a redis.asyncio client (see :func:`connect_redis`).
+        settings: limits and key prefix.
+
+    Use as ``async with Store(...) as store``: the publisher task runs inside.
+    """
+
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self._script = client.register_script(PUBLISH_LUA)
+        self._queue: deque[Frame] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        # After a failed round trip, frames are nacked at once until this
+        # monotonic time, so that an outage answers clients quickly instead of
+        # making every queued batch wait store_timeout again.
+        self._down_until = 0.0
+        self._fixed = [
+            settings.stream_maxlen,
+            settings.rejected_maxlen,
+            int(settings.producer_ttl * 1000),
+        ]
+
+    async def __aenter__(self) -> Store:
+        self._task = asyncio.create_task(self._run(), name="eventwire-publisher")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Publish what is queued, stop the publisher and close the client."""
+        self._closing = True
+        if self._task is not None:
+            self._wake()
+            await self._task
+            self._task = None
+        await self.redis.aclose()
+
+    # -- publishing -----------------------------------------------------------
+
+    def submit(
+        self,
+        site: str,
+        producer: str,
+        items: list[Any],
+        sink: FrameSink,
+        token: Any,
+        owner: FrameOwner | None = None,
+        first_seq: int = 0,
+    ) -> None:
+        """Queue one frame's items for the next pipeline.
+
+        Args:
+            site: the site id.
+            producer: the producer id.
+            items: flat ``[seq, kind, payload, ...]`` in seq order.
+            sink: told how the frame ended, from the publisher task.
+            token: passed back to ``sink``.
+            owner: the sending connection's ordering state, if any.
+            first_seq: the frame's lowest seq (for ``owner``).
+        """
+        frame = Frame(
+            site, self.keys.producer(site, producer), items, sink, token, owner, first_seq
+        )
+        if self._task is None:
+            frame.fail("store closed")
+            return
+        self._queue.append(frame)
+        self._wake()
+
+    async def publish(self, site: str, producer: str, items: list[Any]) -> tuple[int, int]:
+        """Store items now (server-made events) and return ``(added, duplicate)``.
+
+        Raises:
+            StoreUnavailable: Redis did not take them.
+        """
+        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self.submit(site, producer, items, _future_sink, future)
+        return await future
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self.settings.publish_batch_events
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup = loop.create_future()
+                await self._wakeup
+                continue
+            batch: list[Frame] = []
+            events = 0
+            while self._queue and (not batch or events + self._queue[0].n <= limit):
+                frame = self._queue.popleft()
+                owner = frame.owner
+                if owner is not None and frame.epoch <= owner.failed_epoch:
+                    # An earlier frame of this connection failed: see FrameOwner.
+                    frame.fail("an earlier frame of this connection was not stored")
+                    continue
+                batch.append(frame)
+                events += frame.n
+            if not batch:
+                continue
+            if time.monotonic() < self._down_until:
+                for frame in batch:
+                    frame.fail("redis unavailable")
+                continue
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[Frame]) -> None:
+        by_site: dict[str, list[Frame]] = {}
+        for frame in batch:
+            by_site.setdefault(frame.site, []).append(frame)
+        calls: list[tuple[list[Frame], list[Any], list[Any]]] = []
+        for site, frames in by_site.items():
+            keys: list[Any] = [self.keys.events(site), self.keys.rejected(site)]
+            args: list[Any] = list(self._fixed)
+            for frame in frames:
+                keys.append(frame.producer_key)
+                args.append(frame.n)
+                args.extend(frame.args)
+            calls.append((frames, keys, args))
+        started = time.perf_counter()
+        try:
+            results = await self._call_scripts(calls)
+        except Exception as exc:
+            # Whatever went wrong, the publisher must live on: the frames are
+            # nacked and their clients resend them.
+            metrics.STORE_ERRORS.inc()
+            self._down_until = time.monotonic() + self.settings.retry_after_ms / 1000
+            if not isinstance(exc, StoreUnavailable):
+                log.exception("publish_failed")
+            for frame in batch:
+                frame.fail(str(exc))
+            return
+        metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+        for (frames, _, _), result in zip(calls, results, strict=True):
+            if isinstance(result, Exception):
+                for frame in frames:
+                    frame.fail(f"redis error: {result}")
+                continue
+            for i, frame in enumerate(frames):
+                frame.sink.frame_stored(frame.token, result[2 * i], result[2 * i + 1])
+
+    async def _call_scripts(
+        self, calls: Sequence[tuple[list[Frame], list[Any], list[Any]]]
+    ) -> list[Any]:
+        """Run one EVALSHA per call in one round trip; load the script if Redis lost it."""
+        sha = self._script.sha
+        results = await self._pipeline(
+            [("EVALSHA", sha, len(keys), *keys, *args) for _, keys, args in calls]
+        )
+        again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if again:
+            # Redis restarted or flushed its script cache. A NOSCRIPT call stored
+            # nothing, so only those calls are sent again.
+            retried = await self._pipeline(
+                [("SCRIPT", "LOAD", PUBLISH_LUA)]
+                + [
+                    ("EVALSHA", self._script.sha, len(calls[i][1]), *calls[i][1], *calls[i][2])
+                    for i in again
+                ]
+            )
+            for i, r in zip(again, retried[1:], strict=True):
+                results[i] = r
+        return results
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send commands in one write and read their replies; error replies are returned.
+
+        redis-py's Pipeline object costs more per command than the whole Lua
+        step at small frames, so this packs with hiredis and talks to one
+        pooled connection directly. Any failure drops that connection: a
+        reply that arrives late must never be read as another command's.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable or did not answer in time.
+        """
+        pool = self.redis.connection_pool
+        conn: Any = None
+        try:
+            async with asyncio.timeout(self.settings.store_timeout):
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                await conn.send_packed_command(
+                    b"".join(pack_command(c) for c in commands), check_health=False
+                )
+                results: list[Any] = []
+                for _ in commands:
+                    try:
+                        results.append(await conn.read_response())
+                    except ResponseError as exc:
+                        results.append(exc)
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+            if conn is not None:
+                await conn.disconnect()
+            raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+        except BaseException:
+            if conn is not None:
+                await conn.disconnect()
+            raise
+        finally:
+            if conn is not None:
+                await pool.release(conn)
+        return results
+
+    # -- look-ups -------------------------------------------------------------
+
+    async def acked(self, site: str, producer: str) -> int:
+        """The producer's highest stored seq (``welcome.acked``).
+
+        Raises:
+            StoreUnavailable: Redis did not answer.
+        """
+        try:
+            value = await self.redis.get(self.keys.producer(site, producer))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise StoreUnavailable(f"redis unreachable: {exc}") from None
+        return int(value) if value is not None else 0
+
+    async def record_rejected(self, site: str, record: bytes) -> bool:
+        """Append one record to the site's rejected stream; False if Redis failed.
+
+        Used for undecodable frames, which have no producer seq to de-duplicate by.
+        """
+        try:
+            await self.redis.xadd(
+                self.keys.rejected(site),
+                {"event": record},
+                maxlen=self.settings.rejected_maxlen,
+                approximate=True,
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            return False
+        return True
+
+    async def ping(self) -> bool:
+        """Whether Redis answers PING within ``store_timeout``."""
+        try:
+            async with asyncio.timeout(self.settings.store_timeout):
+                return bool(await self.redis.ping())
+        except (redis.exceptions.RedisError, TimeoutError, OSError):
+            return False

@@ -1,0 +1,176 @@
+"""Event rules of PROTOCOL.md section 2: action form, sizes, time, required params.
+
+Pure functions, no I/O. :func:`judge_event` turns one :class:`WireEvent` into
+the JSON stored in Redis, or a reject code with a detail a client developer
+understands. Site rules (allow/deny, site-required params, authentication)
+live in ``rules``; this module holds what is true for every site.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import msgspec
+
+from server.protocol import StoredEvent, WireEvent, record_encoder
+
+ACTION_MIN: Final = 3
+ACTION_MAX: Final = 32
+ACTION_RE: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)+")
+
+#: Reject codes of PROTOCOL.md section 3.
+INVALID: Final = "invalid"
+INVALID_ACTION: Final = "invalid_action"
+MISSING_PARAM: Final = "missing_param"
+TOO_LARGE: Final = "too_large"
+TOO_OLD: Final = "too_old"
+DENIED: Final = "denied"
+UNAUTHORIZED: Final = "unauthorized"
+
+#: Params every site requires, by action.
+BUILTIN_REQUIRED: Final[dict[str, tuple[str, ...]]] = {"page.visit": ("url",)}
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """The per-event limits, in the units the hot path uses."""
+
+    max_event_bytes: int
+    max_clock_skew_ms: int
+    max_event_age_ms: int
+
+
+class Rejected(msgspec.Struct, frozen=True):
+    """Why one event was not stored."""
+
+    code: str
+    detail: str
+
+
+class Identity(msgspec.Struct, kw_only=True):
+    """Who sends: copied onto every stored event of a connection."""
+
+    site: str
+    uuid: str
+    session: str
+    producer: str
+    authenticated: bool = False
+
+
+#: Action names already found well formed. Sites use a few dozen names, so a
+#: set skips the regex on the hot path; it is emptied if it ever grows past
+#: this many (about 100 bytes each).
+_GOOD_ACTIONS_MAX: Final = 4096
+_good_actions: set[str] = set()
+
+
+def action_problem(action: str) -> str | None:
+    """Say what is wrong with an action name, or None when it is well formed."""
+    if action in _good_actions:
+        return None
+    if not ACTION_MIN <= len(action) <= ACTION_MAX:
+        return f"action {action[:40]!r} must be {ACTION_MIN}-{ACTION_MAX} characters long"
+    if ACTION_RE.fullmatch(action) is None:
+        return (
+            f"action {action!r} must be context.activity: dot-separated words of "
+            "letters, digits, '_' or '-'"
+        )
+    if len(_good_actions) >= _GOOD_ACTIONS_MAX:
+        _good_actions.clear()
+    _good_actions.add(action)
+    return None
+
+
+def default_label(action: str, params: dict[str, Any]) -> str:
+    """The label an event gets when the client sent none (PROTOCOL.md section 2)."""
+    if action == "page.visit":
+        title = params.get("title")
+        return f"Visited page {title if isinstance(title, str) and title else params.get('url')}"
+    if action == "session.start":
+        return "Started session"
+    if action == "session.end":
+        return "Session end"
+    return action
+
+
+def missing_params(action: str, params: dict[str, Any], required: tuple[str, ...]) -> str | None:
+    """Name the first required param an event lacks, or None.
+
+    A param is present when its value is neither null nor an empty string.
+    """
+    for name in required:
+        value = params.get(name)
+        if value is None or value == "":
+            return f"{action} requires params.{name}"
+    return None
+
+
+def judge_event(
+    event: WireEvent,
+    who: Identity,
+    received: int,
+    limits: Limits,
+    required: tuple[str, ...] = (),
+) -> bytes | Rejected:
+    """Validate one event and encode it as stored (PROTOCOL.md sections 2 and 7).
+
+    Args:
+        event: the decoded wire event.
+        who: the connection's site, customer, session and producer.
+        received: the frame's receive time, ms since the epoch.
+        limits: size and time limits.
+        required: params the action needs beyond the built-in ones.
+
+    Returns:
+        The stored event's JSON, or why it is rejected.
+    """
+    action = event.action
+    problem = action_problem(action)
+    if problem is not None:
+        return Rejected(INVALID_ACTION, problem)
+    params = event.params if event.params is not None else {}
+    builtin = BUILTIN_REQUIRED.get(action)
+    if builtin is not None:
+        url = params.get("url")
+        if not isinstance(url, str) or not url:
+            return Rejected(MISSING_PARAM, f"{action} requires params.url (a non-empty string)")
+    if required:
+        missing = missing_params(action, params, required)
+        if missing is not None:
+            return Rejected(MISSING_PARAM, missing)
+    time = event.time
+    original_time = None
+    if time is None:
+        time = received
+    elif time > received + limits.max_clock_skew_ms:
+        # A client clock far ahead is corrected, not punished; the original is kept.
+        original_time, time = time, received
+    elif time < received - limits.max_event_age_ms:
+        days = limits.max_event_age_ms / 86_400_000
+        return Rejected(TOO_OLD, f"time {time} is more than {days:g} days before receipt")
+    label = event.label if event.label is not None else default_label(action, params)
+    try:
+        encoded = record_encoder.encode(
+            StoredEvent(
+                site=who.site,
+                uuid=who.uuid,
+                session=who.session,
+                producer=who.producer,
+                seq=event.seq,
+                action=action,
+                label=label,
+                time=time,
+                received=received,
+                params=params,
+                original_time=original_time,
+                authenticated=who.authenticated,
+            )
+        )
+    except TypeError as exc:  # a MessagePack extension type has no JSON form
+        return Rejected(INVALID, f"params hold a value JSON cannot carry: {exc}")
+    if len(encoded) > limits.max_event_bytes:
+        return Rejected(
+            TOO_LARGE,
+            f"event encodes to {len(encoded)} bytes; max_event_bytes is {limits.max_event_bytes}",
+        )
+    return encoded

@@ -1,0 +1,94 @@
+"""Fixtures: a private Redis for the session, in-process servers on port 0."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from server.config import Settings
+from server.gateway import EventwireServer
+from server.rules import SiteConfig, SiteRules
+from tests.procs import RedisProcess
+
+SITES_TOML = """
+[sites.shop]
+origins = ["https://shop.example", "http://localhost:*"]
+allow_no_origin = true
+
+[sites.app]
+origins = []
+allow_no_origin = true
+
+[sites.web]
+origins = ["https://web.example"]
+allow_no_origin = false
+"""
+
+
+@pytest.fixture(scope="session")
+def redis_proc() -> Iterator[RedisProcess]:
+    """One private redis-server for the whole session."""
+    proc = RedisProcess().start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def redis(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    """A client of the session's Redis, emptied before each test."""
+    client = aioredis.Redis.from_url(redis_proc.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def sites_file(tmp_path: Path) -> Path:
+    """A sites file with the test sites: shop (browser + apps), app (no Origin), web."""
+    path = tmp_path / "sites.toml"
+    path.write_text(SITES_TOML)
+    return path
+
+
+def build_sites() -> dict[str, SiteRules]:
+    """The test sites, compiled."""
+    raw = msgspec.toml.decode(SITES_TOML.encode())
+    return {
+        name: SiteRules(name, msgspec.convert(cfg, SiteConfig))
+        for name, cfg in raw["sites"].items()
+    }
+
+
+MakeServer = Callable[..., Awaitable[EventwireServer]]
+
+
+@pytest.fixture
+async def make_server(redis_proc: RedisProcess, redis: aioredis.Redis) -> AsyncIterator[MakeServer]:
+    """Start in-process servers on port 0 with settings overrides; all stop at teardown."""
+    servers: list[EventwireServer] = []
+
+    async def make(**overrides: Any) -> EventwireServer:
+        settings = msgspec.convert(
+            {"listen": "127.0.0.1:0", "admin": "127.0.0.1:0", "redis_url": redis_proc.url}
+            | overrides,
+            Settings,
+        )
+        server = EventwireServer(settings, build_sites())
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def server(make_server: MakeServer) -> EventwireServer:
+    """A server with default settings."""
+    return await make_server()

@@ -1,0 +1,198 @@
+"""Real processes for tests: a private redis-server and eventwire server processes.
+
+Everything listens on 127.0.0.1, on ports the OS picks, never on 6379.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+#: Every timeout in the tests is a multiple of this (EVENTWIRE_TEST_UNIT=3 on a slow machine).
+UNIT = float(os.environ.get("EVENTWIRE_TEST_UNIT", "1"))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+class RedisProcess:
+    """A private ``redis-server`` on a free loopback port.
+
+    Args:
+        appendonly: turn AOF on (``appendfsync`` as given).
+        appendfsync: ``always``, ``everysec`` or ``no``.
+    """
+
+    def __init__(self, appendonly: bool = False, appendfsync: str = "everysec") -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed; scripts/test installs it")
+        self.dir = Path(tempfile.mkdtemp(prefix="ew-redis-"))
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """redis:// URL of this server."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        """Start (or restart) the server on the same port and data folder."""
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            self.appendfsync,
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.dir / "redis.log"),
+        ]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        _wait_port(self.port, 10 * UNIT)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the server (what a crash loses depends on appendfsync)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds connections but answers nothing."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stop the server and remove its data folder."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ServerProcess:
+    """``eventwire serve`` in a child process, on free ports.
+
+    Args:
+        redis_url: the Redis to use.
+        sites: path of a sites file.
+        env: extra environment (``EVENTWIRE_*`` settings).
+    """
+
+    def __init__(self, redis_url: str, sites: Path, env: dict[str, str] | None = None) -> None:
+        self.redis_url = redis_url
+        self.sites = sites
+        self.env = env or {}
+        self.port = 0
+        self.admin_port = 0
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[dict[str, Any]] = []
+
+    def start(self, port: int = 0) -> ServerProcess:
+        """Start the process and wait until it listens (port 0: any free port)."""
+        env = {**os.environ, **self.env, "EVENTWIRE_CONFIG": os.devnull}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin",
+                "127.0.0.1:0",
+                "--redis",
+                self.redis_url,
+                "--sites",
+                str(self.sites),
+            ],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 15 * UNIT
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server exited with {self.proc.wait()}")
+            record = json.loads(line)
+            self.lines.append(record)
+            if record.get("event") == "listening":
+                self.port = int(record["track"].rsplit(":", 1)[1])
+                self.admin_port = int(record["admin"].rsplit(":", 1)[1])
+                return self
+        raise TimeoutError("server did not start listening")
+
+    def url(self, site: str) -> str:
+        """The tracking URL of a site."""
+        return f"ws://127.0.0.1:{self.port}/v1/track/{site}"
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no session end, like a crash."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 15) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(timeout * UNIT)
+
+    def read_rest(self) -> list[dict[str, Any]]:
+        """The log lines printed after startup (call once the process ended)."""
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
+        return self.lines
