@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -85,7 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     return _run(_serve(loaded, sites))
 
 
+def _raise_fd_limit(connections: int) -> None:
+    """Let the process hold ``max_connections`` sockets: raise the soft fd limit toward it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 1024  # listeners, Redis, logs
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
 async def _serve(loaded: LoadedConfig, sites: dict[str, SiteRules]) -> int:
+    _raise_fd_limit(loaded.settings.max_connections)
     server = EventwireServer(loaded.settings, sites)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

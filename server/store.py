@@ -91,6 +91,10 @@ return out
 
 log = structlog.get_logger("eventwire.store")
 
+#: Redis connections per process: the publisher uses one at a time, hellos and
+#: health checks the rest. Each costs a socket and ~20 KiB in Redis.
+REDIS_POOL_SIZE: Final = 32
+
 
 class Keys:
     """Every Redis key name eventwire uses, in one place.
@@ -220,18 +224,22 @@ _future_sink: Final = _FutureSink()
 def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
     """Create the redis.asyncio client every room uses.
 
-    No retries inside redis-py: a failed step is answered ``nack unavailable``
-    and the client's resend is the retry, which de-duplication makes safe.
+    The pool blocks when all its connections are busy instead of failing: a
+    reconnect storm (thousands of hellos after a restart) must queue, not be
+    refused. No retries inside redis-py: a failed step is answered ``nack
+    unavailable`` and the client's resend is the retry, which de-duplication
+    makes safe.
     """
-    client: aioredis.Redis = aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=REDIS_POOL_SIZE,
+        timeout=settings.store_timeout,
         socket_timeout=settings.store_timeout,
         socket_connect_timeout=settings.store_timeout,
         retry=Retry(NoBackoff(), 0),
-        max_connections=64,
-        decode_responses=False,
         health_check_interval=0,
     )
+    client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
     return client
 
 

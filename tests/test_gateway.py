@@ -233,3 +233,15 @@ def test_sigterm_exits_zero(redis_proc: RedisProcess, sites_file: Path) -> None:
     assert closed[0]["accepted"] == 1
     assert {"site", "uuid", "session", "duration_ms", "rejected"} <= set(closed[0])
     assert json.dumps(lines)  # every line was JSON
+
+
+async def test_hello_storm(server: EventwireServer, redis: aioredis.Redis) -> None:
+    """Hundreds of simultaneous hellos (a reconnect storm) all get a welcome."""
+
+    async def one(i: int) -> str:
+        async with peer(server.url) as p:
+            welcome = await p.hello(f"storm-{i}")
+            return str(welcome["session"])
+
+    sessions = await asyncio.gather(*(one(i) for i in range(300)))
+    assert len(set(sessions)) == 300
