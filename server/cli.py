@@ -24,6 +24,9 @@ from server.gateway import EventwireServer
 from server.log import configure
 from server.rules import SiteRules, describe_sites, load_sites
 
+#: How long ``eventwire send`` waits for its event to be acked.
+SEND_TIMEOUT = 5.0
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="settings file (config/eventwire.toml)")
@@ -121,16 +124,19 @@ def _param(text: str) -> tuple[str, Any]:
 async def _send(args: argparse.Namespace) -> int:
     from server.client import EventwireClient
 
+    configure("error")  # the answer is printed below; the client's retries are noise here
     params = dict(_param(p) for p in args.params)
-    async with EventwireClient(args.url, args.uuid, origin=args.origin) as client:
-        seq = client.track(args.action, params, args.label)
-        try:
-            await client.flush(timeout=10)
-        except TimeoutError:
-            error = client.closed_error
-            why = f"{error.code}: {error.detail}" if error else "no answer within 10 s"
-            print(f"not stored: {why}", file=sys.stderr)
-            return 1
+    client = EventwireClient(args.url, args.uuid, origin=args.origin)
+    await client.start()
+    seq = client.track(args.action, params, args.label)
+    try:
+        await client.flush(timeout=SEND_TIMEOUT)
+    except TimeoutError:
+        why = client.last_problem or f"no answer within {SEND_TIMEOUT:g} s"
+        print(f"not stored: {why}", file=sys.stderr)
+        return 1
+    finally:
+        await client.close(flush=False)
     for r in client.rejections:
         if r.seq == seq:
             print(f"rejected {r.code}: {r.detail}", file=sys.stderr)

@@ -221,6 +221,8 @@ class EventwireClient:
         self.connects = 0
         #: The last ``error`` message from the server.
         self.closed_error: Error | None = None
+        #: Why the last connection was refused or closed by policy, for a person to read.
+        self.last_problem: str | None = None
 
         self._seq = 0
         # Unacked events live in three places, in seq order across them:
@@ -478,16 +480,19 @@ class EventwireClient:
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in REFUSED_STATUSES:
+                body = exc.response.body.decode("utf-8", "replace").strip()[:200]
+                self.last_problem = f"HTTP {status}: {body}"
                 log.warning(
                     "handshake_refused",
                     url=self.url,
                     status=status,
-                    body=exc.response.body.decode("utf-8", "replace").strip()[:200],
+                    body=body,
                 )
                 return False, True
             log.debug("handshake_failed", url=self.url, status=status)
             return False, False
         except (OSError, TimeoutError, InvalidHandshake) as exc:
+            self.last_problem = f"cannot connect: {exc or type(exc).__name__}"
             log.debug("connect_failed", url=self.url, error=str(exc) or type(exc).__name__)
             return False, False
         finally:
@@ -495,6 +500,7 @@ class EventwireClient:
         code = ws.close_code
         if code in POLICY_CLOSE_CODES:
             error = self.closed_error
+            self.last_problem = f"closed {code}: {error.detail if error else ws.close_reason}"
             log.warning(
                 "closed_by_server",
                 url=self.url,
