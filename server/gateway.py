@@ -251,10 +251,14 @@ class EventwireServer:
             except StoreUnavailable as exc:
                 raise ProtocolViolation("unavailable", str(exc), 1013) from None
             metrics.CONNECTIONS.labels(site).inc()
-            while True:
+            while not self._draining:
                 data = await ws.recv(decode=False)
                 await ingest.receive(data)
                 await ws.wait_writable()
+            # Draining: read no more, so a busy client cannot hold the drain
+            # open; what it sent meanwhile is unacked and will be resent.
+            await ingest.drain()
+            await ws.close(1001, "server shutting down")
         except ConnectionClosed:
             pass
         except ProtocolViolation as exc:
