@@ -78,6 +78,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     retry_after_ms: Annotated[int, Meta(ge=0)] = 500
     #: Events in one Lua call; bounds how long Redis is busy with one call (~1 ms per 500).
     publish_batch_events: Annotated[int, Meta(ge=1)] = 2000
+    #: Publisher lanes: round trips to Redis in flight at once (one Redis connection each).
+    publish_lanes: Annotated[int, Meta(ge=1, le=16)] = 2
 
     # -- connections
     #: Frames of one connection waiting for their ack; more stop reading the socket.

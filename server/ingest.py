@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -250,12 +251,14 @@ class IngestConnection:
         """Switch the connection to another customer (PROTOCOL.md section 2).
 
         Frames already queued keep the customer they were sent for: their
-        events were encoded when they arrived.
+        events were encoded when they arrived. They are stored before the
+        switch is published, so the stream tells the story in order.
         """
         assert self.who is not None
         assert self.session is not None
         if msg.uuid == self.who.uuid:
             return
+        await self.drain()
         old = self.session
         previous = self.who.uuid
         try:
@@ -323,8 +326,17 @@ class IngestConnection:
             await self._room
 
     async def close(self, reason: str = "closed") -> None:
-        """Stop answering and end the connection's session."""
+        """Stop answering and end the connection's session.
+
+        Frames still in the store are waited for (up to two store timeouts),
+        so that ``session.end`` comes after the session's events in the
+        stream and counts them.
+        """
         self._closed = True
+        if self._pending:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.store_timeout * 2):
+                    await self.drain()
         session = self.session
         if session is None:
             return

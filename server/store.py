@@ -1,13 +1,14 @@
 """The only module that speaks Redis: client factory, key names, the Lua step, replies.
 
-Every frame's events reach Redis through :class:`Store.publish`: frames from
-all connections are gathered into one pipeline of one ``EVALSHA`` per site,
-and only one pipeline is in flight at a time. While it is, the next frames
-gather (group commit), so a busy server makes few, large round trips and an
-idle one answers in one round trip. A single pipeline in flight also keeps
-one connection's frames in the order they arrived, which the per-producer
-de-duplication needs: a later frame must never be stored before an earlier
-one that failed (see :class:`FrameOwner`).
+Every frame's events reach Redis through :meth:`Store.submit`: frames from
+all connections are gathered into one pipeline of one ``EVALSHA`` per site.
+Each of ``publish_lanes`` publisher lanes has one pipeline in flight at a
+time; while it is, the lane's next frames gather (group commit), so a busy
+server makes few, large round trips and an idle one answers in one round
+trip. A producer always uses the same lane, which keeps its frames in the
+order they arrived, as the per-producer de-duplication needs: a later frame
+must never be stored before an earlier one that failed (see
+:class:`FrameOwner`).
 
 Key names (PROTOCOL.md section 7), all hash-tagged by site so that one Lua
 call may touch them together::
@@ -243,6 +244,21 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
     return client
 
 
+class _Lane:
+    """One publisher: a queue of frames and the task that sends them, one batch at a time."""
+
+    __slots__ = ("queue", "task", "wakeup")
+
+    def __init__(self) -> None:
+        self.queue: deque[Frame] = deque()
+        self.wakeup: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+
 class Store:
     """Redis access for the server: the publish pipeline and small look-ups.
 
@@ -258,9 +274,8 @@ class Store:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self._script = client.register_script(PUBLISH_LUA)
-        self._queue: deque[Frame] = deque()
-        self._wakeup: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._lanes = [_Lane() for _ in range(settings.publish_lanes)]
+        self._started = False
         self._closing = False
         # After a failed round trip, frames are nacked at once until this
         # monotonic time, so that an outage answers clients quickly instead of
@@ -273,7 +288,9 @@ class Store:
         ]
 
     async def __aenter__(self) -> Store:
-        self._task = asyncio.create_task(self._run(), name="eventwire-publisher")
+        for i, lane in enumerate(self._lanes):
+            lane.task = asyncio.create_task(self._run(lane), name=f"eventwire-publisher-{i}")
+        self._started = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -282,10 +299,12 @@ class Store:
     async def close(self) -> None:
         """Publish what is queued, stop the publisher and close the client."""
         self._closing = True
-        if self._task is not None:
-            self._wake()
-            await self._task
-            self._task = None
+        tasks = [lane.task for lane in self._lanes if lane.task is not None]
+        for lane in self._lanes:
+            lane.wake()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._started = False
         await self.redis.aclose()
 
     # -- publishing -----------------------------------------------------------
@@ -314,11 +333,15 @@ class Store:
         frame = Frame(
             site, self.keys.producer(site, producer), items, sink, token, owner, first_seq
         )
-        if self._task is None:
+        if not self._started:
             frame.fail("store closed")
             return
-        self._queue.append(frame)
-        self._wake()
+        # A producer always takes the same lane, so its frames reach Redis in
+        # the order they were sent; lanes let one batch be packed while
+        # another runs in Redis.
+        lane = self._lanes[hash(frame.producer_key) % len(self._lanes)]
+        lane.queue.append(frame)
+        lane.wake()
 
     async def publish(self, site: str, producer: str, items: list[Any]) -> tuple[int, int]:
         """Store items now (server-made events) and return ``(added, duplicate)``.
@@ -330,24 +353,21 @@ class Store:
         self.submit(site, producer, items, _future_sink, future)
         return await future
 
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    async def _run(self) -> None:
+    async def _run(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
         limit = self.settings.publish_batch_events
+        queue = lane.queue
         while True:
-            if not self._queue:
+            if not queue:
                 if self._closing:
                     return
-                self._wakeup = loop.create_future()
-                await self._wakeup
+                lane.wakeup = loop.create_future()
+                await lane.wakeup
                 continue
             batch: list[Frame] = []
             events = 0
-            while self._queue and (not batch or events + self._queue[0].n <= limit):
-                frame = self._queue.popleft()
+            while queue and (not batch or events + queue[0].n <= limit):
+                frame = queue.popleft()
                 owner = frame.owner
                 if owner is not None and frame.epoch <= owner.failed_epoch:
                     # An earlier frame of this connection failed: see FrameOwner.
