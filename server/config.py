@@ -91,6 +91,18 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: On SIGTERM, how long in-flight frames may take to be acked before connections close.
     drain_timeout: Seconds = 10.0
 
+    # -- sessions (PROTOCOL.md section 6); the first three may be set per site
+    #: After a customer's last connection closes, how long until the session ends.
+    session_grace: Seconds = 30.0
+    #: Without a stored event for this long, the session ends even while connected.
+    session_idle: Seconds = 1800.0
+    #: The longest a session lasts.
+    session_max: Seconds = 86400.0
+    #: A connection whose process stopped renewing it this long counts as closed.
+    heartbeat_ttl: Annotated[float, Meta(ge=0.1)] = 15.0
+    #: How often each process looks for sessions to end (one call per site).
+    reap_interval: Seconds = 1.0
+
     def __post_init__(self) -> None:
         for key in ("listen", "admin"):
             try:
@@ -113,6 +125,14 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 SETTING_NAMES: Final = frozenset(Settings.__struct_fields__)
+
+
+class SessionTimings(msgspec.Struct, frozen=True):
+    """A site's session timings in milliseconds, as the Redis functions take them."""
+
+    grace_ms: int
+    idle_ms: int
+    max_ms: int
 
 
 def mask_url(url: str) -> str:

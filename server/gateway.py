@@ -103,10 +103,15 @@ class EventwireServer:
     async def start(self) -> None:
         """Connect the store and open both listeners."""
         settings = self.settings
-        store = Store(connect_redis(settings.redis_url, settings), settings)
+        store = Store(
+            connect_redis(settings.redis_url, settings),
+            settings,
+            lambda site: self.sites[site].timings(settings),
+        )
         await store.__aenter__()
         self.store = store
-        self.sessions = Sessions(store)
+        self.sessions = Sessions(store, settings, self.sites)
+        self.sessions.start()
         host, port = settings.listen_addr
         self.public = await serve(
             self._handler,
@@ -154,6 +159,8 @@ class EventwireServer:
         if self.admin is not None:
             self.admin.close()
             await self.admin.wait_closed()
+        if self.sessions is not None:
+            await self.sessions.stop()
         if self.store is not None:
             await self.store.close()
         self._stopped.set()

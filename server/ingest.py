@@ -46,8 +46,8 @@ from server.protocol import (
     record_encoder,
 )
 from server.rules import SiteRules
-from server.sessions import IDENTIFY, Session, Sessions, now_ms
-from server.store import EVENT, REJECT, REJECT_ALWAYS, FrameOwner, Store
+from server.sessions import Sessions, now_ms
+from server.store import EVENT, REJECT, REJECT_ALWAYS, Frame, FrameOwner, Store
 from server.validation import INVALID, Identity, Limits, Rejected, judge_event
 
 #: ``raw`` in the rejected stream is cut to this many characters (PROTOCOL.md section 7).
@@ -104,8 +104,13 @@ class IngestConnection:
             max_event_age_ms=int(settings.max_event_age * 1000),
         )
         self.who: Identity | None = None
-        self.session: Session | None = None
+        self.member = ""
+        self.producer = ""
+        self.context: dict[str, Any] | None = None
         self.owner = FrameOwner()
+        #: Frames whose session ended while they were on their way, in order.
+        self._gone: list[Frame] = []
+        self._renewal: asyncio.Task[None] | None = None
         self._pending: deque[_Pending] = deque()
         self._room: asyncio.Future[None] | None = None
         self._closed = False
@@ -135,19 +140,17 @@ class IngestConnection:
             raise ProtocolViolation("bad_hello", f"invalid hello: {exc}") from None
         if not isinstance(msg, Hello):
             raise ProtocolViolation("bad_hello", "the first message must be a hello")
-        acked, session = await asyncio.gather(
-            self.store.acked(self.site, msg.producer),
-            self.sessions.open(self.site, msg.uuid, msg.producer, msg.context),
-        )
-        self.session = session
+        member = self.sessions.member(msg.uuid)
+        opened = await self.sessions.open(self.site, msg.uuid, member, msg.producer, msg.context)
+        self.member, self.producer, self.context = member, msg.producer, msg.context
         self.who = Identity(
-            site=self.site, uuid=msg.uuid, session=session.id, producer=msg.producer
+            site=self.site, uuid=msg.uuid, session=opened.session, producer=msg.producer
         )
-        structlog.contextvars.bind_contextvars(uuid=msg.uuid, session=session.id)
+        structlog.contextvars.bind_contextvars(uuid=msg.uuid, session=opened.session)
         welcome = Welcome(
-            session=session.id,
-            resumed=False,
-            acked=acked,
+            session=opened.session,
+            resumed=opened.resumed,
+            acked=opened.acked,
             server_time=now_ms(),
             max_batch=self.settings.max_batch,
         )
@@ -182,7 +185,6 @@ class IngestConnection:
 
     def _track(self, events: list[WireEvent] | list[WireEvent | tuple[int, str, bytes]]) -> None:
         assert self.who is not None
-        assert self.session is not None
         if not 1 <= len(events) <= self.settings.max_batch:
             raise UndecodableFrame(
                 f"track holds {len(events)} events; it must hold 1 to {self.settings.max_batch}"
@@ -238,40 +240,43 @@ class IngestConnection:
                 items += (seq, REJECT_ALWAYS, record)
         if rejections:
             self._count_rejections(rejections)
-        self.session.last_activity = received
         if not self.owner.admit(low):
             self._pending.append(_Pending(high, [], self._nack(high)))
             self._flush()
             return
         pending = _Pending(high, rejections)
         self._pending.append(pending)
-        self.store.submit(self.site, who.producer, items, self, pending, self.owner, low)
+        self.store.submit(
+            self.site, who.producer, who.uuid, who.session, items, self, pending, self.owner, low
+        )
 
     async def _identify(self, msg: Identify) -> None:
         """Switch the connection to another customer (PROTOCOL.md section 2).
 
-        Frames already queued keep the customer they were sent for: their
-        events were encoded when they arrived. They are stored before the
-        switch is published, so the stream tells the story in order.
+        The old customer's session gets ``client.identify`` and ends (reason
+        ``identify``) if this was its last connection; the connection then
+        joins or opens the new customer's session. Frames already received
+        are stored first, for the customer they were sent for.
         """
         assert self.who is not None
-        assert self.session is not None
         if msg.uuid == self.who.uuid:
             return
         await self.drain()
-        old = self.session
-        previous = self.who.uuid
+        old = self.who
+        member = self.sessions.member(msg.uuid)
         try:
-            await self.sessions.publish(old, IDENTIFY, {"previous_uuid": previous}, uuid=msg.uuid)
-            await self.sessions.end(old, "identify")
-            session = await self.sessions.open(self.site, msg.uuid, self.who.producer, None)
+            await self.sessions.leave(self.site, old.uuid, self.member, identify_to=msg.uuid)
+            self.member = ""
+            opened = await self.sessions.open(
+                self.site, msg.uuid, member, self.producer, self.context
+            )
         except StoreUnavailable as exc:
             raise ProtocolViolation("unavailable", f"identify failed: {exc}", 1013) from None
-        self.session = session
+        self.member = member
         self.who = Identity(
-            site=self.site, uuid=msg.uuid, session=session.id, producer=self.who.producer
+            site=self.site, uuid=msg.uuid, session=opened.session, producer=old.producer
         )
-        structlog.contextvars.bind_contextvars(uuid=msg.uuid, session=session.id)
+        structlog.contextvars.bind_contextvars(uuid=msg.uuid, session=opened.session)
 
     def _count_rejections(self, rejections: list[Rejection]) -> None:
         self.rejected += len(rejections)
@@ -288,25 +293,83 @@ class IngestConnection:
 
     # -- answers, in order ------------------------------------------------------
 
-    def frame_stored(self, token: _Pending, added: int, duplicate: int) -> None:
+    def frame_stored(self, frame: Frame, added: int, duplicate: int) -> None:
         """FrameSink: the frame's events are in Redis; its ack may go."""
         self.accepted += added
         self.duplicate += duplicate
         if added:
             self._m_accepted.inc(added)
-            if self.session is not None:
-                self.session.events += added
         if duplicate:
             self._m_duplicate.inc(duplicate)
+        token: _Pending = frame.token
         token.reply = self.codec.encode(
             Ack(seq=token.seq, accepted=added, duplicate=duplicate, rejected=token.rejections)
         )
         self._flush()
 
-    def frame_failed(self, token: _Pending, why: str) -> None:
+    def frame_failed(self, frame: Frame, why: str) -> None:
         """FrameSink: nothing of the frame is stored; it is nacked."""
+        token: _Pending = frame.token
         token.reply = self._nack(token.seq)
         self._flush()
+
+    def frame_gone(self, frame: Frame) -> None:
+        """FrameSink: the session ended (idle or max) before the frame was stored.
+
+        The customer's next events open a new session on this connection: the
+        frame is re-encoded for the current session and sent again, behind the
+        frames that came back before it, so the producer's order holds.
+        """
+        assert self.who is not None
+        if self._gone or frame.session == self.who.session:
+            self._gone.append(frame)
+            if self._renewal is None:
+                self._renewal = asyncio.create_task(self._renew())
+        else:
+            self._resend(frame)
+
+    async def _renew(self) -> None:
+        assert self.who is not None
+        who = self.who
+        opened = None
+        why = "connection closed"
+        try:
+            # A closed connection has left (or is leaving) its session: opening
+            # one now would register a connection that nobody ever closes.
+            if not self._closed:
+                opened = await self.sessions.open(
+                    self.site, who.uuid, self.member, self.producer, self.context
+                )
+        except StoreUnavailable as exc:
+            why = str(exc)
+        finally:
+            self._renewal = None
+        gone, self._gone = self._gone, []
+        if opened is None:
+            for frame in gone:
+                frame.fail(why)
+            return
+        if opened.session != who.session:
+            self.who = Identity(
+                site=self.site, uuid=who.uuid, session=opened.session, producer=who.producer
+            )
+            structlog.contextvars.bind_contextvars(session=opened.session)
+        for frame in gone:
+            self._resend(frame)
+
+    def _resend(self, frame: Frame) -> None:
+        """Re-encode a frame's events for the current session and queue it again."""
+        assert self.who is not None
+        old = f'"session":"{frame.session}"'.encode()
+        new = f'"session":"{self.who.session}"'.encode()
+        args = frame.args
+        for i in range(0, len(args), 3):
+            if args[i + 1] == EVENT:
+                # The session is the third field of every stored event, and the
+                # site and uuid before it cannot hold a quote: the first match is it.
+                args[i + 2] = args[i + 2].replace(old, new, 1)
+        frame.session = self.who.session
+        self.store.resubmit(frame)
 
     def _flush(self) -> None:
         """Send every answer that is due, in frame order."""
@@ -325,26 +388,27 @@ class IngestConnection:
             self._room = asyncio.get_running_loop().create_future()
             await self._room
 
-    async def close(self, reason: str = "closed") -> None:
-        """Stop answering and end the connection's session.
+    async def close(self) -> None:
+        """Stop answering and leave the customer's session.
 
         Frames still in the store are waited for (up to two store timeouts),
-        so that ``session.end`` comes after the session's events in the
-        stream and counts them.
+        so that the session counts their events before its grace starts.
         """
         self._closed = True
         if self._pending:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.store_timeout * 2):
                     await self.drain()
-        session = self.session
-        if session is None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            await asyncio.wait([self._renewal])
+        if self.who is None or not self.member:
             return
-        self.session = None
         try:
-            await self.sessions.end(session, reason)
+            await self.sessions.leave(self.site, self.who.uuid, self.member)
         except StoreUnavailable as exc:
-            log.warning("session_end_lost", session=session.id, error=str(exc))
+            # The heartbeat lapses instead, and a reaper counts it as closed.
+            log.warning("leave_failed", error=str(exc))
 
     def stats(self) -> dict[str, int]:
         """Counts for the connection's closing log line."""

@@ -20,10 +20,14 @@ from typing import Annotated, Final
 import msgspec
 from msgspec import Meta
 
+from server.config import SessionTimings, Settings
 from server.errors import ConfigError
 
 SITE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ORIGIN_RE: Final = re.compile(r"(https?)://([A-Za-z0-9*.-]+|\[[0-9a-fA-F:]+\])(:[0-9*]+)?")
+
+
+Seconds = Annotated[float, Meta(gt=0)]
 
 
 class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -31,6 +35,10 @@ class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     origins: list[Annotated[str, Meta(min_length=1)]] = []
     allow_no_origin: bool = False
+    #: Per-site session timings, in seconds; unset means the server's settings.
+    session_grace: Seconds | None = None
+    session_idle: Seconds | None = None
+    session_max: Seconds | None = None
 
 
 class SitesFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -68,6 +76,15 @@ class SiteRules:
         self._patterns = [compile_origin(o.lower()) for o in config.origins if "*" in o]
         for origin in self._exact:
             compile_origin(origin)
+
+    def timings(self, settings: Settings) -> SessionTimings:
+        """The site's session timings: its own where set, else the settings'."""
+        c = self.config
+        return SessionTimings(
+            grace_ms=int((c.session_grace or settings.session_grace) * 1000),
+            idle_ms=int((c.session_idle or settings.session_idle) * 1000),
+            max_ms=int((c.session_max or settings.session_max) * 1000),
+        )
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a handshake with this ``Origin`` header (or none) may connect."""

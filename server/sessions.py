@@ -1,26 +1,48 @@
-"""Sessions and the server-made events that mark them, on top of ``store``.
+"""Sessions from connection lifecycles (PROTOCOL.md section 6), on top of ``store``.
 
-First step of PROTOCOL.md section 6: one session per connection. A hello
-opens a session and publishes ``session.start``; the connection's end (or an
-``identify`` to another customer) publishes ``session.end``. Server-made
-events use the producer ``srv:<session>`` with seqs of their own, so they go
-through the same exactly-once step as client events: publishing one twice
-stores it once.
+A session belongs to a customer (site and uuid), not to a connection. Its
+state lives in Redis under the site's hash tag, so any server process can
+continue a session another one started, and every decision to start or end
+one is a single Redis function call (``store.lua``): two processes can never
+both end the same session.
+
+- ``open``: a hello joins the customer's open session (``resumed``) or opens
+  one and publishes ``session.start``.
+- ``leave``: when the customer's last connection closes, the session ends
+  ``session_grace`` later (reason ``closed``), unless a hello joins it first
+  (a page reload, a short network drop).
+- ``session_idle`` without a stored event, or ``session_max`` in all, also
+  end it (reasons ``idle``, ``max``); the customer's next event then opens a
+  new session on the same connection (see ``ingest``).
+- heartbeats: each process renews its connections' deadlines every third of
+  ``heartbeat_ttl``; connections of a process that died lapse and count as
+  closed, and the survivors' reapers end those sessions.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import secrets
 import time
+from collections.abc import Coroutine
 from typing import Any, Final
 
+import msgspec
+import structlog
+
+from server.config import Settings
+from server.errors import StoreUnavailable
 from server.protocol import StoredEvent, record_encoder
-from server.store import EVENT, Store
+from server.rules import SiteRules
+from server.store import FN_HEARTBEAT, FN_LEAVE, FN_OPEN, FN_REAP, Store
 from server.validation import default_label
 
 START: Final = "session.start"
-END: Final = "session.end"
-IDENTIFY: Final = "client.identify"
+#: Connections renewed, and customers reaped, per function call.
+CHUNK: Final = 500
+
+log = structlog.get_logger("eventwire.sessions")
 
 
 def now_ms() -> int:
@@ -33,98 +55,189 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(12)
 
 
-class Session:
-    """One customer session as this process sees it.
+class Opened(msgspec.Struct, frozen=True):
+    """What a hello learns: its session, whether it joined one, the producer's acked seq."""
 
-    Args:
-        site: the site id.
-        uuid: the customer.
-        session_id: the id carried by every event of the session.
-    """
-
-    __slots__ = ("events", "first_activity", "id", "last_activity", "next_seq", "site", "uuid")
-
-    def __init__(self, site: str, uuid: str, session_id: str) -> None:
-        self.site = site
-        self.uuid = uuid
-        self.id = session_id
-        self.first_activity = now_ms()
-        self.last_activity = self.first_activity
-        self.events = 0
-        self.next_seq = 1
-
-    @property
-    def producer(self) -> str:
-        """The producer of the server-made events of this session."""
-        return f"srv:{self.id}"
+    session: str
+    resumed: bool
+    acked: int
 
 
 class Sessions:
-    """Opens and ends sessions, publishing their events through the store.
+    """Session steps and the heartbeat and reaper tasks of one server process.
 
     Args:
         store: the Redis room.
+        settings: session timings and limits.
+        sites: the sites, for their session timings.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, settings: Settings, sites: dict[str, SiteRules]) -> None:
         self.store = store
+        self.settings = settings
+        self.sites = sites
+        self.keys = store.keys
+        #: This process' name in connection members: "<process>:<n>:<uuid>".
+        self.process = secrets.token_hex(4)
+        self._numbers = itertools.count(1)
+        self._members: dict[str, set[str]] = {site: set() for site in sites}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def member(self, uuid: str) -> str:
+        """A new connection member for a customer."""
+        return f"{self.process}:{next(self._numbers)}:{uuid}"
+
+    # -- steps --------------------------------------------------------------------
 
     async def open(
-        self, site: str, uuid: str, producer: str, context: dict[str, Any] | None
-    ) -> Session:
-        """Open a session and publish its ``session.start``.
+        self, site: str, uuid: str, member: str, producer: str, context: dict[str, Any] | None
+    ) -> Opened:
+        """Register a connection and join or open its customer's session.
 
         Raises:
-            StoreUnavailable: Redis did not take the event; no session exists.
+            StoreUnavailable: Redis did not answer; the connection is not registered.
         """
-        session = Session(site, uuid, new_session_id())
-        await self.publish(
-            session,
-            START,
-            {"session": session.id, "producer": producer, "context": context or {}},
-        )
-        return session
-
-    async def end(self, session: Session, reason: str) -> None:
-        """Publish the session's ``session.end``.
-
-        Raises:
-            StoreUnavailable: Redis did not take the event.
-        """
-        await self.publish(
-            session,
-            END,
-            {
-                "session": session.id,
-                "reason": reason,
-                "duration_ms": session.last_activity - session.first_activity,
-                "events": session.events,
-            },
-        )
-
-    async def publish(
-        self, session: Session, action: str, params: dict[str, Any], uuid: str | None = None
-    ) -> None:
-        """Publish one server-made event in the session.
-
-        Raises:
-            StoreUnavailable: Redis did not take the event.
-        """
-        seq = session.next_seq
-        session.next_seq += 1
+        keys, timing = self.keys, self.sites[site].timings(self.settings)
+        candidate = new_session_id()
         received = now_ms()
-        record = record_encoder.encode(
+        start = record_encoder.encode(
             StoredEvent(
-                site=session.site,
-                uuid=uuid or session.uuid,
-                session=session.id,
-                producer=session.producer,
-                seq=seq,
-                action=action,
-                label=default_label(action, params),
+                site=site,
+                uuid=uuid,
+                session=candidate,
+                producer=f"srv:{candidate}",
+                seq=1,
+                action=START,
+                label=default_label(START, {}),
                 time=received,
                 received=received,
-                params=params,
+                params={"session": candidate, "producer": producer, "context": context or {}},
             )
         )
-        await self.store.publish(session.site, session.producer, [seq, EVENT, record])
+        session, resumed, acked = await self.store.call(
+            FN_OPEN,
+            [
+                keys.session(site, uuid),
+                keys.conns(site, uuid),
+                keys.live(site),
+                keys.due(site),
+                keys.events(site),
+                keys.producer(site, producer),
+            ],
+            [
+                site,
+                uuid,
+                member,
+                candidate,
+                start,
+                int(self.settings.heartbeat_ttl * 1000),
+                timing.grace_ms,
+                timing.idle_ms,
+                timing.max_ms,
+                self.settings.stream_maxlen,
+            ],
+        )
+        self._members[site].add(member)
+        return Opened(session.decode(), bool(resumed), int(acked))
+
+    async def leave(self, site: str, uuid: str, member: str, identify_to: str = "") -> None:
+        """Unregister a connection; its customer's session ends after the grace if it was last.
+
+        With ``identify_to``, the session gets a ``client.identify`` event and
+        ends now (reason ``identify``) if this was its last connection.
+
+        Raises:
+            StoreUnavailable: Redis did not answer. The connection's heartbeat
+                then lapses and a reaper treats it as closed.
+        """
+        self._members[site].discard(member)
+        keys, timing = self.keys, self.sites[site].timings(self.settings)
+        await self.store.call(
+            FN_LEAVE,
+            [
+                keys.session(site, uuid),
+                keys.conns(site, uuid),
+                keys.live(site),
+                keys.due(site),
+                keys.events(site),
+            ],
+            [site, uuid, member, timing.grace_ms, self.settings.stream_maxlen, identify_to],
+        )
+
+    # -- background -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the heartbeat and reaper tasks."""
+        for coro in (self._heartbeats(), self._reaper()):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        """Stop the background tasks."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def heartbeat_once(self) -> None:
+        """Renew the deadline of every connection of this process."""
+        ttl = int(self.settings.heartbeat_ttl * 1000)
+        for site, members in self._members.items():
+            batch = list(members)
+            for i in range(0, len(batch), CHUNK):
+                back = await self.store.call(
+                    FN_HEARTBEAT,
+                    [self.keys.live(site)],
+                    [ttl, self.keys.site_prefix(site), *batch[i : i + CHUNK]],
+                )
+                if back:
+                    log.warning("connections_reregistered", site=site, count=back)
+
+    async def reap_once(self) -> int:
+        """End the sessions that are due, on every site; returns how many ended."""
+        ended = 0
+        for site, rules in self.sites.items():
+            timing = rules.timings(self.settings)
+            while True:
+                dead, n = await self.store.call(
+                    FN_REAP,
+                    [self.keys.live(site), self.keys.due(site), self.keys.events(site)],
+                    [
+                        site,
+                        self.keys.site_prefix(site),
+                        timing.grace_ms,
+                        timing.idle_ms,
+                        timing.max_ms,
+                        CHUNK,
+                        self.settings.stream_maxlen,
+                    ],
+                )
+                ended += n
+                if dead:
+                    log.info("dead_connections_reaped", site=site, count=dead)
+                if dead < CHUNK and n < CHUNK:
+                    break
+        return ended
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_ttl / 3)
+            await _guarded(self.heartbeat_once(), "heartbeat_failed")
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reap_interval)
+            await _guarded(self.reap_once(), "reap_failed")
+
+
+async def _guarded(step: Coroutine[Any, Any, Any], what: str) -> None:
+    # A background step must outlive any failure: Redis being away is normal
+    # (the next round retries), anything else is logged and retried too.
+    try:
+        await step
+    except StoreUnavailable:
+        pass
+    except Exception:
+        log.exception(what)

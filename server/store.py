@@ -1,21 +1,16 @@
-"""The only module that speaks Redis: client factory, key names, the Lua step, replies.
+"""The only module that speaks Redis: client factory, key names, the atomic steps, replies.
 
-Every frame's events reach Redis through :meth:`Store.submit`: frames from
-all connections are gathered into one pipeline of one ``EVALSHA`` per site.
-Each of ``publish_lanes`` publisher lanes has one pipeline in flight at a
-time; while it is, the lane's next frames gather (group commit), so a busy
-server makes few, large round trips and an idle one answers in one round
-trip. A producer always uses the same lane, which keeps its frames in the
-order they arrived, as the per-producer de-duplication needs: a later frame
-must never be stored before an earlier one that failed (see
-:class:`FrameOwner`).
-
-Key names (PROTOCOL.md section 7), all hash-tagged by site so that one Lua
-call may touch them together::
-
-    {prefix}:{site}:events              accepted events (XADD MAXLEN ~)
-    {prefix}:{site}:rejected            rejected events and undecodable frames
-    {prefix}:{site}:producer:{producer} the producer's highest stored seq (PX ttl)
+Every step that must be atomic is a function of one Redis function library,
+``store.lua`` (loaded with ``FUNCTION LOAD REPLACE``, again whenever Redis
+lost it); its header lists every key. Frames reach Redis through
+:meth:`Store.submit`: frames from all connections are gathered into one
+pipeline of one ``FCALL`` per site. Each of ``publish_lanes`` publisher lanes
+has one pipeline in flight at a time; while it is, the lane's next frames
+gather (group commit), so a busy server makes few, large round trips and an
+idle one answers in one round trip. A producer always uses the same lane,
+which keeps its frames in the order they arrived, as the per-producer
+de-duplication needs: a later frame must never be stored before an earlier
+one that failed (see :class:`FrameOwner`).
 """
 
 from __future__ import annotations
@@ -23,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import redis.asyncio as aioredis
@@ -33,11 +29,11 @@ from hiredis import pack_command
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server import metrics
-from server.config import Settings
+from server.config import SessionTimings, Settings
 from server.errors import StoreUnavailable
 
 #: Kinds of item in one frame, as the Lua step reads them.
@@ -46,48 +42,14 @@ REJECT: Final = b"r"  # recorded in the rejected stream once
 REJECT_ALWAYS: Final = b"R"  # out-of-order seq: recorded, does not move the stored seq
 COUNT_ONLY: Final = b"n"  # denied: moves the stored seq, stored nowhere
 
-# KEYS[1] events stream, KEYS[2] rejected stream, KEYS[2 + f] producer key of frame f.
-# ARGV[1] events MAXLEN, ARGV[2] rejected MAXLEN, ARGV[3] producer ttl in ms, then per
-# frame: the item count n and n (seq, kind, payload) triples in seq order.
-# Returns per frame {added, duplicate}. One call is atomic, so check, append and
-# raise of the stored seq can never interleave with another connection's.
-PUBLISH_LUA: Final = """
-local out = {}
-local a = 4
-for f = 3, #KEYS do
-  local pkey = KEYS[f]
-  local top = redis.call('GET', pkey)
-  local cur = tonumber(top or '0')
-  local n = tonumber(ARGV[a])
-  a = a + 1
-  local added, dup = 0, 0
-  for i = 1, n do
-    local seq, kind = ARGV[a], ARGV[a + 1]
-    local s = tonumber(seq)
-    if kind == 'R' then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[a + 2])
-    elseif s > cur then
-      cur = s
-      top = seq
-      if kind == 'e' then
-        redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[a + 2])
-        added = added + 1
-      elseif kind == 'r' then
-        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[a + 2])
-      end
-    elseif kind == 'e' then
-      dup = dup + 1
-    end
-    a = a + 3
-  end
-  if top then
-    redis.call('SET', pkey, top, 'PX', ARGV[3])
-  end
-  out[#out + 1] = added
-  out[#out + 1] = dup
-end
-return out
-"""
+#: The function library; its functions carry the version in their names, so
+#: processes of two versions can share one Redis during a rolling upgrade.
+LIBRARY: Final = (Path(__file__).parent / "store.lua").read_text()
+FN_PUBLISH: Final = "ew1_publish"
+FN_OPEN: Final = "ew1_open"
+FN_LEAVE: Final = "ew1_leave"
+FN_HEARTBEAT: Final = "ew1_heartbeat"
+FN_REAP: Final = "ew1_reap"
 
 
 log = structlog.get_logger("eventwire.store")
@@ -118,6 +80,26 @@ class Keys:
     def producer(self, site: str, producer: str) -> str:
         """The key holding a producer's highest stored seq."""
         return f"{self.prefix}:{{{site}}}:producer:{producer}"
+
+    def site_prefix(self, site: str) -> str:
+        """The prefix of every key of a site, for keys built inside Redis functions."""
+        return f"{self.prefix}:{{{site}}}:"
+
+    def session(self, site: str, uuid: str) -> str:
+        """The hash of a customer's open session."""
+        return f"{self.prefix}:{{{site}}}:sess:{uuid}"
+
+    def conns(self, site: str, uuid: str) -> str:
+        """The set of a customer's live connections."""
+        return f"{self.prefix}:{{{site}}}:conns:{uuid}"
+
+    def live(self, site: str) -> str:
+        """Every live connection of a site, scored by its heartbeat deadline."""
+        return f"{self.prefix}:{{{site}}}:live"
+
+    def due(self, site: str) -> str:
+        """Customers whose session must be looked at, scored by when."""
+        return f"{self.prefix}:{{{site}}}:due"
 
 
 class FrameOwner:
@@ -158,15 +140,31 @@ class FrameOwner:
 class FrameSink(Protocol):
     """Who hears how a frame ended. Called from the publisher task; must not block."""
 
-    def frame_stored(self, token: Any, added: int, duplicate: int) -> None:
+    def frame_stored(self, frame: Frame, added: int, duplicate: int) -> None:
         """The frame's step ran: ``added`` events stored, ``duplicate`` skipped."""
 
-    def frame_failed(self, token: Any, why: str) -> None:
+    def frame_failed(self, frame: Frame, why: str) -> None:
         """Nothing of the frame may be taken as stored."""
+
+    def frame_gone(self, frame: Frame) -> None:
+        """The session the frame was encoded for has ended; nothing was stored."""
 
 
 class Frame:
-    """One producer's items on their way into the Lua step."""
+    """One producer's items on their way into the publish step.
+
+    Args:
+        site: the site id.
+        producer_key: the producer's seq key.
+        session_key: the customer's session key.
+        session: the session id the events were encoded for.
+        uuid: the customer.
+        args: flat ``[seq, kind, payload, ...]`` in seq order.
+        sink: told how the frame ended.
+        token: the sink's own reference.
+        owner: the sending connection's ordering state.
+        first_seq: the frame's lowest seq.
+    """
 
     __slots__ = (
         "args",
@@ -175,51 +173,44 @@ class Frame:
         "n",
         "owner",
         "producer_key",
+        "session",
+        "session_key",
         "sink",
         "site",
         "token",
+        "uuid",
     )
 
     def __init__(
         self,
         site: str,
         producer_key: str,
+        session_key: str,
+        session: str,
+        uuid: str,
         args: list[Any],
         sink: FrameSink,
         token: Any,
-        owner: FrameOwner | None,
+        owner: FrameOwner,
         first_seq: int,
     ) -> None:
         self.site = site
         self.producer_key = producer_key
+        self.session_key = session_key
+        self.session = session
+        self.uuid = uuid
         self.n = len(args) // 3
         self.args = args
         self.sink = sink
         self.token = token
         self.owner = owner
-        self.epoch = owner.epoch if owner is not None else 0
+        self.epoch = owner.epoch
         self.first_seq = first_seq
 
     def fail(self, why: str) -> None:
         """Tell the sink, and poison the owner's epoch (see :class:`FrameOwner`)."""
-        if self.owner is not None:
-            self.owner.fail(self.epoch, self.first_seq)
-        self.sink.frame_failed(self.token, why)
-
-
-class _FutureSink:
-    """A sink for one awaited frame (server-made events)."""
-
-    def frame_stored(self, token: Any, added: int, duplicate: int) -> None:
-        if not token.done():
-            token.set_result((added, duplicate))
-
-    def frame_failed(self, token: Any, why: str) -> None:
-        if not token.done():
-            token.set_exception(StoreUnavailable(why))
-
-
-_future_sink: Final = _FutureSink()
+        self.owner.fail(self.epoch, self.first_seq)
+        self.sink.frame_failed(self, why)
 
 
 def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
@@ -265,15 +256,21 @@ class Store:
     Args:
         client: a redis.asyncio client (see :func:`connect_redis`).
         settings: limits and key prefix.
+        timings: a site's session timings (its overrides or the settings').
 
-    Use as ``async with Store(...) as store``: the publisher task runs inside.
+    Use as ``async with Store(...) as store``: the publisher tasks run inside.
     """
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: Settings,
+        timings: Callable[[str], SessionTimings],
+    ) -> None:
         self.redis = client
         self.settings = settings
+        self.timings = timings
         self.keys = Keys(settings.key_prefix)
-        self._script = client.register_script(PUBLISH_LUA)
         self._lanes = [_Lane() for _ in range(settings.publish_lanes)]
         self._started = False
         self._closing = False
@@ -313,26 +310,48 @@ class Store:
         self,
         site: str,
         producer: str,
+        uuid: str,
+        session: str,
         items: list[Any],
         sink: FrameSink,
         token: Any,
-        owner: FrameOwner | None = None,
-        first_seq: int = 0,
-    ) -> None:
-        """Queue one frame's items for the next pipeline.
+        owner: FrameOwner,
+        first_seq: int,
+    ) -> Frame:
+        """Queue one frame's items for the next pipeline of its lane.
 
         Args:
             site: the site id.
             producer: the producer id.
+            uuid: the customer the events were encoded for.
+            session: the session id the events were encoded for.
             items: flat ``[seq, kind, payload, ...]`` in seq order.
             sink: told how the frame ended, from the publisher task.
-            token: passed back to ``sink``.
-            owner: the sending connection's ordering state, if any.
-            first_seq: the frame's lowest seq (for ``owner``).
+            token: the sink's own reference, kept on the frame.
+            owner: the sending connection's ordering state.
+            first_seq: the frame's lowest seq.
+
+        Returns:
+            The queued frame (its ``args`` may be patched and it may be
+            :meth:`resubmit` after ``frame_gone``).
         """
         frame = Frame(
-            site, self.keys.producer(site, producer), items, sink, token, owner, first_seq
+            site,
+            self.keys.producer(site, producer),
+            self.keys.session(site, uuid),
+            session,
+            uuid,
+            items,
+            sink,
+            token,
+            owner,
+            first_seq,
         )
+        self.resubmit(frame)
+        return frame
+
+    def resubmit(self, frame: Frame) -> None:
+        """Queue a frame (again) on its producer's lane."""
         if not self._started:
             frame.fail("store closed")
             return
@@ -343,15 +362,16 @@ class Store:
         lane.queue.append(frame)
         lane.wake()
 
-    async def publish(self, site: str, producer: str, items: list[Any]) -> tuple[int, int]:
-        """Store items now (server-made events) and return ``(added, duplicate)``.
+    async def call(self, function: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Call one function of the library, in its own round trip.
 
         Raises:
-            StoreUnavailable: Redis did not take them.
+            StoreUnavailable: Redis is unreachable, slow, or answered an error.
         """
-        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-        self.submit(site, producer, items, _future_sink, future)
-        return await future
+        (result,) = await self._fcall([(function, keys, args)])
+        if isinstance(result, Exception):
+            raise StoreUnavailable(f"redis error: {result}")
+        return result
 
     async def _run(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
@@ -387,18 +407,20 @@ class Store:
         by_site: dict[str, list[Frame]] = {}
         for frame in batch:
             by_site.setdefault(frame.site, []).append(frame)
-        calls: list[tuple[list[Frame], list[Any], list[Any]]] = []
+        calls: list[tuple[str, list[Any], list[Any]]] = []
         for site, frames in by_site.items():
-            keys: list[Any] = [self.keys.events(site), self.keys.rejected(site)]
-            args: list[Any] = list(self._fixed)
+            keys = self.keys
+            timing = self.timings(site)
+            fkeys: list[Any] = [keys.events(site), keys.rejected(site), keys.due(site)]
+            fargs: list[Any] = [*self._fixed, site, timing.idle_ms, timing.max_ms]
             for frame in frames:
-                keys.append(frame.producer_key)
-                args.append(frame.n)
-                args.extend(frame.args)
-            calls.append((frames, keys, args))
+                fkeys += (frame.producer_key, frame.session_key)
+                fargs += (frame.session, frame.uuid, frame.n)
+                fargs += frame.args
+            calls.append((FN_PUBLISH, fkeys, fargs))
         started = time.perf_counter()
         try:
-            results = await self._call_scripts(calls)
+            results = await self._fcall(calls)
         except Exception as exc:
             # Whatever went wrong, the publisher must live on: the frames are
             # nacked and their clients resend them.
@@ -410,33 +432,30 @@ class Store:
                 frame.fail(str(exc))
             return
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
-        for (frames, _, _), result in zip(calls, results, strict=True):
+        for frames, result in zip(by_site.values(), results, strict=True):
             if isinstance(result, Exception):
                 for frame in frames:
                     frame.fail(f"redis error: {result}")
                 continue
             for i, frame in enumerate(frames):
-                frame.sink.frame_stored(frame.token, result[2 * i], result[2 * i + 1])
+                if result[3 * i + 2]:
+                    frame.sink.frame_gone(frame)
+                else:
+                    frame.sink.frame_stored(frame, result[3 * i], result[3 * i + 1])
 
-    async def _call_scripts(
-        self, calls: Sequence[tuple[list[Frame], list[Any], list[Any]]]
-    ) -> list[Any]:
-        """Run one EVALSHA per call in one round trip; load the script if Redis lost it."""
-        sha = self._script.sha
-        results = await self._pipeline(
-            [("EVALSHA", sha, len(keys), *keys, *args) for _, keys, args in calls]
-        )
-        again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    async def _fcall(self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        """Run FCALLs in one round trip; load the library first if Redis lost it."""
+        commands = [("FCALL", fn, len(keys), *keys, *args) for fn, keys, args in calls]
+        results = await self._pipeline(commands)
+        again = [i for i, r in enumerate(results) if _missing_function(r)]
         if again:
-            # Redis restarted or flushed its script cache. A NOSCRIPT call stored
-            # nothing, so only those calls are sent again.
+            # Redis restarted without persistence, or was flushed. A call to a
+            # missing function did nothing, so those calls are sent again.
             retried = await self._pipeline(
-                [("SCRIPT", "LOAD", PUBLISH_LUA)]
-                + [
-                    ("EVALSHA", self._script.sha, len(calls[i][1]), *calls[i][1], *calls[i][2])
-                    for i in again
-                ]
+                [("FUNCTION", "LOAD", "REPLACE", LIBRARY)] + [commands[i] for i in again]
             )
+            if isinstance(retried[0], Exception):
+                raise StoreUnavailable(f"cannot load the function library: {retried[0]}")
             for i, r in zip(again, retried[1:], strict=True):
                 results[i] = r
         return results
@@ -481,18 +500,6 @@ class Store:
 
     # -- look-ups -------------------------------------------------------------
 
-    async def acked(self, site: str, producer: str) -> int:
-        """The producer's highest stored seq (``welcome.acked``).
-
-        Raises:
-            StoreUnavailable: Redis did not answer.
-        """
-        try:
-            value = await self.redis.get(self.keys.producer(site, producer))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis unreachable: {exc}") from None
-        return int(value) if value is not None else 0
-
     async def record_rejected(self, site: str, record: bytes) -> bool:
         """Append one record to the site's rejected stream; False if Redis failed.
 
@@ -516,3 +523,7 @@ class Store:
                 return bool(await self.redis.ping())
         except (redis.exceptions.RedisError, TimeoutError, OSError):
             return False
+
+
+def _missing_function(result: Any) -> bool:
+    return isinstance(result, ResponseError) and "Function not found" in str(result)

@@ -176,36 +176,6 @@ async def test_concurrent_connections_one_producer(
     assert sorted(e["seq"] for e in await client_events(redis)) == list(range(1, 101))
 
 
-async def test_session_per_connection(server: EventwireServer, redis: aioredis.Redis) -> None:
-    """hello publishes session.start; the close publishes one session.end with its counts."""
-    producer = producer_id()
-    async with peer(server.url) as p:
-        welcome = await p.hello("u-s", producer, context={"title": "Home"})
-        await p.track(event(1), event(2))
-    session = welcome["session"]
-    for _ in range(50):
-        made = [
-            e for e in await stream(redis, "ew:{app}:events") if e["producer"] == f"srv:{session}"
-        ]
-        if len(made) == 2:
-            break
-        await asyncio.sleep(0.05)
-    start, end = made
-    assert start["action"] == "session.start"
-    assert start["label"] == "Started session"
-    assert start["params"] == {
-        "session": session,
-        "producer": producer,
-        "context": {"title": "Home"},
-    }
-    assert end["action"] == "session.end"
-    assert end["label"] == "Session end"
-    assert end["params"]["reason"] == "closed"
-    assert end["params"]["events"] == 2
-    assert end["params"]["duration_ms"] >= 0
-    assert {e["session"] for e in await client_events(redis)} == {session}
-
-
 async def test_identify_switches_customer(server: EventwireServer, redis: aioredis.Redis) -> None:
     """identify publishes client.identify and moves the connection to a new session."""
     async with peer(server.url) as p:
