@@ -100,11 +100,12 @@ def _raise_fd_limit(connections: int) -> None:
 
 async def _serve(loaded: LoadedConfig, sites: dict[str, SiteRules]) -> int:
     _raise_fd_limit(loaded.settings.max_connections)
-    server = EventwireServer(loaded.settings, sites)
+    server = EventwireServer(loaded.settings, sites, loaded.sites_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_sites)
     await server.start()
     await stop.wait()
     await server.stop()

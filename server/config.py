@@ -134,6 +134,21 @@ class SessionTimings(msgspec.Struct, frozen=True):
     idle_ms: int
     max_ms: int
 
+    @classmethod
+    def of(
+        cls,
+        settings: Settings,
+        grace: float | None = None,
+        idle: float | None = None,
+        longest: float | None = None,
+    ) -> SessionTimings:
+        """Timings from the settings, each overridden where given (seconds)."""
+        return cls(
+            grace_ms=int((grace or settings.session_grace) * 1000),
+            idle_ms=int((idle or settings.session_idle) * 1000),
+            max_ms=int((longest or settings.session_max) * 1000),
+        )
+
 
 def mask_url(url: str) -> str:
     """Hide the password of a URL, for printing."""

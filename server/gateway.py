@@ -23,6 +23,7 @@ import itertools
 import time
 from collections.abc import Sequence
 from http import HTTPStatus
+from pathlib import Path
 from typing import Final
 
 import structlog
@@ -35,14 +36,16 @@ from websockets.typing import Subprotocol
 from server import metrics
 from server.admin import AdminListener
 from server.config import Settings, mask_url
-from server.errors import ProtocolViolation, StoreUnavailable, UndecodableFrame
+from server.errors import ConfigError, ProtocolViolation, StoreUnavailable, UndecodableFrame
 from server.ingest import IngestConnection, undecodable_record
 from server.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS, Error
-from server.rules import SiteRules
+from server.rules import SiteRules, SitesBook
 from server.sessions import Sessions, now_ms
 from server.store import Store, connect_redis
 
 TRACK_PREFIX: Final = "/v1/track/"
+#: How often the sites file's modification time is looked at.
+SITES_POLL: Final = 1.0
 
 log = structlog.get_logger("eventwire.gateway")
 _ids = itertools.count(1)
@@ -83,13 +86,18 @@ class EventwireServer:
     Args:
         settings: effective settings.
         sites: compiled site rules by site id.
+        sites_path: the file they came from, watched for changes (and read
+            again on :meth:`reload_sites`); None for rules built in code.
 
     Use ``await start()`` then ``await stop()``, or ``async with``.
     """
 
-    def __init__(self, settings: Settings, sites: dict[str, SiteRules]) -> None:
+    def __init__(
+        self, settings: Settings, sites: dict[str, SiteRules], sites_path: Path | None = None
+    ) -> None:
         self.settings = settings
-        self.sites = sites
+        self.book = SitesBook(sites_path, sites)
+        self._watcher: asyncio.Task[None] | None = None
         self.store: Store | None = None
         self.sessions: Sessions | None = None
         self.public: Server | None = None
@@ -106,12 +114,14 @@ class EventwireServer:
         store = Store(
             connect_redis(settings.redis_url, settings),
             settings,
-            lambda site: self.sites[site].timings(settings),
+            self.book,
         )
         await store.__aenter__()
         self.store = store
-        self.sessions = Sessions(store, settings, self.sites)
+        self.sessions = Sessions(store, settings)
         self.sessions.start()
+        if self.book.path is not None:
+            self._watcher = asyncio.create_task(self._watch_sites())
         host, port = settings.listen_addr
         self.public = await serve(
             self._handler,
@@ -159,6 +169,9 @@ class EventwireServer:
         if self.admin is not None:
             self.admin.close()
             await self.admin.wait_closed()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait([self._watcher])
         if self.sessions is not None:
             await self.sessions.stop()
         if self.store is not None:
@@ -172,6 +185,27 @@ class EventwireServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def reload_sites(self) -> bool:
+        """Read the sites file again (SIGHUP); a wrong file is refused and the old rules stay.
+
+        Open connections get the new rules from their next frame.
+        """
+        if self.book.path is None:
+            return False
+        try:
+            sites = self.book.reload()
+        except ConfigError as exc:
+            log.error("sites_reload_refused", error=str(exc))
+            return False
+        log.info("sites_reloaded", sites=sorted(sites))
+        return True
+
+    async def _watch_sites(self) -> None:
+        while True:
+            await asyncio.sleep(SITES_POLL)
+            if self.book.changed():
+                self.reload_sites()
 
     async def ready(self) -> bool:
         """Whether this process can take events now (Redis answers, not draining)."""
@@ -208,7 +242,7 @@ class EventwireServer:
         if not path.startswith(TRACK_PREFIX):
             return _refuse(connection, HTTPStatus.NOT_FOUND, "not found; track at /v1/track/{site}")
         site = path[len(TRACK_PREFIX) :]
-        rules = self.sites.get(site)
+        rules = self.book.get(site)
         if rules is None:
             return _refuse(connection, HTTPStatus.NOT_FOUND, f"unknown site {site[:64]!r}")
         if not rules.origin_allowed(request.headers.get("Origin")):
@@ -237,7 +271,7 @@ class EventwireServer:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(connection_id=next(_ids), site=site)
         ingest = IngestConnection(
-            self.sites[site], self.settings, self.store, self.sessions, codec, send
+            self.book, site, self.settings, self.store, self.sessions, codec, send
         )
         self._connections[ws] = ingest
         opened = time.monotonic()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -30,6 +31,7 @@ import msgspec
 import structlog
 
 from server import metrics
+from server.auth import LEEWAY, Proof, TokenRefused, verify_token
 from server.config import Settings
 from server.errors import ProtocolViolation, StoreUnavailable, UndecodableFrame
 from server.protocol import (
@@ -38,6 +40,7 @@ from server.protocol import (
     Hello,
     Identify,
     Nack,
+    NackCode,
     RejectedRecord,
     Rejection,
     Track,
@@ -45,10 +48,18 @@ from server.protocol import (
     WireEvent,
     record_encoder,
 )
-from server.rules import SiteRules
+from server.rules import RateConfig, SiteRules, SitesBook
 from server.sessions import Sessions, now_ms
-from server.store import EVENT, REJECT, REJECT_ALWAYS, Frame, FrameOwner, Store
-from server.validation import INVALID, Identity, Limits, Rejected, judge_event
+from server.store import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS, Frame, FrameOwner, Store
+from server.validation import (
+    DENIED,
+    INVALID,
+    UNAUTHORIZED,
+    Identity,
+    Limits,
+    Rejected,
+    judge_event,
+)
 
 #: ``raw`` in the rejected stream is cut to this many characters (PROTOCOL.md section 7).
 RAW_LIMIT: Final = 4096
@@ -57,6 +68,42 @@ log = structlog.get_logger("eventwire.ingest")
 
 #: Writes one encoded message to the client now, without waiting; never raises.
 Send = Callable[[bytes], None]
+
+
+class TokenBucket:
+    """A connection's rate limit: ``burst`` events at once, refilled at ``events_per_second``.
+
+    A frame larger than the burst passes when the bucket is full, leaving it
+    in debt, so a legal frame can never be refused for ever.
+    """
+
+    __slots__ = ("flood_start", "level", "rate", "stamp")
+
+    def __init__(self, rate: RateConfig, now: int) -> None:
+        self.rate = rate
+        self.level = float(rate.burst)
+        self.stamp = now
+        self.flood_start = 0
+
+    def take(self, n: int, now: int) -> int | None:
+        """Take n events; None if they pass, else the ms until they would."""
+        rate = self.rate
+        self.level = min(
+            float(rate.burst), self.level + (now - self.stamp) * rate.events_per_second / 1000
+        )
+        self.stamp = now
+        need = min(n, rate.burst)
+        if self.level >= need:
+            self.level -= n
+            self.flood_start = 0
+            return None
+        return max(1, math.ceil((need - self.level) * 1000 / rate.events_per_second))
+
+    def refused(self, now: int) -> int:
+        """Note a refused frame; returns how long (ms) every frame has been refused."""
+        if not self.flood_start:
+            self.flood_start = now
+        return now - self.flood_start
 
 
 class _Pending:
@@ -74,7 +121,8 @@ class IngestConnection:
     """The state of one tracking connection.
 
     Args:
-        rules: the site's rules.
+        book: the sites' current rules; each frame uses the rules current when it arrives.
+        site: the connection's site.
         settings: server settings.
         store: the Redis room.
         sessions: the session room.
@@ -84,15 +132,16 @@ class IngestConnection:
 
     def __init__(
         self,
-        rules: SiteRules,
+        book: SitesBook,
+        site: str,
         settings: Settings,
         store: Store,
         sessions: Sessions,
         codec: Codec,
         send: Send,
     ) -> None:
-        self.rules = rules
-        self.site = rules.site
+        self.book = book
+        self.site = site
         self.settings = settings
         self.store = store
         self.sessions = sessions
@@ -104,6 +153,10 @@ class IngestConnection:
             max_event_age_ms=int(settings.max_event_age * 1000),
         )
         self.who: Identity | None = None
+        #: The verified token of the current customer, and why the last one was refused.
+        self.proof: Proof | None = None
+        self.token_problem = "no token was given"
+        self.bucket: TokenBucket | None = None
         self.member = ""
         self.producer = ""
         self.context: dict[str, Any] | None = None
@@ -123,6 +176,37 @@ class IngestConnection:
         self._m_accepted = metrics.EVENTS.labels(self.site, "accepted")
         self._m_duplicate = metrics.EVENTS.labels(self.site, "duplicate")
         self._m_rejected = metrics.EVENTS.labels(self.site, "rejected")
+        self._m_denied = metrics.EVENTS.labels(self.site, "denied")
+
+    def rules(self) -> SiteRules:
+        """The site's current rules.
+
+        Raises:
+            ProtocolViolation: the site was removed from the sites file (1008).
+        """
+        rules = self.book.get(self.site)
+        if rules is None:
+            raise ProtocolViolation("unknown_site", f"site {self.site!r} is no longer configured")
+        return rules
+
+    def _prove(self, rules: SiteRules, uuid: str, token: str | None) -> None:
+        """Verify the token of a hello or identify, as the site's ``auth`` asks.
+
+        Raises:
+            ProtocolViolation: the site needs a valid token and this is none (1008).
+        """
+        self.proof = None
+        if token is None:
+            self.token_problem = "no token was given"
+        else:
+            try:
+                self.proof = verify_token(token, rules.keys, self.site, uuid)
+            except TokenRefused as exc:
+                self.token_problem = str(exc)
+        if self.proof is None and rules.config.auth == "token":
+            raise ProtocolViolation(
+                "unauthorized", f"this site needs a valid token: {self.token_problem}"
+            )
 
     # -- hello ------------------------------------------------------------------
 
@@ -140,13 +224,21 @@ class IngestConnection:
             raise ProtocolViolation("bad_hello", f"invalid hello: {exc}") from None
         if not isinstance(msg, Hello):
             raise ProtocolViolation("bad_hello", "the first message must be a hello")
+        rules = self.rules()
+        self._prove(rules, msg.uuid, msg.token)
         member = self.sessions.member(msg.uuid)
         opened = await self.sessions.open(self.site, msg.uuid, member, msg.producer, msg.context)
         self.member, self.producer, self.context = member, msg.producer, msg.context
         self.who = Identity(
-            site=self.site, uuid=msg.uuid, session=opened.session, producer=msg.producer
+            site=self.site,
+            uuid=msg.uuid,
+            session=opened.session,
+            producer=msg.producer,
+            authenticated=self.proof is not None,
         )
-        structlog.contextvars.bind_contextvars(uuid=msg.uuid, session=opened.session)
+        structlog.contextvars.bind_contextvars(
+            uuid=msg.uuid, session=opened.session, authenticated=self.proof is not None
+        )
         welcome = Welcome(
             session=opened.session,
             resumed=opened.resumed,
@@ -189,33 +281,57 @@ class IngestConnection:
             raise UndecodableFrame(
                 f"track holds {len(events)} events; it must hold 1 to {self.settings.max_batch}"
             )
+        rules = self.rules()
         self.frames += 1
         self._m_frames.inc()
         received = now_ms()
-        who = self.who
+        who = self._identity(received)
+        low = min(e.seq if isinstance(e, WireEvent) else e[0] for e in events)
+        high = max(e.seq if isinstance(e, WireEvent) else e[0] for e in events)
+        if not self.owner.admit(low):
+            if self.owner.code == "rate_limited":
+                self._check_flood(rules, received)
+            self._answer_now(self._nack(high, self.owner.code))
+            return
+        wait_ms = self._rate_limited(rules, len(events), received)
+        if wait_ms is not None:
+            # Like a failed store: nothing stored, and the frames after it wait
+            # for the resend (see FrameOwner), so the client's order holds.
+            # A new epoch keeps the frames before it, already admitted, alive.
+            self.owner.epoch += 1
+            self.owner.fail(self.owner.epoch, low, "rate_limited")
+            self._answer_now(self._nack(high, "rate_limited", wait_ms))
+            return
         limits = self.limits
         items: list[Any] = []
         rejections: list[Rejection] = []
-        high = 0
-        low = 0
+        denied = 0
+        top = 0
         for event in events:
             if isinstance(event, WireEvent):
                 seq = event.seq
                 outcome: bytes | Rejected = (
-                    judge_event(event, who, received, limits)
-                    if seq > high
-                    else Rejected(INVALID, f"seq {seq} is not above the seq before it ({high})")
+                    judge_event(event, who, received, limits, rules.verdict(event.action))
+                    if seq > top
+                    else Rejected(INVALID, f"seq {seq} is not above the seq before it ({top})")
                 )
             else:
                 seq, detail, raw = event
                 outcome = Rejected(INVALID, detail)
-            if low == 0 or seq < low:
-                low = seq
             if isinstance(outcome, bytes):
                 items += (seq, EVENT, outcome)
-                high = seq
+                top = seq
                 continue
-            rejections.append(Rejection(seq=seq, code=outcome.code, detail=outcome.detail))
+            detail = outcome.detail
+            if outcome.code == UNAUTHORIZED and self.proof is None:
+                detail = f"{detail}; {self.token_problem}"
+            rejections.append(Rejection(seq=seq, code=outcome.code, detail=detail))
+            if outcome.code == DENIED:
+                # A deny list exists to keep that data out: counted, stored nowhere.
+                denied += 1
+                items += (seq, COUNT_ONLY, b"")
+                top = max(top, seq)
+                continue
             raw_text = (
                 self.codec.to_json_text(raw)
                 if not isinstance(event, WireEvent)
@@ -228,27 +344,69 @@ class IngestConnection:
                     producer=who.producer,
                     seq=seq,
                     code=outcome.code,
-                    detail=outcome.detail,
+                    detail=detail,
                     received=received,
                     raw=raw_text[:RAW_LIMIT],
                 )
             )
-            if seq > high:
+            if seq > top:
                 items += (seq, REJECT, record)
-                high = seq
+                top = seq
             else:
                 items += (seq, REJECT_ALWAYS, record)
         if rejections:
-            self._count_rejections(rejections)
-        if not self.owner.admit(low):
-            self._pending.append(_Pending(high, [], self._nack(high)))
-            self._flush()
-            return
+            self._count_rejections(rejections, denied)
         pending = _Pending(high, rejections)
         self._pending.append(pending)
         self.store.submit(
             self.site, who.producer, who.uuid, who.session, items, self, pending, self.owner, low
         )
+
+    def _identity(self, now: int) -> Identity:
+        """The sender as of now: a token that expired no longer proves the customer."""
+        who = self.who
+        assert who is not None
+        if self.proof is not None and now > (self.proof.exp + LEEWAY) * 1000:
+            self.proof = None
+            self.token_problem = "the token expired; send identify with a fresh one"
+            who = self.who = Identity(
+                site=who.site, uuid=who.uuid, session=who.session, producer=who.producer
+            )
+        return who
+
+    def _rate_limited(self, rules: SiteRules, n: int, now: int) -> int | None:
+        """Take ``n`` events from the connection's bucket; None, or how long to wait (ms).
+
+        Raises:
+            ProtocolViolation: the client kept sending for ``close_after``
+                seconds without waiting as told (1008).
+        """
+        rate = rules.config.rate
+        if rate is None:
+            return None
+        bucket = self.bucket
+        if bucket is None or bucket.rate != rate:
+            bucket = self.bucket = TokenBucket(rate, now)
+        wait_ms = bucket.take(n, now)
+        if wait_ms is not None:
+            self._check_flood(rules, now)
+        return wait_ms
+
+    def _check_flood(self, rules: SiteRules, now: int) -> None:
+        """Close a client whose frames have all been refused for ``close_after`` seconds.
+
+        Raises:
+            ProtocolViolation: the client kept sending without waiting as told (1008).
+        """
+        rate, bucket = rules.config.rate, self.bucket
+        if rate is None or bucket is None:
+            return
+        if bucket.refused(now) > rate.close_after * 1000:
+            raise ProtocolViolation(
+                "rate_limited",
+                f"over {rate.events_per_second:g} events/s for {rate.close_after:g} s "
+                "without waiting retry_after_ms",
+            )
 
     async def _identify(self, msg: Identify) -> None:
         """Switch the connection to another customer (PROTOCOL.md section 2).
@@ -259,7 +417,20 @@ class IngestConnection:
         are stored first, for the customer they were sent for.
         """
         assert self.who is not None
+        if msg.uuid == self.who.uuid and msg.token is None:
+            return
+        rules = self.rules()
+        self._prove(rules, msg.uuid, msg.token)
         if msg.uuid == self.who.uuid:
+            # A fresh token for the same customer: authenticated again, same session.
+            who = self.who
+            self.who = Identity(
+                site=who.site,
+                uuid=who.uuid,
+                session=who.session,
+                producer=who.producer,
+                authenticated=self.proof is not None,
+            )
             return
         await self.drain()
         old = self.who
@@ -274,22 +445,35 @@ class IngestConnection:
             raise ProtocolViolation("unavailable", f"identify failed: {exc}", 1013) from None
         self.member = member
         self.who = Identity(
-            site=self.site, uuid=msg.uuid, session=opened.session, producer=old.producer
+            site=self.site,
+            uuid=msg.uuid,
+            session=opened.session,
+            producer=old.producer,
+            authenticated=self.proof is not None,
         )
-        structlog.contextvars.bind_contextvars(uuid=msg.uuid, session=opened.session)
+        structlog.contextvars.bind_contextvars(
+            uuid=msg.uuid, session=opened.session, authenticated=self.proof is not None
+        )
 
-    def _count_rejections(self, rejections: list[Rejection]) -> None:
-        self.rejected += len(rejections)
-        self._m_rejected.inc(len(rejections))
+    def _count_rejections(self, rejections: list[Rejection], denied: int) -> None:
+        self.rejected += len(rejections) - denied
+        self._m_rejected.inc(len(rejections) - denied)
+        if denied:
+            self._m_denied.inc(denied)
         for r in rejections:
             metrics.REJECTS.labels(self.site, r.code).inc()
 
-    def _nack(self, seq: int) -> bytes:
+    def _nack(self, seq: int, code: NackCode = "unavailable", wait_ms: int | None = None) -> bytes:
         self.nacked += 1
-        metrics.NACKS.labels(self.site, "unavailable").inc()
-        return self.codec.encode(
-            Nack(seq=seq, code="unavailable", retry_after_ms=self.settings.retry_after_ms)
-        )
+        metrics.NACKS.labels(self.site, code).inc()
+        if wait_ms is None:
+            wait_ms = self.settings.retry_after_ms
+        return self.codec.encode(Nack(seq=seq, code=code, retry_after_ms=wait_ms))
+
+    def _answer_now(self, reply: bytes) -> None:
+        """Queue an answer that needs no store step, behind those still due."""
+        self._pending.append(_Pending(0, [], reply))
+        self._flush()
 
     # -- answers, in order ------------------------------------------------------
 
@@ -310,7 +494,7 @@ class IngestConnection:
     def frame_failed(self, frame: Frame, why: str) -> None:
         """FrameSink: nothing of the frame is stored; it is nacked."""
         token: _Pending = frame.token
-        token.reply = self._nack(token.seq)
+        token.reply = self._nack(token.seq, self.owner.code)
         self._flush()
 
     def frame_gone(self, frame: Frame) -> None:

@@ -115,11 +115,14 @@ class Ack(Struct, tag="ack", tag_field="type", kw_only=True):
     rejected: list[Rejection] = []
 
 
+NackCode = Literal["unavailable", "rate_limited"]
+
+
 class Nack(Struct, tag="nack", tag_field="type", kw_only=True):
     """Nothing of the frame was stored; resend it after ``retry_after_ms``."""
 
     seq: int
-    code: Literal["unavailable", "rate_limited"]
+    code: NackCode
     retry_after_ms: int
 
 

@@ -34,7 +34,6 @@ import structlog
 from server.config import Settings
 from server.errors import StoreUnavailable
 from server.protocol import StoredEvent, record_encoder
-from server.rules import SiteRules
 from server.store import FN_HEARTBEAT, FN_LEAVE, FN_OPEN, FN_REAP, Store
 from server.validation import default_label
 
@@ -67,20 +66,18 @@ class Sessions:
     """Session steps and the heartbeat and reaper tasks of one server process.
 
     Args:
-        store: the Redis room.
+        store: the Redis room (and, through it, the sites' current rules).
         settings: session timings and limits.
-        sites: the sites, for their session timings.
     """
 
-    def __init__(self, store: Store, settings: Settings, sites: dict[str, SiteRules]) -> None:
+    def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        self.sites = sites
         self.keys = store.keys
         #: This process' name in connection members: "<process>:<n>:<uuid>".
         self.process = secrets.token_hex(4)
         self._numbers = itertools.count(1)
-        self._members: dict[str, set[str]] = {site: set() for site in sites}
+        self._members: dict[str, set[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def member(self, uuid: str) -> str:
@@ -97,7 +94,8 @@ class Sessions:
         Raises:
             StoreUnavailable: Redis did not answer; the connection is not registered.
         """
-        keys, timing = self.keys, self.sites[site].timings(self.settings)
+        keys = self.keys
+        timing, taken = self.store.site_params(site)
         candidate = new_session_id()
         received = now_ms()
         start = record_encoder.encode(
@@ -135,9 +133,10 @@ class Sessions:
                 timing.idle_ms,
                 timing.max_ms,
                 self.settings.stream_maxlen,
+                taken,
             ],
         )
-        self._members[site].add(member)
+        self._members.setdefault(site, set()).add(member)
         return Opened(session.decode(), bool(resumed), int(acked))
 
     async def leave(self, site: str, uuid: str, member: str, identify_to: str = "") -> None:
@@ -150,8 +149,9 @@ class Sessions:
             StoreUnavailable: Redis did not answer. The connection's heartbeat
                 then lapses and a reaper treats it as closed.
         """
-        self._members[site].discard(member)
-        keys, timing = self.keys, self.sites[site].timings(self.settings)
+        self._members.get(site, set()).discard(member)
+        keys = self.keys
+        timing, taken = self.store.site_params(site)
         await self.store.call(
             FN_LEAVE,
             [
@@ -161,7 +161,7 @@ class Sessions:
                 keys.due(site),
                 keys.events(site),
             ],
-            [site, uuid, member, timing.grace_ms, self.settings.stream_maxlen, identify_to],
+            [site, uuid, member, timing.grace_ms, self.settings.stream_maxlen, identify_to, taken],
         )
 
     # -- background -----------------------------------------------------------------
@@ -184,7 +184,7 @@ class Sessions:
     async def heartbeat_once(self) -> None:
         """Renew the deadline of every connection of this process."""
         ttl = int(self.settings.heartbeat_ttl * 1000)
-        for site, members in self._members.items():
+        for site, members in list(self._members.items()):
             batch = list(members)
             for i in range(0, len(batch), CHUNK):
                 back = await self.store.call(
@@ -198,8 +198,8 @@ class Sessions:
     async def reap_once(self) -> int:
         """End the sessions that are due, on every site; returns how many ended."""
         ended = 0
-        for site, rules in self.sites.items():
-            timing = rules.timings(self.settings)
+        for site in list(self.store.book.sites):
+            timing, taken = self.store.site_params(site)
             while True:
                 dead, n = await self.store.call(
                     FN_REAP,
@@ -212,6 +212,7 @@ class Sessions:
                         timing.max_ms,
                         CHUNK,
                         self.settings.stream_maxlen,
+                        taken,
                     ],
                 )
                 ended += n

@@ -36,6 +36,12 @@ local function due_at(first, last, closed, nconns, grace, idle, maxd)
   return at, why
 end
 
+-- Whether the site's allow/deny rules take a server-made event. `taken` holds
+-- one letter per event taken: s(ession.start), e(nd), i(dentify).
+local function takes(taken, letter)
+  return string.find(taken, letter, 1, true) ~= nil
+end
+
 -- Publish a server-made event of the session: producer srv:<session>, the next
 -- seq of the session's own counter.
 local function server_event(events_key, skey, maxlen, site, uuid, sid, action, label, now, params)
@@ -50,10 +56,12 @@ end
 -- End a session: its one session.end, then forget it. Callers decided inside
 -- the same function call that it must end, so two processes can never both
 -- end one session.
-local function end_session(events_key, due_key, skey, maxlen, site, uuid, s, reason, now)
-  server_event(events_key, skey, maxlen, site, uuid, s.id, 'session.end', 'Session end', now, {
-    session = s.id, reason = reason, duration_ms = s.last - s.first, events = s.events,
-  })
+local function end_session(events_key, due_key, skey, maxlen, site, uuid, s, reason, now, taken)
+  if takes(taken, 'e') then
+    server_event(events_key, skey, maxlen, site, uuid, s.id, 'session.end', 'Session end', now, {
+      session = s.id, reason = reason, duration_ms = s.last - s.first, events = s.events,
+    })
+  end
   redis.call('DEL', skey)
   redis.call('ZREM', due_key, uuid)
 end
@@ -71,8 +79,8 @@ end
 
 -- Store frames of one site. KEYS: events, rejected, due, then per frame the
 -- producer key and the customer's session key. ARGV: events MAXLEN, rejected
--- MAXLEN, producer ttl (ms), site, session_idle (ms), session_max (ms), then
--- per frame: session id ('' for server-made frames: no session check), uuid,
+-- MAXLEN, producer ttl (ms), site, session_idle (ms), session_max (ms), the
+-- server-made events taken (see server_event), then per frame: session id ('' for server-made frames: no session check), uuid,
 -- item count n, and n (seq, kind, payload) triples in seq order.
 -- Kinds: e = event (stored once), r = rejected (recorded once), R = rejected
 -- out of order (recorded, does not move the stored seq), n = counted only.
@@ -82,7 +90,7 @@ end
 local function publish(keys, args)
   local out = {}
   local now
-  local a, k = 7, 4
+  local a, k = 8, 4
   while k <= #keys do
     local pkey, skey = keys[k], keys[k + 1]
     local sid, uuid, n = args[a], args[a + 1], tonumber(args[a + 2])
@@ -101,7 +109,7 @@ local function publish(keys, args)
           why = 'max'
         end
         if why then
-          end_session(keys[1], keys[3], skey, args[1], args[4], uuid, s, why, now)
+          end_session(keys[1], keys[3], skey, args[1], args[4], uuid, s, why, now, args[7])
           gone = 1
         end
       end
@@ -152,7 +160,8 @@ end
 -- join the customer's open session, or open one and publish session.start.
 -- KEYS: sess, conns, live, due, events, producer. ARGV: site, uuid, member,
 -- candidate session id, session.start JSON for that id, heartbeat ttl,
--- grace, idle, max (ms), events MAXLEN. Returns {session id, resumed, acked}.
+-- grace, idle, max (ms), events MAXLEN, server-made events taken.
+-- Returns {session id, resumed, acked}.
 local function open(keys, args)
   local now = now_ms()
   local site, uuid, member, maxlen = args[1], args[2], args[3], args[10]
@@ -163,7 +172,7 @@ local function open(keys, args)
     local at, why = due_at(s.first, s.last, s.closed, nconns, grace, idle, maxd)
     if at <= now then
       -- Its end was due and no reaper has got to it yet: end it first.
-      end_session(keys[5], keys[4], keys[1], maxlen, site, uuid, s, why, now)
+      end_session(keys[5], keys[4], keys[1], maxlen, site, uuid, s, why, now, args[11])
       s = nil
     end
   end
@@ -176,7 +185,9 @@ local function open(keys, args)
   else
     redis.call('HSET', keys[1], 'id', sid, 'first', now, 'last', now, 'events', 0, 'seq', 1,
       'closed', 0)
-    redis.call('XADD', keys[5], 'MAXLEN', '~', maxlen, '*', 'event', args[5])
+    if takes(args[11], 's') then
+      redis.call('XADD', keys[5], 'MAXLEN', '~', maxlen, '*', 'event', args[5])
+    end
     redis.call('ZADD', keys[4], math.min(now + idle, now + maxd), uuid)
   end
   return {sid, resumed, redis.call('GET', keys[6]) or '0'}
@@ -184,7 +195,8 @@ end
 
 -- A connection ends (or leaves its customer for another with identify).
 -- KEYS: sess, conns, live, due, events. ARGV: site, uuid, member, grace (ms),
--- events MAXLEN, identify_to (the new uuid, or ''). With identify_to, the
+-- events MAXLEN, identify_to (the new uuid, or ''), server-made events
+-- taken. With identify_to, the
 -- session gets a client.identify event, and ends now (reason identify) if
 -- this was the customer's last connection; otherwise the last connection's
 -- close starts the grace period. Returns 1 if the session ended.
@@ -197,7 +209,7 @@ local function leave(keys, args)
   if not s then
     return 0
   end
-  if to ~= '' then
+  if to ~= '' and takes(args[7], 'i') then
     server_event(keys[5], keys[1], maxlen, site, to, s.id, 'client.identify', 'client.identify',
       now, {previous_uuid = uuid})
   end
@@ -205,7 +217,7 @@ local function leave(keys, args)
     return 0
   end
   if to ~= '' then
-    end_session(keys[5], keys[4], keys[1], maxlen, site, uuid, s, 'identify', now)
+    end_session(keys[5], keys[4], keys[1], maxlen, site, uuid, s, 'identify', now, args[7])
     return 1
   end
   redis.call('HSET', keys[1], 'closed', now)
@@ -242,7 +254,7 @@ end
 -- Reap one site: connections whose heartbeat lapsed (their process died)
 -- count as closed at their deadline; sessions whose end is due get their one
 -- session.end. KEYS: live, due, events. ARGV: site, key prefix, grace, idle,
--- max (ms), how many of each to handle, events MAXLEN.
+-- max (ms), how many of each to handle, events MAXLEN, server-made events taken.
 -- Returns {dead connections, sessions ended}.
 local function reap(keys, args)
   local now = now_ms()
@@ -275,7 +287,7 @@ local function reap(keys, args)
       local nconns = redis.call('SCARD', kp .. 'conns:' .. uuid)
       local at, why = due_at(s.first, s.last, s.closed, nconns, grace, idle, maxd)
       if at <= now then
-        end_session(keys[3], keys[2], skey, maxlen, site, uuid, s, why, now)
+        end_session(keys[3], keys[2], skey, maxlen, site, uuid, s, why, now, args[8])
         ended = ended + 1
       else
         redis.call('ZADD', keys[2], at, uuid)

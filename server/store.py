@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -35,6 +35,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from server import metrics
 from server.config import SessionTimings, Settings
 from server.errors import StoreUnavailable
+from server.protocol import NackCode
+from server.rules import SitesBook
 
 #: Kinds of item in one frame, as the Lua step reads them.
 EVENT: Final = b"e"  # stored in the events stream once (seq above the stored seq)
@@ -114,12 +116,14 @@ class FrameOwner:
     resends everything unacked, in order).
     """
 
-    __slots__ = ("barrier_seq", "epoch", "failed_epoch")
+    __slots__ = ("barrier_seq", "code", "epoch", "failed_epoch")
 
     def __init__(self) -> None:
         self.epoch = 0
         self.failed_epoch = -1
         self.barrier_seq = 0
+        #: The nack code of the failure that set the barrier.
+        self.code: NackCode = "unavailable"
 
     def admit(self, first_seq: int) -> bool:
         """Whether a new frame may be stored; False means nack it at once."""
@@ -130,11 +134,12 @@ class FrameOwner:
             return True
         return False
 
-    def fail(self, epoch: int, first_seq: int) -> None:
+    def fail(self, epoch: int, first_seq: int, code: NackCode = "unavailable") -> None:
         """Record that a frame of ``epoch`` starting at ``first_seq`` failed."""
         if epoch > self.failed_epoch:
             self.failed_epoch = epoch
             self.barrier_seq = first_seq
+            self.code = code
 
 
 class FrameSink(Protocol):
@@ -256,20 +261,15 @@ class Store:
     Args:
         client: a redis.asyncio client (see :func:`connect_redis`).
         settings: limits and key prefix.
-        timings: a site's session timings (its overrides or the settings').
+        book: the sites' current rules (session timings, server-made events taken).
 
     Use as ``async with Store(...) as store``: the publisher tasks run inside.
     """
 
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        settings: Settings,
-        timings: Callable[[str], SessionTimings],
-    ) -> None:
+    def __init__(self, client: aioredis.Redis, settings: Settings, book: SitesBook) -> None:
         self.redis = client
         self.settings = settings
-        self.timings = timings
+        self.book = book
         self.keys = Keys(settings.key_prefix)
         self._lanes = [_Lane() for _ in range(settings.publish_lanes)]
         self._started = False
@@ -362,6 +362,13 @@ class Store:
         lane.queue.append(frame)
         lane.wake()
 
+    def site_params(self, site: str) -> tuple[SessionTimings, str]:
+        """A site's session timings and the server-made events it takes (all, if unknown)."""
+        rules = self.book.get(site)
+        if rules is None:  # removed by a reload while its frames were on their way
+            return SessionTimings.of(self.settings), "sei"
+        return rules.timings(self.settings), rules.server_events
+
     async def call(self, function: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Call one function of the library, in its own round trip.
 
@@ -410,9 +417,9 @@ class Store:
         calls: list[tuple[str, list[Any], list[Any]]] = []
         for site, frames in by_site.items():
             keys = self.keys
-            timing = self.timings(site)
+            timing, taken = self.site_params(site)
             fkeys: list[Any] = [keys.events(site), keys.rejected(site), keys.due(site)]
-            fargs: list[Any] = [*self._fixed, site, timing.idle_ms, timing.max_ms]
+            fargs: list[Any] = [*self._fixed, site, timing.idle_ms, timing.max_ms, taken]
             for frame in frames:
                 fkeys += (frame.producer_key, frame.session_key)
                 fargs += (frame.session, frame.uuid, frame.n)

@@ -14,6 +14,7 @@ from typing import Any, Final
 import msgspec
 
 from server.protocol import StoredEvent, WireEvent, record_encoder
+from server.rules import Verdict
 
 ACTION_MIN: Final = 3
 ACTION_MAX: Final = 32
@@ -110,7 +111,7 @@ def judge_event(
     who: Identity,
     received: int,
     limits: Limits,
-    required: tuple[str, ...] = (),
+    verdict: Verdict | None = None,
 ) -> bytes | Rejected:
     """Validate one event and encode it as stored (PROTOCOL.md sections 2 and 7).
 
@@ -119,7 +120,8 @@ def judge_event(
         who: the connection's site, customer, session and producer.
         received: the frame's receive time, ms since the epoch.
         limits: size and time limits.
-        required: params the action needs beyond the built-in ones.
+        verdict: what the site says of the action (taken, authenticated,
+            required params); None for no site rules.
 
     Returns:
         The stored event's JSON, or why it is rejected.
@@ -128,6 +130,13 @@ def judge_event(
     problem = action_problem(action)
     if problem is not None:
         return Rejected(INVALID_ACTION, problem)
+    required: tuple[str, ...] = ()
+    if verdict is not None:
+        if verdict.denied:
+            return Rejected(DENIED, f"{action} is not taken by this site")
+        if verdict.needs_auth and not who.authenticated:
+            return Rejected(UNAUTHORIZED, f"{action} needs an authenticated customer")
+        required = verdict.required
     params = event.params if event.params is not None else {}
     builtin = BUILTIN_REQUIRED.get(action)
     if builtin is not None:

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from server.config import Settings
 from server.gateway import EventwireServer
-from server.rules import SiteConfig, SiteRules
+from server.rules import SiteConfig, SiteRules, load_sites
 from tests.procs import RedisProcess
 
 SITES_TOML = """
@@ -68,17 +68,28 @@ MakeServer = Callable[..., Awaitable[EventwireServer]]
 
 
 @pytest.fixture
-async def make_server(redis_proc: RedisProcess, redis: aioredis.Redis) -> AsyncIterator[MakeServer]:
-    """Start in-process servers on port 0 with settings overrides; all stop at teardown."""
+async def make_server(
+    redis_proc: RedisProcess, redis: aioredis.Redis, tmp_path: Path
+) -> AsyncIterator[MakeServer]:
+    """Start in-process servers on port 0 with settings overrides; all stop at teardown.
+
+    ``sites="..."`` gives the sites file's text (written to a file the server
+    watches); without it the server has the test sites.
+    """
     servers: list[EventwireServer] = []
 
-    async def make(**overrides: Any) -> EventwireServer:
+    async def make(sites: str | None = None, **overrides: Any) -> EventwireServer:
         settings = msgspec.convert(
             {"listen": "127.0.0.1:0", "admin": "127.0.0.1:0", "redis_url": redis_proc.url}
             | overrides,
             Settings,
         )
-        server = EventwireServer(settings, build_sites())
+        if sites is None:
+            server = EventwireServer(settings, build_sites())
+        else:
+            path = tmp_path / f"sites-{len(servers)}.toml"
+            path.write_text(sites)
+            server = EventwireServer(settings, load_sites(path), path)
         await server.start()
         servers.append(server)
         return server

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ class ServerProcess:
         self.admin_port = 0
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[dict[str, Any]] = []
+        self._reader: threading.Thread | None = None
 
     def start(self, port: int = 0) -> ServerProcess:
         """Start the process and wait until it listens (port 0: any free port)."""
@@ -170,8 +172,17 @@ class ServerProcess:
             if record.get("event") == "listening":
                 self.port = int(record["track"].rsplit(":", 1)[1])
                 self.admin_port = int(record["admin"].rsplit(":", 1)[1])
+                # Keep reading: a full pipe would block the server's logging.
+                self._reader = threading.Thread(target=self._read, daemon=True)
+                self._reader.start()
                 return self
         raise TimeoutError("server did not start listening")
+
+    def _read(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
 
     def url(self, site: str) -> str:
         """The tracking URL of a site."""
@@ -190,9 +201,7 @@ class ServerProcess:
         return self.proc.wait(timeout * UNIT)
 
     def read_rest(self) -> list[dict[str, Any]]:
-        """The log lines printed after startup (call once the process ended)."""
-        assert self.proc is not None
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(json.loads(line))
+        """Every log line of the process (call once it ended)."""
+        if self._reader is not None:
+            self._reader.join(10 * UNIT)
         return self.lines

@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from server.protocol import WireEvent
+from server.rules import Verdict
 from server.validation import (
     Identity,
     Limits,
@@ -113,9 +114,24 @@ def test_page_visit_requires_url(params: dict[str, object] | None) -> None:
 def test_site_required_params() -> None:
     """Required params named by the caller are enforced."""
     event = msgspec.convert({"seq": 1, "action": "product.view", "params": {}}, WireEvent)
-    result = judge_event(event, WHO, NOW, LIMITS, required=("sku",))
+    result = judge_event(event, WHO, NOW, LIMITS, Verdict(False, False, ("sku",)))
     assert isinstance(result, Rejected)
     assert result.detail == "product.view requires params.sku"
+
+
+def test_verdict_denied_and_unauthorized() -> None:
+    """A site's verdict rejects denied actions, and authenticated ones from anonymous senders."""
+    event = msgspec.convert({"seq": 1, "action": "form.submit"}, WireEvent)
+    denied = judge_event(event, WHO, NOW, LIMITS, Verdict(True, False, ()))
+    assert isinstance(denied, Rejected)
+    assert denied.code == "denied"
+    anon = judge_event(event, WHO, NOW, LIMITS, Verdict(False, True, ()))
+    assert isinstance(anon, Rejected)
+    assert anon.code == "unauthorized"
+    proven = Identity(site="shop", uuid="u-1", session="s", producer="p-1", authenticated=True)
+    stored = judge_event(event, proven, NOW, LIMITS, Verdict(False, True, ()))
+    assert isinstance(stored, bytes)
+    assert msgspec.json.decode(stored)["authenticated"] is True
 
 
 def test_too_large() -> None:
