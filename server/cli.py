@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             "config_file": str(loaded.config_path) if loaded.config_path else None,
             "sources": loaded.sources,
             "settings": describe(loaded),
-            "sites": describe_sites(sites),
+            "sites": describe_sites(sites, loaded.settings),
         }
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(out)).decode() + "\n")
         return 0

@@ -316,11 +316,15 @@ class SitesBook:
         return self.sites
 
 
-def describe_sites(rules: dict[str, SiteRules]) -> dict[str, object]:
+def describe_sites(rules: dict[str, SiteRules], settings: Settings) -> dict[str, object]:
     """Each site's effective rules as plain data, for ``check-config`` (no secrets in it)."""
     out: dict[str, object] = {}
     for site, r in rules.items():
         described: dict[str, Any] = msgspec.to_builtins(r.config)
+        timing = r.timings(settings)
+        described["session_grace"] = timing.grace_ms / 1000
+        described["session_idle"] = timing.idle_ms / 1000
+        described["session_max"] = timing.max_ms / 1000
         described["server_events_taken"] = [a for a in SERVER_ACTIONS if not r.verdict(a).denied]
         out[site] = described
     return out

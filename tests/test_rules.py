@@ -169,3 +169,23 @@ def test_bad_rules_name_site_and_key(tmp_path: Path, text: str, needle: str) -> 
     with pytest.raises(ConfigError) as info:
         load_sites(path)
     assert needle in str(info.value)
+
+
+def test_shipped_sites_and_example(tmp_path: Path) -> None:
+    """config/sites.toml loads, and its commented shop example is a valid site too."""
+    from tests.keys import SECRET, write_public_pem
+
+    shipped = Path(__file__).resolve().parents[1] / "config" / "sites.toml"
+    assert "demo" in load_sites(shipped)
+    example = "\n".join(
+        line[2:] for line in shipped.read_text().splitlines() if line.startswith("# ")
+    )
+    example = example[example.index("[sites.shop]") :]
+    (tmp_path / "keys").mkdir()
+    write_public_pem(tmp_path / "keys").rename(tmp_path / "keys" / "shop.pem")
+    path = tmp_path / "sites.toml"
+    path.write_text(example)
+    rules = load_sites(path, env={"SHOP_JWT_SECRET": SECRET})["shop"]
+    assert rules.verdict("cart.add").required == ("sku", "quantity")
+    assert rules.verdict("debug.x").denied
+    assert rules.config.rate is not None
