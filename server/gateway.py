@@ -61,10 +61,10 @@ class TrackConnection(ServerConnection):
 
         ``send()`` is a coroutine with a context manager and a drain per call,
         which costs more than the rest of an ack. Acks are small and the
-        receive loop waits in :meth:`wait_writable` while the transport is
-        paused, so what is written here stays bounded by
-        ``max_inflight_frames`` answers. A dropped answer is harmless: the
-        client resends unanswered frames after reconnecting.
+        receive loop reads no more frames while the transport is paused, so
+        what is written here stays bounded by ``max_inflight_frames`` answers.
+        A dropped answer is harmless: the client resends unanswered frames
+        after reconnecting.
         """
         if self.protocol.state is not OPEN:
             return
@@ -73,11 +73,6 @@ class TrackConnection(ServerConnection):
         else:
             self.protocol.send_binary(data)
         self.send_data()
-
-    async def wait_writable(self) -> None:
-        """Wait while the client does not read what was written (TCP backpressure)."""
-        if self.paused:
-            await self.drain()
 
 
 class EventwireServer:
@@ -295,7 +290,8 @@ class EventwireServer:
             while not self._draining:
                 data = await ws.recv(decode=False)
                 await ingest.receive(data)
-                await ws.wait_writable()
+                if ws.paused:  # the client does not read its answers: wait for it
+                    await ws.drain()
             # Draining: read no more, so a busy client cannot hold the drain
             # open; what it sent meanwhile is unacked and will be resent.
             await ingest.drain()

@@ -153,6 +153,9 @@ class IngestConnection:
             max_event_age_ms=int(settings.max_event_age * 1000),
         )
         self.who: Identity | None = None
+        self._keys_for: Identity | None = None
+        self._producer_key = ""
+        self._session_key = ""
         #: The verified token of the current customer, and why the last one was refused.
         self.proof: Proof | None = None
         self.token_problem = "no token was given"
@@ -172,11 +175,7 @@ class IngestConnection:
         self.duplicate = 0
         self.rejected = 0
         self.nacked = 0
-        self._m_frames = metrics.FRAMES.labels(self.site)
-        self._m_accepted = metrics.EVENTS.labels(self.site, "accepted")
-        self._m_duplicate = metrics.EVENTS.labels(self.site, "duplicate")
-        self._m_rejected = metrics.EVENTS.labels(self.site, "rejected")
-        self._m_denied = metrics.EVENTS.labels(self.site, "denied")
+        self._counts = metrics.site_counts(site)
 
     def rules(self) -> SiteRules:
         """The site's current rules.
@@ -283,7 +282,7 @@ class IngestConnection:
             )
         rules = self.rules()
         self.frames += 1
-        self._m_frames.inc()
+        self._counts.frames += 1
         received = now_ms()
         who = self._identity(received)
         low = min(e.seq if isinstance(e, WireEvent) else e[0] for e in events)
@@ -358,8 +357,23 @@ class IngestConnection:
             self._count_rejections(rejections, denied)
         pending = _Pending(high, rejections)
         self._pending.append(pending)
+        keys = self.store.keys
+        if self._keys_for is not who:
+            # Key names change only with the customer: built once, not per frame.
+            self._keys_for = who
+            self._producer_key = keys.producer(self.site, who.producer)
+            self._session_key = keys.session(self.site, who.uuid)
         self.store.submit(
-            self.site, who.producer, who.uuid, who.session, items, self, pending, self.owner, low
+            self.site,
+            self._producer_key,
+            self._session_key,
+            who.uuid,
+            who.session,
+            items,
+            self,
+            pending,
+            self.owner,
+            low,
         )
 
     def _identity(self, now: int) -> Identity:
@@ -457,9 +471,8 @@ class IngestConnection:
 
     def _count_rejections(self, rejections: list[Rejection], denied: int) -> None:
         self.rejected += len(rejections) - denied
-        self._m_rejected.inc(len(rejections) - denied)
-        if denied:
-            self._m_denied.inc(denied)
+        self._counts.rejected += len(rejections) - denied
+        self._counts.denied += denied
         for r in rejections:
             metrics.REJECTS.labels(self.site, r.code).inc()
 
@@ -481,10 +494,8 @@ class IngestConnection:
         """FrameSink: the frame's events are in Redis; its ack may go."""
         self.accepted += added
         self.duplicate += duplicate
-        if added:
-            self._m_accepted.inc(added)
-        if duplicate:
-            self._m_duplicate.inc(duplicate)
+        self._counts.accepted += added
+        self._counts.duplicate += duplicate
         token: _Pending = frame.token
         token.reply = self.codec.encode(
             Ack(seq=token.seq, accepted=added, duplicate=duplicate, rejected=token.rejections)

@@ -1,16 +1,20 @@
 """Prometheus metrics of the server process, served by ``admin`` at ``/metrics``.
 
-Counters are incremented once per frame with a count, never once per event,
-so that metrics cost nothing measurable on the ingest path. Label values are
-bounded: ``site`` comes from the sites file, ``code`` and ``outcome`` from
-fixed lists.
+The per-frame counts (frames, events by outcome) are plain integers on a
+:class:`SiteCounts` per site, read by a collector when ``/metrics`` is
+scraped: a prometheus-client counter takes a lock per increment, which the
+ingest path cannot afford per frame. Label values are bounded: ``site``
+comes from the sites file, ``code`` and ``outcome`` from fixed lists.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Final
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # The *_created series double the output and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -24,12 +28,49 @@ CONNECTIONS: Final = Counter(
 HANDSHAKES_REFUSED: Final = Counter(
     "eventwire_handshakes_refused", "Opening handshakes refused, by HTTP status.", ["status"]
 )
-FRAMES: Final = Counter("eventwire_frames", "Track frames received.", ["site"])
-EVENTS: Final = Counter(
-    "eventwire_events",
-    "Events by outcome (accepted, duplicate, rejected, denied).",
-    ["site", "outcome"],
-)
+
+
+class SiteCounts:
+    """Counts of one site's track frames and events, added to on the ingest path."""
+
+    __slots__ = ("accepted", "denied", "duplicate", "frames", "rejected")
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.accepted = 0
+        self.duplicate = 0
+        self.rejected = 0
+        self.denied = 0
+
+
+_SITE_COUNTS: dict[str, SiteCounts] = {}
+
+
+def site_counts(site: str) -> SiteCounts:
+    """The counts of a site (created at first use)."""
+    counts = _SITE_COUNTS.get(site)
+    if counts is None:
+        counts = _SITE_COUNTS[site] = SiteCounts()
+    return counts
+
+
+class _SiteCountsCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        frames = CounterMetricFamily("eventwire_frames", "Track frames received.", labels=["site"])
+        events = CounterMetricFamily(
+            "eventwire_events",
+            "Events by outcome (accepted, duplicate, rejected, denied).",
+            labels=["site", "outcome"],
+        )
+        for site, c in list(_SITE_COUNTS.items()):
+            frames.add_metric([site], c.frames)
+            for outcome in ("accepted", "duplicate", "rejected", "denied"):
+                events.add_metric([site, outcome], getattr(c, outcome))
+        yield frames
+        yield events
+
+
+REGISTRY.register(_SiteCountsCollector())
 REJECTS: Final = Counter("eventwire_rejects", "Rejected events by code.", ["site", "code"])
 NACKS: Final = Counter("eventwire_nacks", "Frames answered with nack, by code.", ["site", "code"])
 PROTOCOL_ERRORS: Final = Counter(

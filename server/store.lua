@@ -1,4 +1,4 @@
-#!lua name=eventwire_v1
+#!lua name=eventwire_VERSION
 -- The Redis side of eventwire: every step that must be atomic, as one Redis
 -- function library (loaded by server/store.py with FUNCTION LOAD REPLACE).
 --
@@ -18,6 +18,10 @@
 --
 -- A connection member is "<process>:<n>:<uuid>". Times are Redis' own clock
 -- (TIME), so server processes on machines with skewed clocks agree.
+--
+-- VERSION is replaced by a hash of this text when loaded: each version of the
+-- code calls its own functions, so old and new server processes can share a
+-- Redis during a rolling upgrade without calling each other's code.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -297,8 +301,8 @@ local function reap(keys, args)
   return {#dead / 2, ended}
 end
 
-redis.register_function('ew1_publish', publish)
-redis.register_function('ew1_open', open)
-redis.register_function('ew1_leave', leave)
-redis.register_function('ew1_heartbeat', heartbeat)
-redis.register_function('ew1_reap', reap)
+redis.register_function('ew_VERSION_publish', publish)
+redis.register_function('ew_VERSION_open', open)
+redis.register_function('ew_VERSION_leave', leave)
+redis.register_function('ew_VERSION_heartbeat', heartbeat)
+redis.register_function('ew_VERSION_reap', reap)

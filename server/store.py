@@ -16,6 +16,7 @@ one that failed (see :class:`FrameOwner`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -44,14 +45,16 @@ REJECT: Final = b"r"  # recorded in the rejected stream once
 REJECT_ALWAYS: Final = b"R"  # out-of-order seq: recorded, does not move the stored seq
 COUNT_ONLY: Final = b"n"  # denied: moves the stored seq, stored nowhere
 
-#: The function library; its functions carry the version in their names, so
-#: processes of two versions can share one Redis during a rolling upgrade.
-LIBRARY: Final = (Path(__file__).parent / "store.lua").read_text()
-FN_PUBLISH: Final = "ew1_publish"
-FN_OPEN: Final = "ew1_open"
-FN_LEAVE: Final = "ew1_leave"
-FN_HEARTBEAT: Final = "ew1_heartbeat"
-FN_REAP: Final = "ew1_reap"
+_LIBRARY_TEXT: Final = (Path(__file__).parent / "store.lua").read_text()
+#: A hash of the library's text: its functions carry it in their names, so
+#: processes of two versions sharing one Redis each call their own code.
+LIBRARY_VERSION: Final = hashlib.sha1(_LIBRARY_TEXT.encode()).hexdigest()[:12]
+LIBRARY: Final = _LIBRARY_TEXT.replace("VERSION", LIBRARY_VERSION)
+FN_PUBLISH: Final = f"ew_{LIBRARY_VERSION}_publish"
+FN_OPEN: Final = f"ew_{LIBRARY_VERSION}_open"
+FN_LEAVE: Final = f"ew_{LIBRARY_VERSION}_leave"
+FN_HEARTBEAT: Final = f"ew_{LIBRARY_VERSION}_heartbeat"
+FN_REAP: Final = f"ew_{LIBRARY_VERSION}_reap"
 
 
 log = structlog.get_logger("eventwire.store")
@@ -309,7 +312,8 @@ class Store:
     def submit(
         self,
         site: str,
-        producer: str,
+        producer_key: str,
+        session_key: str,
         uuid: str,
         session: str,
         items: list[Any],
@@ -322,7 +326,8 @@ class Store:
 
         Args:
             site: the site id.
-            producer: the producer id.
+            producer_key: ``keys.producer(site, producer)``.
+            session_key: ``keys.session(site, uuid)``.
             uuid: the customer the events were encoded for.
             session: the session id the events were encoded for.
             items: flat ``[seq, kind, payload, ...]`` in seq order.
@@ -336,16 +341,7 @@ class Store:
             :meth:`resubmit` after ``frame_gone``).
         """
         frame = Frame(
-            site,
-            self.keys.producer(site, producer),
-            self.keys.session(site, uuid),
-            session,
-            uuid,
-            items,
-            sink,
-            token,
-            owner,
-            first_seq,
+            site, producer_key, session_key, session, uuid, items, sink, token, owner, first_seq
         )
         self.resubmit(frame)
         return frame
@@ -441,6 +437,8 @@ class Store:
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
         for frames, result in zip(by_site.values(), results, strict=True):
             if isinstance(result, Exception):
+                metrics.STORE_ERRORS.inc()
+                log.error("publish_refused", error=str(result), frames=len(frames))
                 for frame in frames:
                     frame.fail(f"redis error: {result}")
                 continue
