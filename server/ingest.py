@@ -285,8 +285,12 @@ class IngestConnection:
         self._counts.frames += 1
         received = now_ms()
         who = self._identity(received)
-        low = min(e.seq if isinstance(e, WireEvent) else e[0] for e in events)
-        high = max(e.seq if isinstance(e, WireEvent) else e[0] for e in events)
+        if len(events) == 1:
+            only = events[0]
+            low = high = only.seq if isinstance(only, WireEvent) else only[0]
+        else:
+            seqs = [e.seq if isinstance(e, WireEvent) else e[0] for e in events]
+            low, high = min(seqs), max(seqs)
         if not self.owner.admit(low):
             if self.owner.code == "rate_limited":
                 self._check_flood(rules, received)

@@ -244,14 +244,19 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
 
 
 class _Lane:
-    """One publisher: a queue of frames and the task that sends them, one batch at a time."""
+    """One publisher: a queue of frames and the task that sends them, one batch at a time.
 
-    __slots__ = ("queue", "task", "wakeup")
+    A lane keeps its own Redis connection: taking one from the pool for each
+    batch costs more than a small batch's whole Redis step.
+    """
+
+    __slots__ = ("conn", "queue", "task", "wakeup")
 
     def __init__(self) -> None:
         self.queue: deque[Frame] = deque()
         self.wakeup: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        self.conn: Any = None
 
     def wake(self) -> None:
         if self.wakeup is not None and not self.wakeup.done():
@@ -305,6 +310,10 @@ class Store:
         if tasks:
             await asyncio.wait(tasks)
         self._started = False
+        for lane in self._lanes:
+            if lane.conn is not None:
+                await self.redis.connection_pool.release(lane.conn)
+                lane.conn = None
         await self.redis.aclose()
 
     # -- publishing -----------------------------------------------------------
@@ -404,9 +413,9 @@ class Store:
                 for frame in batch:
                     frame.fail("redis unavailable")
                 continue
-            await self._flush(batch)
+            await self._flush(batch, lane)
 
-    async def _flush(self, batch: list[Frame]) -> None:
+    async def _flush(self, batch: list[Frame], lane: _Lane) -> None:
         by_site: dict[str, list[Frame]] = {}
         for frame in batch:
             by_site.setdefault(frame.site, []).append(frame)
@@ -423,7 +432,7 @@ class Store:
             calls.append((FN_PUBLISH, fkeys, fargs))
         started = time.perf_counter()
         try:
-            results = await self._fcall(calls)
+            results = await self._fcall(calls, lane)
         except Exception as exc:
             # Whatever went wrong, the publisher must live on: the frames are
             # nacked and their clients resend them.
@@ -448,16 +457,18 @@ class Store:
                 else:
                     frame.sink.frame_stored(frame, result[3 * i], result[3 * i + 1])
 
-    async def _fcall(self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]) -> list[Any]:
+    async def _fcall(
+        self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]], lane: _Lane | None = None
+    ) -> list[Any]:
         """Run FCALLs in one round trip; load the library first if Redis lost it."""
         commands = [("FCALL", fn, len(keys), *keys, *args) for fn, keys, args in calls]
-        results = await self._pipeline(commands)
+        results = await self._pipeline(commands, lane)
         again = [i for i, r in enumerate(results) if _missing_function(r)]
         if again:
             # Redis restarted without persistence, or was flushed. A call to a
             # missing function did nothing, so those calls are sent again.
             retried = await self._pipeline(
-                [("FUNCTION", "LOAD", "REPLACE", LIBRARY)] + [commands[i] for i in again]
+                [("FUNCTION", "LOAD", "REPLACE", LIBRARY)] + [commands[i] for i in again], lane
             )
             if isinstance(retried[0], Exception):
                 raise StoreUnavailable(f"cannot load the function library: {retried[0]}")
@@ -465,22 +476,28 @@ class Store:
                 results[i] = r
         return results
 
-    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _pipeline(
+        self, commands: list[tuple[Any, ...]], lane: _Lane | None = None
+    ) -> list[Any]:
         """Send commands in one write and read their replies; error replies are returned.
 
         redis-py's Pipeline object costs more per command than the whole Lua
         step at small frames, so this packs with hiredis and talks to one
-        pooled connection directly. Any failure drops that connection: a
-        reply that arrives late must never be read as another command's.
+        connection directly: the lane's own, or one from the pool. Any
+        failure drops that connection: a reply that arrives late must never
+        be read as another command's.
 
         Raises:
             StoreUnavailable: Redis is unreachable or did not answer in time.
         """
         pool = self.redis.connection_pool
-        conn: Any = None
+        conn: Any = lane.conn if lane is not None else None
         try:
             async with asyncio.timeout(self.settings.store_timeout):
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                if conn is None:
+                    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                    if lane is not None:
+                        lane.conn = conn
                 await conn.send_packed_command(
                     b"".join(pack_command(c) for c in commands), check_health=False
                 )
@@ -499,7 +516,9 @@ class Store:
                 await conn.disconnect()
             raise
         finally:
-            if conn is not None:
+            # A lane keeps its connection (disconnected after a failure, it
+            # connects again on next use); others go back to the pool.
+            if conn is not None and lane is None:
                 await pool.release(conn)
         return results
 

@@ -1,0 +1,71 @@
+"""server/store.py: key names, the function library, ordering after failures."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from server.gateway import EventwireServer
+from server.store import LIBRARY_VERSION, FrameOwner, Keys
+from tests.wire import client_events, event, peer
+
+
+def test_keys_share_the_site_hash_tag() -> None:
+    """Every key of a site carries {site}, so one function call stays in one cluster slot."""
+    keys = Keys("ew")
+    names = [
+        keys.events("shop"),
+        keys.rejected("shop"),
+        keys.producer("shop", "p-1"),
+        keys.session("shop", "u:1"),
+        keys.conns("shop", "u:1"),
+        keys.live("shop"),
+        keys.due("shop"),
+    ]
+    assert all(name.startswith("ew:{shop}:") for name in names)
+    assert keys.events("shop") == "ew:{shop}:events"
+    assert keys.rejected("shop") == "ew:{shop}:rejected"
+
+
+async def test_another_version_in_the_same_redis(
+    server: EventwireServer, redis: aioredis.Redis
+) -> None:
+    """A library left by another version of eventwire does not stand in for ours."""
+    stale = "#!lua name=eventwire_old\nredis.register_function('ew_old_publish', function() end)"
+    await redis.function_load(stale)
+    async with peer(server.url) as p:
+        await p.hello()
+        assert (await p.track(event(1)))["accepted"] == 1
+    # RESP2 replies: each library is a flat [name, value, ...] list.
+    libraries = {
+        dict(zip(lib[::2], lib[1::2], strict=True))[b"library_name"]
+        for lib in await redis.function_list()
+    }
+    assert {b"eventwire_old", f"eventwire_{LIBRARY_VERSION}".encode()} <= libraries
+    await redis.function_delete("eventwire_old")
+
+
+async def test_library_reloaded_when_redis_lost_it(
+    server: EventwireServer, redis: aioredis.Redis
+) -> None:
+    """After FUNCTION FLUSH (a Redis restart without persistence) frames are still stored."""
+    async with peer(server.url) as p:
+        await p.hello()
+        assert (await p.track(event(1)))["accepted"] == 1
+        await redis.function_flush()
+        assert (await p.track(event(2)))["accepted"] == 1
+    assert [e["seq"] for e in await client_events(redis)] == [1, 2]
+
+
+def test_frame_owner_barrier() -> None:
+    """After a failure, later frames are refused until the client resends from the failed seq."""
+    owner = FrameOwner()
+    assert owner.admit(1)
+    epoch = owner.epoch
+    owner.fail(epoch, 5)
+    assert not owner.admit(9)  # sent before the client saw the nack
+    assert owner.code == "unavailable"
+    assert owner.admit(5)  # the resend starts a new epoch
+    assert owner.epoch == epoch + 1
+    assert owner.admit(12)
+    owner.fail(epoch, 1)  # a late failure of the old epoch changes nothing
+    assert owner.admit(13)
