@@ -228,16 +228,7 @@ class IngestConnection:
         member = self.sessions.member(msg.uuid)
         opened = await self.sessions.open(self.site, msg.uuid, member, msg.producer, msg.context)
         self.member, self.producer, self.context = member, msg.producer, msg.context
-        self.who = Identity(
-            site=self.site,
-            uuid=msg.uuid,
-            session=opened.session,
-            producer=msg.producer,
-            authenticated=self.proof is not None,
-        )
-        structlog.contextvars.bind_contextvars(
-            uuid=msg.uuid, session=opened.session, authenticated=self.proof is not None
-        )
+        self._become(msg.uuid, opened.session)
         welcome = Welcome(
             session=opened.session,
             resumed=opened.resumed,
@@ -387,10 +378,22 @@ class IngestConnection:
         if self.proof is not None and now > (self.proof.exp + LEEWAY) * 1000:
             self.proof = None
             self.token_problem = "the token expired; send identify with a fresh one"
-            who = self.who = Identity(
-                site=who.site, uuid=who.uuid, session=who.session, producer=who.producer
-            )
+            who = self._become(who.uuid, who.session)
         return who
+
+    def _become(self, uuid: str, session: str) -> Identity:
+        """Set who sends from now on: customer, session, and whether a token proves them."""
+        self.who = Identity(
+            site=self.site,
+            uuid=uuid,
+            session=session,
+            producer=self.producer,
+            authenticated=self.proof is not None,
+        )
+        structlog.contextvars.bind_contextvars(
+            uuid=uuid, session=session, authenticated=self.proof is not None
+        )
+        return self.who
 
     def _rate_limited(self, rules: SiteRules, n: int, now: int) -> int | None:
         """Take ``n`` events from the connection's bucket; None, or how long to wait (ms).
@@ -441,14 +444,7 @@ class IngestConnection:
         self._prove(rules, msg.uuid, msg.token)
         if msg.uuid == self.who.uuid:
             # A fresh token for the same customer: authenticated again, same session.
-            who = self.who
-            self.who = Identity(
-                site=who.site,
-                uuid=who.uuid,
-                session=who.session,
-                producer=who.producer,
-                authenticated=self.proof is not None,
-            )
+            self._become(msg.uuid, self.who.session)
             return
         await self.drain()
         old = self.who
@@ -462,16 +458,7 @@ class IngestConnection:
         except StoreUnavailable as exc:
             raise ProtocolViolation("unavailable", f"identify failed: {exc}", 1013) from None
         self.member = member
-        self.who = Identity(
-            site=self.site,
-            uuid=msg.uuid,
-            session=opened.session,
-            producer=old.producer,
-            authenticated=self.proof is not None,
-        )
-        structlog.contextvars.bind_contextvars(
-            uuid=msg.uuid, session=opened.session, authenticated=self.proof is not None
-        )
+        self._become(msg.uuid, opened.session)
 
     def _count_rejections(self, rejections: list[Rejection], denied: int) -> None:
         self.rejected += len(rejections) - denied
@@ -549,10 +536,7 @@ class IngestConnection:
                 frame.fail(why)
             return
         if opened.session != who.session:
-            self.who = Identity(
-                site=self.site, uuid=who.uuid, session=opened.session, producer=who.producer
-            )
-            structlog.contextvars.bind_contextvars(session=opened.session)
+            self._become(who.uuid, opened.session)
         for frame in gone:
             self._resend(frame)
 

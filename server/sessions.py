@@ -86,6 +86,17 @@ class Sessions:
 
     # -- steps --------------------------------------------------------------------
 
+    def _customer_keys(self, site: str, uuid: str) -> list[str]:
+        """The keys ``open`` and ``leave`` take, in their order."""
+        keys = self.keys
+        return [
+            keys.session(site, uuid),
+            keys.conns(site, uuid),
+            keys.live(site),
+            keys.due(site),
+            keys.events(site),
+        ]
+
     async def open(
         self, site: str, uuid: str, member: str, producer: str, context: dict[str, Any] | None
     ) -> Opened:
@@ -114,14 +125,7 @@ class Sessions:
         )
         session, resumed, acked = await self.store.call(
             FN_OPEN,
-            [
-                keys.session(site, uuid),
-                keys.conns(site, uuid),
-                keys.live(site),
-                keys.due(site),
-                keys.events(site),
-                keys.producer(site, producer),
-            ],
+            [*self._customer_keys(site, uuid), keys.producer(site, producer)],
             [
                 site,
                 uuid,
@@ -150,17 +154,10 @@ class Sessions:
                 then lapses and a reaper treats it as closed.
         """
         self._members.get(site, set()).discard(member)
-        keys = self.keys
         timing, taken = self.store.site_params(site)
         await self.store.call(
             FN_LEAVE,
-            [
-                keys.session(site, uuid),
-                keys.conns(site, uuid),
-                keys.live(site),
-                keys.due(site),
-                keys.events(site),
-            ],
+            self._customer_keys(site, uuid),
             [site, uuid, member, timing.grace_ms, self.settings.stream_maxlen, identify_to, taken],
         )
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import MakeServer
@@ -209,24 +211,31 @@ async def test_two_processes(
     assert not bad, f"sessions without exactly one start and one end: {bad}"
 
 
-async def test_process_killed(
-    redis_proc: RedisProcess, sites_file: Path, redis: aioredis.Redis
-) -> None:
-    """SIGKILL of the process with the only connection: the survivor ends the session."""
+@pytest.fixture
+def victim_and_survivor(
+    redis_proc: RedisProcess, sites_file: Path
+) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two server processes on one Redis; the first is to be killed."""
     victim = ServerProcess(redis_proc.url, sites_file, FAST_ENV).start()
     survivor = ServerProcess(redis_proc.url, sites_file, FAST_ENV).start()
-    try:
-        async with peer(f"ws://127.0.0.1:{victim.port}") as p:
-            welcome = await p.hello("u-crash")
-            await p.track(event(1))
-            victim.kill()
-            await p.ws.wait_closed()
-        killed_at = asyncio.get_running_loop().time()
-        (end,) = await wait_for(redis, "session.end", 1, wait=5)
-        waited = asyncio.get_running_loop().time() - killed_at
-    finally:
+    yield victim, survivor
+    victim.kill()
+    survivor.terminate()
+
+
+async def test_process_killed(
+    victim_and_survivor: tuple[ServerProcess, ServerProcess], redis: aioredis.Redis
+) -> None:
+    """SIGKILL of the process with the only connection: the survivor ends the session."""
+    victim, _ = victim_and_survivor
+    async with peer(f"ws://127.0.0.1:{victim.port}") as p:
+        welcome = await p.hello("u-crash")
+        await p.track(event(1))
         victim.kill()
-        survivor.terminate()
+        await p.ws.wait_closed()
+    killed_at = asyncio.get_running_loop().time()
+    (end,) = await wait_for(redis, "session.end", 1, wait=5)
+    waited = asyncio.get_running_loop().time() - killed_at
     assert end["session"] == welcome["session"]
     assert end["params"]["reason"] == "closed"
     assert end["params"]["events"] == 1
@@ -234,25 +243,20 @@ async def test_process_killed(
 
 
 async def test_process_killed_client_moves(
-    redis_proc: RedisProcess, sites_file: Path, redis: aioredis.Redis
+    victim_and_survivor: tuple[ServerProcess, ServerProcess], redis: aioredis.Redis
 ) -> None:
     """After a SIGKILL, a client back on the survivor within the grace keeps its session."""
-    victim = ServerProcess(redis_proc.url, sites_file, FAST_ENV).start()
-    survivor = ServerProcess(redis_proc.url, sites_file, FAST_ENV).start()
-    try:
-        async with peer(f"ws://127.0.0.1:{victim.port}") as p:
-            welcome = await p.hello("u-move")
-            victim.kill()
-            await p.ws.wait_closed()
-        async with peer(f"ws://127.0.0.1:{survivor.port}") as p:
-            again = await p.hello("u-move")
-            await asyncio.sleep(1.5 * UNIT)  # past grace + ttl: the dead connection is reaped
-            assert await wait_for(redis, "session.end", 0, wait=0) == []
-            await p.track(event(1))
-        assert again["resumed"] is True
-        assert again["session"] == welcome["session"]
-        (end,) = await wait_for(redis, "session.end", 1)
-    finally:
+    victim, survivor = victim_and_survivor
+    async with peer(f"ws://127.0.0.1:{victim.port}") as p:
+        welcome = await p.hello("u-move")
         victim.kill()
-        survivor.terminate()
+        await p.ws.wait_closed()
+    async with peer(f"ws://127.0.0.1:{survivor.port}") as p:
+        again = await p.hello("u-move")
+        await asyncio.sleep(1.5 * UNIT)  # past grace + ttl: the dead connection is reaped
+        assert await wait_for(redis, "session.end", 0, wait=0) == []
+        await p.track(event(1))
+    assert again["resumed"] is True
+    assert again["session"] == welcome["session"]
+    (end,) = await wait_for(redis, "session.end", 1)
     assert end["params"]["events"] == 1

@@ -254,3 +254,19 @@ async def test_server_events_obey_deny(make_server: MakeServer, redis: aioredis.
     await asyncio.sleep(0.5)
     actions = [e["action"] for e in await stream(redis, "ew:{app}:events")]
     assert actions == ["product.view"]
+
+
+async def test_authenticated_after_session_renewal(
+    make_server: MakeServer, keys_ready: None, redis: aioredis.Redis
+) -> None:
+    """A new session opened on the connection (after idle) keeps the customer's proof."""
+    srv = await make_server(sites=SHOP, session_idle=0.2, reap_interval=60)
+    async with peer(srv.url, site="shop") as p:
+        welcome = await p.hello("u-renew", token=token("u-renew", "shop"))
+        await asyncio.sleep(0.4)
+        assert (await p.track(event(1, action="form.submit")))["accepted"] == 1
+        assert (await p.track(event(2, action="form.submit")))["accepted"] == 1
+    first, second = await client_events(redis, "shop")
+    assert first["session"] != welcome["session"]
+    assert second["session"] == first["session"]
+    assert first["authenticated"] is second["authenticated"] is True

@@ -48,6 +48,13 @@ async def stored_seqs(redis_url: str, producer: str, site: str = "app") -> list[
     return [e["seq"] for e in events if e["producer"] == producer]
 
 
+def streaming_client(url: str, ledger: Ledger) -> EventwireClient:
+    """A client that batches 20 events, keeps 4 frames in flight and reconnects fast."""
+    return EventwireClient(
+        url, batch_size=20, max_inflight=4, backoff_base=0.05, backoff_max=0.3, on_ack=ledger.on_ack
+    )
+
+
 async def stream_events(client: EventwireClient, total: int) -> None:
     """Track ``total`` events, ten at a time, while the test breaks things."""
     for i in range(1, total + 1):
@@ -70,10 +77,7 @@ async def test_server_sigkill_under_load(redis_proc: RedisProcess, sites_file: P
     srv = ServerProcess(redis_proc.url, sites_file).start(port)
     ledger = Ledger(break_after=30)
     total = 3000
-    client = EventwireClient(
-        f"ws://127.0.0.1:{port}/v1/track/app", "u-kill", batch_size=20, max_inflight=4,
-        backoff_base=0.05, backoff_max=0.3, on_ack=ledger.on_ack,
-    )  # fmt: skip
+    client = streaming_client(f"ws://127.0.0.1:{port}/v1/track/app", ledger)
     try:
         async with client:
             producer = client.producer
@@ -104,10 +108,7 @@ async def test_redis_outage_under_load(aof_redis: RedisProcess, sites_file: Path
     ).start()
     ledger = Ledger(break_after=20)
     total = 2000
-    client = EventwireClient(
-        f"ws://127.0.0.1:{srv.port}/v1/track/app", "u-outage", batch_size=20, max_inflight=4,
-        backoff_base=0.05, backoff_max=0.3, on_ack=ledger.on_ack,
-    )  # fmt: skip
+    client = streaming_client(f"ws://127.0.0.1:{srv.port}/v1/track/app", ledger)
     try:
         async with client:
             producer = client.producer
