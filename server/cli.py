@@ -1,4 +1,4 @@
-"""The ``eventwire`` command: ``serve``, ``check-config`` and ``send``.
+"""The ``eventwire`` command: ``serve``, ``check-config``, ``send``, ``tail``, ``stats``.
 
 Parses flags, loads settings and sites, configures logging and runs the
 rooms; no logic of its own beyond mapping errors to exit codes (2 for a
@@ -17,12 +17,13 @@ from typing import Any
 
 import msgspec
 
-from server import __version__
+from server import __version__, stats, tail
 from server.config import LoadedConfig, describe, load_settings
 from server.errors import ConfigError
 from server.gateway import EventwireServer
 from server.log import configure
 from server.rules import SiteRules, describe_sites, load_sites
+from server.tail import quiet_stdout
 
 #: How long ``eventwire send`` waits for its event to be acked.
 SEND_TIMEOUT = 5.0
@@ -38,7 +39,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``eventwire``."""
-    parser = argparse.ArgumentParser(prog="eventwire", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="eventwire", description="eventwire: a real-time event tracking server."
+    )
     parser.add_argument("--version", action="version", version=f"eventwire {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the tracking server")
@@ -52,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--origin", default=None, help="Origin header to send")
     send.add_argument("action", help="context.activity name, e.g. page.visit")
     send.add_argument("params", nargs="*", help="KEY=VALUE params; VALUE is JSON or a string")
+    tail.add_parser(sub)
+    stats.add_parser(sub)
     return parser
 
 
@@ -71,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "send":
         return _run(_send(args))
+    if args.command in ("tail", "stats"):
+        # Operator commands end on Ctrl-C or a closed pipe (| head): quietly.
+        try:
+            return _run(tail.run(args) if args.command == "tail" else stats.run(args))
+        except KeyboardInterrupt:
+            return 0
+        except BrokenPipeError:
+            quiet_stdout()
+            return 0
     try:
         loaded, sites = _load(args)
     except ConfigError as exc:

@@ -2,10 +2,13 @@
 
 This room turns decoded messages into store calls and answers; it never
 touches a socket. ``gateway`` feeds it frames and gives it a ``send``
-coroutine. Errors map to protocol answers here:
+function. It applies the site's rules (``rules``) and the customer's proof
+(``auth``) to every frame. Errors map to protocol answers here:
 
-- a bad event -> a rejection inside the ack (final; also in the rejected stream);
-- Redis down or slow -> ``nack unavailable`` (nothing of the frame stored);
+- a bad event -> a rejection inside the ack (final; in the rejected stream
+  too, except ``denied`` events, which are stored nowhere);
+- Redis down or slow -> ``nack unavailable``; over the site's rate ->
+  ``nack rate_limited`` (nothing of the frame stored);
 - a broken protocol -> :class:`~server.errors.ProtocolViolation`, which the
   gateway turns into an ``error`` message and a close code.
 

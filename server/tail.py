@@ -1,0 +1,363 @@
+"""``eventwire tail``: follow the sites' event (or rejected) streams live, for operators.
+
+This module owns the ``tail`` subcommand: its flags, where reading starts
+(``--since``), the filters (``--action`` glob, ``--uuid``), and the two output
+forms: one aligned, coloured line per event on a terminal, one JSON line per
+event otherwise (the stored event JSON plus ``id``, the stream entry id). It
+only reads Redis (``XREAD COUNT 500 BLOCK 1000`` in a loop, memory bounded by
+one reply), survives Redis going away (one line on stderr, short backoff, it
+resumes after the last entry it printed), and exits 0 on Ctrl-C or when the
+reader of its output goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fnmatch
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from server.config import load_settings
+from server.errors import ConfigError
+from server.rules import load_sites
+from server.store import Keys
+
+#: Entries asked for per XREAD, and how long one XREAD blocks (ms).
+READ_COUNT: Final = 500
+READ_BLOCK_MS: Final = 1000
+#: Reconnect backoff after Redis went away: first and longest pause (s).
+BACKOFF_FIRST: Final = 0.2
+BACKOFF_MAX: Final = 2.0
+#: The largest stream id sequence part, to start *at* a millisecond (XREAD is exclusive).
+MAX_SEQ: Final = 18446744073709551615
+
+_DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_STREAM_ID_RE: Final = re.compile(r"\d+(-\d+)?")
+_UNIT_MS: Final = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+#: Params shown first on a terminal line, when an event has them.
+KEY_PARAMS: Final = ("url", "sku", "price", "quantity", "order_id", "query", "form", "target")
+#: At most this many params on a terminal line, each value at most this long.
+MAX_PARAMS: Final = 4
+MAX_VALUE: Final = 60
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``tail`` subcommand to ``sub``."""
+    p = sub.add_parser(
+        "tail",
+        help="follow the event streams live",
+        description="Follow the events (or rejected) streams of the sites live.",
+    )
+    p.add_argument("--redis", default=None, metavar="URL", help="Redis URL (redis://host:port/db)")
+    p.add_argument("--config", type=Path, default=None, metavar="PATH", help="settings file")
+    p.add_argument("--sites", default=None, metavar="PATH", help="sites file")
+    p.add_argument(
+        "--site",
+        action="append",
+        default=None,
+        metavar="S",
+        help="only this site (repeatable; default: every site of the sites file)",
+    )
+    p.add_argument("--action", default=None, metavar="GLOB", help="only actions matching GLOB")
+    p.add_argument("--uuid", default=None, metavar="U", help="only this customer")
+    p.add_argument(
+        "--since",
+        default="now",
+        metavar="now|5m|0|ID",
+        help="now (default), a duration ago (30s, 5m, 2h, 1d), 0 (the beginning) "
+        "or a stream id (entries after it)",
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines (the default off a terminal)")
+    p.add_argument("--rejected", action="store_true", help="follow the rejected streams")
+
+
+def start_id(since: str, now_ms: int | None = None) -> str:
+    """The XREAD id to start after for ``--since``; ``$`` means the stream's current end.
+
+    Raises:
+        ValueError: ``since`` is none of now, a duration, 0 or a stream id.
+    """
+    if since == "now":
+        return "$"
+    if since == "0":
+        return "0-0"
+    m = _DURATION_RE.fullmatch(since)
+    if m is not None:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        ms = max(0, now - int(float(m.group(1)) * _UNIT_MS[m.group(2)]))
+        # XREAD returns entries after the id: start just before millisecond ``ms``.
+        return f"{ms - 1}-{MAX_SEQ}" if ms > 0 else "0-0"
+    if _STREAM_ID_RE.fullmatch(since) is not None:
+        return since
+    raise ValueError(f"--since: expected now, 30s/5m/2h/1d, 0 or a stream id, got {since!r}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def decode_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> dict[str, Any]:
+    """One stream entry as the stored event dict plus ``id``.
+
+    An entry that is not eventwire's (no ``event`` field or no JSON object in
+    it) comes out as ``{"id", "fields"}`` with its fields as text.
+    """
+    raw = fields.get(b"event", fields.get("event"))
+    out: dict[str, Any] | None = None
+    if raw is not None:
+        try:
+            decoded = msgspec.json.decode(raw if isinstance(raw, bytes) else raw.encode())
+        except msgspec.DecodeError:
+            decoded = None
+        if isinstance(decoded, dict):
+            out = decoded
+    if out is None:
+        out = {"fields": {_text(k): _text(v) for k, v in fields.items()}}
+    out["id"] = _text(entry_id)
+    return out
+
+
+def matches(event: Mapping[str, Any], action: str | None, uuid: str | None) -> bool:
+    """Whether an event passes the ``--action`` glob (full match) and the ``--uuid`` filter."""
+    if action is not None and not fnmatch.fnmatchcase(str(event.get("action", "")), action):
+        return False
+    return uuid is None or event.get("uuid") == uuid
+
+
+def _safe(text: str) -> str:
+    """Text with control characters escaped: event data must not drive the terminal."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, str):
+        text = value if value and " " not in value else msgspec.json.encode(value).decode()
+    else:
+        text = msgspec.json.encode(value).decode()
+    text = _safe(text)
+    return text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 1] + "…"
+
+
+def _params(params: Any) -> str:
+    if not isinstance(params, dict):
+        return "" if params is None else _compact(params)
+    keys = [k for k in KEY_PARAMS if k in params]
+    keys += [k for k in params if k not in KEY_PARAMS]
+    shown = [f"{_safe(str(k))}={_compact(params[k])}" for k in keys[:MAX_PARAMS]]
+    if len(keys) > MAX_PARAMS:
+        shown.append(f"+{len(keys) - MAX_PARAMS}")
+    return " ".join(shown)
+
+
+def _clock(ms: Any, entry_id: str) -> str:
+    if not isinstance(ms, int | float):
+        ms = int(entry_id.split("-", 1)[0]) if entry_id[:1].isdigit() else 0
+    try:
+        moment = datetime.fromtimestamp(ms / 1000)
+    except (OverflowError, OSError, ValueError):
+        return "??:??:??.???"
+    return moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+
+
+class Painter:
+    """ANSI colours, or none."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, code: str, text: str) -> str:
+        """``text`` in colour ``code`` (an SGR parameter such as ``"36"``)."""
+        return f"\x1b[{code}m{text}\x1b[0m" if self.enabled else text
+
+
+def human_line(event: Mapping[str, Any], site_width: int, paint: Painter, rejected: bool) -> str:
+    """One readable line: time, site, uuid, action, label (or code, detail, seq), key params.
+
+    The time is the event's own ``time`` (``received`` for a rejected entry),
+    in local time.
+    """
+    entry_id = str(event.get("id", ""))
+    if "fields" in event and "site" not in event:
+        return f"{paint('2', _clock(None, entry_id))}  {_safe(str(event['fields']))}"
+    when = _clock(event.get("received") if rejected else event.get("time"), entry_id)
+    site = _safe(str(event.get("site", "?"))).ljust(site_width)
+    uuid = _safe(str(event.get("uuid", "-"))).ljust(20)
+    parts = [paint("2", when), paint("36", site), paint("33", uuid)]
+    if rejected:
+        code = _safe(str(event.get("code", "?"))).ljust(16)
+        parts.append(paint("1;31", code))
+        parts.append(f"seq={event.get('seq', '-')}")
+        parts.append(_safe(str(event.get("detail", ""))))
+    else:
+        action = _safe(str(event.get("action", "?"))).ljust(20)
+        parts.append(paint("1;32", action))
+        label = event.get("label")
+        parts.append(paint("35", _safe(str(label)).ljust(12) if label is not None else " " * 12))
+        parts.append(_params(event.get("params")))
+    return "  ".join(parts).rstrip()
+
+
+class _Output:
+    """Writes lines to stdout; remembers whether the reader went away."""
+
+    def __init__(self, stream: TextIO, as_json: bool, site_width: int, rejected: bool) -> None:
+        self.stream = stream
+        self.as_json = as_json
+        self.site_width = site_width
+        self.rejected = rejected
+        color = not as_json and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+        self.paint = Painter(color)
+
+    def write(self, events: Sequence[dict[str, Any]]) -> None:
+        """Write one batch and flush it. Raises BrokenPipeError when the reader left."""
+        if not events:
+            return
+        if self.as_json:
+            text = "".join(msgspec.json.encode(e).decode() + "\n" for e in events)
+        else:
+            text = "".join(
+                human_line(e, self.site_width, self.paint, self.rejected) + "\n" for e in events
+            )
+        self.stream.write(text)
+        self.stream.flush()
+
+
+def _replies(reply: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
+    """XREAD's reply as [(key, entries)], for RESP2 (list) and RESP3 (dict) alike."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        items: list[Any] = list(reply.items())
+    else:
+        items = [tuple(r) for r in reply]
+    out: list[tuple[str, list[tuple[Any, Any]]]] = []
+    for key, entries in items:
+        if entries and isinstance(entries[0], list | tuple) and len(entries[0]) == 1:
+            entries = entries[0]  # RESP3 nests the entries one level deeper
+        out.append((_text(key), [(e[0], e[1] or {}) for e in entries]))
+    return out
+
+
+async def _resolve_ends(client: aioredis.Redis, positions: dict[str, str]) -> None:
+    """Replace ``$`` by the stream's last entry id, so no entry slips between two XREADs."""
+    for key, pos in positions.items():
+        if pos == "$":
+            last = await client.xrevrange(key, "+", "-", count=1)
+            positions[key] = _text(last[0][0]) if last else "0-0"
+
+
+async def follow(
+    client: aioredis.Redis,
+    positions: dict[str, str],
+    out: _Output,
+    action: str | None,
+    uuid: str | None,
+) -> None:
+    """Read and print until cancelled; reconnects (same positions) when Redis goes away."""
+    backoff = BACKOFF_FIRST
+    down = False
+    while True:
+        try:
+            await _resolve_ends(client, positions)
+            streams: dict[Any, Any] = dict(positions)
+            reply = await client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            if not down:
+                print(f"eventwire tail: Redis unavailable ({exc}); retrying", file=sys.stderr)
+                down = True
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            continue
+        down = False
+        backoff = BACKOFF_FIRST
+        for key, entries in _replies(reply):
+            if not entries:
+                continue
+            positions[key] = _text(entries[-1][0])
+            events = [decode_entry(i, f) for i, f in entries]
+            out.write([e for e in events if matches(e, action, uuid)])
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail on a closed pipe."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run ``tail``: 0 on Ctrl-C, SIGTERM or a closed pipe, 2 on a configuration error."""
+    try:
+        loaded = load_settings(
+            args.config, overrides={"redis_url": args.redis, "sites": args.sites}
+        )
+        known = list(load_sites(loaded.sites_path))
+        first = start_id(args.since)
+    except (ConfigError, ValueError) as exc:
+        print(f"eventwire tail: configuration error: {exc}", file=sys.stderr)
+        return 2
+    sites = known
+    if args.site:
+        unknown = [s for s in args.site if s not in known]
+        if unknown:
+            print(
+                f"eventwire tail: unknown site(s) {', '.join(unknown)}; "
+                f"the sites file has {', '.join(known) or 'none'}",
+                file=sys.stderr,
+            )
+            return 2
+        sites = list(dict.fromkeys(args.site))
+    if not sites:
+        print("eventwire tail: no sites to follow", file=sys.stderr)
+        return 2
+    keys = Keys(loaded.settings.key_prefix)
+    positions = {(keys.rejected(s) if args.rejected else keys.events(s)): first for s in sites}
+    as_json = bool(args.json) or not sys.stdout.isatty()
+    out = _Output(sys.stdout, as_json, max(len(s) for s in sites), bool(args.rejected))
+    client = aioredis.Redis.from_url(
+        loaded.settings.redis_url,
+        socket_connect_timeout=2.0,
+        socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
+    )
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        stopping = True
+        if task is not None:
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop)
+    try:
+        await follow(client, positions, out, args.action, args.uuid)
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+    except BrokenPipeError:
+        quiet_stdout()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+        with contextlib.suppress(Exception):
+            await client.aclose()
+    return 0

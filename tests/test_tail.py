@@ -1,0 +1,191 @@
+"""``eventwire tail`` as a real process against a real server and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.gateway import EventwireServer
+from server.tail import start_id
+from tests.procs import UNIT, RedisProcess
+from tests.wire import event, peer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Tail:
+    """A running ``python -m server tail ...`` and the lines it printed."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def line(self, wait: float = 1.0) -> dict[str, Any]:
+        """The next JSON line, within ``wait`` seconds."""
+        assert self.proc.stdout is not None
+        raw = await asyncio.wait_for(self.proc.stdout.readline(), wait * UNIT)
+        assert raw, "tail exited"
+        out: dict[str, Any] = json.loads(raw)
+        return out
+
+    async def until(self, uuid: str, action: str, wait: float = 1.0) -> list[dict[str, Any]]:
+        """Every line up to and including the first of ``uuid`` and ``action``."""
+        deadline = time.monotonic() + wait * UNIT
+        seen = []
+        while True:
+            line = await self.line(max(deadline - time.monotonic(), 0.01))
+            seen.append(line)
+            if line.get("uuid") == uuid and line.get("action") == action:
+                return seen
+
+    async def nothing_more(self, wait: float = 0.3) -> None:
+        """Assert no line comes within ``wait`` seconds."""
+        assert self.proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), wait * UNIT)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected line {raw!r}")
+
+
+@asynccontextmanager
+async def tail(redis_url: str, sites: Path, *flags: str) -> AsyncIterator[Tail]:
+    """Run tail with JSON output; on exit SIGINT it and check a clean exit."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "tail",
+        "--redis",
+        redis_url,
+        "--sites",
+        str(sites),
+        "--json",
+        *flags,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+    )
+    try:
+        yield Tail(proc)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        stderr = await asyncio.wait_for(proc.stderr.read(), 10 * UNIT)
+        code = await asyncio.wait_for(proc.wait(), 10 * UNIT)
+    assert code == 0, stderr
+    assert b"Traceback" not in stderr, stderr
+
+
+async def test_tail_prints_each_event_within_a_second(
+    server: EventwireServer, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """A JSON line (stored event plus stream id) arrives within 1 s of each ack, every site."""
+    async with tail(redis_proc.url, sites_file, "--since", "0") as t:
+        for site, uuid in (("app", "u-t1"), ("shop", "u-t2")):
+            async with peer(server.url, site=site) as p:
+                await p.hello(uuid)
+                ack = await p.track(event(1))
+                assert ack["accepted"] == 1
+                lines = await t.until(uuid, "product.view")
+            line = lines[-1]
+            assert line["site"] == site
+            assert line["params"] == {"sku": "S1"}
+            assert line["seq"] == 1
+            assert "-" in line["id"]
+            assert {ln["action"] for ln in lines[:-1]} <= {"session.start", "session.end"}
+
+
+async def test_tail_filters_site_action_uuid(
+    server: EventwireServer, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """--site, --action (glob) and --uuid each keep out what they do not match."""
+    flags = ("--since", "0", "--site", "shop", "--action", "product.*", "--uuid", "u-f")
+    async with tail(redis_proc.url, sites_file, *flags) as t:
+        async with peer(server.url, site="app") as p:
+            await p.hello("u-f")
+            await p.track(event(1))
+        async with peer(server.url, site="shop") as p:
+            await p.hello("u-other")
+            await p.track(event(1))
+        async with peer(server.url, site="shop") as p:
+            await p.hello("u-f")
+            visit = {"seq": 1, "action": "page.visit", "params": {"url": "https://shop.example/"}}
+            assert (await p.track(visit))["accepted"] == 1
+            assert (await p.track(event(2, action="product.buy")))["accepted"] == 1
+            lines = await t.until("u-f", "product.buy")
+        assert [(ln["site"], ln["uuid"], ln["action"]) for ln in lines] == [
+            ("shop", "u-f", "product.buy")
+        ]
+        await t.nothing_more()
+
+
+async def test_tail_rejected_shows_code(
+    server: EventwireServer, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """--rejected follows the rejected streams: a bad event's code, detail and seq."""
+    async with tail(redis_proc.url, sites_file, "--since", "0", "--rejected") as t:
+        async with peer(server.url) as p:
+            await p.hello("u-r")
+            ack = await p.track(event(1, action="nodot"))
+        assert ack["rejected"][0]["code"] == "invalid_action"
+        line = await t.line()
+        assert line["code"] == "invalid_action"
+        assert line["seq"] == 1
+        assert line["uuid"] == "u-r"
+        assert line["detail"]
+
+
+async def test_tail_since_now_skips_the_past(
+    server: EventwireServer, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """--since now (the default) shows only what is stored after tail started."""
+    async with peer(server.url) as p:
+        await p.hello("u-old")
+        await p.track(event(1))
+    async with tail(redis_proc.url, sites_file, "--action", "product.*") as t:
+        await asyncio.sleep(1.5 * UNIT)  # let the process start and find the streams' ends
+        async with peer(server.url) as p:
+            await p.hello("u-new")
+            await p.track(event(1))
+            lines = await t.until("u-new", "product.view")
+        assert [ln["uuid"] for ln in lines] == ["u-new"]
+
+
+async def test_tail_since_duration(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """--since 5m starts five minutes ago: an entry from ten minutes ago is not shown."""
+    now = int(time.time() * 1000)
+    for ms, n in ((now - 600_000, "old"), (now - 60_000, "recent")):
+        body = {"site": "app", "uuid": n, "action": "product.view", "time": ms}
+        await redis.xadd("ew:{app}:events", {"event": json.dumps(body)}, id=f"{ms}-0")
+    async with tail(redis_proc.url, sites_file, "--since", "5m") as t:
+        line = await t.line(5)
+        assert line["uuid"] == "recent"
+        assert line["id"] == f"{now - 60_000}-0"
+        await t.nothing_more()
+
+
+def test_start_id() -> None:
+    """--since values map to XREAD ids; anything else is refused."""
+    assert start_id("now") == "$"
+    assert start_id("0") == "0-0"
+    assert start_id("30s", now_ms=100_000) == f"69999-{2**64 - 1}"
+    assert start_id("2h", now_ms=10_000_000) == f"2799999-{2**64 - 1}"
+    assert start_id("1700000000000-3") == "1700000000000-3"
+    for bad in ("yesterday", "5x", "-1"):
+        with pytest.raises(ValueError, match="--since"):
+            start_id(bad)
