@@ -1,4 +1,5 @@
-"""The ``eventwire`` command: ``serve``, ``check-config``, ``send``, ``tail``, ``stats``.
+"""The ``eventwire`` command: ``serve``, ``check-config``, ``send``, ``persist``,
+``activity``, ``tail``, ``stats``.
 
 Parses flags, loads settings and sites, configures logging and runs the
 rooms; no logic of its own beyond mapping errors to exit codes (2 for a
@@ -17,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from server import __version__, stats, tail
+from server import __version__, persist, stats, tail
 from server.config import LoadedConfig, describe, load_settings
 from server.errors import ConfigError
 from server.gateway import EventwireServer
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("params", nargs="*", help="KEY=VALUE params; VALUE is JSON or a string")
     tail.add_parser(sub)
     stats.add_parser(sub)
+    persist.add_parsers(sub)
     return parser
 
 
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "send":
         return _run(_send(args))
+    if args.command in ("persist", "activity"):
+        return _run(persist.run(args))
     if args.command in ("tail", "stats"):
         # Operator commands end on Ctrl-C or a closed pipe (| head): quietly.
         try:

@@ -1,0 +1,26 @@
+"""Persistence: the ``persist`` worker (Redis events streams into SQLite or PostgreSQL)
+and the ``activity`` feed read from that store.
+
+``worker`` owns the Redis side (consumer group, acks, reclaim, dead letters),
+``sinks`` the SQL (schema, migrations, idempotent writes, queries),
+``commands`` the two command-line commands, which ``server.cli`` wires in with
+:func:`add_parsers` and :func:`run`.
+"""
+
+from server.persist.commands import (
+    add_activity_parser,
+    add_parsers,
+    add_persist_parser,
+    run,
+    run_activity,
+    run_persist,
+)
+
+__all__ = [
+    "add_activity_parser",
+    "add_parsers",
+    "add_persist_parser",
+    "run",
+    "run_activity",
+    "run_persist",
+]

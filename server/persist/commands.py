@@ -1,0 +1,155 @@
+"""The ``persist`` and ``activity`` commands: flags, settings, signals, output.
+
+This module owns the command-line surface of persistence and nothing else:
+it parses flags, reads the settings (``redis_url``, ``key_prefix``,
+``sites`` through :func:`server.config.load_settings`; the worker's own
+``persist_dsn``, ``claim_idle``, ``max_deliveries`` from flags or
+``EVENTWIRE_PERSIST_DSN``, ``EVENTWIRE_CLAIM_IDLE``, ``EVENTWIRE_MAX_DELIVERIES``),
+runs the worker until SIGTERM/SIGINT and prints the activity feed. Exit
+codes: 0 done or stopped by a signal, 1 the worker failed, 2 a configuration
+error.
+
+Wiring into ``server.cli``: ``add_parsers(sub)`` in ``build_parser``, and
+``return _run(persist.run(args))`` when ``args.command`` is ``persist`` or
+``activity``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from prometheus_client import start_http_server
+
+from server.config import load_settings, parse_hostport
+from server.errors import ConfigError
+from server.log import configure
+from server.persist.sinks import DEFAULT_DSN, Activity, open_sink
+from server.persist.worker import PersistOptions, Worker
+from server.rules import SitesBook, load_sites
+
+#: Rows the activity feed prints unless ``--limit`` says otherwise.
+DEFAULT_LIMIT = 50
+
+
+def add_persist_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``persist`` to a subparsers object (``parser.add_subparsers()``)."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "persist", help="copy every site's events from Redis into SQLite or PostgreSQL"
+    )
+    p.add_argument("--config", type=Path, help="settings file (config/eventwire.toml)")
+    p.add_argument("--sites", help="sites file (config/sites.toml)")
+    p.add_argument("--redis", dest="redis_url", help="Redis URL (redis://host:port/db)")
+    p.add_argument(
+        "--dsn",
+        help=f"store: sqlite:///PATH or postgresql://... (EVENTWIRE_PERSIST_DSN; {DEFAULT_DSN})",
+    )
+    p.add_argument(
+        "--claim-idle",
+        type=float,
+        help="seconds before a dead consumer's entries are taken over (EVENTWIRE_CLAIM_IDLE; 60)",
+    )
+    p.add_argument(
+        "--max-deliveries",
+        type=int,
+        help="deliveries before a failing entry goes to the dead stream "
+        "(EVENTWIRE_MAX_DELIVERIES; 5)",
+    )
+    p.add_argument("--metrics", help="serve Prometheus /metrics on HOST:PORT")
+    return p
+
+
+def add_activity_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``activity`` to a subparsers object."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "activity", help="print a customer's events from the store, newest first"
+    )
+    p.add_argument("--dsn", help=f"store (env EVENTWIRE_PERSIST_DSN; {DEFAULT_DSN})")
+    p.add_argument("--site", required=True)
+    p.add_argument("--uuid", required=True, help="the customer")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"rows ({DEFAULT_LIMIT})")
+    p.add_argument("--json", action="store_true", help="JSON lines (the default off a TTY)")
+    return p
+
+
+def add_parsers(sub: Any) -> None:
+    """Add both commands to a subparsers object."""
+    add_persist_parser(sub)
+    add_activity_parser(sub)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run ``persist`` or ``activity`` per ``args.command``; returns the exit code."""
+    if args.command == "persist":
+        return await run_persist(args)
+    if args.command == "activity":
+        return await run_activity(args)
+    raise ValueError(f"not a persist command: {args.command!r}")
+
+
+async def run_persist(args: argparse.Namespace) -> int:
+    """Run the worker until SIGTERM/SIGINT (finishes and acks its batch, exit 0)."""
+    try:
+        loaded = load_settings(
+            args.config, overrides={"sites": args.sites, "redis_url": args.redis_url}
+        )
+        book = SitesBook(loaded.sites_path, load_sites(loaded.sites_path))
+        options = PersistOptions.from_env(
+            dsn=args.dsn, claim_idle=args.claim_idle, max_deliveries=args.max_deliveries
+        )
+        metrics_addr = parse_hostport(args.metrics) if args.metrics else None
+    except (ConfigError, ValueError) as exc:
+        print(f"eventwire: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure(loaded.settings.log_level)
+    if metrics_addr is not None:
+        start_http_server(metrics_addr[1], addr=metrics_addr[0])
+    worker = Worker(loaded.settings, book, options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop_soon)
+    try:
+        await worker.start()
+    except Exception as exc:
+        print(f"eventwire persist: cannot start: {exc!r}", file=sys.stderr)
+        await worker.stop()
+        return 1
+    try:
+        await worker.wait()
+    finally:
+        await worker.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _line(a: Activity) -> str:
+    when = datetime.datetime.fromtimestamp(a.time / 1000, datetime.UTC)
+    return f"{when:%Y-%m-%d %H:%M:%S}.{a.time % 1000:03d}Z  {a.label}  ({a.action})  {a.session}"
+
+
+async def run_activity(args: argparse.Namespace) -> int:
+    """Print a customer's activity feed: readable lines on a TTY, JSON lines otherwise."""
+    dsn = args.dsn or os.environ.get("EVENTWIRE_PERSIST_DSN") or DEFAULT_DSN
+    if args.limit < 1:
+        print("eventwire activity: --limit must be at least 1", file=sys.stderr)
+        return 2
+    sink = open_sink(dsn)
+    try:
+        await sink.open()
+        feed = await sink.activity(args.site, args.uuid, args.limit)
+    finally:
+        await sink.close()
+    as_json = args.json or not sys.stdout.isatty()
+    out = sys.stdout
+    for a in feed:
+        out.write((msgspec.json.encode(a).decode() if as_json else _line(a)) + "\n")
+    out.flush()
+    return 0

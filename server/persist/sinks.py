@@ -1,0 +1,459 @@
+"""The event store of the persistence worker: schema, migrations, and the SQLite/PostgreSQL sinks.
+
+This module owns the SQL: the one schema both stores share (versioned by
+``schema_version``, migrated forward by :data:`MIGRATIONS` on first start),
+the rows an event becomes, the idempotent batch write and the activity feed
+query. It never speaks Redis. Every write is one transaction, and every
+insert is ``ON CONFLICT DO NOTHING`` (events) or an upsert (sessions), so a
+redelivered stream entry never makes a second row.
+
+DSNs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (the
+SQLAlchemy convention) or a plain file path for SQLite; ``postgresql://`` or
+``postgres://`` for PostgreSQL (asyncpg; other query parameters such as
+``search_path`` are sent to the server as settings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import msgspec
+
+#: The default store, relative to where the worker runs.
+DEFAULT_DSN: Final = "sqlite:///data/events.db"
+
+#: Migrations, in order; migration ``i`` (0-based) brings the schema to version ``i + 1``.
+#: ``{json}`` is ``jsonb`` on PostgreSQL and ``TEXT`` on SQLite; every other type is
+#: spelled the same in both. Never edit a released step: append a new one.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE events (
+            site TEXT NOT NULL,
+            producer TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            uuid TEXT NOT NULL,
+            session TEXT NOT NULL,
+            action TEXT NOT NULL,
+            label TEXT NOT NULL,
+            time BIGINT NOT NULL,
+            received BIGINT NOT NULL,
+            original_time BIGINT,
+            params {json} NOT NULL,
+            authenticated BOOLEAN NOT NULL DEFAULT FALSE,
+            PRIMARY KEY (site, producer, seq)
+        )""",
+        # The activity feed: one customer's events, newest first.
+        "CREATE INDEX events_customer ON events (site, uuid, time DESC)",
+        """CREATE TABLE sessions (
+            site TEXT NOT NULL,
+            session TEXT NOT NULL,
+            uuid TEXT NOT NULL,
+            started BIGINT,
+            ended BIGINT,
+            reason TEXT,
+            duration_ms BIGINT,
+            events BIGINT,
+            PRIMARY KEY (site, session)
+        )""",
+    ),
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+_EVENT_COLUMNS: Final = (
+    "site, producer, seq, uuid, session, action, label, time, received, original_time, "
+    "params, authenticated"
+)
+
+#: session.start: the row gets its uuid and start; an earlier session.end's fields stay.
+_SESSION_START_SQL: Final = (
+    "INSERT INTO sessions (site, session, uuid, started) VALUES ({p1}, {p2}, {p3}, {p4}) "
+    "ON CONFLICT (site, session) DO UPDATE SET started = excluded.started"
+)
+#: session.end: the row gets its end fields; an earlier session.start's start stays.
+_SESSION_END_SQL: Final = (
+    "INSERT INTO sessions (site, session, uuid, ended, reason, duration_ms, events) "
+    "VALUES ({p1}, {p2}, {p3}, {p4}, {p5}, {p6}, {p7}) "
+    "ON CONFLICT (site, session) DO UPDATE SET ended = excluded.ended, "
+    "reason = excluded.reason, duration_ms = excluded.duration_ms, events = excluded.events"
+)
+
+
+class StoredEvent(msgspec.Struct, kw_only=True):
+    """One entry's ``event`` field (PROTOCOL.md section 7); unknown fields are ignored."""
+
+    site: str
+    uuid: str
+    session: str
+    producer: str
+    seq: int
+    action: str
+    label: str
+    time: int
+    received: int
+    params: dict[str, Any] = {}
+    original_time: int | None = None
+    authenticated: bool = False
+
+
+_decoder: Final = msgspec.json.Decoder(StoredEvent)
+_encoder: Final = msgspec.json.Encoder()
+
+#: Largest value a BIGINT column holds; a larger one is refused at decode, not by the store.
+_BIGINT_MAX: Final = 2**63 - 1
+
+
+def decode_event(raw: bytes) -> StoredEvent:
+    """Decode an entry's ``event`` field.
+
+    Raises:
+        ValueError: not the JSON of a stored event (the message says why).
+    """
+    try:
+        event = _decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"undecodable event: {exc}") from None
+    for name in ("seq", "time", "received", "original_time"):
+        value = getattr(event, name)
+        if value is not None and not -_BIGINT_MAX <= value <= _BIGINT_MAX:
+            raise ValueError(f"undecodable event: {name} {value} is out of BIGINT range")
+    return event
+
+
+class EventRow(msgspec.Struct, array_like=True, frozen=True):
+    """An event as the ``events`` table holds it, in :data:`_EVENT_COLUMNS` order."""
+
+    site: str
+    producer: str
+    seq: int
+    uuid: str
+    session: str
+    action: str
+    label: str
+    time: int
+    received: int
+    original_time: int | None
+    params: str
+    authenticated: bool
+
+
+def to_row(site: str, event: StoredEvent) -> EventRow:
+    """The row of one decoded event of ``site``'s stream."""
+    return EventRow(
+        site,
+        event.producer,
+        event.seq,
+        event.uuid,
+        event.session,
+        event.action,
+        event.label,
+        event.time,
+        event.received,
+        event.original_time,
+        _encoder.encode(event.params).decode(),
+        event.authenticated,
+    )
+
+
+def _session_args(row: EventRow) -> tuple[str, tuple[Any, ...]] | None:
+    """Which session statement (``start``/``end``) a row feeds, with its arguments."""
+    if row.action == "session.start":
+        return "start", (row.site, row.session, row.uuid, row.time)
+    if row.action == "session.end":
+        params = msgspec.json.decode(row.params)
+
+        def num(key: str) -> int | None:
+            value = params.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        reason = params.get("reason")
+        return "end", (
+            row.site,
+            row.session,
+            row.uuid,
+            row.time,
+            reason if isinstance(reason, str) else None,
+            num("duration_ms"),
+            num("events"),
+        )
+    return None
+
+
+class Activity(msgspec.Struct, frozen=True):
+    """One line of a customer's activity feed."""
+
+    time: int
+    label: str
+    action: str
+    session: str
+
+
+class Sink(Protocol):
+    """Where batches of rows go. One caller at a time; each write is one transaction."""
+
+    async def open(self) -> None:
+        """Connect and bring the schema to :data:`SCHEMA_VERSION`."""
+
+    async def write(self, rows: Sequence[EventRow]) -> int:
+        """Insert rows and upsert their sessions in one transaction; returns new event rows."""
+
+    async def ping(self) -> None:
+        """Raise if the store does not answer."""
+
+    async def activity(self, site: str, uuid: str, limit: int) -> list[Activity]:
+        """A customer's events, newest first."""
+
+    async def count(self, site: str | None = None) -> int:
+        """Rows of ``events`` (of one site)."""
+
+    async def close(self) -> None:
+        """Release the connection."""
+
+
+def sqlite_path(dsn: str) -> Path:
+    """The file a SQLite DSN names (``sqlite:///rel``, ``sqlite:////abs`` or a plain path)."""
+    if dsn.startswith("sqlite:///"):
+        return Path(dsn[len("sqlite:///") :])
+    if "://" in dsn:
+        raise ValueError(f"not a SQLite DSN: {dsn!r}")
+    return Path(dsn)
+
+
+def open_sink(dsn: str) -> Sink:
+    """The sink a DSN names (not opened yet).
+
+    Raises:
+        ValueError: the DSN's scheme is neither sqlite nor postgresql.
+    """
+    if dsn.startswith(("postgresql://", "postgres://")):
+        return PostgresSink(dsn)
+    return SqliteSink(sqlite_path(dsn))
+
+
+class SqliteSink:
+    """The SQLite store: one connection, WAL, used from worker threads one call at a time.
+
+    ``synchronous=FULL``: one fsync per batch (cheap at 500 rows), so a power
+    loss never takes back a transaction whose entries were already acked in
+    Redis. ``busy_timeout``: several workers may share the file; a writer
+    waits up to this long for another's transaction.
+    """
+
+    #: How long a write waits for another process' transaction on the same file.
+    BUSY_TIMEOUT_MS: Final = 10_000
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        async with self._lock:
+            return await asyncio.to_thread(fn, *args)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The open connection."""
+        assert self._db is not None, "sink not opened"
+        return self._db
+
+    async def open(self) -> None:
+        """Create the file and folder if missing, set WAL, migrate."""
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {self.BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        self._db = db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            found = db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            for version in range(found, SCHEMA_VERSION):
+                for statement in MIGRATIONS[version]:
+                    db.execute(statement.format(json="TEXT"))
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def write(self, rows: Sequence[EventRow]) -> int:
+        """Insert in one transaction; returns how many event rows were new."""
+        written: int = await self._call(self._write, rows)
+        return written
+
+    def _write(self, rows: Sequence[EventRow]) -> int:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            before = db.total_changes
+            db.executemany(
+                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT DO NOTHING",
+                [tuple(msgspec.structs.astuple(r)) for r in rows],
+            )
+            written = db.total_changes - before
+            for r in rows:
+                found = _session_args(r)
+                if found is not None:
+                    kind, args = found
+                    sql = _SESSION_START_SQL if kind == "start" else _SESSION_END_SQL
+                    db.execute(sql.format(**{f"p{i}": "?" for i in range(1, 8)}), args)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return written
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1``."""
+        await self._call(lambda: self.db.execute("SELECT 1").fetchone())
+
+    async def activity(self, site: str, uuid: str, limit: int) -> list[Activity]:
+        """A customer's events, newest first (ties: highest seq first)."""
+
+        def query() -> list[Activity]:
+            cur = self.db.execute(
+                "SELECT time, label, action, session FROM events WHERE site = ? AND uuid = ? "
+                "ORDER BY time DESC, received DESC, seq DESC LIMIT ?",
+                (site, uuid, limit),
+            )
+            return [Activity(*r) for r in cur.fetchall()]
+
+        out: list[Activity] = await self._call(query)
+        return out
+
+    async def count(self, site: str | None = None) -> int:
+        """Rows of ``events`` (of one site)."""
+
+        def query() -> int:
+            if site is None:
+                n: int = self.db.execute("SELECT count(*) FROM events").fetchone()[0]
+            else:
+                n = self.db.execute(
+                    "SELECT count(*) FROM events WHERE site = ?", (site,)
+                ).fetchone()[0]
+            return n
+
+        out: int = await self._call(query)
+        return out
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._db is not None:
+            db, self._db = self._db, None
+            await self._call(db.close)
+
+
+class PostgresSink:
+    """The PostgreSQL store: one asyncpg connection (a worker writes one batch at a time).
+
+    Events go in with one ``INSERT ... SELECT FROM unnest(...)`` per batch: one
+    round trip for 500 rows instead of 500 statements.
+    """
+
+    #: How long connecting, and each statement, may take before the batch fails (and is retried).
+    TIMEOUT: Final = 30.0
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _connected(self) -> Any:
+        """The connection, made again if it was lost (a PostgreSQL restart)."""
+        if self._conn is None or self._conn.is_closed():
+            import asyncpg  # type: ignore[import-untyped]
+
+            self._conn = await asyncpg.connect(self.dsn, timeout=self.TIMEOUT)
+        return self._conn
+
+    async def open(self) -> None:
+        """Connect, then migrate under an advisory lock (workers may start together)."""
+        await self._connected()
+        async with self._lock, self._conn.transaction():
+            await self._conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('eventwire.persist.schema'))"
+            )
+            await self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+            found = await self._conn.fetchval("SELECT max(version) FROM schema_version") or 0
+            for version in range(found, SCHEMA_VERSION):
+                for statement in MIGRATIONS[version]:
+                    await self._conn.execute(statement.format(json="jsonb"))
+                await self._conn.execute(
+                    "INSERT INTO schema_version (version) VALUES ($1)", version + 1
+                )
+
+    async def write(self, rows: Sequence[EventRow]) -> int:
+        """Insert in one transaction; returns how many event rows were new."""
+        columns = list(zip(*(msgspec.structs.astuple(r) for r in rows), strict=True))
+        if not columns:
+            return 0
+        await self._connected()
+        async with self._lock, self._conn.transaction():
+            status: str = await self._conn.execute(
+                f"INSERT INTO events ({_EVENT_COLUMNS}) "
+                "SELECT site, producer, seq, uuid, session, action, label, time, received, "
+                "original_time, params::jsonb, authenticated FROM unnest("
+                "$1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], "
+                "$7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], "
+                "$12::boolean[]) AS t(site, producer, seq, uuid, session, action, label, time, "
+                "received, original_time, params, authenticated) ON CONFLICT DO NOTHING",
+                *columns,
+                timeout=self.TIMEOUT,
+            )
+            for r in rows:
+                found = _session_args(r)
+                if found is not None:
+                    kind, args = found
+                    sql = _SESSION_START_SQL if kind == "start" else _SESSION_END_SQL
+                    await self._conn.execute(
+                        sql.format(**{f"p{i}": f"${i}" for i in range(1, 8)}),
+                        *args,
+                        timeout=self.TIMEOUT,
+                    )
+        return int(status.rsplit(" ", 1)[1])
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1``."""
+        await self._connected()
+        async with self._lock:
+            await self._conn.fetchval("SELECT 1", timeout=self.TIMEOUT)
+
+    async def activity(self, site: str, uuid: str, limit: int) -> list[Activity]:
+        """A customer's events, newest first (ties: highest seq first)."""
+        await self._connected()
+        async with self._lock:
+            records = await self._conn.fetch(
+                "SELECT time, label, action, session FROM events WHERE site = $1 AND uuid = $2 "
+                "ORDER BY time DESC, received DESC, seq DESC LIMIT $3",
+                site,
+                uuid,
+                limit,
+            )
+        return [Activity(*r) for r in records]
+
+    async def count(self, site: str | None = None) -> int:
+        """Rows of ``events`` (of one site)."""
+        await self._connected()
+        async with self._lock:
+            if site is None:
+                n: int = await self._conn.fetchval("SELECT count(*) FROM events")
+            else:
+                n = await self._conn.fetchval("SELECT count(*) FROM events WHERE site = $1", site)
+        return n
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()

@@ -1,0 +1,533 @@
+"""The persistence worker: each site's events stream, via consumer group ``persist``, into a sink.
+
+This module owns the Redis side of persistence: the consumer group, the read
+loop (``XREADGROUP COUNT 500 BLOCK 1000`` over all sites' streams), the ack
+after each batch is committed, reclaiming entries of dead consumers
+(``XAUTOCLAIM``), dead-lettering to ``{prefix}:{site}:dead``, the trimming
+alarm, the lag gauge and picking up new sites. What a row is, and the SQL, is
+:mod:`server.persist.sinks`'.
+
+Delivery: an entry is XACKed only after the transaction holding its row has
+committed, so a crash at any point redelivers it (to another worker, after
+``claim_idle``) and the store's ``ON CONFLICT DO NOTHING`` makes the second
+write a no-op: every entry ends up as exactly one row, or in the dead stream.
+The worker never trims a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisError, ResponseError
+
+from server.config import Settings
+from server.errors import ConfigError
+from server.persist.sinks import DEFAULT_DSN, EventRow, Sink, decode_event, open_sink, to_row
+from server.rules import SitesBook
+from server.store import Keys
+
+log = structlog.get_logger("eventwire.persist")
+
+#: The consumer group every persistence worker shares.
+GROUP: Final = "persist"
+#: Entries per stream per read. A batch is one transaction of up to this many
+#: rows per site; larger means fewer commits (faster) but more to redo after a crash.
+READ_COUNT: Final = 500
+#: How long one read waits for new entries (ms); also the longest a stop waits for it.
+BLOCK_MS: Final = 1000
+#: How often the lag gauge and the trimming alarm are refreshed: two XINFO calls per site.
+INFO_INTERVAL: Final = 5.0
+#: How long the loop waits after a Redis or store failure before trying again.
+RETRY_DELAY: Final = 1.0
+
+ROWS_WRITTEN: Final = Counter(
+    "eventwire_persist_rows_written", "Event rows inserted (duplicates not counted).", ["site"]
+)
+BATCHES: Final = Counter("eventwire_persist_batches", "Batches committed and acked.")
+RECLAIMED: Final = Counter(
+    "eventwire_persist_reclaimed", "Entries taken over from idle consumers (XAUTOCLAIM)."
+)
+DEAD_LETTERED: Final = Counter(
+    "eventwire_persist_dead_lettered", "Entries moved to the dead stream.", ["site"]
+)
+TRIMMED_UNREAD: Final = Counter(
+    "eventwire_persist_trimmed_unread",
+    "Entries trimmed from an events stream before the group read them (lost to the store).",
+    ["site"],
+)
+LAG: Final = Gauge(
+    "eventwire_persist_lag",
+    "Entries of a site's events stream not yet read by the group.",
+    ["site"],
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PersistOptions:
+    """The worker's own settings (``EVENTWIRE_PERSIST_DSN``, ``_CLAIM_IDLE``, ``_MAX_DELIVERIES``).
+
+    Attributes:
+        dsn: the store; SQLite file (default ``data/events.db``) or ``postgresql://``.
+        claim_idle: seconds an entry may sit unacked with a consumer before another
+            worker takes it over; also how often each worker looks. Lower means a
+            crashed worker's batch is redone sooner, but a batch that takes longer
+            than this to write is taken over (and written twice, harmlessly).
+        max_deliveries: deliveries after which an entry that still fails goes to the
+            dead stream. Higher means more retries of a poisoned entry (each one
+            ``claim_idle`` later).
+    """
+
+    dsn: str = DEFAULT_DSN
+    claim_idle: float = 60.0
+    max_deliveries: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.claim_idle > 0:
+            raise ConfigError(f"claim_idle must be above 0, got {self.claim_idle}")
+        if self.max_deliveries < 1:
+            raise ConfigError(f"max_deliveries must be at least 1, got {self.max_deliveries}")
+
+    @classmethod
+    def from_env(
+        cls,
+        env: dict[str, str] | None = None,
+        dsn: str | None = None,
+        claim_idle: float | None = None,
+        max_deliveries: int | None = None,
+    ) -> PersistOptions:
+        """Options from flags (given), else ``EVENTWIRE_*`` variables, else the defaults.
+
+        Raises:
+            ConfigError: a value is not a number or out of range; names the variable.
+        """
+        env = dict(os.environ) if env is None else env
+        try:
+            return cls(
+                dsn=dsn or env.get("EVENTWIRE_PERSIST_DSN") or DEFAULT_DSN,
+                claim_idle=claim_idle
+                if claim_idle is not None
+                else float(env.get("EVENTWIRE_CLAIM_IDLE", "60")),
+                max_deliveries=max_deliveries
+                if max_deliveries is not None
+                else int(env.get("EVENTWIRE_MAX_DELIVERIES", "5")),
+            )
+        except ValueError as exc:
+            raise ConfigError(
+                f"EVENTWIRE_CLAIM_IDLE / EVENTWIRE_MAX_DELIVERIES: not a number: {exc}"
+            ) from None
+
+
+def consumer_name() -> str:
+    """A consumer name unique to this worker: hostname-pid-random."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Worker:
+    """One persistence worker: ``await start()``, later ``await stop()`` (finishes its batch).
+
+    Args:
+        settings: ``redis_url`` and ``key_prefix`` are used.
+        book: the sites; re-read when the file's modification time changes.
+        options: store, reclaim and dead-letter settings.
+        sink: a sink to use instead of opening ``options.dsn`` (tests); the worker
+            opens and closes it either way.
+        consumer: the consumer name (default: hostname-pid-random).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        book: SitesBook,
+        options: PersistOptions,
+        sink: Sink | None = None,
+        consumer: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.book = book
+        self.options = options
+        self.keys = Keys(settings.key_prefix)
+        self.sink: Sink = sink if sink is not None else open_sink(options.dsn)
+        self.consumer = consumer or consumer_name()
+        # A read blocks BLOCK_MS; the socket must wait longer than that.
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=BLOCK_MS / 1000 + 10, socket_connect_timeout=10
+        )
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._sites: list[str] = []
+        self._need_groups = False
+        self._store_ok = True
+        self._next_claim = 0.0
+        self._next_info = 0.0
+        self._claim_cursor: dict[str, str] = {}
+        self._reported_trim: dict[str, str] = {}
+        #: Rows inserted by this worker (duplicates not counted).
+        self.rows_written = 0
+        #: Entries this worker moved to a dead stream.
+        self.dead_lettered = 0
+
+    def dead_key(self, site: str) -> str:
+        """The dead-letter stream of a site."""
+        return f"{self.keys.site_prefix(site)}dead"
+
+    async def start(self) -> None:
+        """Open the store, create missing groups, start the loop task.
+
+        Raises:
+            Exception: the store or Redis cannot be reached at start.
+        """
+        await self.sink.open()
+        self._sites = sorted(self.book.sites)
+        await self._ensure_groups(self._sites)
+        self._task = asyncio.create_task(self._run(), name=f"persist-{self.consumer}")
+        log.info("persist_started", consumer=self.consumer, sites=self._sites)
+
+    def stop_soon(self) -> None:
+        """Ask the loop to stop after the batch in hand (for signal handlers)."""
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        """Finish and ack the batch in hand, then close Redis and the store."""
+        self._stopping.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            await task
+        await self._forget_self()
+        await self.redis.aclose()
+        await self.sink.close()
+        log.info("persist_stopped", consumer=self.consumer, rows=self.rows_written)
+
+    async def wait(self) -> None:
+        """Return when the loop task ends (it ends only on stop, or raises)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    # -- the loop -----------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._step()
+            except RedisError as exc:
+                # redis-py wraps socket errors; a bare OSError comes from the store.
+                log.warning("persist_redis_failed", error=str(exc))
+                await self._pause()
+            except Exception as exc:
+                # The batch stays pending; it is redone here or by another worker.
+                # Until the store answers again, nothing is read or reclaimed:
+                # every reclaim counts a delivery, and an outage must not push
+                # good entries to the dead stream.
+                log.error("persist_store_failed", error=repr(exc))
+                self._store_ok = False
+                await self._pause()
+
+    async def _pause(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), RETRY_DELAY)
+
+    async def _step(self) -> None:
+        if not self._store_ok:
+            await self.sink.ping()  # raises while the store is down
+            self._store_ok = True
+            log.info("persist_store_back")
+        self._maybe_reload()
+        if self._need_groups:
+            await self._ensure_groups(self._sites)
+            self._need_groups = False
+        now = time.monotonic()
+        if now >= self._next_info:
+            self._next_info = now + INFO_INTERVAL
+            await self._check_streams()
+        if now >= self._next_claim:
+            self._next_claim = now + self.options.claim_idle
+            await self._claim()
+        if self._stopping.is_set() or not self._sites:
+            if not self._sites:
+                await self._pause()
+            return
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                GROUP,
+                self.consumer,
+                dict.fromkeys((self.keys.events(s) for s in self._sites), ">"),
+                count=READ_COUNT,
+                block=BLOCK_MS,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group was deleted under us: make them again.
+            await self._ensure_groups(self._sites)
+            return
+        by_site: list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]] = []
+        for stream, entries in reply or []:
+            by_site.append((self._site_of(_text(stream)), entries))
+        if by_site:
+            await self._process(by_site)
+
+    def _site_of(self, stream_key: str) -> str:
+        # "{prefix}:{site}:events"
+        return stream_key[len(self.keys.prefix) + 2 : stream_key.rindex("}")]
+
+    def _maybe_reload(self) -> None:
+        if not self.book.changed():
+            return
+        try:
+            sites = self.book.reload()
+        except ConfigError as exc:
+            log.error("persist_sites_reload_failed", error=str(exc))
+            return
+        new = sorted(sites)
+        if new != self._sites:
+            log.info("persist_sites_changed", sites=new)
+            self._sites = new
+            self._need_groups = True  # created at the next step: that needs Redis
+
+    async def _ensure_groups(self, sites: Sequence[str]) -> None:
+        for site in sites:
+            try:
+                await self.redis.xgroup_create(self.keys.events(site), GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # -- batches ------------------------------------------------------------
+
+    async def _process(
+        self,
+        by_site: Sequence[tuple[str, Sequence[tuple[bytes, dict[bytes, bytes]]]]],
+        deliveries: dict[str, int] | None = None,
+    ) -> None:
+        """Write a batch in one transaction, then ack it; dead-letter what cannot be written."""
+        rows: list[EventRow] = []
+        ids: dict[str, list[str]] = {}
+        sources: list[tuple[str, str, bytes]] = []  # site, id, raw of each row
+        dead: list[tuple[str, str, bytes, str]] = []  # site, id, raw, why
+        for site, entries in by_site:
+            for raw_id, fields in entries:
+                entry_id = _text(raw_id)
+                raw = fields.get(b"event") if fields else None
+                if raw is None:
+                    dead.append((site, entry_id, b"", "entry has no event field"))
+                    continue
+                if deliveries is not None and deliveries.get(entry_id, 0) > (
+                    self.options.max_deliveries
+                ):
+                    why = f"delivered {deliveries[entry_id]} times without being written"
+                    dead.append((site, entry_id, raw, why))
+                    continue
+                try:
+                    rows.append(to_row(site, decode_event(raw)))
+                except ValueError as exc:
+                    dead.append((site, entry_id, raw, str(exc)))
+                    continue
+                ids.setdefault(site, []).append(entry_id)
+                sources.append((site, entry_id, raw))
+        if dead:
+            await self._dead_letter(dead)
+        if not rows:
+            return
+        try:
+            written = await self.sink.write(rows)
+        except Exception as exc:
+            # A store that does not answer: raise, the batch stays pending.
+            await self.sink.ping()
+            # One bad row fails the whole transaction: find it by writing one at a time.
+            log.warning("persist_batch_failed", error=repr(exc), rows=len(rows))
+            await self._write_one_by_one(rows, sources)
+            return
+        await self._ack(ids)
+        self._count(rows, written)
+
+    async def _write_one_by_one(
+        self,
+        rows: Sequence[EventRow],
+        sources: Sequence[tuple[str, str, bytes]],
+    ) -> None:
+        failed: list[tuple[str, str, bytes, str]] = []
+        for (site, entry_id, raw), row in zip(sources, rows, strict=True):
+            try:
+                written = await self.sink.write([row])
+            except Exception as exc:
+                failed.append((site, entry_id, raw, repr(exc)))
+                continue
+            await self._ack({site: [entry_id]})
+            self._count([row], written)
+        if not failed:
+            return
+        # If the store answers, the failures are the entries' fault: retry them
+        # (they stay pending) until they reach max_deliveries. If it does not,
+        # this raises and the loop pauses; the entries stay pending either way.
+        await self.sink.ping()
+        counts = await self._deliveries(failed)
+        dead = [f for f in failed if counts.get(f[1], 0) >= self.options.max_deliveries]
+        for site, entry_id, _raw, why in failed:
+            log.warning(
+                "persist_entry_failed",
+                site=site,
+                id=entry_id,
+                deliveries=counts.get(entry_id),
+                error=why,
+            )
+        if dead:
+            await self._dead_letter(dead)
+
+    async def _deliveries(self, entries: Sequence[tuple[str, str, bytes, str]]) -> dict[str, int]:
+        """The delivery count of each entry (XPENDING)."""
+        out: dict[str, int] = {}
+        for site, entry_id, _raw, _why in entries:
+            found = await self.redis.xpending_range(
+                self.keys.events(site), GROUP, min=entry_id, max=entry_id, count=1
+            )
+            for item in found:
+                out[_text(item["message_id"])] = int(item["times_delivered"])
+        return out
+
+    def _count(self, rows: Sequence[EventRow], written: int) -> None:
+        self.rows_written += written
+        BATCHES.inc()
+        sites = {r.site for r in rows}
+        if len(sites) == 1:
+            ROWS_WRITTEN.labels(next(iter(sites))).inc(written)
+        else:
+            # The store reports one count per transaction; attribute it by share.
+            for site in sites:
+                share = sum(1 for r in rows if r.site == site)
+                ROWS_WRITTEN.labels(site).inc(written * share / len(rows))
+
+    async def _ack(self, ids: dict[str, list[str]]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for site, site_ids in ids.items():
+                pipe.xack(self.keys.events(site), GROUP, *site_ids)
+            await pipe.execute()
+
+    async def _dead_letter(self, dead: Sequence[tuple[str, str, bytes, str]]) -> None:
+        """XADD each to its site's dead stream and XACK it, atomically per entry.
+
+        The dead stream is not trimmed: entries land there only when something is
+        wrong, and an operator must see all of them (and delete them when done).
+        """
+        for site, entry_id, raw, why in dead:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.dead_key(site), {"event": raw, "error": why, "id": entry_id})
+                pipe.xack(self.keys.events(site), GROUP, entry_id)
+                await pipe.execute()
+            DEAD_LETTERED.labels(site).inc()
+            self.dead_lettered += 1
+            log.warning("persist_dead_lettered", site=site, id=entry_id, error=why)
+
+    # -- crash safety -------------------------------------------------------
+
+    async def _claim(self) -> None:
+        """Take over entries idle longer than ``claim_idle`` (dead consumers') and process them."""
+        idle_ms = int(self.options.claim_idle * 1000)
+        for site in self._sites:
+            stream = self.keys.events(site)
+            cursor = "0-0"
+            while not self._stopping.is_set():
+                reply = await self.redis.xautoclaim(
+                    stream, GROUP, self.consumer, idle_ms, start_id=cursor, count=READ_COUNT
+                )
+                cursor = _text(reply[0])
+                entries = [(i, f) for i, f in reply[1] if f]
+                deleted = reply[2] if len(reply) > 2 else []
+                if deleted:
+                    # Trimmed while pending: XAUTOCLAIM already removed them from the PEL.
+                    log.warning("persist_pending_trimmed", site=site, count=len(deleted))
+                    TRIMMED_UNREAD.labels(site).inc(len(deleted))
+                if entries:
+                    RECLAIMED.inc(len(entries))
+                    log.info("persist_reclaimed", site=site, count=len(entries))
+                    first, last = _text(entries[0][0]), _text(entries[-1][0])
+                    pending = await self.redis.xpending_range(
+                        stream,
+                        GROUP,
+                        min=first,
+                        max=last,
+                        count=len(entries),
+                        consumername=self.consumer,
+                    )
+                    counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+                    await self._process([(site, entries)], deliveries=counts)
+                if cursor == "0-0":
+                    break
+
+    async def _check_streams(self) -> None:
+        """Refresh the lag gauge; warn when entries were trimmed before the group read them."""
+        for site in self._sites:
+            stream = self.keys.events(site)
+            try:
+                info = await self.redis.xinfo_stream(stream)
+                groups = await self.redis.xinfo_groups(stream)
+            except ResponseError:
+                continue  # no such stream (yet)
+            group = next((g for g in groups if _text(g["name"]) == GROUP), None)
+            if group is None:
+                continue
+            lag = group.get("lag")
+            if lag is not None:
+                LAG.labels(site).set(int(lag))
+            deleted = _text(info.get("max-deleted-entry-id", "0-0"))
+            delivered = _text(group.get("last-delivered-id", "0-0"))
+            first = info.get("first-entry")
+            first_id = _text(first[0]) if first else None
+            entries_read = group.get("entries-read")
+            if entries_read is None and delivered == "0-0":
+                entries_read = 0  # the group has read nothing yet
+            # All entries still in the stream are unread: whatever left the stream
+            # beyond what the group read was trimmed (or deleted) unread.
+            all_unread = first_id is None or _id_tuple(first_id) > _id_tuple(delivered)
+            count: int | None = None
+            if entries_read is not None and all_unread:
+                count = int(info["entries-added"]) - int(entries_read) - int(info["length"])
+            # Redis 7.0 moves max-deleted-entry-id on XDEL but not on XTRIM/MAXLEN,
+            # so both signs are checked.
+            if _id_tuple(deleted) <= _id_tuple(delivered) and not (count and count > 0):
+                continue
+            mark = f"{deleted}/{first_id}"
+            if self._reported_trim.get(site) == mark:
+                continue
+            self._reported_trim[site] = mark
+            if count is not None and count > 0:
+                TRIMMED_UNREAD.labels(site).inc(count)
+            log.warning(
+                "persist_entries_trimmed_unread",
+                site=site,
+                count=count,
+                max_deleted_entry_id=deleted,
+                last_delivered_id=delivered,
+                hint="raise stream_maxlen or add persist workers: these events never reach "
+                "the store",
+            )
+
+    async def _forget_self(self) -> None:
+        """Leave the groups if this consumer holds nothing (keeps XINFO CONSUMERS short)."""
+        for site in self._sites:
+            stream = self.keys.events(site)
+            try:
+                consumers = await self.redis.xinfo_consumers(stream, GROUP)
+                mine = [c for c in consumers if _text(c["name"]) == self.consumer]
+                if mine and int(mine[0]["pending"]) == 0:
+                    await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
+            except (RedisError, OSError):
+                continue

@@ -1,0 +1,513 @@
+"""The persistence worker and activity feed: real Redis, server, client and stores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ResponseError
+
+from server.client import EventwireClient
+from server.config import Settings
+from server.gateway import EventwireServer
+from server.persist.sinks import EventRow, Sink, open_sink
+from server.persist.worker import GROUP, PersistOptions, Worker
+from server.rules import SitesBook, load_sites
+from tests.conftest import MakeServer
+from tests.procs import UNIT, RedisProcess
+from tests.wire import now_ms
+
+PG_URL = os.environ.get("EVENTWIRE_TEST_PG", "postgresql://postgres@127.0.0.1/test")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def dsn(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh store: a SQLite file, or a private schema of the local PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'events.db'}"
+        return
+    import asyncpg  # type: ignore[import-untyped]
+
+    try:
+        conn = await asyncpg.connect(PG_URL, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL} ({exc!r}); set EVENTWIRE_TEST_PG")
+    schema = f"ew_test_{secrets.token_hex(6)}"
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG_URL}?search_path={schema}"
+    finally:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
+@pytest.fixture
+def sqlite_dsn(tmp_path: Path) -> str:
+    """A SQLite store in a fresh file."""
+    return f"sqlite:///{tmp_path / 'events.db'}"
+
+
+def settings_for(redis_proc: RedisProcess) -> Settings:
+    """Worker settings pointing at the test Redis."""
+    return msgspec.convert({"redis_url": redis_proc.url}, Settings)
+
+
+async def start_worker(
+    redis_proc: RedisProcess,
+    sites_file: Path,
+    dsn: str,
+    sink: Sink | None = None,
+    **options: Any,
+) -> Worker:
+    """An in-process worker, started."""
+    worker = Worker(
+        settings_for(redis_proc),
+        SitesBook(sites_file, load_sites(sites_file)),
+        PersistOptions(dsn=dsn, **options),
+        sink=sink,
+    )
+    await worker.start()
+    return worker
+
+
+async def ingest(server: EventwireServer, n: int, uuid: str = "cust-1", site: str = "app") -> None:
+    """Send n events through the server with the Python client and wait for their acks."""
+    async with EventwireClient(f"{server.url}/v1/track/{site}", uuid, batch_size=500) as client:
+        for i in range(n):
+            client.track("product.view", {"sku": f"S{i}"}, f"Viewed S{i}")
+        await client.flush(timeout=60 * UNIT)
+        assert client.accepted == n
+
+
+async def wait_rows(sink: Sink, n: int, within: float = 30) -> None:
+    """Wait until the store holds n event rows."""
+    deadline = time.monotonic() + within * UNIT
+    while (got := await sink.count()) < n:
+        assert time.monotonic() < deadline, f"{got} rows of {n} after {within} s"
+        await asyncio.sleep(0.02)
+
+
+async def pending(redis: aioredis.Redis, site: str = "app") -> int:
+    """Entries of a site's stream delivered to the group but not acked."""
+    try:
+        summary = await redis.xpending(f"ew:{{{site}}}:events", GROUP)
+    except ResponseError:  # no group yet
+        return 0
+    return int(summary["pending"])
+
+
+async def client_rows(dsn: str) -> tuple[int, int]:
+    """(all event rows, rows from client producers) in a store."""
+    sink = open_sink(dsn)
+    await sink.open()
+    try:
+        total = await sink.count()
+        feed = await sink.activity("app", "cust-1", 1_000_000)
+        return total, sum(1 for a in feed if not a.action.startswith("session."))
+    finally:
+        await sink.close()
+
+
+def spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    """Start ``python -m server ARGS`` (no config file)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", *args],
+        cwd=ROOT,
+        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def add_site(sites_file: Path, site: str) -> None:
+    """Append a site to a sites file and move its modification time forward."""
+    sites_file.write_text(sites_file.read_text() + f"\n[sites.{site}]\nallow_no_origin = true\n")
+    os.utime(sites_file, (time.time() + 5, time.time() + 5))
+
+
+def stored_event(seq: int, uuid: str = "cust-1", site: str = "app", **extra: Any) -> bytes:
+    """The JSON of a stored event as the server writes it (PROTOCOL.md section 7)."""
+    t = now_ms()
+    return json.dumps(
+        {
+            "site": site,
+            "uuid": uuid,
+            "session": "sess-1",
+            "producer": "p-direct",
+            "seq": seq,
+            "action": "product.view",
+            "label": f"Viewed {seq}",
+            "time": t,
+            "received": t,
+            "params": {"sku": f"S{seq}"},
+        }
+        | extra
+    ).encode()
+
+
+async def test_n_events_become_n_rows(
+    server: EventwireServer,
+    redis: aioredis.Redis,
+    redis_proc: RedisProcess,
+    sites_file: Path,
+    dsn: str,
+) -> None:
+    """5000 events sent through the server become exactly 5000 rows; nothing stays pending."""
+    n = 5000
+    await ingest(server, n)
+    length = await redis.xlen("ew:{app}:events")
+    worker = await start_worker(redis_proc, sites_file, dsn)
+    started = time.perf_counter()
+    try:
+        await wait_rows(worker.sink, length)
+        elapsed = time.perf_counter() - started
+        print(
+            f"\npersist {dsn.split(':')[0]}: {length} rows in {elapsed:.3f} s = "
+            f"{length / elapsed:.0f} rows/s"
+        )
+    finally:
+        await worker.stop()
+    assert await pending(redis) == 0
+    total, from_client = await client_rows(dsn)
+    assert (total, from_client) == (length, n)
+    # Redelivery writes nothing twice: a second worker re-reading everything adds no row.
+    await redis.xgroup_setid("ew:{app}:events", GROUP, "0")
+    again = await start_worker(redis_proc, sites_file, dsn)
+    try:
+        deadline = time.monotonic() + 10 * UNIT
+        while (await redis.xinfo_groups("ew:{app}:events"))[0]["lag"] != 0 or await pending(redis):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert again.rows_written == 0
+    finally:
+        await again.stop()
+    assert await client_rows(dsn) == (length, n)
+
+
+async def test_sigkill_mid_batch_then_second_worker(
+    server: EventwireServer,
+    redis: aioredis.Redis,
+    redis_proc: RedisProcess,
+    sites_file: Path,
+    sqlite_dsn: str,
+) -> None:
+    """A worker process SIGKILLed holding a batch: a second worker reclaims it; exactly N rows."""
+    n = 20_000
+    await ingest(server, n)
+    length = await redis.xlen("ew:{app}:events")
+    proc = spawn(
+        [
+            "persist",
+            "--sites",
+            str(sites_file),
+            "--redis",
+            redis_proc.url,
+            "--dsn",
+            sqlite_dsn,
+            "--claim-idle",
+            "60",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 20 * UNIT
+        while await pending(redis) == 0:
+            assert proc.poll() is None, "the worker process exited"
+            assert time.monotonic() < deadline, "the worker never read a batch"
+            await asyncio.sleep(0.002)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    held = await pending(redis)
+    assert held > 0, "the kill did not land while a batch was in hand"
+    total_before, _ = await client_rows(sqlite_dsn)
+    assert total_before < length
+    worker = await start_worker(redis_proc, sites_file, sqlite_dsn, claim_idle=0.3)
+    try:
+        await wait_rows(worker.sink, length)
+        deadline = time.monotonic() + 10 * UNIT
+        while await pending(redis):
+            assert time.monotonic() < deadline, "entries left pending"
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+    assert await client_rows(sqlite_dsn) == (length, n)
+    assert await pending(redis) == 0
+
+
+async def test_sigterm_finishes_and_exits_zero(
+    server: EventwireServer,
+    redis: aioredis.Redis,
+    redis_proc: RedisProcess,
+    sites_file: Path,
+    sqlite_dsn: str,
+) -> None:
+    """SIGTERM: the worker process acks the batch in hand and exits 0, leaving nothing pending."""
+    await ingest(server, 3000)
+    proc = spawn(
+        [
+            "persist",
+            "--sites",
+            str(sites_file),
+            "--redis",
+            redis_proc.url,
+            "--dsn",
+            sqlite_dsn,
+        ]
+    )
+    deadline = time.monotonic() + 20 * UNIT
+    while await pending(redis) == 0 and (await client_rows(sqlite_dsn))[0] == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 15 * UNIT) == 0
+    assert await pending(redis) == 0
+
+
+class FailingSink:
+    """A sink that refuses every batch holding a given seq (a row the store cannot take)."""
+
+    def __init__(self, inner: Sink, bad_seq: int) -> None:
+        self.inner = inner
+        self.bad_seq = bad_seq
+        self.refused = 0
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def write(self, rows: Sequence[EventRow]) -> int:
+        if any(r.seq == self.bad_seq for r in rows):
+            self.refused += 1
+            raise RuntimeError("store refuses this row")
+        return await self.inner.write(rows)
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def activity(self, site: str, uuid: str, limit: int) -> list[Any]:
+        return await self.inner.activity(site, uuid, limit)
+
+    async def count(self, site: str | None = None) -> int:
+        return await self.inner.count(site)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_poisoned_entries_go_to_dead_stream(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path, sqlite_dsn: str
+) -> None:
+    """A non-JSON entry is dead-lettered at once; one the store refuses, after max_deliveries."""
+    stream = "ew:{shop}:events"
+    good1 = await redis.xadd(stream, {"event": stored_event(1, site="shop")})
+    poison = await redis.xadd(stream, {"event": b"not json{"})
+    refused = await redis.xadd(stream, {"event": stored_event(2, site="shop")})
+    good2 = await redis.xadd(stream, {"event": stored_event(3, site="shop")})
+    sink = FailingSink(open_sink(sqlite_dsn), bad_seq=2)
+    worker = await start_worker(
+        redis_proc, sites_file, sqlite_dsn, sink=sink, claim_idle=0.2, max_deliveries=2
+    )
+    try:
+        deadline = time.monotonic() + 10 * UNIT
+        while await redis.xlen("ew:{shop}:dead") < 2:
+            assert time.monotonic() < deadline, "nothing dead-lettered"
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+    dead: Any = await redis.xrange("ew:{shop}:dead")
+    by_id = {f[b"id"]: f for _id, f in dead}
+    assert set(by_id) == {poison, refused}
+    assert by_id[poison][b"event"] == b"not json{"
+    assert b"undecodable" in by_id[poison][b"error"]
+    assert b"store refuses this row" in by_id[refused][b"error"]
+    assert sink.refused >= 2  # the batch, then the row alone, then again after the reclaim
+    assert await pending(redis, "shop") == 0
+    total, _ = await client_rows(sqlite_dsn)
+    assert total == 2
+    assert good1
+    assert good2
+
+
+async def test_activity_feed_newest_first(
+    server: EventwireServer, redis_proc: RedisProcess, sites_file: Path, sqlite_dsn: str
+) -> None:
+    """The activity command lists a customer's events with labels, newest first, as JSON lines."""
+    base = now_ms() - 10_000
+    async with EventwireClient(f"{server.url}/v1/track/app", "cust-7") as client:
+        client.track("page.visit", {"url": "https://shop.example/"}, "Home", time=base)
+        client.track("product.view", {"sku": "A-1"}, "Viewed A-1", time=base + 1000)
+        client.track("cart.add", {"sku": "A-1"}, "Added A-1", time=base + 2000)
+        await client.flush(timeout=10 * UNIT)
+        session = client.welcome.session if client.welcome else None
+    async with EventwireClient(f"{server.url}/v1/track/app", "someone-else") as other:
+        other.track("page.visit", {"url": "https://shop.example/x"}, "Other")
+        await other.flush(timeout=10 * UNIT)
+    worker = await start_worker(redis_proc, sites_file, sqlite_dsn)
+    try:
+        await wait_rows(worker.sink, 6)  # 4 + 2 session.start
+    finally:
+        await worker.stop()
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "activity",
+            "--dsn",
+            sqlite_dsn,
+            "--site",
+            "app",
+            "--uuid",
+            "cust-7",
+            "--limit",
+            "4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30 * UNIT,
+    )
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    # The session started at the hello, after the (back-dated) events' times.
+    assert [(r["label"], r["action"]) for r in lines] == [
+        ("Started session", "session.start"),
+        ("Added A-1", "cart.add"),
+        ("Viewed A-1", "product.view"),
+        ("Home", "page.visit"),
+    ]
+    assert [r["time"] for r in lines[1:]] == [base + 2000, base + 1000, base]
+    assert {r["session"] for r in lines} == {session}
+
+
+async def test_session_start_and_end_make_a_sessions_row(
+    make_server: MakeServer, redis_proc: RedisProcess, sites_file: Path, dsn: str
+) -> None:
+    """session.start and session.end become one sessions row with start, end, reason, count."""
+    server = await make_server(session_grace=0.2, reap_interval=0.05)
+    async with EventwireClient(f"{server.url}/v1/track/app", "cust-s") as client:
+        client.track("page.visit", {"url": "https://shop.example/"}, "Home")
+        await client.flush(timeout=10 * UNIT)
+        assert client.welcome is not None
+        session = client.welcome.session
+    worker = await start_worker(redis_proc, sites_file, dsn)
+    try:
+        await wait_rows(worker.sink, 3, within=10)  # start, visit, end
+    finally:
+        await worker.stop()
+    rows = await session_rows(dsn)
+    assert len(rows) == 1
+    site, sess, uuid, started, ended, reason, duration_ms, events = rows[0]
+    assert (site, sess, uuid, reason) == ("app", session, "cust-s", "closed")
+    assert started is not None
+    assert ended >= started
+    assert duration_ms is not None
+    assert events == 1
+
+
+async def session_rows(dsn: str) -> list[tuple[Any, ...]]:
+    """Every row of the sessions table."""
+    sql = "SELECT site, session, uuid, started, ended, reason, duration_ms, events FROM sessions"
+    if dsn.startswith("sqlite"):
+        import sqlite3
+
+        from server.persist.sinks import sqlite_path
+
+        with sqlite3.connect(sqlite_path(dsn)) as db:
+            return list(db.execute(sql).fetchall())
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+async def test_new_site_picked_up_without_restart(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path, sqlite_dsn: str
+) -> None:
+    """A site added to the sites file is read without a restart."""
+    worker = await start_worker(redis_proc, sites_file, sqlite_dsn)
+    try:
+        await asyncio.sleep(0.1)
+        add_site(sites_file, "fresh")
+        await redis.xadd("ew:{fresh}:events", {"event": stored_event(1, site="fresh")})
+        await wait_rows(worker.sink, 1, within=10)
+        assert await worker.sink.count("fresh") == 1
+    finally:
+        await worker.stop()
+
+
+async def test_trimmed_before_read_is_reported(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path, sqlite_dsn: str
+) -> None:
+    """Entries trimmed before the group read them raise a warning with their count."""
+    stream = "ew:{web}:events"
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    for seq in range(1, 11):
+        await redis.xadd(stream, {"event": stored_event(seq, site="web")})
+    await redis.xtrim(stream, maxlen=4, approximate=False)
+    with structlog.testing.capture_logs() as logs:
+        worker = await start_worker(redis_proc, sites_file, sqlite_dsn)
+        try:
+            await wait_rows(worker.sink, 4, within=10)
+        finally:
+            await worker.stop()
+    warnings = [e for e in logs if e["event"] == "persist_entries_trimmed_unread"]
+    assert len(warnings) == 1, logs
+    assert warnings[0]["count"] == 6
+    assert warnings[0]["log_level"] == "warning"
+
+
+class DownSink(FailingSink):
+    """A sink whose store is down (writes and pings fail) while ``down`` is set."""
+
+    def __init__(self, inner: Sink) -> None:
+        super().__init__(inner, bad_seq=-1)
+        self.down = True
+
+    async def write(self, rows: Sequence[EventRow]) -> int:
+        if self.down:
+            raise ConnectionRefusedError("store down")
+        return await self.inner.write(rows)
+
+    async def ping(self) -> None:
+        if self.down:
+            raise ConnectionRefusedError("store down")
+        await self.inner.ping()
+
+
+async def test_store_outage_dead_letters_nothing(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path, sqlite_dsn: str
+) -> None:
+    """A store outage longer than max_deliveries reclaims sends nothing to the dead stream."""
+    for seq in range(1, 6):
+        await redis.xadd("ew:{app}:events", {"event": stored_event(seq)})
+    sink = DownSink(open_sink(sqlite_dsn))
+    await sink.inner.open()  # the worker's open() goes to the inner store
+    worker = await start_worker(
+        redis_proc, sites_file, sqlite_dsn, sink=sink, claim_idle=0.2, max_deliveries=2
+    )
+    try:
+        await asyncio.sleep(2 * UNIT)  # ten claim_idle periods while down
+        sink.down = False
+        await wait_rows(sink.inner, 5, within=10)
+    finally:
+        await worker.stop()
+    assert await redis.exists("ew:{app}:dead") == 0
+    assert await pending(redis) == 0
