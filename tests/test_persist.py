@@ -511,3 +511,31 @@ async def test_store_outage_dead_letters_nothing(
         await worker.stop()
     assert await redis.exists("ew:{app}:dead") == 0
     assert await pending(redis) == 0
+
+
+async def test_trims_only_what_is_stored(
+    server: EventwireServer,
+    redis: aioredis.Redis,
+    redis_proc: RedisProcess,
+    sites_file: Path,
+    sqlite_dsn: str,
+) -> None:
+    """With no retention, the worker trims acknowledged entries; stats' lag falls to zero."""
+    from server.stats import site_stats
+    from server.store import Keys
+
+    await ingest(server, 1000)
+    length = await redis.xlen("ew:{app}:events")
+    worker = await start_worker(redis_proc, sites_file, sqlite_dsn, retain=0)
+    try:
+        await wait_rows(worker.sink, length)
+        await worker._check_streams()  # the worker's periodic look, now
+        trimmed = await redis.xlen("ew:{app}:events")
+        stats = await site_stats(redis, Keys("ew"), "app")
+    finally:
+        await worker.stop()
+    assert trimmed < length
+    assert stats["persist_lag"] == 0
+    assert stats["persist_pending"] == 0
+    _, mine = await client_rows(sqlite_dsn)
+    assert mine == 1000

@@ -91,12 +91,18 @@ class PersistOptions:
     dsn: str = DEFAULT_DSN
     claim_idle: float = 60.0
     max_deliveries: int = 5
+    #: Seconds of persisted events kept in each stream for live readers (dashboard
+    #: resume, ``tail --since``); older ones that the group has acknowledged are
+    #: trimmed. Costs ~0.5 KiB of Redis memory per event kept.
+    retain: float = 3600.0
 
     def __post_init__(self) -> None:
         if not self.claim_idle > 0:
             raise ConfigError(f"claim_idle must be above 0, got {self.claim_idle}")
         if self.max_deliveries < 1:
             raise ConfigError(f"max_deliveries must be at least 1, got {self.max_deliveries}")
+        if self.retain < 0:
+            raise ConfigError(f"retain must be 0 or more, got {self.retain}")
 
     @classmethod
     def from_env(
@@ -121,10 +127,12 @@ class PersistOptions:
                 max_deliveries=max_deliveries
                 if max_deliveries is not None
                 else int(env.get("EVENTWIRE_MAX_DELIVERIES", "5")),
+                retain=float(env.get("EVENTWIRE_PERSIST_RETAIN", "3600")),
             )
         except ValueError as exc:
             raise ConfigError(
-                f"EVENTWIRE_CLAIM_IDLE / EVENTWIRE_MAX_DELIVERIES: not a number: {exc}"
+                "EVENTWIRE_CLAIM_IDLE / EVENTWIRE_MAX_DELIVERIES / EVENTWIRE_PERSIST_RETAIN: "
+                f"not a number: {exc}"
             ) from None
 
 
@@ -489,6 +497,7 @@ class Worker:
                 LAG.labels(site).set(int(lag))
             deleted = _text(info.get("max-deleted-entry-id", "0-0"))
             delivered = _text(group.get("last-delivered-id", "0-0"))
+            await self._trim(stream, delivered)
             first = info.get("first-entry")
             first_id = _text(first[0]) if first else None
             entries_read = group.get("entries-read")
@@ -519,6 +528,24 @@ class Worker:
                 hint="raise stream_maxlen or add persist workers: these events never reach "
                 "the store",
             )
+
+    async def _trim(self, stream: str, delivered: str) -> None:
+        """Trim what the group has acknowledged and is older than ``retain``.
+
+        Below both the group's last delivered id and its oldest pending entry,
+        every entry is in the store: trimming there never destroys unpersisted
+        data. The server's ``MAXLEN ~`` stays as the safety cap.
+        """
+        safe = _id_tuple(delivered)
+        summary = await self.redis.xpending(stream, GROUP)
+        oldest = summary.get("min")
+        if oldest:
+            safe = min(safe, _id_tuple(_text(oldest)))
+        (seconds, micros) = await self.redis.time()
+        cutoff = (seconds * 1000 + micros // 1000 - int(self.options.retain * 1000), 0)
+        minid = min(safe, cutoff)
+        if minid > (0, 0):
+            await self.redis.xtrim(stream, minid=f"{minid[0]}-{minid[1]}", approximate=True)
 
     async def _forget_self(self) -> None:
         """Leave the groups if this consumer holds nothing (keeps XINFO CONSUMERS short)."""
