@@ -79,7 +79,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Events in one Lua call; bounds how long Redis is busy with one call (~1 ms per 500).
     publish_batch_events: Annotated[int, Meta(ge=1)] = 2000
     #: Publisher lanes: round trips to Redis in flight at once (one Redis connection each).
-    publish_lanes: Annotated[int, Meta(ge=1, le=16)] = 2
+    publish_lanes: Annotated[int, Meta(ge=1, le=16)] = 1
 
     # -- connections
     #: Frames of one connection waiting for their ack; more stop reading the socket.

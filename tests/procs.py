@@ -194,7 +194,7 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def terminate(self, timeout: float = 15) -> int:
+    def terminate(self, timeout: float = 30) -> int:
         """SIGTERM and wait; returns the exit code."""
         assert self.proc is not None
         self.proc.terminate()
