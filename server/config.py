@@ -103,6 +103,16 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: How often each process looks for sessions to end (one call per site).
     reap_interval: Seconds = 1.0
 
+    # -- persistence (eventwire persist)
+    #: The store: sqlite:///PATH (relative to where the worker runs) or postgresql://...
+    persist_dsn: str = "sqlite:///data/events.db"
+    #: An entry unacked this long with a consumer is taken over by another worker.
+    claim_idle: Seconds = 60.0
+    #: Deliveries after which a failing entry goes to ew:{site}:dead (each claim_idle apart).
+    max_deliveries: Annotated[int, Meta(ge=1)] = 5
+    #: Seconds of persisted events kept in each stream for live readers (~0.5 KiB an event).
+    persist_retain: Annotated[float, Meta(ge=0)] = 3600.0
+
     def __post_init__(self) -> None:
         for key in ("listen", "admin"):
             try:
@@ -238,5 +248,6 @@ def describe(loaded: LoadedConfig) -> dict[str, Any]:
     """The effective settings as plain data, secrets masked, for ``check-config``."""
     out: dict[str, Any] = msgspec.to_builtins(loaded.settings)
     out["redis_url"] = mask_url(out["redis_url"])
+    out["persist_dsn"] = mask_url(out["persist_dsn"])
     out["sites"] = str(loaded.sites_path)
     return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import os
 import signal
 import sys
 from pathlib import Path
@@ -101,8 +100,11 @@ async def run_persist(args: argparse.Namespace) -> int:
             args.config, overrides={"sites": args.sites, "redis_url": args.redis_url}
         )
         book = SitesBook(loaded.sites_path, load_sites(loaded.sites_path))
-        options = PersistOptions.from_env(
-            dsn=args.dsn, claim_idle=args.claim_idle, max_deliveries=args.max_deliveries
+        options = PersistOptions.from_settings(
+            loaded.settings,
+            dsn=args.dsn,
+            claim_idle=args.claim_idle,
+            max_deliveries=args.max_deliveries,
         )
         metrics_addr = parse_hostport(args.metrics) if args.metrics else None
     except (ConfigError, ValueError) as exc:
@@ -137,7 +139,11 @@ def _line(a: Activity) -> str:
 
 async def run_activity(args: argparse.Namespace) -> int:
     """Print a customer's activity feed: readable lines on a TTY, JSON lines otherwise."""
-    dsn = args.dsn or os.environ.get("EVENTWIRE_PERSIST_DSN") or DEFAULT_DSN
+    try:
+        dsn = args.dsn or load_settings().settings.persist_dsn
+    except ConfigError as exc:
+        print(f"eventwire: configuration error: {exc}", file=sys.stderr)
+        return 2
     if args.limit < 1:
         print("eventwire activity: --limit must be at least 1", file=sys.stderr)
         return 2

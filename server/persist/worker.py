@@ -105,35 +105,22 @@ class PersistOptions:
             raise ConfigError(f"retain must be 0 or more, got {self.retain}")
 
     @classmethod
-    def from_env(
+    def from_settings(
         cls,
-        env: dict[str, str] | None = None,
+        settings: Settings,
         dsn: str | None = None,
         claim_idle: float | None = None,
         max_deliveries: int | None = None,
     ) -> PersistOptions:
-        """Options from flags (given), else ``EVENTWIRE_*`` variables, else the defaults.
-
-        Raises:
-            ConfigError: a value is not a number or out of range; names the variable.
-        """
-        env = dict(os.environ) if env is None else env
-        try:
-            return cls(
-                dsn=dsn or env.get("EVENTWIRE_PERSIST_DSN") or DEFAULT_DSN,
-                claim_idle=claim_idle
-                if claim_idle is not None
-                else float(env.get("EVENTWIRE_CLAIM_IDLE", "60")),
-                max_deliveries=max_deliveries
-                if max_deliveries is not None
-                else int(env.get("EVENTWIRE_MAX_DELIVERIES", "5")),
-                retain=float(env.get("EVENTWIRE_PERSIST_RETAIN", "3600")),
-            )
-        except ValueError as exc:
-            raise ConfigError(
-                "EVENTWIRE_CLAIM_IDLE / EVENTWIRE_MAX_DELIVERIES / EVENTWIRE_PERSIST_RETAIN: "
-                f"not a number: {exc}"
-            ) from None
+        """Options from flags (given), else the settings (file, ``EVENTWIRE_*``, defaults)."""
+        return cls(
+            dsn=dsn or settings.persist_dsn,
+            claim_idle=claim_idle if claim_idle is not None else settings.claim_idle,
+            max_deliveries=max_deliveries
+            if max_deliveries is not None
+            else settings.max_deliveries,
+            retain=settings.persist_retain,
+        )
 
 
 def consumer_name() -> str:
