@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ from server.config import load_settings
 from server.errors import ConfigError
 from server.rules import load_sites
 from server.store import Keys
-from server.tail import quiet_stdout
+from server.tail import quiet_stdout, stop_on_signals
 
 #: The consumer group whose progress is shown.
 GROUP: Final = "persist"
@@ -221,53 +220,40 @@ async def run(args: argparse.Namespace) -> int:
     client = aioredis.Redis.from_url(
         loaded.settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0
     )
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    stopping = False
-
-    def stop() -> None:
-        nonlocal stopping
-        stopping = True
-        if task is not None:
-            task.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop)
     code = 0
     down = False
-    try:
-        while True:
-            try:
-                snap = await snapshot(client, keys, sites)
-            except _REDIS_ERRORS as exc:
-                if not args.watch:
-                    print(f"eventwire stats: Redis unavailable: {exc}", file=sys.stderr)
-                    code = 1
-                    break
-                if not down:
-                    print(f"eventwire stats: Redis unavailable ({exc}); retrying", file=sys.stderr)
-                    down = True
-            else:
-                down = False
-                if as_json:
-                    text = json.dumps(snap, separators=(",", ":")) + "\n"
+    with stop_on_signals() as stopped:
+        try:
+            while True:
+                try:
+                    snap = await snapshot(client, keys, sites)
+                except _REDIS_ERRORS as exc:
+                    if not args.watch:
+                        print(f"eventwire stats: Redis unavailable: {exc}", file=sys.stderr)
+                        code = 1
+                        break
+                    if not down:
+                        print(
+                            f"eventwire stats: Redis unavailable ({exc}); retrying", file=sys.stderr
+                        )
+                        down = True
                 else:
-                    text = (CLEAR if args.watch and tty else "") + table(snap)
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            if not args.watch:
-                break
-            await asyncio.sleep(WATCH_EVERY)
-    except asyncio.CancelledError:
-        if not stopping:
-            raise
-    except BrokenPipeError:
-        quiet_stdout()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.remove_signal_handler(sig)
-        with contextlib.suppress(Exception):
-            await client.aclose()
+                    down = False
+                    if as_json:
+                        text = json.dumps(snap, separators=(",", ":")) + "\n"
+                    else:
+                        text = (CLEAR if args.watch and tty else "") + table(snap)
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                if not args.watch:
+                    break
+                await asyncio.sleep(WATCH_EVERY)
+        except asyncio.CancelledError:
+            if not stopped():
+                raise
+        except BrokenPipeError:
+            quiet_stdout()
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
     return code

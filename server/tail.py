@@ -21,7 +21,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -292,6 +292,35 @@ async def follow(
             out.write([e for e in events if matches(e, action, uuid)])
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """Cancel the current task on SIGINT or SIGTERM, for a clean exit 0.
+
+    Yields:
+        A function telling whether a signal asked to stop (so a cancellation
+        from elsewhere is not mistaken for it).
+    """
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        stopping = True
+        if task is not None:
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop)
+    try:
+        yield lambda: stopping
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+
+
 def quiet_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's last flush cannot fail on a closed pipe."""
     with contextlib.suppress(OSError, ValueError):
@@ -334,30 +363,15 @@ async def run(args: argparse.Namespace) -> int:
         socket_connect_timeout=2.0,
         socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
     )
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    stopping = False
-
-    def stop() -> None:
-        nonlocal stopping
-        stopping = True
-        if task is not None:
-            task.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop)
-    try:
-        await follow(client, positions, out, args.action, args.uuid)
-    except asyncio.CancelledError:
-        if not stopping:
-            raise
-    except BrokenPipeError:
-        quiet_stdout()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.remove_signal_handler(sig)
-        with contextlib.suppress(Exception):
-            await client.aclose()
+    with stop_on_signals() as stopped:
+        try:
+            await follow(client, positions, out, args.action, args.uuid)
+        except asyncio.CancelledError:
+            if not stopped():
+                raise
+        except BrokenPipeError:
+            quiet_stdout()
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
     return 0

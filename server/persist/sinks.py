@@ -23,6 +23,8 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
+from server.protocol import StoredEvent
+
 #: The default store, relative to where the worker runs.
 DEFAULT_DSN: Final = "sqlite:///data/events.db"
 
@@ -80,23 +82,6 @@ _SESSION_END_SQL: Final = (
     "ON CONFLICT (site, session) DO UPDATE SET ended = excluded.ended, "
     "reason = excluded.reason, duration_ms = excluded.duration_ms, events = excluded.events"
 )
-
-
-class StoredEvent(msgspec.Struct, kw_only=True):
-    """One entry's ``event`` field (PROTOCOL.md section 7); unknown fields are ignored."""
-
-    site: str
-    uuid: str
-    session: str
-    producer: str
-    seq: int
-    action: str
-    label: str
-    time: int
-    received: int
-    params: dict[str, Any] = {}
-    original_time: int | None = None
-    authenticated: bool = False
 
 
 _decoder: Final = msgspec.json.Decoder(StoredEvent)
