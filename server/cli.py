@@ -13,13 +13,12 @@ import asyncio
 import resource
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from server import __version__, persist, stats, tail
-from server.config import LoadedConfig, describe, load_settings
+from server.config import LoadedConfig, add_source_flags, describe, load_settings
 from server.errors import ConfigError
 from server.gateway import EventwireServer
 from server.log import configure
@@ -31,11 +30,9 @@ SEND_TIMEOUT = 5.0
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="settings file (config/eventwire.toml)")
-    parser.add_argument("--sites", help="sites file (config/sites.toml)")
+    add_source_flags(parser)
     parser.add_argument("--listen", help="public listener HOST:PORT")
     parser.add_argument("--admin", help="admin listener HOST:PORT")
-    parser.add_argument("--redis", dest="redis_url", help="Redis URL (redis://host:port/db)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ the key, its source and the problem.
 
 from __future__ import annotations
 
+import argparse
 import os
 import tomllib
 from collections.abc import Mapping
@@ -40,6 +41,13 @@ def parse_hostport(value: str) -> tuple[str, int]:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+def add_source_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every command that reads settings takes: ``--config``, ``--sites``, ``--redis``."""
+    parser.add_argument("--config", type=Path, help="settings file (config/eventwire.toml)")
+    parser.add_argument("--sites", help="sites file (config/sites.toml)")
+    parser.add_argument("--redis", dest="redis_url", help="Redis URL (redis://host:port/db)")
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -17,17 +17,16 @@ import contextlib
 import json
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Final
 
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.exceptions import ResponseError
 
-from server.config import load_settings
+from server.config import add_source_flags, load_settings
 from server.errors import ConfigError
 from server.rules import load_sites
-from server.store import Keys
+from server.store import Keys, reply_text, stream_id
 from server.tail import quiet_stdout, stop_on_signals
 
 #: The consumer group whose progress is shown.
@@ -52,20 +51,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="per-site stream, session and persist numbers",
         description="Per-site stream length, rates, open sessions and persist lag.",
     )
-    p.add_argument("--redis", default=None, metavar="URL", help="Redis URL (redis://host:port/db)")
-    p.add_argument("--config", type=Path, default=None, metavar="PATH", help="settings file")
-    p.add_argument("--sites", default=None, metavar="PATH", help="sites file")
+    add_source_flags(p)
     p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     p.add_argument("--json", action="store_true", help="JSON (the default off a terminal)")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def id_ms(entry_id: Any) -> int:
     """The millisecond part of a stream id."""
-    return int(_text(entry_id).split("-", 1)[0])
+    return stream_id(entry_id)[0]
 
 
 def _get(mapping: Mapping[Any, Any], name: str) -> Any:
@@ -109,7 +102,7 @@ async def rate(redis: aioredis.Redis, key: str, now_ms: int) -> float:
         oldest = id_ms(chunk[-1][0])
         if len(chunk) < CHUNK:
             break
-        high = f"({_text(chunk[-1][0])}"
+        high = f"({reply_text(chunk[-1][0])}"
     if counted < MAX_COUNTED:
         return counted / (WINDOW_MS / 1000)
     return counted / max((now_ms - oldest) / 1000, 0.001)
@@ -122,7 +115,7 @@ async def group_info(redis: aioredis.Redis, key: str, now_ms: int) -> dict[str, 
         groups = await redis.xinfo_groups(key)
     except ResponseError:  # no such stream
         return out
-    group = next((g for g in groups if _text(_get(g, "name")) == GROUP), None)
+    group = next((g for g in groups if reply_text(_get(g, "name")) == GROUP), None)
     if group is None:
         return out
     out["persist_lag"] = _int_or_none(_get(group, "lag"))
@@ -208,7 +201,7 @@ async def run(args: argparse.Namespace) -> int:
     """Run ``stats``: 0 on success or Ctrl-C, 1 when Redis is unreachable, 2 on a config error."""
     try:
         loaded = load_settings(
-            args.config, overrides={"redis_url": args.redis, "sites": args.sites}
+            args.config, overrides={"redis_url": args.redis_url, "sites": args.sites}
         )
         sites = list(load_sites(loaded.sites_path))
     except ConfigError as exc:

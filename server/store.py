@@ -64,6 +64,17 @@ log = structlog.get_logger("eventwire.store")
 REDIS_POOL_SIZE: Final = 32
 
 
+def reply_text(value: Any) -> str:
+    """A Redis reply value as text (redis-py gives bytes or str by version and protocol)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def stream_id(value: Any) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``, bytes or str) as a comparable pair."""
+    ms, _, seq = reply_text(value).partition("-")
+    return int(ms), int(seq or 0)
+
+
 class Keys:
     """Every Redis key name eventwire uses, in one place.
 

@@ -23,17 +23,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Final, TextIO
 
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from server.config import load_settings
+from server.config import add_source_flags, load_settings
 from server.errors import ConfigError
 from server.rules import load_sites
-from server.store import Keys
+from server.store import Keys, reply_text
 
 #: Entries asked for per XREAD, and how long one XREAD blocks (ms).
 READ_COUNT: Final = 500
@@ -62,9 +61,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="follow the event streams live",
         description="Follow the events (or rejected) streams of the sites live.",
     )
-    p.add_argument("--redis", default=None, metavar="URL", help="Redis URL (redis://host:port/db)")
-    p.add_argument("--config", type=Path, default=None, metavar="PATH", help="settings file")
-    p.add_argument("--sites", default=None, metavar="PATH", help="sites file")
+    add_source_flags(p)
     p.add_argument(
         "--site",
         action="append",
@@ -106,10 +103,6 @@ def start_id(since: str, now_ms: int | None = None) -> str:
     raise ValueError(f"--since: expected now, 30s/5m/2h/1d, 0 or a stream id, got {since!r}")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def decode_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> dict[str, Any]:
     """One stream entry as the stored event dict plus ``id``.
 
@@ -126,8 +119,8 @@ def decode_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> dict[str, 
         if isinstance(decoded, dict):
             out = decoded
     if out is None:
-        out = {"fields": {_text(k): _text(v) for k, v in fields.items()}}
-    out["id"] = _text(entry_id)
+        out = {"fields": {reply_text(k): reply_text(v) for k, v in fields.items()}}
+    out["id"] = reply_text(entry_id)
     return out
 
 
@@ -248,7 +241,7 @@ def _replies(reply: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
     for key, entries in items:
         if entries and isinstance(entries[0], list | tuple) and len(entries[0]) == 1:
             entries = entries[0]  # RESP3 nests the entries one level deeper
-        out.append((_text(key), [(e[0], e[1] or {}) for e in entries]))
+        out.append((reply_text(key), [(e[0], e[1] or {}) for e in entries]))
     return out
 
 
@@ -257,7 +250,7 @@ async def _resolve_ends(client: aioredis.Redis, positions: dict[str, str]) -> No
     for key, pos in positions.items():
         if pos == "$":
             last = await client.xrevrange(key, "+", "-", count=1)
-            positions[key] = _text(last[0][0]) if last else "0-0"
+            positions[key] = reply_text(last[0][0]) if last else "0-0"
 
 
 async def follow(
@@ -287,7 +280,7 @@ async def follow(
         for key, entries in _replies(reply):
             if not entries:
                 continue
-            positions[key] = _text(entries[-1][0])
+            positions[key] = reply_text(entries[-1][0])
             events = [decode_entry(i, f) for i, f in entries]
             out.write([e for e in events if matches(e, action, uuid)])
 
@@ -333,7 +326,7 @@ async def run(args: argparse.Namespace) -> int:
     """Run ``tail``: 0 on Ctrl-C, SIGTERM or a closed pipe, 2 on a configuration error."""
     try:
         loaded = load_settings(
-            args.config, overrides={"redis_url": args.redis, "sites": args.sites}
+            args.config, overrides={"redis_url": args.redis_url, "sites": args.sites}
         )
         known = list(load_sites(loaded.sites_path))
         first = start_id(args.since)

@@ -122,6 +122,11 @@ async def client_rows(dsn: str) -> tuple[int, int]:
         await sink.close()
 
 
+def worker_flags(sites_file: Path, redis_proc: RedisProcess, dsn: str) -> list[str]:
+    """The flags of a worker process on the test sites, Redis and store."""
+    return ["--sites", str(sites_file), "--redis", redis_proc.url, "--dsn", dsn]
+
+
 def spawn(args: list[str]) -> subprocess.Popen[bytes]:
     """Start ``python -m server ARGS`` (no config file)."""
     return subprocess.Popen(
@@ -209,19 +214,8 @@ async def test_sigkill_mid_batch_then_second_worker(
     n = 20_000
     await ingest(server, n)
     length = await redis.xlen("ew:{app}:events")
-    proc = spawn(
-        [
-            "persist",
-            "--sites",
-            str(sites_file),
-            "--redis",
-            redis_proc.url,
-            "--dsn",
-            sqlite_dsn,
-            "--claim-idle",
-            "60",
-        ]
-    )
+    flags = worker_flags(sites_file, redis_proc, sqlite_dsn)
+    proc = spawn(["persist", *flags, "--claim-idle", "60"])
     try:
         deadline = time.monotonic() + 20 * UNIT
         while await pending(redis) == 0:
@@ -257,17 +251,7 @@ async def test_sigterm_finishes_and_exits_zero(
 ) -> None:
     """SIGTERM: the worker process acks the batch in hand and exits 0, leaving nothing pending."""
     await ingest(server, 3000)
-    proc = spawn(
-        [
-            "persist",
-            "--sites",
-            str(sites_file),
-            "--redis",
-            redis_proc.url,
-            "--dsn",
-            sqlite_dsn,
-        ]
-    )
+    proc = spawn(["persist", *worker_flags(sites_file, redis_proc, sqlite_dsn)])
     deadline = time.monotonic() + 20 * UNIT
     while await pending(redis) == 0 and (await client_rows(sqlite_dsn))[0] == 0:
         assert time.monotonic() < deadline

@@ -21,13 +21,12 @@ import asyncio
 import datetime
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import msgspec
 from prometheus_client import start_http_server
 
-from server.config import load_settings, parse_hostport
+from server.config import add_source_flags, load_settings, parse_hostport
 from server.errors import ConfigError
 from server.log import configure
 from server.persist.sinks import DEFAULT_DSN, Activity, open_sink
@@ -43,9 +42,7 @@ def add_persist_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "persist", help="copy every site's events from Redis into SQLite or PostgreSQL"
     )
-    p.add_argument("--config", type=Path, help="settings file (config/eventwire.toml)")
-    p.add_argument("--sites", help="sites file (config/sites.toml)")
-    p.add_argument("--redis", dest="redis_url", help="Redis URL (redis://host:port/db)")
+    add_source_flags(p)
     p.add_argument(
         "--dsn",
         help=f"store: sqlite:///PATH or postgresql://... (EVENTWIRE_PERSIST_DSN; {DEFAULT_DSN})",

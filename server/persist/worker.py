@@ -35,7 +35,7 @@ from server.config import Settings
 from server.errors import ConfigError
 from server.persist.sinks import DEFAULT_DSN, EventRow, Sink, decode_event, open_sink, to_row
 from server.rules import SitesBook
-from server.store import Keys
+from server.store import Keys, reply_text, stream_id
 
 log = structlog.get_logger("eventwire.persist")
 
@@ -126,15 +126,6 @@ class PersistOptions:
 def consumer_name() -> str:
     """A consumer name unique to this worker: hostname-pid-random."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _id_tuple(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class Worker:
@@ -276,7 +267,7 @@ class Worker:
             return
         by_site: list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]] = []
         for stream, entries in reply or []:
-            by_site.append((self._site_of(_text(stream)), entries))
+            by_site.append((self._site_of(reply_text(stream)), entries))
         if by_site:
             await self._process(by_site)
 
@@ -320,7 +311,7 @@ class Worker:
         dead: list[tuple[str, str, bytes, str]] = []  # site, id, raw, why
         for site, entries in by_site:
             for raw_id, fields in entries:
-                entry_id = _text(raw_id)
+                entry_id = reply_text(raw_id)
                 raw = fields.get(b"event") if fields else None
                 if raw is None:
                     dead.append((site, entry_id, b"", "entry has no event field"))
@@ -395,7 +386,7 @@ class Worker:
                 self.keys.events(site), GROUP, min=entry_id, max=entry_id, count=1
             )
             for item in found:
-                out[_text(item["message_id"])] = int(item["times_delivered"])
+                out[reply_text(item["message_id"])] = int(item["times_delivered"])
         return out
 
     def _count(self, rows: Sequence[EventRow], written: int) -> None:
@@ -443,7 +434,7 @@ class Worker:
                 reply = await self.redis.xautoclaim(
                     stream, GROUP, self.consumer, idle_ms, start_id=cursor, count=READ_COUNT
                 )
-                cursor = _text(reply[0])
+                cursor = reply_text(reply[0])
                 entries = [(i, f) for i, f in reply[1] if f]
                 deleted = reply[2] if len(reply) > 2 else []
                 if deleted:
@@ -453,7 +444,7 @@ class Worker:
                 if entries:
                     RECLAIMED.inc(len(entries))
                     log.info("persist_reclaimed", site=site, count=len(entries))
-                    first, last = _text(entries[0][0]), _text(entries[-1][0])
+                    first, last = reply_text(entries[0][0]), reply_text(entries[-1][0])
                     pending = await self.redis.xpending_range(
                         stream,
                         GROUP,
@@ -462,7 +453,9 @@ class Worker:
                         count=len(entries),
                         consumername=self.consumer,
                     )
-                    counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+                    counts = {
+                        reply_text(p["message_id"]): int(p["times_delivered"]) for p in pending
+                    }
                     await self._process([(site, entries)], deliveries=counts)
                 if cursor == "0-0":
                     break
@@ -476,29 +469,29 @@ class Worker:
                 groups = await self.redis.xinfo_groups(stream)
             except ResponseError:
                 continue  # no such stream (yet)
-            group = next((g for g in groups if _text(g["name"]) == GROUP), None)
+            group = next((g for g in groups if reply_text(g["name"]) == GROUP), None)
             if group is None:
                 continue
             lag = group.get("lag")
             if lag is not None:
                 LAG.labels(site).set(int(lag))
-            deleted = _text(info.get("max-deleted-entry-id", "0-0"))
-            delivered = _text(group.get("last-delivered-id", "0-0"))
+            deleted = reply_text(info.get("max-deleted-entry-id", "0-0"))
+            delivered = reply_text(group.get("last-delivered-id", "0-0"))
             await self._trim(stream, delivered)
             first = info.get("first-entry")
-            first_id = _text(first[0]) if first else None
+            first_id = reply_text(first[0]) if first else None
             entries_read = group.get("entries-read")
             if entries_read is None and delivered == "0-0":
                 entries_read = 0  # the group has read nothing yet
             # All entries still in the stream are unread: whatever left the stream
             # beyond what the group read was trimmed (or deleted) unread.
-            all_unread = first_id is None or _id_tuple(first_id) > _id_tuple(delivered)
+            all_unread = first_id is None or stream_id(first_id) > stream_id(delivered)
             count: int | None = None
             if entries_read is not None and all_unread:
                 count = int(info["entries-added"]) - int(entries_read) - int(info["length"])
             # Redis 7.0 moves max-deleted-entry-id on XDEL but not on XTRIM/MAXLEN,
             # so both signs are checked.
-            if _id_tuple(deleted) <= _id_tuple(delivered) and not (count and count > 0):
+            if stream_id(deleted) <= stream_id(delivered) and not (count and count > 0):
                 continue
             mark = f"{deleted}/{first_id}"
             if self._reported_trim.get(site) == mark:
@@ -523,11 +516,11 @@ class Worker:
         every entry is in the store: trimming there never destroys unpersisted
         data. The server's ``MAXLEN ~`` stays as the safety cap.
         """
-        safe = _id_tuple(delivered)
+        safe = stream_id(delivered)
         summary = await self.redis.xpending(stream, GROUP)
         oldest = summary.get("min")
         if oldest:
-            safe = min(safe, _id_tuple(_text(oldest)))
+            safe = min(safe, stream_id(reply_text(oldest)))
         (seconds, micros) = await self.redis.time()
         cutoff = (seconds * 1000 + micros // 1000 - int(self.options.retain * 1000), 0)
         minid = min(safe, cutoff)
@@ -540,7 +533,7 @@ class Worker:
             stream = self.keys.events(site)
             try:
                 consumers = await self.redis.xinfo_consumers(stream, GROUP)
-                mine = [c for c in consumers if _text(c["name"]) == self.consumer]
+                mine = [c for c in consumers if reply_text(c["name"]) == self.consumer]
                 if mine and int(mine[0]["pending"]) == 0:
                     await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
             except (RedisError, OSError):
