@@ -171,7 +171,9 @@ class IngestConnection:
         self._gone: list[Frame] = []
         self._renewal: asyncio.Task[None] | None = None
         self._pending: deque[_Pending] = deque()
-        self._room: asyncio.Future[None] | None = None
+        #: Set whenever answers went out; every waiter (room for a frame, a
+        #: drain, several at once) wakes and looks again.
+        self._answered = asyncio.Event()
         self._closed = False
         self.frames = 0
         self.accepted = 0
@@ -252,9 +254,8 @@ class IngestConnection:
         Raises:
             ProtocolViolation: the frame breaks the protocol.
         """
-        while len(self._pending) >= self.settings.max_inflight_frames:
-            self._room = asyncio.get_running_loop().create_future()
-            await self._room
+        limit = self.settings.max_inflight_frames
+        await self._wait_answers(lambda: len(self._pending) < limit)
         try:
             msg: Any = self.codec.decode(data)
         except msgspec.ValidationError:
@@ -565,14 +566,16 @@ class IngestConnection:
             assert reply is not None
             if not self._closed:
                 self._send(reply)
-        if self._room is not None and not self._room.done():
-            self._room.set_result(None)
+        self._answered.set()
+
+    async def _wait_answers(self, enough: Callable[[], bool]) -> None:
+        while not enough():
+            self._answered.clear()
+            await self._answered.wait()
 
     async def drain(self) -> None:
-        """Wait until every received frame has been answered."""
-        while self._pending:
-            self._room = asyncio.get_running_loop().create_future()
-            await self._room
+        """Wait until every received frame has been answered (any number may wait)."""
+        await self._wait_answers(lambda: not self._pending)
 
     async def close(self) -> None:
         """Stop answering and leave the customer's session.

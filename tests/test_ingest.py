@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from server.gateway import EventwireServer
+from tests.procs import RedisProcess
 from tests.wire import client_events, event, now_ms, peer, producer_id, stream
 
 BOTH = pytest.mark.parametrize("msgpack", [False, True], ids=["json", "msgpack"])
@@ -213,3 +214,27 @@ async def test_batch_limits(make_server, redis: aioredis.Redis) -> None:  # type
     rejected = await stream(redis, "ew:{app}:rejected")
     assert [r["code"] for r in rejected] == ["undecodable", "undecodable"]
     assert json.loads(rejected[1]["raw"]) == {"type": "track", "events": []}
+
+
+async def test_drain_with_several_waiters(
+    make_server,
+    redis_proc: RedisProcess,
+    redis: aioredis.Redis,  # type: ignore[no-untyped-def]
+) -> None:
+    """Several tasks draining one connection at once all return (no waiter is lost)."""
+    srv = await make_server(store_timeout=2)
+    async with peer(srv.url) as p:
+        await p.hello()
+        ingest = next(iter(srv._connections.values()))
+        redis_proc.pause()
+        try:
+            for f in range(5):
+                await p.send({"type": "track", "events": [event(f + 1)]})
+            while ingest.frames < 5:  # noqa: ASYNC110 - the server's state, not ours
+                await asyncio.sleep(0.01)
+            drains = asyncio.gather(*(ingest.drain() for _ in range(3)))
+            await asyncio.sleep(0.05)
+        finally:
+            redis_proc.resume()
+        await asyncio.wait_for(drains, 5)
+        assert not ingest._pending
