@@ -47,6 +47,7 @@ from server.protocol import (
     Welcome,
     WireEvent,
 )
+from server.tasks import cancel_and_wait
 
 CLIENT_NAME: Final = "eventwire-py/0.1"
 
@@ -401,13 +402,7 @@ class EventwireClient:
         if task is not None:
             # Whatever the task waits on now (a handshake, a backoff) is not
             # worth waiting for: the socket is closed, events are not resent.
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+            await cancel_and_wait([task])
             self._task = None
         for _, future in self._waiters:
             if not future.done():
@@ -531,8 +526,7 @@ class EventwireClient:
             try:
                 await self._read_loop(ws)
             finally:
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
+                await cancel_and_wait([writer])
         except ConnectionClosed:
             pass
         return welcome is not None

@@ -42,6 +42,7 @@ from server.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS, Error
 from server.rules import SiteRules, SitesBook
 from server.sessions import Sessions, now_ms
 from server.store import Store, connect_redis
+from server.tasks import cancel_and_wait
 
 TRACK_PREFIX: Final = "/v1/track/"
 #: How often the sites file's modification time is looked at.
@@ -153,8 +154,7 @@ class EventwireServer:
         if connections:
             drains = [asyncio.ensure_future(ingest.drain()) for _, ingest in connections]
             _, late = await asyncio.wait(drains, timeout=self.settings.drain_timeout)
-            for task in late:
-                task.cancel()
+            await cancel_and_wait(late)
             await asyncio.gather(
                 *(ws.close(1001, "server shutting down") for ws, _ in connections),
                 return_exceptions=True,
@@ -165,8 +165,7 @@ class EventwireServer:
             self.admin.close()
             await self.admin.wait_closed()
         if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.wait([self._watcher])
+            await cancel_and_wait([self._watcher])
         if self.sessions is not None:
             await self.sessions.stop()
         if self.store is not None:

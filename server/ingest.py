@@ -54,6 +54,7 @@ from server.protocol import (
 from server.rules import RateConfig, SiteRules, SitesBook
 from server.sessions import Sessions, now_ms
 from server.store import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS, Frame, FrameOwner, Store
+from server.tasks import cancel_and_wait
 from server.validation import (
     DENIED,
     INVALID,
@@ -589,8 +590,7 @@ class IngestConnection:
                 async with asyncio.timeout(self.settings.store_timeout * 2):
                     await self.drain()
         if self._renewal is not None:
-            self._renewal.cancel()
-            await asyncio.wait([self._renewal])
+            await cancel_and_wait([self._renewal])
         if self.who is None or not self.member:
             return
         try:

@@ -35,6 +35,7 @@ from server.config import Settings
 from server.errors import StoreUnavailable
 from server.protocol import StoredEvent, record_encoder
 from server.store import FN_HEARTBEAT, FN_LEAVE, FN_OPEN, FN_REAP, Store
+from server.tasks import cancel_and_wait
 from server.validation import default_label
 
 START: Final = "session.start"
@@ -172,11 +173,7 @@ class Sessions:
 
     async def stop(self) -> None:
         """Stop the background tasks."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await cancel_and_wait(self._tasks)
 
     async def heartbeat_once(self) -> None:
         """Renew the deadline of every connection of this process."""
