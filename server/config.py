@@ -94,6 +94,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_inflight_frames: Count = 64
     #: Open WebSocket connections per process; more are refused with HTTP 503.
     max_connections: Count = 50_000
+    #: Connections the kernel queues before the server accepts them (capped by
+    #: net.core.somaxconn); a few hundred bytes each. asyncio's default of 100
+    #: drops handshakes in a reconnect storm after a restart.
+    listen_backlog: Count = 4096
     ping_interval: Seconds = 20.0
     ping_timeout: Seconds = 20.0
     #: On SIGTERM, how long in-flight frames may take to be acked before connections close.

@@ -135,6 +135,7 @@ class EventwireServer:
             open_timeout=settings.hello_timeout,
             server_header=None,
             reuse_port=True,
+            backlog=self.settings.listen_backlog,
         )
         admin = AdminListener(self.ready)
         self.admin = await admin.start(*settings.admin_addr)

@@ -49,6 +49,7 @@ from server.protocol import (
     Track,
     Welcome,
     WireEvent,
+    event_text,
     record_encoder,
 )
 from server.rules import RateConfig, SiteRules, SitesBook
@@ -310,7 +311,9 @@ class IngestConnection:
             if isinstance(event, WireEvent):
                 seq = event.seq
                 outcome: bytes | Rejected = (
-                    judge_event(event, who, received, limits, rules.verdict(event.action))
+                    # The verdict is looked up only for a well-formed action: a
+                    # frame of long junk actions must not fill the verdict cache.
+                    judge_event(event, who, received, limits, rules.verdict)
                     if seq > top
                     else Rejected(INVALID, f"seq {seq} is not above the seq before it ({top})")
                 )
@@ -334,7 +337,7 @@ class IngestConnection:
             raw_text = (
                 self.codec.to_json_text(raw)
                 if not isinstance(event, WireEvent)
-                else record_encoder.encode(event).decode()
+                else event_text(event)
             )
             record = record_encoder.encode(
                 RejectedRecord(

@@ -7,10 +7,19 @@ rule beyond types and bounds; ``validation`` and ``ingest`` do that.
 
 Unknown fields are ignored on purpose: a newer client may send more than v1
 says, and a v1 server must not refuse it.
+
+Every frame a client can send gets one of three outcomes from a codec, never
+another exception: a message, a :class:`msgspec.ValidationError` naming the
+JSON path of what does not match the schema, or
+:class:`~server.errors.UndecodableFrame` (not a message at all: bad syntax,
+bad UTF-8, nesting deeper than the decoder recurses). ``tests/test_fuzz.py``
+and ``scripts/fuzz`` hold it to that.
 """
 
 from __future__ import annotations
 
+import reprlib
+import sys
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -24,12 +33,19 @@ SUBPROTOCOLS: Final = (JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL)
 
 #: Seqs travel through Lua, whose numbers are doubles: stay exact below 2**53.
 MAX_SEQ: Final = 2**53 - 1
+#: Event times (ms since the epoch) stay exact as doubles and in a SQL BIGINT,
+#: like seqs: +-285,000 years. A larger time is refused ``invalid`` at its path
+#: rather than stored as a number that readers (the persist worker) cannot hold.
+MAX_TIME: Final = 2**53 - 1
 
-Uuid = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+# Patterns end in \Z, not $: msgspec searches them, and $ also matches before a
+# trailing newline, which would let "u-1\n" through.
+Uuid = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+\Z")]
 #: Printable ASCII without spaces: it becomes part of a Redis key.
-Producer = Annotated[str, Meta(min_length=8, max_length=64, pattern=r"^[!-~]+$")]
+Producer = Annotated[str, Meta(min_length=8, max_length=64, pattern=r"^[!-~]+\Z")]
 Seq = Annotated[int, Meta(ge=1, le=MAX_SEQ)]
 Token = Annotated[str, Meta(max_length=8192)]
+Time = Annotated[int, Meta(ge=-MAX_TIME, le=MAX_TIME)]
 
 
 # ---- client -> server -------------------------------------------------------
@@ -44,6 +60,18 @@ class Hello(Struct, tag="hello", tag_field="type", kw_only=True):
     client: Annotated[str, Meta(max_length=128)] | None = None
     context: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        # The context is copied into the session.start event, which is JSON
+        # (PROTOCOL.md section 7). MessagePack can carry what JSON cannot
+        # (extension types, array or nil map keys): such a hello is not a
+        # message of the protocol, and msgspec turns this ValueError into a
+        # ValidationError, so the client hears ``bad_hello``. Cost: one
+        # encode of the context per hello, which session.start does anyway.
+        if self.context is not None:
+            problem = json_problem(self.context)
+            if problem is not None:
+                raise ValueError(f"context {problem} - at `$.context`")
+
 
 class WireEvent(Struct, kw_only=True):
     """One event as a client sends it; ``validation`` turns it into a :class:`StoredEvent`.
@@ -55,7 +83,7 @@ class WireEvent(Struct, kw_only=True):
     seq: Seq
     action: str
     label: Annotated[str, Meta(max_length=256)] | None = None
-    time: int | None = None
+    time: Time | None = None
     params: dict[str, Any] | None = None
 
 
@@ -176,6 +204,66 @@ class RejectedRecord(Struct, kw_only=True, omit_defaults=True):
 
 # ---- codecs -----------------------------------------------------------------
 
+#: msgspec recurses once per level of nesting, inside Python's recursion limit
+#: (``sys.getrecursionlimit()``, 1000 by default, shared with the caller's
+#: stack): a frame nested deeper raises RecursionError, which is the frame's
+#: fault, not the server's. Each level costs one C stack frame while decoding.
+_TOO_DEEP: Final = f"nested deeper than about {sys.getrecursionlimit()} levels"
+
+
+def json_problem(value: Any) -> str | None:
+    """Say why a decoded value has no JSON form, or None when it has one.
+
+    MessagePack values may hold extension types or map keys that are arrays or
+    nil; PROTOCOL.md stores every message part as JSON.
+    """
+    try:
+        record_encoder.encode(value)
+    except RecursionError:
+        return f"is {_TOO_DEEP}"
+    except (TypeError, ValueError) as exc:
+        return f"has no JSON form: {exc}"
+    return None
+
+
+class _ShortRepr(reprlib.Repr):
+    """A repr a few levels and items deep: cheap even for params nested to the recursion limit."""
+
+    def __init__(self) -> None:
+        super().__init__()  # Python 3.11's Repr takes its limits as attributes only
+        self.maxlevel, self.maxdict, self.maxlist = 4, 16, 16
+        self.maxstring, self.maxother = 256, 64
+
+    # reprlib looks up repr_<type name>.
+    def repr_Ext(self, obj: msgspec.msgpack.Ext, level: int) -> str:
+        return f"Ext({obj.code}, {self.repr1(obj.data, level - 1)})"
+
+
+#: Renders params that have no JSON form for the rejected stream.
+_params_repr: Final = _ShortRepr()
+
+
+def event_text(event: WireEvent) -> str:
+    """A decoded event as JSON text, for the rejected stream; never raises.
+
+    Params JSON cannot hold (MessagePack extension types, array or nil map
+    keys, nesting at the recursion limit) are kept as a short ``repr``.
+    """
+    try:
+        return record_encoder.encode(event).decode()
+    except (TypeError, ValueError, RecursionError):
+        shown = msgspec.structs.replace(event, params={"repr": _params_repr.repr(event.params)})
+        return record_encoder.encode(shown).decode()
+
+
+def _undecodable(exc: BaseException) -> UndecodableFrame:
+    """The UndecodableFrame for an error a decoder raised on a bad frame."""
+    if isinstance(exc, RecursionError):
+        return UndecodableFrame(f"the frame is {_TOO_DEEP}")
+    if isinstance(exc, UnicodeDecodeError):
+        return UndecodableFrame(f"invalid UTF-8 in a string: {exc.reason} at byte {exc.start}")
+    return UndecodableFrame(str(exc))
+
 
 class Codec:
     """Encoder and decoders of one subprotocol, built once.
@@ -211,8 +299,10 @@ class Codec:
             msg: ClientMessage = self._client.decode(data)
         except msgspec.ValidationError:
             raise
-        except msgspec.DecodeError as exc:
-            raise UndecodableFrame(str(exc)) from None
+        # UnicodeError: bad UTF-8 inside a string (msgspec raises it as it is),
+        # or a str argument holding lone surrogates.
+        except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
+            raise _undecodable(exc) from None
         return msg
 
     def split_track(
@@ -231,8 +321,8 @@ class Codec:
         """
         try:
             loose: _LooseTrack | Hello | Identify = self._loose.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise UndecodableFrame(str(exc)) from None
+        except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
+            raise _undecodable(exc) from None
         if not isinstance(loose, _LooseTrack):
             return loose
         out: list[WireEvent | tuple[int, str, bytes]] = []
@@ -242,10 +332,19 @@ class Codec:
             except msgspec.ValidationError as exc:
                 try:
                     seq = self._seq.decode(raw).seq
-                except (msgspec.ValidationError, msgspec.DecodeError):
+                except (msgspec.DecodeError, UnicodeError, RecursionError):
                     raise UndecodableFrame(f"{exc} - in `$.events[{i}]`") from None
-                detail = str(exc).replace("`$", f"`$.events[{i}]", 1)
+                detail = str(exc)
+                # msgspec names no path for an error at the root of what it
+                # decodes (a missing field): the event's own path is that root.
+                if "`$" in detail:
+                    detail = detail.replace("`$", f"`$.events[{i}]", 1)
+                else:
+                    detail = f"{detail} - at `$.events[{i}]`"
                 out.append((seq, detail, bytes(raw)))
+            # msgspec.Raw skips a value without checking its strings' UTF-8.
+            except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
+                raise _undecodable(exc) from None
         return out
 
     def to_json_text(self, raw: bytes) -> str:
@@ -254,7 +353,7 @@ class Codec:
             return raw.decode("utf-8", "replace")
         try:
             return msgspec.json.encode(self._any.decode(raw), enc_hook=repr).decode()
-        except (msgspec.DecodeError, TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):  # DecodeError is a ValueError
             return raw.hex()
 
     def encode(self, msg: ServerMessage) -> bytes:

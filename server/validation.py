@@ -9,6 +9,7 @@ live in ``rules``; this module holds what is true for every site.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -111,7 +112,7 @@ def judge_event(
     who: Identity,
     received: int,
     limits: Limits,
-    verdict: Verdict | None = None,
+    verdict: Verdict | Callable[[str], Verdict] | None = None,
 ) -> bytes | Rejected:
     """Validate one event and encode it as stored (PROTOCOL.md sections 2 and 7).
 
@@ -121,7 +122,8 @@ def judge_event(
         received: the frame's receive time, ms since the epoch.
         limits: size and time limits.
         verdict: what the site says of the action (taken, authenticated,
-            required params); None for no site rules.
+            required params), or the site's lookup (``SiteRules.verdict``),
+            asked only once the action is well formed; None for no site rules.
 
     Returns:
         The stored event's JSON, or why it is rejected.
@@ -131,6 +133,10 @@ def judge_event(
     if problem is not None:
         return Rejected(INVALID_ACTION, problem)
     required: tuple[str, ...] = ()
+    if callable(verdict):
+        # Asked only now: the site caches a verdict per action name, and a
+        # malformed name may be as long as a frame.
+        verdict = verdict(action)
     if verdict is not None:
         if verdict.denied:
             return Rejected(DENIED, f"{action} is not taken by this site")
@@ -175,8 +181,13 @@ def judge_event(
                 authenticated=who.authenticated,
             )
         )
-    except TypeError as exc:  # a MessagePack extension type has no JSON form
+    except (TypeError, ValueError) as exc:
+        # MessagePack extension types and array or nil map keys have no JSON form.
         return Rejected(INVALID, f"params hold a value JSON cannot carry: {exc}")
+    except RecursionError:
+        # Decoded a few stack frames up, params nested at the recursion limit
+        # can fail to encode here.
+        return Rejected(INVALID, "params are nested too deeply to store")
     if len(encoded) > limits.max_event_bytes:
         return Rejected(
             TOO_LARGE,
