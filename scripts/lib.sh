@@ -64,6 +64,13 @@ ensure_redis_server() {  # redis-server 7 on PATH, installed with apt-get if mis
   [ "${major:-0}" -ge 7 ] || die "redis-server $major found; Redis 7 or newer is needed"
 }
 
+ensure_chromium() {  # Debian's Chromium for the browser tests, installed with apt-get if missing
+  [ -x /usr/bin/chromium ] && return 0
+  apt_install chromium && return 0
+  say "warning: /usr/bin/chromium is missing, so the browser tests will be skipped \
+(Debian/Ubuntu: sudo apt-get install chromium)"
+}
+
 free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 wait_port() {  # wait_port PORT SECONDS

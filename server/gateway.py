@@ -38,6 +38,7 @@ from server.admin import AdminListener
 from server.config import Settings, mask_url
 from server.errors import ConfigError, ProtocolViolation, StoreUnavailable, UndecodableFrame
 from server.ingest import IngestConnection, undecodable_record
+from server.pages import StaticFiles
 from server.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS, Error
 from server.rules import SiteRules, SitesBook
 from server.sessions import Sessions, now_ms
@@ -45,6 +46,13 @@ from server.store import Store, connect_redis
 from server.tasks import cancel_and_wait
 
 TRACK_PREFIX: Final = "/v1/track/"
+#: Plain files on the public listener: the browser tracker and the demo shop.
+PUBLIC_FILES: Final = {
+    "/tracker.js": "tracker.js",
+    "/demo": "demo.html",
+    "/demo/demo.css": "demo.css",
+    "/demo/demo.js": "demo.js",
+}
 #: How often the sites file's modification time is looked at.
 SITES_POLL: Final = 1.0
 
@@ -101,6 +109,7 @@ class EventwireServer:
         self._connections: dict[TrackConnection, IngestConnection] = {}
         self._draining = False
         self._stopped = asyncio.Event()
+        self.files = StaticFiles(PUBLIC_FILES)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -234,6 +243,8 @@ class EventwireServer:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
+        if path in self.files:
+            return self.files.respond(path, request)
         if not path.startswith(TRACK_PREFIX):
             return _refuse(connection, HTTPStatus.NOT_FOUND, "not found; track at /v1/track/{site}")
         site = path[len(TRACK_PREFIX) :]

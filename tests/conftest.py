@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from playwright.async_api import Browser, Page, async_playwright
 
 from server.config import Settings
 from server.gateway import EventwireServer
@@ -103,3 +105,31 @@ async def make_server(
 async def server(make_server: MakeServer) -> EventwireServer:
     """A server with default settings."""
     return await make_server()
+
+
+CHROMIUM = "/usr/bin/chromium"
+#: Debian's Chromium, headless; without the background-networking flag it
+#: keeps trying to reach hosts this closed network refuses.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium driven by Playwright, one for the session."""
+    if not os.path.exists(CHROMIUM):  # noqa: ASYNC240 (one stat, once)
+        pytest.skip("browser test: /usr/bin/chromium is missing (apt-get install chromium)")
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield chromium
+        await chromium.close()
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    """A fresh page in its own browser context (own cookies and storage)."""
+    context = await browser.new_context()
+    page = await context.new_page()
+    yield page
+    await context.close()
