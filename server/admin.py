@@ -1,20 +1,71 @@
-"""The admin listener: health, readiness and metrics over plain HTTP.
+"""The admin listener: health, metrics, the dashboard and the live relay.
 
-``GET /healthz`` answers 200 while the process runs; ``GET /readyz`` answers
-200 when Redis answers PING and the server is not draining, else 503;
-``GET /metrics`` serves Prometheus' text format. It is a websockets server
-whose ``process_request`` answers these requests before any upgrade, so the
-live relay can later share the listener.
+Routes (one websockets server; ``process_request`` answers every plain HTTP
+request before any upgrade):
+
+- ``GET /healthz``: 200 while the process runs. ``GET /readyz``: 200 when
+  Redis answers PING and the server is not draining, else 503. Both stay
+  open: load balancers probe them.
+- ``GET /dashboard`` (and its ``.css``/``.js``): the live dashboard, plain
+  files from ``server/static/``. The files hold no data, so they are served
+  to anyone; the page asks for the token when the data routes answer 401.
+- ``GET /metrics``: Prometheus' text format.
+- ``GET /v1/sites``: the configured sites, for the dashboard's chooser.
+- ``GET /v1/sites/{site}/summary``: open sessions, both streams' length and
+  ends, and Redis' clock.
+- ``WS /v1/live?site=S...``: the live relay (:mod:`server.live`).
+
+Access: with ``admin_token`` set, the last four need it, compared in constant
+time: ``Authorization: Bearer <token>``, or, from a browser's WebSocket,
+which cannot set headers, the subprotocol ``eventwire.token.<base64url of
+the token>`` offered beside ``eventwire.live.v1``. Never in the URL: URLs
+land in logs. Without a token they are open to whoever reaches the
+listener, which binds 127.0.0.1 by default. Either way a browser may open
+``/v1/live`` only from a page of this listener (``Origin`` must name the
+``Host``), so another site open in the operator's browser cannot read the
+streams.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import base64
+import binascii
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
+from typing import Final
+from urllib.parse import urlsplit
 
+import msgspec
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from server.errors import StoreUnavailable
+from server.live import LiveQuery, Relay, parse_query
+from server.pages import StaticFiles
+from server.store import SiteSnapshot, Store, StreamInfo
+
+log = structlog.get_logger("eventwire.admin")
+
+#: The dashboard's files on the admin listener.
+ADMIN_FILES: Final = {
+    "/dashboard": "dashboard.html",
+    "/dashboard/dashboard.css": "dashboard.css",
+    "/dashboard/dashboard.js": "dashboard.js",
+    "/dashboard/dashboard.svg": "dashboard.svg",
+}
+LIVE_PATH: Final = "/v1/live"
+SITES_PATH: Final = "/v1/sites"
+#: The relay's subprotocol, and the prefix of the one that carries the token.
+LIVE_SUBPROTOCOL: Final = "eventwire.live.v1"
+TOKEN_SUBPROTOCOL: Final = "eventwire.token."
+#: How long closing a viewer may wait for its close frame; a viewer that does
+#: not read would otherwise hold the server's stop for websockets' default 10 s.
+CLOSE_TIMEOUT: Final = 2.0
 
 
 def _set_type(response: Response, content_type: str) -> Response:
@@ -23,43 +74,222 @@ def _set_type(response: Response, content_type: str) -> Response:
     return response
 
 
+class _Stream(msgspec.Struct, kw_only=True):
+    length: int
+    first_id: str | None
+    last_id: str
+
+
+class _Summary(msgspec.Struct, kw_only=True):
+    site: str
+    now: int
+    open_sessions: int
+    events: _Stream | None
+    rejected: _Stream | None
+
+
+class _Sites(msgspec.Struct, kw_only=True):
+    sites: list[str]
+    #: What the dashboard's per-second counts go by.
+    time_basis: str = "stream id"
+    stream_maxlen: int
+    persist_retain: float
+
+
+def _stream(info: StreamInfo | None) -> _Stream | None:
+    if info is None:
+        return None
+    return _Stream(length=info.length, first_id=info.first_id, last_id=info.last_generated_id)
+
+
+def token_subprotocol(token: str) -> str:
+    """The subprotocol that carries ``token`` (base64url without padding)."""
+    return TOKEN_SUBPROTOCOL + base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
+
+
+def _offered_token(request: Request) -> str | None:
+    """The token a request carries: Bearer header, or the token subprotocol."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    for line in request.headers.get_all("Sec-WebSocket-Protocol"):
+        for offered in line.split(","):
+            offered = offered.strip()
+            if offered.startswith(TOKEN_SUBPROTOCOL):
+                text = offered[len(TOKEN_SUBPROTOCOL) :]
+                try:
+                    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+                except (binascii.Error, UnicodeDecodeError):
+                    return None
+    return None
+
+
+def _same_origin(request: Request) -> bool:
+    """Whether a browser's ``Origin`` names this listener (no Origin: not a browser)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    host = request.headers.get("Host", "")
+    try:
+        return urlsplit(origin).netloc.lower() == host.lower() and bool(host)
+    except ValueError:
+        return False
+
+
+class AdminConnection(ServerConnection):
+    """An admin connection that remembers the relay query its handshake checked."""
+
+    live: LiveQuery | None = None
+
+
+def _select_subprotocol(
+    connection: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    # The token subprotocol only carries the token; the relay's own name is the
+    # one to answer with. Offering nothing is fine (non-browser viewers).
+    return Subprotocol(LIVE_SUBPROTOCOL) if LIVE_SUBPROTOCOL in offered else None
+
+
 class AdminListener:
     """Routes of the admin listener.
 
     Args:
         ready: a coroutine function telling whether the server can take events.
+        store: Redis access, the settings and the sites.
     """
 
-    def __init__(self, ready: Callable[[], Awaitable[bool]]) -> None:
+    def __init__(self, ready: Callable[[], Awaitable[bool]], store: Store) -> None:
         self._ready = ready
+        self.store = store
+        self.settings = store.settings
+        self.relay = Relay(store)
+        self.files = StaticFiles(ADMIN_FILES, max_age=0)
+        self._token = self.settings.admin_token.encode()
+
+    def authorized(self, request: Request) -> bool:
+        """Whether a request may see data: no ``admin_token`` set, or it carries it."""
+        if not self._token:
+            return True
+        offered = _offered_token(request)
+        return offered is not None and hmac.compare_digest(offered.encode(), self._token)
 
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        """Answer an admin HTTP request (every path here is plain HTTP)."""
-        path = request.path.split("?", 1)[0]
+        """Answer an admin HTTP request; None lets ``/v1/live`` upgrade."""
+        path, _, query = request.path.partition("?")
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
             if await self._ready():
                 return connection.respond(HTTPStatus.OK, "ready\n")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+        if path in self.files:
+            return self.files.respond(path, request)
+        if path not in ("/metrics", LIVE_PATH, SITES_PATH) and not path.startswith(
+            SITES_PATH + "/"
+        ):
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if not self.authorized(request):
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, "admin token required\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="eventwire-admin"'
+            return response
         if path == "/metrics":
             response = connection.respond(HTTPStatus.OK, generate_latest().decode())
             return _set_type(response, CONTENT_TYPE_LATEST)
-        return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if path == SITES_PATH:
+            sites = _Sites(
+                sites=sorted(self.store.book.sites),
+                stream_maxlen=self.settings.stream_maxlen,
+                persist_retain=self.settings.persist_retain,
+            )
+            return _json(connection, HTTPStatus.OK, sites)
+        if path.startswith(SITES_PATH + "/"):
+            return await self._summary(connection, path[len(SITES_PATH) + 1 :])
+        return self._live(connection, request, query)
+
+    def _live(self, connection: ServerConnection, request: Request, query: str) -> Response | None:
+        if not _same_origin(request):
+            return connection.respond(
+                HTTPStatus.FORBIDDEN, "the live relay answers pages of this listener only\n"
+            )
+        parsed = parse_query(query, lambda site: self.store.book.get(site) is not None)
+        if not isinstance(parsed, LiveQuery):
+            status, text = parsed
+            return connection.respond(status, text + "\n")
+        if self.relay.full():
+            return connection.respond(
+                HTTPStatus.SERVICE_UNAVAILABLE, "too many live viewers; try again later\n"
+            )
+        assert isinstance(connection, AdminConnection)
+        connection.live = parsed
+        return None
+
+    async def _summary(self, connection: ServerConnection, rest: str) -> Response:
+        site, _, tail = rest.partition("/")
+        if tail != "summary":
+            return connection.respond(
+                HTTPStatus.NOT_FOUND, "not found; see /v1/sites/{site}/summary\n"
+            )
+        if self.store.book.get(site) is None:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"unknown site {site[:64]!r}\n")
+        try:
+            snap: SiteSnapshot = await self.store.site_summary(site)
+        except StoreUnavailable as exc:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{exc}\n")
+        summary = _Summary(
+            site=site,
+            now=snap.now_ms,
+            open_sessions=snap.open_sessions,
+            events=_stream(snap.events),
+            rejected=_stream(snap.rejected),
+        )
+        return _json(connection, HTTPStatus.OK, summary)
 
     async def handler(self, connection: ServerConnection) -> None:
-        """No WebSocket route exists yet; process_request answers every request."""
-        await connection.close(1008, "no such route")
+        """Run a live viewer (the only WebSocket route)."""
+        assert isinstance(connection, AdminConnection)
+        if connection.live is None:  # process_request lets nothing else upgrade
+            await connection.close(1008, "no such route")
+            return
+        await self.relay.serve(connection, connection.live)
 
     async def start(self, host: str, port: int) -> Server:
-        """Start listening."""
+        """Start listening; warns when the data routes are open beyond this machine."""
+        if not self._token and not _loopback(host):
+            log.warning(
+                "admin_open",
+                admin=f"{host}:{port}",
+                hint="the dashboard, the live relay and /metrics are open to the network: "
+                "set admin_token",
+            )
         return await serve(
             self.handler,
             host,
             port,
             process_request=self.process_request,
+            select_subprotocol=_select_subprotocol,
+            create_connection=AdminConnection,
             compression=None,
             server_header=None,
+            close_timeout=CLOSE_TIMEOUT,
+            # Viewers send nothing: one small queue of incoming frames is plenty.
+            max_size=4096,
+            max_queue=4,
         )
+
+
+def _json(connection: ServerConnection, status: HTTPStatus, body: msgspec.Struct) -> Response:
+    response = connection.respond(status, msgspec.json.encode(body).decode())
+    response.headers["Cache-Control"] = "no-store"
+    return _set_type(response, "application/json")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -61,6 +61,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sites: str = "sites.toml"
     key_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "ew"
     log_level: Annotated[str, Meta(pattern=r"^(debug|info|warning|error)$")] = "info"
+    #: Server processes sharing the public port (SO_REUSEPORT) under one supervisor;
+    #: 1 serves in this process, no supervisor. Each process uses up to one core,
+    #: ~40 MiB plus its connections, and its own Redis connections and ``max_connections``.
+    workers: Annotated[int, Meta(ge=1, le=256)] = 1
 
     # -- PROTOCOL.md limits
     #: Largest frame read; a larger one closes 1009. Memory: one frame per connection at most.
@@ -125,12 +129,35 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Seconds of persisted events kept in each stream for live readers (~0.5 KiB an event).
     persist_retain: Annotated[float, Meta(ge=0)] = 3600.0
 
+    # -- admin listener: dashboard and live relay
+    #: When set, /dashboard's data, /v1/live, /v1/sites and /metrics need it (Bearer
+    #: header or the page's login); empty leaves them open to whoever reaches ``admin``.
+    #: 16-256 printable ASCII characters; set it through EVENTWIRE_ADMIN_TOKEN.
+    admin_token: Annotated[str, Meta(pattern=r"^([!-~]{16,256})?$")] = ""
+    #: Events queued per live viewer before it is sent ``lagged`` and events are dropped
+    #: for it. Queued frames are shared between viewers: ~100 bytes per queued event
+    #: per viewer, plus the viewer's socket write buffer (32 KiB).
+    live_queue: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
+    #: Entries per XRANGE/XREAD of the live relay: one reply in memory at a time
+    #: per reader or replaying viewer (~0.5 KiB an entry).
+    live_batch: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    #: Live viewers (dashboard tabs count two) per process; more are refused with
+    #: HTTP 503. Each costs up to ``live_queue`` queued events; each (site, stream)
+    #: being watched costs one Redis connection.
+    live_max_viewers: Annotated[int, Meta(ge=1, le=100_000)] = 200
+
     def __post_init__(self) -> None:
         for key in ("listen", "admin"):
             try:
                 parse_hostport(getattr(self, key))
             except ValueError as exc:
                 raise ValueError(f"{key}: {exc}") from None
+        if self.live_queue < self.live_batch:
+            # A reader hands a whole batch to each viewer at once.
+            raise ValueError(
+                f"live_queue: must be at least live_batch ({self.live_batch}), "
+                f"got {self.live_queue}"
+            )
         scheme = urlsplit(self.redis_url).scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"redis_url: scheme must be redis, rediss or unix, got {scheme!r}")
@@ -261,5 +288,7 @@ def describe(loaded: LoadedConfig) -> dict[str, Any]:
     out: dict[str, Any] = msgspec.to_builtins(loaded.settings)
     out["redis_url"] = mask_url(out["redis_url"])
     out["persist_dsn"] = mask_url(out["persist_dsn"])
+    if out["admin_token"]:
+        out["admin_token"] = "****"
     out["sites"] = str(loaded.sites_path)
     return out

@@ -106,6 +106,8 @@ class EventwireServer:
         self.sessions: Sessions | None = None
         self.public: Server | None = None
         self.admin: Server | None = None
+        #: The admin routes (health, metrics, dashboard, live relay), once started.
+        self.admin_routes: AdminListener | None = None
         self._connections: dict[TrackConnection, IngestConnection] = {}
         self._draining = False
         self._stopped = asyncio.Event()
@@ -146,8 +148,8 @@ class EventwireServer:
             reuse_port=True,
             backlog=self.settings.listen_backlog,
         )
-        admin = AdminListener(self.ready)
-        self.admin = await admin.start(*settings.admin_addr)
+        self.admin_routes = AdminListener(self.ready, store)
+        self.admin = await self.admin_routes.start(*settings.admin_addr)
         log.info(
             "listening", track=self.url, admin=self.admin_url, redis=mask_url(settings.redis_url)
         )

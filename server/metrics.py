@@ -84,3 +84,13 @@ STORE_SECONDS: Final = Histogram(
 STORE_ERRORS: Final = Counter(
     "eventwire_store_errors", "Publish round trips that failed (frames nacked)."
 )
+LIVE_VIEWERS: Final = Gauge(
+    "eventwire_live_viewers", "Open live relay viewers (/v1/live), by stream.", ["stream"]
+)
+LIVE_READERS: Final = Gauge(
+    "eventwire_live_readers", "Redis readers of the live relay: one per watched (site, stream)."
+)
+LIVE_MISSED: Final = Counter(
+    "eventwire_live_missed",
+    "Events dropped for live viewers that could not keep up (each was sent lagged).",
+)

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from hiredis import pack_command
 
 from server.gateway import EventwireServer
-from server.store import LIBRARY_VERSION, FrameOwner, Keys
+from server.store import (
+    COUNT_ONLY,
+    EVENT,
+    LIBRARY_VERSION,
+    REJECT_ALWAYS,
+    FrameOwner,
+    Keys,
+    pack_args,
+    pack_fcall,
+    pack_items,
+)
 from tests.wire import client_events, event, peer
 
 
@@ -69,3 +80,15 @@ def test_frame_owner_barrier() -> None:
     assert owner.admit(12)
     owner.fail(epoch, 1)  # a late failure of the old epoch changes nothing
     assert owner.admit(13)
+
+
+def test_packing_matches_hiredis() -> None:
+    """Commands packed by the store are byte for byte what hiredis packs."""
+    keys = ["ew:{shop}:events", "ew:{shop}:producer:p-1"]
+    args = ["sess-1", 12, b"raw\r\nbytes"]
+    items = [5, EVENT, b'{"a":"\xc3\xa9"}', 7, COUNT_ONLY, b"", 9, REJECT_ALWAYS, b"x"]
+    packed = pack_fcall("ew_fn", keys, args, [pack_items(items)], len(items))
+    assert b"".join(packed) == pack_command(("FCALL", "ew_fn", len(keys), *keys, *args, *items))
+    assert b"".join(pack_args(("FUNCTION", "LOAD", "REPLACE", "#!lua"))) == pack_command(
+        ("FUNCTION", "LOAD", "REPLACE", "#!lua")
+    )

@@ -1,0 +1,761 @@
+/* eventwire live dashboard.
+ *
+ * Reads three routes of the admin listener: /v1/sites (the chooser),
+ * /v1/sites/{site}/summary (open sessions, Redis' clock) and the live relay
+ * /v1/live (one WebSocket for the events stream, one for the rejected
+ * stream). Each relay message carries its stream id; the page keeps the last
+ * one and passes it back as `since` when it reconnects (a server restart, a
+ * network drop), so it resumes with nothing missed and nothing twice.
+ *
+ * Counts (the chart, events/s, totals, top actions) go by stream id time:
+ * the millisecond part of each entry's id, when Redis stored it, on Redis'
+ * clock. The page learns Redis' clock from the relay's hello and the summary.
+ *
+ * The admin token, when the server wants one, is asked for on the page, kept
+ * in sessionStorage (this tab only) and sent as a Bearer header (fetch) or a
+ * WebSocket subprotocol (the relay): never in a URL.
+ *
+ * Plain script, no build step, nothing loaded from elsewhere; every text from
+ * the streams goes into the page as text, never as HTML.
+ */
+"use strict";
+
+(() => {
+  // Seconds covered by the chart, the totals and the top actions.
+  const WINDOW_S = 300;
+  // Events/s is the average over this many complete seconds.
+  const RATE_S = 10;
+  // Events kept in the page for the feed and customer timelines (~1 KiB each).
+  const HISTORY_KEEP = 20000;
+  const REJECTED_KEEP = 2000;
+  const FEED_ROWS = 200;
+  const REJECTED_ROWS = 100;
+  const TIMELINE_ROWS = 300;
+  const TOP_N = 10;
+  const SUMMARY_EVERY_MS = 2000;
+  const RENDER_EVERY_MS = 250;
+  const RETRY_FIRST_MS = 250;
+  const RETRY_MAX_MS = 4000;
+  const LIVE_PROTOCOL = "eventwire.live.v1";
+  const TOKEN_PROTOCOL = "eventwire.token.";
+  const TOKEN_KEY = "eventwire.admin_token";
+  const SVG = "http://www.w3.org/2000/svg";
+
+  const $ = (id) => document.getElementById(id);
+
+  // ---- stream ids and clocks ------------------------------------------------
+
+  function idMs(id) {
+    return Number(id.slice(0, id.indexOf("-")));
+  }
+
+  // Whether stream id a comes after b (sequence parts may exceed 2**53).
+  function idAfter(a, b) {
+    const am = idMs(a);
+    const bm = idMs(b);
+    if (am !== bm) return am > bm;
+    return BigInt(a.slice(a.indexOf("-") + 1)) > BigInt(b.slice(b.indexOf("-") + 1));
+  }
+
+  // Redis' clock minus this browser's, in ms.
+  let clockOffset = 0;
+  const serverNow = () => Date.now() + clockOffset;
+
+  function clock(ms) {
+    if (typeof ms !== "number" || !isFinite(ms)) return "--:--:--";
+    const d = new Date(ms);
+    const pad = (n, w = 2) => String(n).padStart(w, "0");
+    return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+  }
+
+  // ---- access -------------------------------------------------------------------
+
+  let token = sessionStorage.getItem(TOKEN_KEY) || "";
+
+  class NeedToken extends Error {}
+
+  function authHeaders() {
+    return token ? { Authorization: "Bearer " + token } : {};
+  }
+
+  function b64url(text) {
+    let bin = "";
+    for (const byte of new TextEncoder().encode(text)) bin += String.fromCharCode(byte);
+    return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  function protocols() {
+    return token ? [LIVE_PROTOCOL, TOKEN_PROTOCOL + b64url(token)] : [LIVE_PROTOCOL];
+  }
+
+  async function getJSON(path) {
+    const response = await fetch(path, { headers: authHeaders(), cache: "no-store" });
+    if (response.status === 401) throw new NeedToken(path);
+    if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+    return response.json();
+  }
+
+  let asking = null;
+
+  // Show the sign-in dialog; resolves once a token was entered.
+  function askToken() {
+    if (asking) return asking;
+    const refused = token !== "";
+    asking = new Promise((resolve) => {
+      setStatus("signin", "sign-in needed");
+      $("login-error").hidden = !refused;
+      $("login-form").onsubmit = (e) => {
+        e.preventDefault();
+        token = $("token").value.trim();
+        sessionStorage.setItem(TOKEN_KEY, token);
+        $("login").close();
+        $("signout").hidden = false;
+        asking = null;
+        resolve();
+      };
+      if (!$("login").open) $("login").showModal();
+    });
+    return asking;
+  }
+
+  // After a relay connection failed before opening: find out whether the token is why.
+  async function checkAccess() {
+    try {
+      await getJSON("/v1/sites");
+      return true;
+    } catch (e) {
+      if (e instanceof NeedToken) {
+        await askToken();
+        return true;
+      }
+      return false; // the server is away: keep backing off
+    }
+  }
+
+  // ---- the relay ------------------------------------------------------------------
+
+  class LiveStream {
+    constructor(site, kind, since, onMessage) {
+      this.site = site;
+      this.kind = kind;
+      this.since = since;
+      this.last = null;
+      this.onMessage = onMessage;
+      this.retry = RETRY_FIRST_MS;
+      this.ready = false;
+      this.stopped = false;
+      this.timer = null;
+      this.ws = null;
+      this.open();
+    }
+
+    url() {
+      const url = new URL("/v1/live", location.href);
+      url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+      url.searchParams.set("site", this.site);
+      url.searchParams.set("stream", this.kind);
+      url.searchParams.set("since", this.since);
+      return url.href;
+    }
+
+    open() {
+      const ws = new WebSocket(this.url(), protocols());
+      let opened = false;
+      this.ws = ws;
+      ws.onopen = () => {
+        opened = true;
+      };
+      ws.onmessage = (e) => {
+        let msg;
+        try {
+          msg = JSON.parse(e.data);
+        } catch {
+          return;
+        }
+        if (msg.type === "event" || msg.type === "rejected") {
+          // The relay never repeats an id; this guards the counts all the same.
+          if (this.last !== null && !idAfter(msg.id, this.last)) return;
+          this.last = msg.id;
+        }
+        if (typeof msg.id === "string") this.since = msg.id;
+        if (msg.type === "ready") {
+          this.ready = true;
+          this.retry = RETRY_FIRST_MS;
+          updateStatus();
+        }
+        this.onMessage(msg, this);
+      };
+      ws.onclose = async () => {
+        if (this.stopped || this.ws !== ws) return;
+        this.ready = false;
+        updateStatus();
+        const delay = this.retry * (0.5 + Math.random() / 2);
+        this.retry = Math.min(this.retry * 2, RETRY_MAX_MS);
+        if (!opened) await checkAccess();
+        if (this.stopped) return;
+        this.timer = setTimeout(() => {
+          if (!this.stopped) this.open();
+        }, delay);
+      };
+    }
+
+    close() {
+      this.stopped = true;
+      clearTimeout(this.timer);
+      if (this.ws) this.ws.close(1000);
+    }
+  }
+
+  // ---- what the page holds --------------------------------------------------------
+
+  let view = null;
+
+  function newView(site) {
+    return {
+      site,
+      seconds: new Map(), // second -> {a, r, actions: Map(action -> count)}
+      history: [], // {id, ev}: accepted events, oldest first
+      rejected: [], // {id, rec}: rejected records, oldest first
+      streams: [],
+      paused: false,
+      pausedNew: 0,
+      openId: null,
+      timeline: null,
+      missed: 0,
+      dirty: { feed: true, rejected: true, timeline: true, numbers: true },
+      summaryTimer: null,
+    };
+  }
+
+  function bucket(second) {
+    let b = view.seconds.get(second);
+    if (!b) {
+      b = { a: 0, r: 0, actions: new Map() };
+      view.seconds.set(second, b);
+    }
+    return b;
+  }
+
+  function onMessage(msg, stream) {
+    switch (msg.type) {
+      case "hello":
+        clockOffset = msg.now - Date.now();
+        break;
+      case "event":
+        addEvent(msg.id, msg.event);
+        break;
+      case "rejected":
+        addRejected(msg.id, msg.event);
+        break;
+      case "trimmed":
+        notice(
+          `trimmed-${stream.kind}`,
+          msg.first
+            ? `The ${stream.kind} stream no longer holds entries before ${clock(idMs(msg.first))} ` +
+              "(retention); the counts start there."
+            : `The ${stream.kind} stream was trimmed empty (retention).`,
+        );
+        break;
+      case "lagged":
+        view.missed += msg.missed;
+        notice(
+          "lagged",
+          `This page fell behind and missed ${view.missed} events; the counts miss them too. ` +
+            "Reload the page to count from the stream again.",
+        );
+        break;
+      default:
+        break;
+    }
+  }
+
+  function addEvent(id, ev) {
+    const b = bucket(Math.floor(idMs(id) / 1000));
+    b.a += 1;
+    const action = String(ev.action);
+    b.actions.set(action, (b.actions.get(action) || 0) + 1);
+    const item = { id, ev };
+    view.history.push(item);
+    if (view.history.length > HISTORY_KEEP) view.history.splice(0, view.history.length - HISTORY_KEEP);
+    if (view.paused) {
+      if (feedFilter(item)) view.pausedNew += 1;
+    } else {
+      view.dirty.feed = true;
+    }
+    if (view.timeline === ev.uuid) view.dirty.timeline = true;
+    view.dirty.numbers = true;
+  }
+
+  function addRejected(id, rec) {
+    bucket(Math.floor(idMs(id) / 1000)).r += 1;
+    view.rejected.push({ id, rec });
+    if (view.rejected.length > REJECTED_KEEP) view.rejected.splice(0, view.rejected.length - REJECTED_KEEP);
+    view.dirty.rejected = true;
+    if (view.timeline !== null && view.timeline === rec.uuid) view.dirty.timeline = true;
+    view.dirty.numbers = true;
+  }
+
+  // ---- filters -----------------------------------------------------------------------
+
+  let actionRe = null;
+  let uuidFilter = "";
+
+  // The relay's glob: * any run, ? one character, matched in full.
+  function globRe(glob) {
+    const body = glob.replace(/[.+^${}()|\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".");
+    try {
+      return new RegExp(`^${body}$`);
+    } catch {
+      return null;
+    }
+  }
+
+  function feedFilter(item) {
+    if (uuidFilter && item.ev.uuid !== uuidFilter) return false;
+    return actionRe === null || actionRe.test(String(item.ev.action));
+  }
+
+  function readFilters() {
+    const glob = $("filter-action").value.trim();
+    actionRe = glob ? globRe(glob) : null;
+    uuidFilter = $("filter-uuid").value.trim();
+    view.dirty.feed = true;
+    render();
+  }
+
+  // ---- rendering ------------------------------------------------------------------------
+
+  function cell(tr, text, cls) {
+    const td = document.createElement("td");
+    if (cls) td.className = cls;
+    td.textContent = text;
+    tr.appendChild(td);
+    return td;
+  }
+
+  function whoButton(uuid) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "who";
+    b.dataset.uuid = uuid;
+    b.textContent = uuid;
+    return b;
+  }
+
+  function renderFeed() {
+    const body = $("feed").tBodies[0];
+    const fragment = document.createDocumentFragment();
+    let shown = 0;
+    for (let i = view.history.length - 1; i >= 0 && shown < FEED_ROWS; i--) {
+      const item = view.history[i];
+      if (!feedFilter(item)) continue;
+      shown += 1;
+      const ev = item.ev;
+      const tr = document.createElement("tr");
+      tr.className = "event" + (view.openId === item.id ? " open" : "");
+      tr.dataset.id = item.id;
+      tr.dataset.uuid = ev.uuid;
+      tr.dataset.action = ev.action;
+      cell(tr, clock(ev.time), "time");
+      cell(tr, "").appendChild(whoButton(String(ev.uuid)));
+      cell(tr, String(ev.action), "action");
+      cell(tr, ev.label == null ? "" : String(ev.label));
+      fragment.appendChild(tr);
+      if (view.openId === item.id) {
+        const more = document.createElement("tr");
+        more.className = "params";
+        const td = cell(more, "");
+        td.colSpan = 4;
+        const pre = document.createElement("pre");
+        pre.textContent = JSON.stringify(
+          { params: ev.params, session: ev.session, producer: ev.producer, seq: ev.seq, id: item.id },
+          null,
+          2,
+        );
+        td.appendChild(pre);
+        fragment.appendChild(more);
+      }
+    }
+    body.replaceChildren(fragment);
+    $("feed-empty").hidden = shown > 0;
+    $("feed-empty").textContent = view.history.length ? "No event matches the filters." : "Waiting for events…";
+  }
+
+  function renderRejected() {
+    const body = $("rejected").tBodies[0];
+    const fragment = document.createDocumentFragment();
+    const rows = view.rejected.slice(-REJECTED_ROWS).reverse();
+    for (const { id, rec } of rows) {
+      const tr = document.createElement("tr");
+      tr.dataset.id = id;
+      tr.dataset.code = rec.code;
+      cell(tr, clock(rec.received), "time");
+      const who = cell(tr, "");
+      if (rec.uuid) who.appendChild(whoButton(String(rec.uuid)));
+      cell(tr, String(rec.code), "code");
+      cell(tr, String(rec.detail ?? ""), "reason");
+      fragment.appendChild(tr);
+    }
+    body.replaceChildren(fragment);
+    $("rejected-empty").hidden = rows.length > 0;
+  }
+
+  // Timeline order: when the server received it; within one frame, by seq. Ids of
+  // the two streams come from two counters and do not order them against each other.
+  function newerFirst(x, y) {
+    const a = x.ev || x.rec;
+    const b = y.ev || y.rec;
+    if (a.received !== b.received) return b.received - a.received;
+    if (a.producer === b.producer && a.seq !== b.seq) return b.seq - a.seq;
+    return idAfter(x.id, y.id) ? -1 : 1;
+  }
+
+  function renderTimeline() {
+    const aside = $("timeline");
+    if (view.timeline === null) {
+      aside.hidden = true;
+      return;
+    }
+    aside.hidden = false;
+    const uuid = view.timeline;
+    $("timeline-uuid").textContent = uuid;
+    const items = [];
+    for (const item of view.history) if (item.ev.uuid === uuid) items.push({ id: item.id, ev: item.ev });
+    for (const item of view.rejected) if (item.rec.uuid === uuid) items.push({ id: item.id, rec: item.rec });
+    items.sort(newerFirst);
+    const fragment = document.createDocumentFragment();
+    for (const item of items.slice(0, TIMELINE_ROWS)) {
+      const li = document.createElement("li");
+      li.dataset.id = item.id;
+      const when = document.createElement("span");
+      when.className = "when";
+      const what = document.createElement("span");
+      what.className = "what";
+      const label = document.createElement("span");
+      label.className = "label";
+      if (item.ev) {
+        when.textContent = clock(item.ev.time);
+        what.textContent = String(item.ev.action);
+        // The server's default label for most actions is the action itself.
+        label.textContent = item.ev.label == null || item.ev.label === item.ev.action ? "" : String(item.ev.label);
+      } else {
+        li.className = "rejected";
+        when.textContent = clock(item.rec.received);
+        what.textContent = `rejected: ${item.rec.code}`;
+        label.textContent = String(item.rec.detail ?? "");
+      }
+      li.append(when, what, label);
+      fragment.appendChild(li);
+    }
+    $("timeline-list").replaceChildren(fragment);
+    const first = view.history.length ? clock(idMs(view.history[0].id)) : null;
+    $("timeline-note").textContent =
+      `${items.length} entries seen by this page` + (first ? ` since ${first}` : "") + ", newest first.";
+  }
+
+  function renderNumbers() {
+    const nowSec = Math.floor(serverNow() / 1000);
+    const oldest = nowSec - WINDOW_S + 1;
+    for (const second of view.seconds.keys()) if (second < oldest) view.seconds.delete(second);
+
+    let total = 0;
+    let totalRejected = 0;
+    let rate = 0;
+    let rateRejected = 0;
+    let peak = 0;
+    const actions = new Map();
+    for (const [second, b] of view.seconds) {
+      if (second > nowSec) continue;
+      total += b.a;
+      totalRejected += b.r;
+      peak = Math.max(peak, b.a + b.r);
+      if (second >= nowSec - RATE_S && second < nowSec) {
+        rate += b.a;
+        rateRejected += b.r;
+      }
+      for (const [action, n] of b.actions) actions.set(action, (actions.get(action) || 0) + n);
+    }
+    const from = (nowSec - RATE_S) * 1000;
+    const to = nowSec * 1000;
+    setFigure($("rate"), rate, (rate / RATE_S).toFixed(1), from, to);
+    setFigure($("rate-rejected"), rateRejected, (rateRejected / RATE_S).toFixed(1), from, to);
+    setFigure($("total"), total, total.toLocaleString("en"), oldest * 1000, (nowSec + 1) * 1000);
+    $("total-rejected").textContent = totalRejected.toLocaleString("en");
+    $("total-rejected").dataset.count = String(totalRejected);
+    renderChart(nowSec, peak);
+    renderTop(actions, total);
+  }
+
+  function setFigure(el, count, text, from, to) {
+    el.textContent = text;
+    el.dataset.count = String(count);
+    el.dataset.from = String(from);
+    el.dataset.to = String(to);
+  }
+
+  function niceCeil(n) {
+    if (n <= 5) return 5;
+    const power = 10 ** Math.floor(Math.log10(n));
+    for (const step of [1, 2, 2.5, 5, 10]) if (step * power >= n) return step * power;
+    return 10 * power;
+  }
+
+  function renderChart(nowSec, peak) {
+    const svg = $("chart");
+    const width = 900;
+    const height = 180;
+    const slot = width / WINDOW_S;
+    const top = niceCeil(peak);
+    const scale = (height - 4) / top;
+    const fragment = document.createDocumentFragment();
+    for (const y of [0.25, 0.5, 0.75]) {
+      const line = document.createElementNS(SVG, "line");
+      line.setAttribute("class", "grid");
+      line.setAttribute("x1", "0");
+      line.setAttribute("x2", String(width));
+      line.setAttribute("y1", String(height - y * top * scale));
+      line.setAttribute("y2", String(height - y * top * scale));
+      fragment.appendChild(line);
+    }
+    for (const [second, b] of view.seconds) {
+      if (second > nowSec) continue;
+      const x = (second - (nowSec - WINDOW_S + 1)) * slot;
+      const title = `${clock(second * 1000).slice(0, 8)}  ${b.a} accepted, ${b.r} rejected`;
+      let y = height;
+      for (const [kind, n] of [["a", b.a], ["r", b.r]]) {
+        if (!n) continue;
+        const h = n * scale;
+        y -= h;
+        const rect = document.createElementNS(SVG, "rect");
+        rect.setAttribute("class", kind);
+        rect.setAttribute("x", x.toFixed(2));
+        rect.setAttribute("y", y.toFixed(2));
+        rect.setAttribute("width", (slot * 0.8).toFixed(2));
+        rect.setAttribute("height", h.toFixed(2));
+        rect.dataset.s = String(second);
+        rect.dataset.n = String(n);
+        const tip = document.createElementNS(SVG, "title");
+        tip.textContent = title;
+        rect.appendChild(tip);
+        fragment.appendChild(rect);
+      }
+    }
+    svg.replaceChildren(fragment);
+    svg.dataset.peak = String(peak);
+    $("chart-scale").textContent = `scale 0–${top}/s, lines every ${top / 4}`;
+    svg.setAttribute("aria-label", `events per second over the last five minutes; scale 0 to ${top} per second`);
+  }
+
+  function renderTop(actions, total) {
+    const sorted = [...actions].sort((x, y) => y[1] - x[1] || (x[0] < y[0] ? -1 : 1));
+    const fragment = document.createDocumentFragment();
+    const most = sorted.length ? sorted[0][1] : 1;
+    for (const [action, n] of sorted.slice(0, TOP_N)) {
+      const tr = document.createElement("tr");
+      tr.dataset.action = action;
+      tr.dataset.count = String(n);
+      cell(tr, action, "action");
+      cell(tr, n.toLocaleString("en"), "num");
+      const bar = document.createElement("div");
+      bar.className = "bar";
+      bar.style.width = `${(100 * n) / most}%`;
+      bar.title = `${((100 * n) / Math.max(total, 1)).toFixed(1)}% of events`;
+      cell(tr, "").appendChild(bar);
+      fragment.appendChild(tr);
+    }
+    $("top").tBodies[0].replaceChildren(fragment);
+    $("top-empty").hidden = sorted.length > 0;
+    const list = document.createDocumentFragment();
+    for (const [action] of sorted.slice(0, 50)) {
+      const option = document.createElement("option");
+      option.value = action;
+      list.appendChild(option);
+    }
+    $("actions").replaceChildren(list);
+  }
+
+  let lastNumbers = 0;
+
+  function render() {
+    if (!view) return;
+    const d = view.dirty;
+    if (d.feed && !view.paused) {
+      renderFeed();
+      d.feed = false;
+    }
+    if (d.rejected) {
+      renderRejected();
+      d.rejected = false;
+    }
+    if (d.timeline) {
+      renderTimeline();
+      d.timeline = false;
+    }
+    $("paused-count").textContent = view.paused ? `${view.pausedNew} new while paused` : "";
+    // Numbers move with the clock too: once a second, or sooner when events came.
+    const now = Date.now();
+    if (d.numbers || now - lastNumbers >= 1000) {
+      renderNumbers();
+      d.numbers = false;
+      lastNumbers = now;
+    }
+  }
+
+  // ---- status and notices -----------------------------------------------------------------
+
+  function setStatus(state, text) {
+    const el = $("status");
+    el.dataset.state = state;
+    el.textContent = text;
+  }
+
+  function updateStatus() {
+    if (!view || asking) return;
+    const streams = view.streams;
+    if (streams.length && streams.every((s) => s.ready)) setStatus("live", "live");
+    else if (streams.some((s) => s.last !== null || s.retry > RETRY_FIRST_MS)) setStatus("reconnecting", "reconnecting…");
+    else setStatus("connecting", "connecting…");
+  }
+
+  function notice(key, text) {
+    let el = document.querySelector(`.notice[data-key="${key}"]`);
+    if (!el) {
+      el = document.createElement("div");
+      el.className = "notice";
+      el.dataset.key = key;
+      const span = document.createElement("span");
+      const close = document.createElement("button");
+      close.type = "button";
+      close.textContent = "dismiss";
+      close.addEventListener("click", () => el.remove());
+      el.append(span, close);
+      $("notices").appendChild(el);
+    }
+    el.firstChild.textContent = text;
+  }
+
+  // ---- summary (open sessions, Redis' clock) ---------------------------------------------------
+
+  async function refreshSummary() {
+    const site = view.site;
+    const asked = Date.now();
+    try {
+      const summary = await getJSON(`/v1/sites/${encodeURIComponent(site)}/summary`);
+      if (!view || view.site !== site) return;
+      clockOffset = summary.now - (asked + Date.now()) / 2;
+      $("sessions").textContent = summary.open_sessions.toLocaleString("en");
+      $("sessions").dataset.count = String(summary.open_sessions);
+      $("sessions-note").textContent = "now";
+    } catch (e) {
+      if (e instanceof NeedToken) await askToken();
+      else $("sessions-note").textContent = "server unreachable; last known";
+    }
+  }
+
+  // ---- site choice ------------------------------------------------------------------------------
+
+  function selectSite(site) {
+    if (view) {
+      for (const stream of view.streams) stream.close();
+      clearInterval(view.summaryTimer);
+    }
+    document.querySelectorAll(".notice").forEach((el) => el.remove());
+    view = newView(site);
+    history.replaceState(null, "", `#site=${encodeURIComponent(site)}`);
+    document.title = `${site} · eventwire live`;
+    $("sessions").textContent = "–";
+    readFilters();
+    // The window is backfilled from the streams themselves: 5 minutes back on Redis' clock.
+    view.streams = [
+      new LiveStream(site, "events", `${WINDOW_S / 60}m`, onMessage),
+      new LiveStream(site, "rejected", `${WINDOW_S / 60}m`, onMessage),
+    ];
+    updateStatus();
+    refreshSummary();
+    view.summaryTimer = setInterval(refreshSummary, SUMMARY_EVERY_MS);
+  }
+
+  function openTimeline(uuid) {
+    view.timeline = uuid;
+    view.dirty.timeline = true;
+    render();
+  }
+
+  function bind() {
+    $("site").addEventListener("change", (e) => selectSite(e.target.value));
+    $("filters").addEventListener("submit", (e) => e.preventDefault());
+    $("filter-action").addEventListener("input", readFilters);
+    $("filter-uuid").addEventListener("input", readFilters);
+    $("pause").addEventListener("click", () => {
+      view.paused = !view.paused;
+      view.pausedNew = 0;
+      $("pause").setAttribute("aria-pressed", String(view.paused));
+      $("pause").textContent = view.paused ? "Resume" : "Pause";
+      view.dirty.feed = true;
+      render();
+    });
+    $("feed").tBodies[0].addEventListener("click", (e) => {
+      const who = e.target.closest("button.who");
+      if (who) {
+        openTimeline(who.dataset.uuid);
+        return;
+      }
+      const row = e.target.closest("tr.event");
+      if (!row) return;
+      view.openId = view.openId === row.dataset.id ? null : row.dataset.id;
+      view.dirty.feed = true;
+      const wasPaused = view.paused;
+      view.paused = false; // opening a row re-renders even while paused
+      render();
+      view.paused = wasPaused;
+    });
+    $("rejected").tBodies[0].addEventListener("click", (e) => {
+      const who = e.target.closest("button.who");
+      if (who) openTimeline(who.dataset.uuid);
+    });
+    $("timeline-close").addEventListener("click", () => {
+      view.timeline = null;
+      view.dirty.timeline = true;
+      render();
+    });
+    $("signout").hidden = !token;
+    $("signout").addEventListener("click", () => {
+      sessionStorage.removeItem(TOKEN_KEY);
+      location.reload();
+    });
+  }
+
+  async function start() {
+    bind();
+    let sites = null;
+    while (sites === null) {
+      try {
+        sites = (await getJSON("/v1/sites")).sites;
+      } catch (e) {
+        if (e instanceof NeedToken) await askToken();
+        else {
+          setStatus("error", "server unreachable; retrying");
+          await new Promise((resolve) => setTimeout(resolve, 2000));
+        }
+      }
+    }
+    const select = $("site");
+    for (const site of sites) {
+      const option = document.createElement("option");
+      option.value = site;
+      option.textContent = site;
+      select.appendChild(option);
+    }
+    const wanted = new URLSearchParams(location.hash.slice(1)).get("site");
+    const site = sites.includes(wanted) ? wanted : sites[0];
+    if (site === undefined) {
+      setStatus("error", "no sites configured");
+      return;
+    }
+    select.value = site;
+    selectSite(site);
+    setInterval(render, RENDER_EVERY_MS);
+  }
+
+  start();
+})();
