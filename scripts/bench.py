@@ -184,7 +184,8 @@ class Driver:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (all its threads), from /proc; None if gone."""
+    """User + system CPU seconds of a process and its live descendants (``serve --workers N``
+    is a supervisor and N children), from /proc; None if the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -192,7 +193,14 @@ def cpu_seconds(pid: int) -> float | None:
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+    total = (utime + stime) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children = task.read_text().split()
+        except OSError:
+            continue
+        total += sum(cpu_seconds(int(child)) or 0.0 for child in children)
+    return total
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

@@ -3,21 +3,25 @@
 
 Parses flags, loads settings and sites, configures logging and runs the
 rooms; no logic of its own beyond mapping errors to exit codes (2 for a
-configuration error, 0 for a graceful stop).
+configuration error, 0 for a graceful stop). ``serve --workers N`` (N > 1)
+runs :class:`~server.supervisor.Supervisor` here, which starts N children
+running this same command with ``--workers 1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import signal
 import sys
 from typing import Any
 
 import msgspec
+import structlog
 
-from server import __version__, persist, stats, tail
+from server import __version__, persist, stats, supervisor, tail
 from server.config import LoadedConfig, add_source_flags, describe, load_settings
 from server.errors import ConfigError
 from server.gateway import EventwireServer
@@ -28,11 +32,16 @@ from server.tail import quiet_stdout
 #: How long ``eventwire send`` waits for its event to be acked.
 SEND_TIMEOUT = 5.0
 
+log = structlog.get_logger("eventwire.cli")
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     add_source_flags(parser)
     parser.add_argument("--listen", help="public listener HOST:PORT")
     parser.add_argument("--admin", help="admin listener HOST:PORT")
+    parser.add_argument(
+        "--workers", help="server processes sharing the listen port under one supervisor (1)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +74,7 @@ def _load(args: argparse.Namespace) -> tuple[LoadedConfig, dict[str, SiteRules]]
         "listen": args.listen,
         "admin": args.admin,
         "redis_url": args.redis_url,
+        "workers": args.workers,
     }
     loaded = load_settings(args.config, overrides=overrides)
     return loaded, load_sites(loaded.sites_path)
@@ -101,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(out)).decode() + "\n")
         return 0
     configure(loaded.settings.log_level)
+    if loaded.settings.workers > 1 or supervisor.LIFELINE_ENV in os.environ:
+        # The supervisor and its children share stdout. print() writes a line
+        # and its newline in two calls, so two processes can interleave them
+        # ('{a}{b}' then two newlines); one write per line keeps lines whole.
+        structlog.configure(logger_factory=structlog.WriteLoggerFactory(sys.stdout))
+    if loaded.settings.workers > 1:
+        command = supervisor.child_command(sys.argv[1:] if argv is None else argv)
+        # The stock loop: the supervisor only waits on children and signals,
+        # and asyncio's subprocesses take every Popen option it needs.
+        return asyncio.run(_supervise(loaded, command))
     return _run(_serve(loaded, sites))
 
 
@@ -115,6 +135,7 @@ def _raise_fd_limit(connections: int) -> None:
 
 async def _serve(loaded: LoadedConfig, sites: dict[str, SiteRules]) -> int:
     _raise_fd_limit(loaded.settings.max_connections)
+    lifeline = supervisor.Lifeline.from_environ()
     server = EventwireServer(loaded.settings, sites, loaded.sites_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,9 +143,44 @@ async def _serve(loaded: LoadedConfig, sites: dict[str, SiteRules]) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_sites)
     await server.start()
+    orphaned: asyncio.Task[None] | None = None
+    if lifeline is not None:
+        try:
+            await lifeline.report(server.port, server.admin_port)
+        except OSError:  # the supervisor is gone already
+            log.warning("supervisor_gone", detail="draining")
+            stop.set()
+        else:
+            orphaned = asyncio.create_task(_stop_when_orphaned(lifeline, stop))
     await stop.wait()
+    if orphaned is not None:
+        orphaned.cancel()
+        await asyncio.wait([orphaned])
     await server.stop()
+    if lifeline is not None:
+        lifeline.close()
     return 0
+
+
+async def _stop_when_orphaned(lifeline: supervisor.Lifeline, stop: asyncio.Event) -> None:
+    """A child whose supervisor is gone drains and exits, as on SIGTERM."""
+    await lifeline.wait_closed()
+    log.warning("supervisor_gone", detail="draining")
+    stop.set()
+
+
+async def _supervise(loaded: LoadedConfig, command: list[str]) -> int:
+    sup = supervisor.Supervisor(loaded.settings, command)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sup.request_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, sup.forward, signal.SIGHUP)
+    try:
+        return await sup.run()
+    except OSError as exc:
+        print(f"eventwire: cannot listen: {exc}", file=sys.stderr)
+        await sup.stop()
+        return supervisor.EXIT_FAILED
 
 
 def _param(text: str) -> tuple[str, Any]:

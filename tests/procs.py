@@ -126,12 +126,17 @@ class ServerProcess:
         redis_url: the Redis to use.
         sites: path of a sites file.
         env: extra environment (``EVENTWIRE_*`` settings).
+        workers: ``--workers``; above 1 the process is the supervisor, ready
+            once it logs ``workers_ready``, and ``admin_port`` is its own.
     """
 
-    def __init__(self, redis_url: str, sites: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, redis_url: str, sites: Path, env: dict[str, str] | None = None, workers: int = 1
+    ) -> None:
         self.redis_url = redis_url
         self.sites = sites
         self.env = env or {}
+        self.workers = workers
         self.port = 0
         self.admin_port = 0
         self.proc: subprocess.Popen[str] | None = None
@@ -155,6 +160,7 @@ class ServerProcess:
                 self.redis_url,
                 "--sites",
                 str(self.sites),
+                *(("--workers", str(self.workers)) if self.workers > 1 else ()),
             ],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -169,7 +175,8 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.wait()}")
             record = json.loads(line)
             self.lines.append(record)
-            if record.get("event") == "listening":
+            ready = "workers_ready" if self.workers > 1 else "listening"
+            if record.get("event") == ready:
                 self.port = int(record["track"].rsplit(":", 1)[1])
                 self.admin_port = int(record["admin"].rsplit(":", 1)[1])
                 # Keep reading: a full pipe would block the server's logging.
