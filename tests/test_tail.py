@@ -30,15 +30,15 @@ class Tail:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
 
-    async def line(self, wait: float = 1.0) -> dict[str, Any]:
-        """The next JSON line, within ``wait`` seconds."""
+    async def line(self, wait: float = 5.0) -> dict[str, Any]:
+        """The next JSON line, within ``wait`` seconds (the process may still be starting)."""
         assert self.proc.stdout is not None
         raw = await asyncio.wait_for(self.proc.stdout.readline(), wait * UNIT)
         assert raw, "tail exited"
         out: dict[str, Any] = json.loads(raw)
         return out
 
-    async def until(self, uuid: str, action: str, wait: float = 1.0) -> list[dict[str, Any]]:
+    async def until(self, uuid: str, action: str, wait: float = 5.0) -> list[dict[str, Any]]:
         """Every line up to and including the first of ``uuid`` and ``action``."""
         deadline = time.monotonic() + wait * UNIT
         seen = []
