@@ -121,6 +121,21 @@ def now_ms() -> int:
 
 # ---- frames -------------------------------------------------------------------------
 
+#: Bytes that mean something to one of the two grammars (JSON, MessagePack) or to UTF-8.
+SPECIAL_BYTES: Final = (
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b'"',
+    b"\\",
+    b",",
+    b":",
+    b"\xff",
+    b"\xc1",
+    b"\xdd",
+    b"\x00",
+)
 
 GOOD_ACTIONS: Final = (
     "page.visit",
@@ -312,20 +327,7 @@ class Frames:
             if op == 0 and at < len(out):
                 out[at] ^= 1 << rng.randrange(8)
             elif op == 1:
-                special = [
-                    b"{",
-                    b"}",
-                    b"[",
-                    b"]",
-                    b'"',
-                    b"\\",
-                    b",",
-                    b":",
-                    b"\xff",
-                    b"\xc1",
-                    b"\x00",
-                ]
-                out[at:at] = rng.choice([*special, rng.randbytes(rng.randrange(1, 4))])
+                out[at:at] = rng.choice([*SPECIAL_BYTES, rng.randbytes(rng.randrange(1, 4))])
             elif op == 2:
                 del out[at : at + rng.randrange(1, 5)]
             elif op == 3:

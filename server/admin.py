@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Final
@@ -44,6 +43,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from server.config import is_loopback
 from server.errors import StoreUnavailable
 from server.live import LiveQuery, Relay, parse_query
 from server.pages import StaticFiles
@@ -257,7 +257,7 @@ class AdminListener:
 
     async def start(self, host: str, port: int) -> Server:
         """Start listening; warns when the data routes are open beyond this machine."""
-        if not self._token and not _loopback(host):
+        if not self._token and not is_loopback(host):
             log.warning(
                 "admin_open",
                 admin=f"{host}:{port}",
@@ -284,12 +284,3 @@ def _json(connection: ServerConnection, status: HTTPStatus, body: msgspec.Struct
     response = connection.respond(status, msgspec.json.encode(body).decode())
     response.headers["Cache-Control"] = "no-store"
     return _set_type(response, "application/json")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -11,6 +11,7 @@ the key, its source and the problem.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -41,6 +42,16 @@ def parse_hostport(value: str) -> tuple[str, int]:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def add_source_flags(parser: argparse.ArgumentParser) -> None:

@@ -48,7 +48,6 @@ import asyncio
 import collections
 import contextlib
 import hmac
-import ipaddress
 import itertools
 import json
 import os
@@ -67,7 +66,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from server.config import Settings
+from server.config import Settings, is_loopback
 from server.tasks import cancel_and_wait
 
 #: Every child drained and exited 0.
@@ -216,7 +215,7 @@ class Supervisor:
         self._reserved = reserve_port(host, port)
         self.port = self._reserved.getsockname()[1]
         admin_host, admin_port = self.settings.admin_addr
-        if not self._token and not _loopback(admin_host):
+        if not self._token and not is_loopback(admin_host):
             log.warning(
                 "admin_open",
                 admin=f"{admin_host}:{admin_port}",
@@ -668,15 +667,6 @@ def _signal(w: _Worker, sig: signal.Signals) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _urlhost(host: str) -> str:

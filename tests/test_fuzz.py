@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scripts.fuzz import SPECIAL_BYTES
 from server.errors import UndecodableFrame
 from server.ingest import undecodable_record
 from server.protocol import (
@@ -208,23 +209,6 @@ def mutated(draw: st.DrawFn, frames: st.SearchStrategy[bytes]) -> bytes:
         else:
             data[at:at] = data[at : at + draw(st.integers(1, 16))]
     return bytes(data)
-
-
-#: Bytes that mean something to one of the two grammars.
-SPECIAL_BYTES = [
-    b"{",
-    b"}",
-    b"[",
-    b"]",
-    b'"',
-    b"\\",
-    b",",
-    b":",
-    b"\xff",
-    b"\xc1",
-    b"\xdd",
-    b"\x00",
-]
 
 
 def encode_with(codec: Codec, obj: Any) -> bytes:
