@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
-from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Route
+from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Route, WebSocket
 from prometheus_client import REGISTRY
 
 from server.gateway import EventwireServer
@@ -652,7 +652,13 @@ async def test_opt_out_and_do_not_track(
     pages.add("/dnt", title="DNT", respect_dnt="true")
     pages.add("/plain", title="Plain")
     quiet = await dnt.new_page()
-    quiet.on("websocket", lambda ws: sockets.append(ws.url))
+    opened = asyncio.Event()
+
+    def on_socket(ws: WebSocket) -> None:
+        sockets.append(ws.url)
+        opened.set()
+
+    quiet.on("websocket", on_socket)
     await quiet.goto(SHOP + "/dnt")
     await quiet.wait_for_function("() => !!(window.eventwire && eventwire.status)")
     assert await quiet.evaluate("eventwire.track('cart.add')") is False
@@ -660,6 +666,8 @@ async def test_opt_out_and_do_not_track(
     await quiet.goto(SHOP + "/plain")
     found = await wait_events(redis, has("page.visit", 2))
     assert [v["params"]["title"] for v in of(found, "page.visit")] == ["O", "Plain"]
+    # Playwright may report the socket after its event is already in Redis.
+    await asyncio.wait_for(opened.wait(), 5 * UNIT)
     assert len(sockets) == 1
     await dnt.close()
 
