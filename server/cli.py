@@ -110,12 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(out)).decode() + "\n")
         return 0
-    configure(loaded.settings.log_level)
-    if loaded.settings.workers > 1 or supervisor.LIFELINE_ENV in os.environ:
-        # The supervisor and its children share stdout. print() writes a line
-        # and its newline in two calls, so two processes can interleave them
-        # ('{a}{b}' then two newlines); one write per line keeps lines whole.
-        structlog.configure(logger_factory=structlog.WriteLoggerFactory(sys.stdout))
+    worker = os.environ.get(supervisor.WORKER_ENV)
+    configure(loaded.settings.log_level, fields={"worker": int(worker)} if worker else None)
     if loaded.settings.workers > 1:
         command = supervisor.child_command(sys.argv[1:] if argv is None else argv)
         # The stock loop: the supervisor only waits on children and signals,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import msgspec
@@ -22,12 +23,15 @@ def _serialize(obj: Any, **_: Any) -> str:
     return _encoder.encode(obj).decode()
 
 
-def configure(level: str = "info", json: bool | None = None) -> None:
+def configure(
+    level: str = "info", json: bool | None = None, fields: Mapping[str, Any] | None = None
+) -> None:
     """Configure structlog and the stdlib loggers of our dependencies.
 
     Args:
         level: debug, info, warning or error.
         json: JSON lines; None means JSON unless stdout is a TTY.
+        fields: added to every line of this process (a child's ``worker``).
     """
     if json is None:
         json = not sys.stdout.isatty()
@@ -37,9 +41,17 @@ def configure(level: str = "info", json: bool | None = None) -> None:
         if json
         else structlog.dev.ConsoleRenderer()
     )
+    extra = dict(fields or {})
+
+    def add_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in extra.items():
+            event.setdefault(key, value)
+        return event
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *([add_fields] if extra else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info
@@ -48,7 +60,10 @@ def configure(level: str = "info", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        # One write per line: print() writes a line and its newline in two
+        # calls, so processes sharing stdout (scripts/run, a supervisor and its
+        # children) could interleave them ('{a}{b}' and then two newlines).
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
     # websockets and redis log through the stdlib; keep their warnings, on stderr.

@@ -78,6 +78,8 @@ EXIT_KILLED: Final = 3
 
 #: The environment variable naming the lifeline's file descriptor in a child.
 LIFELINE_ENV: Final = "EVENTWIRE_SUPERVISOR_FD"
+#: The environment variable giving a child its worker number, added to its log lines.
+WORKER_ENV: Final = "EVENTWIRE_WORKER"
 #: Children's admin listeners: loopback only, read by the supervisor's /metrics and /readyz.
 CHILD_ADMIN: Final = "127.0.0.1:0"
 #: Longest ready line a child may write on its lifeline.
@@ -321,7 +323,7 @@ class Supervisor:
                 *self.command,
                 *("--workers", "1", "--listen", listen, "--admin", CHILD_ADMIN),
                 stdin=asyncio.subprocess.DEVNULL,
-                env={**self.env, LIFELINE_ENV: str(theirs.fileno())},
+                env={**self.env, LIFELINE_ENV: str(theirs.fileno()), WORKER_ENV: str(w.index)},
                 pass_fds=(theirs.fileno(),),
                 # Its own process group: a Ctrl-C on the terminal reaches only the
                 # supervisor, which stops the children in order.

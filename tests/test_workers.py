@@ -146,6 +146,8 @@ async def test_workers_share_one_port(workers2: ServerProcess, redis: aioredis.R
     assert srv.proc.pid not in ready["pids"]
     children = lines_of(srv, "listening")
     assert [int(c["track"].rsplit(":", 1)[1]) for c in children] == [srv.port, srv.port]
+    # Every line of a child says which one wrote it.
+    assert sorted(c["worker"] for c in children) == [1, 2]
 
     async def one(i: int) -> int:
         async with peer(f"ws://127.0.0.1:{srv.port}") as p:
@@ -159,6 +161,13 @@ async def test_workers_share_one_port(workers2: ServerProcess, redis: aioredis.R
     assert set(connections) == {"1", "2"}
     assert all(n >= 1 for n in connections.values()), connections
     assert sum(connections.values()) == 24
+    for _ in range(100):  # a child logs the close after the client saw it
+        closed = lines_of(srv, "connection_closed")
+        if len(closed) >= 24:
+            break
+        await asyncio.sleep(0.05 * UNIT)
+    assert len(closed) == 24
+    assert {line["worker"] for line in closed} == {1, 2}
     assert await per_worker(srv, "eventwire_worker_up") == {"1": 1.0, "2": 1.0}
     admin = f"http://127.0.0.1:{srv.admin_port}"
     assert await get(admin + "/healthz") == (200, "ok\n")
