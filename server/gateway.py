@@ -11,6 +11,9 @@ and turns the errors it raises into the protocol's answers:
 - a frame over ``max_frame_bytes``: close 1009 (websockets enforces it);
 - Redis unavailable at hello: ``error unavailable``, close 1013.
 
+Plain GET requests for :data:`PUBLIC_FILES` (the browser tracker and the demo
+shop) are answered before any upgrade, by :class:`~server.pages.StaticFiles`.
+
 On :meth:`EventwireServer.stop` it stops accepting, lets in-flight frames be
 acked (up to ``drain_timeout``), closes every connection 1001, publishes the
 sessions' ends, then closes the store.
