@@ -715,7 +715,12 @@ class Store:
         try:
             async with asyncio.timeout(self.settings.store_timeout):
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.time()
+                    if self._cluster is None:
+                        pipe.time()
+                    else:
+                        # redis-py sends no keyless command in a cluster
+                        # pipeline: TIME is asked of the site's own node.
+                        pipe.eval("return redis.call('TIME')", 1, keys.due(site))
                     pipe.zcard(keys.due(site))
                     pipe.xinfo_stream(keys.events(site))
                     pipe.xinfo_stream(keys.rejected(site))
