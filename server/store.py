@@ -689,7 +689,13 @@ class Store:
                 maxlen=self.settings.rejected_maxlen,
                 approximate=True,
             )
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        except (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            RedisClusterException,
+            *_NOT_HERE,
+        ):
+            # On a cluster, a slot moving (MOVED, ASK) is an outage of this call too.
             return False
         return True
 

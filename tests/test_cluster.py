@@ -20,7 +20,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.client import connect
 
-from server.config import Settings
+from server.config import Settings, cluster_nodes, load_settings, mask_url
+from server.errors import ConfigError
 from server.gateway import EventwireServer
 from server.persist.sinks import open_sink
 from server.persist.worker import PersistOptions, Worker
@@ -293,3 +294,30 @@ async def test_connect_redis_gives_a_cluster_client(
         assert len(client.get_primaries()) == 3
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("redis+cluster://", "cluster node must be host:port"),
+        ("redis+cluster://h1:1,h2", "cluster node must be host:port, got 'h2'"),
+        ("redis+cluster://h1:99999", "cluster node must be host:port"),
+        ("redis+cluster://h1:1/3", "only database 0"),
+        ("cluster://h1:1", "redis+cluster"),
+    ],
+)
+def test_bad_cluster_urls_refused(url: str, needle: str) -> None:
+    """A cluster URL that names no usable node is a config error saying what is wrong."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(Path(os.devnull), env={"EVENTWIRE_REDIS_URL": url})
+    assert "redis_url" in str(info.value)
+    assert needle in str(info.value)
+
+
+def test_cluster_url_nodes_and_masked_password() -> None:
+    """Every node of a cluster URL is a startup node; check-config hides its password."""
+    url = "redis+cluster://u:s3cret@10.0.0.1:7000,10.0.0.2:7001/"
+    assert cluster_nodes(url) == [("10.0.0.1", 7000), ("10.0.0.2", 7001)]
+    assert cluster_nodes("redis://h:1/0") is None
+    assert "s3cret" not in mask_url(url)
+    assert "10.0.0.2:7001" in mask_url(url)
