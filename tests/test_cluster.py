@@ -65,9 +65,11 @@ def sites_path(tmp_path: Path) -> Path:
     return path
 
 
-async def start(make_server: MakeServer, proc: RedisClusterProcess) -> EventwireServer:
+async def start(
+    make_server: MakeServer, proc: RedisClusterProcess, **overrides: Any
+) -> EventwireServer:
     """A server of the three sites over the cluster."""
-    return await make_server(sites=SITES_TOML, redis_url=proc.url, **FAST)
+    return await make_server(sites=SITES_TOML, redis_url=proc.url, **(FAST | overrides))
 
 
 async def events(cluster: RedisCluster, site: str, stream: str = "events") -> list[dict[str, Any]]:
@@ -321,3 +323,45 @@ def test_cluster_url_nodes_and_masked_password() -> None:
     assert cluster_nodes("redis://h:1/0") is None
     assert "s3cret" not in mask_url(url)
     assert "10.0.0.2:7001" in mask_url(url)
+
+
+async def move_slot(proc: RedisClusterProcess, slot: int, to_port: int) -> None:
+    """Give an empty slot to another master (every node is told)."""
+    target = (await on_node(to_port, "CLUSTER", "MYID")).decode()
+    for node in proc.nodes:
+        await on_node(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target)
+
+
+async def test_moved_slot_fails_once_then_follows(
+    make_server: MakeServer, redis_cluster_proc: RedisClusterProcess, cluster: RedisCluster
+) -> None:
+    """After a site's slot moves, one call fails (1013); the next reads the map and succeeds."""
+    srv = await start(make_server, redis_cluster_proc)
+    key = "ew:{docs}:events"
+    slot = cluster.keyslot(key)
+    old = cluster.get_node_from_key(key)
+    assert old is not None
+    new_port = next(n.port for n in redis_cluster_proc.nodes if n.port != int(old.port))
+    async with peer(srv.url, site="shop") as p:
+        await p.hello("u-w")  # the server has learnt the slot map
+    await move_slot(redis_cluster_proc, slot, new_port)
+    try:
+        failures = 0
+        async with asyncio.timeout(5 * UNIT):
+            while True:
+                async with peer(srv.url, site="docs") as p:
+                    await p.send({"type": "hello", "uuid": "u-m", "producer": producer_id()})
+                    answer = await p.recv()
+                    if answer["type"] == "error":
+                        assert answer["code"] == "unavailable", answer
+                        assert "slot" in str(answer), answer
+                        failures += 1
+                        continue
+                    assert answer["type"] == "welcome"
+                    assert (await p.track(event(1)))["accepted"] == 1
+                    break
+        assert failures == 1
+        assert await on_node(new_port, "XLEN", key) > 0
+    finally:
+        await on_node(new_port, "FLUSHALL")
+        await move_slot(redis_cluster_proc, slot, int(old.port))
