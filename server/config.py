@@ -170,8 +170,16 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 f"got {self.live_queue}"
             )
         scheme = urlsplit(self.redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"redis_url: scheme must be redis, rediss or unix, got {scheme!r}")
+        if scheme not in ("redis", "rediss", "unix", *CLUSTER_SCHEMES):
+            raise ValueError(
+                "redis_url: scheme must be redis, rediss, unix, redis+cluster or "
+                f"rediss+cluster, got {scheme!r}"
+            )
+        if scheme in CLUSTER_SCHEMES:
+            try:
+                cluster_nodes(self.redis_url)
+            except ValueError as exc:
+                raise ValueError(f"redis_url: {exc}") from None
 
     @property
     def listen_addr(self) -> tuple[str, int]:
@@ -208,6 +216,31 @@ class SessionTimings(msgspec.Struct, frozen=True):
             idle_ms=int((idle or settings.session_idle) * 1000),
             max_ms=int((longest or settings.session_max) * 1000),
         )
+
+
+#: URL schemes naming a Redis Cluster by some of its nodes: ``redis+cluster://h:p,h:p``.
+CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
+
+
+def cluster_nodes(url: str) -> list[tuple[str, int]] | None:
+    """The ``host:port`` startup nodes of a cluster URL; None for a single-node URL.
+
+    Raises:
+        ValueError: a cluster URL without nodes, or with a node that is not host:port.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        return None
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"cluster node must be host:port, got {item!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError("a Redis Cluster has only database 0")
+    return nodes
 
 
 def mask_url(url: str) -> str:

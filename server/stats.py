@@ -19,14 +19,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from redis.exceptions import ResponseError
 
 from server.config import add_source_flags, load_settings
 from server.errors import ConfigError
 from server.rules import load_sites
-from server.store import Keys, reply_text, stream_id
+from server.store import Keys, RedisClient, redis_client, reply_text, stream_id
 from server.tail import quiet_stdout, stop_on_signals
 
 #: The consumer group whose progress is shown.
@@ -77,13 +76,13 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-async def redis_now_ms(redis: aioredis.Redis) -> int:
+async def redis_now_ms(redis: RedisClient) -> int:
     """Redis's clock in ms (the clock of stream ids)."""
     seconds, micros = await redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-async def rate(redis: aioredis.Redis, key: str, now_ms: int) -> float:
+async def rate(redis: RedisClient, key: str, now_ms: int) -> float:
     """Entries per second added to ``key`` over the last minute.
 
     Counts newest first in chunks of :data:`CHUNK`; beyond :data:`MAX_COUNTED`
@@ -108,7 +107,7 @@ async def rate(redis: aioredis.Redis, key: str, now_ms: int) -> float:
     return counted / max((now_ms - oldest) / 1000, 0.001)
 
 
-async def group_info(redis: aioredis.Redis, key: str, now_ms: int) -> dict[str, Any]:
+async def group_info(redis: RedisClient, key: str, now_ms: int) -> dict[str, Any]:
     """The ``persist`` group's lag, pending and oldest pending age (None where unknown)."""
     out: dict[str, Any] = {"persist_lag": None, "persist_pending": None, "oldest_pending_s": None}
     try:
@@ -129,7 +128,7 @@ async def group_info(redis: aioredis.Redis, key: str, now_ms: int) -> dict[str, 
     return out
 
 
-async def site_stats(redis: aioredis.Redis, keys: Keys, site: str) -> dict[str, Any]:
+async def site_stats(redis: RedisClient, keys: Keys, site: str) -> dict[str, Any]:
     """One site's numbers.
 
     Returns:
@@ -152,7 +151,7 @@ async def site_stats(redis: aioredis.Redis, keys: Keys, site: str) -> dict[str, 
     return out
 
 
-async def snapshot(redis: aioredis.Redis, keys: Keys, sites: list[str]) -> dict[str, Any]:
+async def snapshot(redis: RedisClient, keys: Keys, sites: list[str]) -> dict[str, Any]:
     """``{"sites": {site: site_stats}, "time": ms}`` for every site."""
     now = await redis_now_ms(redis)
     return {"sites": {s: await site_stats(redis, keys, s) for s in sites}, "time": now}
@@ -210,9 +209,7 @@ async def run(args: argparse.Namespace) -> int:
     keys = Keys(loaded.settings.key_prefix)
     tty = sys.stdout.isatty()
     as_json = bool(args.json) or not tty
-    client = aioredis.Redis.from_url(
-        loaded.settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0
-    )
+    client = redis_client(loaded.settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
     code = 0
     down = False
     with stop_on_signals() as stopped:

@@ -22,18 +22,26 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple, Protocol
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server import metrics
-from server.config import SessionTimings, Settings
+from server.config import SessionTimings, Settings, cluster_nodes
 from server.errors import StoreUnavailable
 from server.protocol import NackCode
 from server.rules import SitesBook
@@ -231,15 +239,59 @@ class Frame:
         self.sink.frame_failed(self, why)
 
 
-def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
+#: A client of one Redis or of a Redis Cluster (``redis+cluster://`` URLs).
+RedisClient = aioredis.Redis | RedisCluster
+
+#: Connections per cluster node and process (redis-py's default is 100). Past
+#: it a call fails at once (MaxConnectionsError, answered as unavailable)
+#: instead of queueing; each costs a socket and ~20 KiB in that node.
+CLUSTER_NODE_CONNECTIONS: Final = 64
+
+
+def redis_client(url: str, **options: Any) -> RedisClient:
+    """A redis.asyncio client of ``url``: a RedisCluster for ``redis+cluster://`` URLs.
+
+    Args:
+        url: a ``redis_url`` (validated by :class:`Settings`).
+        options: connection options (timeouts, ``retry``) for every connection.
+
+    Returns:
+        The client; a cluster client learns the slot map on first use.
+    """
+    nodes = cluster_nodes(url)
+    if nodes is None:
+        client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+        return client
+    parts = urlsplit(url)
+    options.pop("max_connections", None)
+    options.pop("health_check_interval", None)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ssl=parts.scheme == "rediss+cluster",
+        max_connections=CLUSTER_NODE_CONNECTIONS,
+        **options,
+    )
+
+
+def connect_redis(url: str, settings: Settings) -> RedisClient:
     """Create the redis.asyncio client every room uses.
 
     The pool blocks when all its connections are busy instead of failing: a
     reconnect storm (thousands of hellos after a restart) must queue, not be
     refused. No retries inside redis-py: a failed step is answered ``nack
     unavailable`` and the client's resend is the retry, which de-duplication
-    makes safe.
+    makes safe. A ``redis+cluster://`` URL gives a RedisCluster client (each
+    node has its own pool of up to :data:`CLUSTER_NODE_CONNECTIONS`).
     """
+    if cluster_nodes(url) is not None:
+        return redis_client(
+            url,
+            socket_timeout=settings.store_timeout,
+            socket_connect_timeout=settings.store_timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_POOL_SIZE,
@@ -284,8 +336,13 @@ class Store:
     Use as ``async with Store(...) as store``: the publisher tasks run inside.
     """
 
-    def __init__(self, client: aioredis.Redis, settings: Settings, book: SitesBook) -> None:
+    def __init__(self, client: RedisClient, settings: Settings, book: SitesBook) -> None:
         self.redis = client
+        #: The cluster client, or None for one Redis (the single-node path).
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._pool: Any = getattr(client, "connection_pool", None)
+        #: After a MOVED, ASK or lost node the next cluster call reads the slot map again.
+        self._refresh_slots = False
         self.settings = settings
         self.book = book
         self.keys = Keys(settings.key_prefix)
@@ -322,7 +379,7 @@ class Store:
         self._started = False
         for lane in self._lanes:
             if lane.conn is not None:
-                await self.redis.connection_pool.release(lane.conn)
+                await self._pool.release(lane.conn)
                 lane.conn = None
         await self.redis.aclose()
 
@@ -390,7 +447,7 @@ class Store:
         Raises:
             StoreUnavailable: Redis is unreachable, slow, or answered an error.
         """
-        (result,) = await self._fcall([pack_fcall(function, keys, args)])
+        (result,) = await self._fcall([pack_fcall(function, keys, args)], routes=[keys[0]])
         if isinstance(result, Exception):
             raise StoreUnavailable(f"redis error: {result}")
         return result
@@ -430,10 +487,12 @@ class Store:
         for frame in batch:
             by_site.setdefault(frame.site, []).append(frame)
         calls: list[list[bytes]] = []
+        routes: list[str] = []
         for site, frames in by_site.items():
             keys = self.keys
             timing, taken = self.site_params(site)
             fkeys: list[Any] = [keys.events(site), keys.rejected(site), keys.due(site)]
+            routes.append(fkeys[0])
             fargs: list[Any] = [*self._fixed, site, timing.idle_ms, timing.max_ms, taken]
             # Per frame: session, uuid, n, then its n (seq, kind, payload) items.
             tail: list[bytes] = []
@@ -446,7 +505,7 @@ class Store:
             calls.append(pack_fcall(FN_PUBLISH, fkeys, fargs, tail, count))
         started = time.perf_counter()
         try:
-            results = await self._fcall(calls, lane)
+            results = await self._fcall(calls, lane, routes)
         except Exception as exc:
             # Whatever went wrong, the publisher must live on: the frames are
             # nacked and their clients resend them.
@@ -471,8 +530,19 @@ class Store:
                 else:
                     frame.sink.frame_stored(frame, result[3 * i], result[3 * i + 1])
 
-    async def _fcall(self, commands: Sequence[list[bytes]], lane: _Lane | None = None) -> list[Any]:
-        """Run packed FCALLs in one round trip; load the library first if Redis lost it."""
+    async def _fcall(
+        self,
+        commands: Sequence[list[bytes]],
+        lane: _Lane | None = None,
+        routes: Sequence[str] = (),
+    ) -> list[Any]:
+        """Run packed FCALLs in one round trip; load the library first if Redis lost it.
+
+        ``routes`` holds one key of each command: on a cluster, the command
+        goes to the node serving that key's slot (all its keys share it).
+        """
+        if self._cluster is not None:
+            return await self._cluster_fcall(self._cluster, commands, routes)
         results = await self._pipeline(commands, lane)
         again = [i for i, r in enumerate(results) if _missing_function(r)]
         if again:
@@ -500,12 +570,12 @@ class Store:
         Raises:
             StoreUnavailable: Redis is unreachable or did not answer in time.
         """
-        pool = self.redis.connection_pool
+        pool = self._pool
         conn: Any = lane.conn if lane is not None else None
         try:
             async with asyncio.timeout(self.settings.store_timeout):
                 if conn is None:
-                    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                    conn = await pool.get_connection()
                     if lane is not None:
                         lane.conn = conn
                 # The parts go to the socket as they are (writelines), never joined.
@@ -532,6 +602,79 @@ class Store:
                 await pool.release(conn)
         return results
 
+    async def _cluster_fcall(
+        self, cluster: RedisCluster, commands: Sequence[list[bytes]], routes: Sequence[str]
+    ) -> list[Any]:
+        """:meth:`_fcall` on a cluster: one round trip per node, all nodes at once.
+
+        A MOVED, ASK, TRYAGAIN or CLUSTERDOWN answer, or a node that cannot
+        be reached, fails the whole batch (its frames are nacked and resent)
+        and makes the next call read the slot map again.
+
+        Raises:
+            StoreUnavailable: a node is unreachable, slow, or not serving the slot.
+        """
+        try:
+            async with asyncio.timeout(self.settings.store_timeout):
+                if self._refresh_slots:
+                    self._refresh_slots = False
+                    await cluster.nodes_manager.initialize()
+                await cluster.initialize()
+                groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+                for i, key in enumerate(routes):
+                    node = cluster.get_node_from_key(key)
+                    assert node is not None  # only replica look-ups give None
+                    groups.setdefault(node.name, (node, []))[1].append(i)
+                replies = await asyncio.gather(
+                    *(
+                        self._node_fcall(node, [commands[i] for i in indexes])
+                        for node, indexes in groups.values()
+                    )
+                )
+        except (
+            RedisConnectionError,
+            RedisTimeoutError,
+            RedisClusterException,
+            OSError,
+            TimeoutError,
+        ) as exc:
+            self._refresh_slots = True
+            raise StoreUnavailable(f"redis cluster unreachable: {exc or 'timeout'}") from None
+        except StoreUnavailable:
+            self._refresh_slots = True
+            raise
+        results: list[Any] = [None] * len(commands)
+        for (_, indexes), node_results in zip(groups.values(), replies, strict=True):
+            for i, result in zip(indexes, node_results, strict=True):
+                results[i] = result
+        return results
+
+    async def _node_fcall(self, node: ClusterNode, commands: Sequence[list[bytes]]) -> list[Any]:
+        """Packed commands to one cluster node; the library is loaded there if it lacks it."""
+        conn: Any = node.acquire_connection()
+        try:
+            results = await _exchange(conn, commands)
+            again = [i for i, r in enumerate(results) if _missing_function(r)]
+            if again:
+                # This node never had the library, restarted empty or was
+                # promoted from a replica that lacked it.
+                load = pack_args(("FUNCTION", "LOAD", "REPLACE", LIBRARY))
+                retried = await _exchange(conn, [load, *(commands[i] for i in again)])
+                if isinstance(retried[0], Exception):
+                    raise StoreUnavailable(f"cannot load the function library: {retried[0]}")
+                for i, r in zip(again, retried[1:], strict=True):
+                    results[i] = r
+            moved = next((r for r in results if isinstance(r, _NOT_HERE)), None)
+            if moved is not None:
+                raise StoreUnavailable(f"redis cluster slot not served here: {moved}")
+        except BaseException:
+            # A reply that arrives late must never be read as another command's.
+            await conn.disconnect()
+            raise
+        finally:
+            node.release(conn)
+        return results
+
     # -- look-ups -------------------------------------------------------------
 
     async def record_rejected(self, site: str, record: bytes) -> bool:
@@ -546,7 +689,13 @@ class Store:
                 maxlen=self.settings.rejected_maxlen,
                 approximate=True,
             )
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        except (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            RedisClusterException,
+            *_NOT_HERE,
+        ):
+            # On a cluster, a slot moving (MOVED, ASK) is an outage of this call too.
             return False
         return True
 
@@ -572,7 +721,12 @@ class Store:
         try:
             async with asyncio.timeout(self.settings.store_timeout):
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.time()
+                    if self._cluster is None:
+                        pipe.time()
+                    else:
+                        # redis-py sends no keyless command in a cluster
+                        # pipeline: TIME is asked of the site's own node.
+                        pipe.eval("return redis.call('TIME')", 1, keys.due(site))
                     pipe.zcard(keys.due(site))
                     pipe.xinfo_stream(keys.events(site))
                     pipe.xinfo_stream(keys.rejected(site))
@@ -647,6 +801,22 @@ def pack_fcall(
     """
     head = ("FCALL", function, len(keys), *keys, *args)
     return [b"*%d\r\n" % (len(head) + tail_count), *(_bulk(a) for a in head), *tail]
+
+
+#: Cluster answers meaning the slot is served elsewhere (or nowhere) right now.
+_NOT_HERE: Final = (AskError, TryAgainError, ClusterDownError)
+
+
+async def _exchange(conn: Any, commands: Sequence[list[bytes]]) -> list[Any]:
+    """Write packed commands to a connection at once and read their replies (errors returned)."""
+    await conn.send_packed_command([p for command in commands for p in command], check_health=False)
+    results: list[Any] = []
+    for _ in commands:
+        try:
+            results.append(await conn.read_response())
+        except ResponseError as exc:
+            results.append(exc)
+    return results
 
 
 def _missing_function(result: Any) -> bool:
@@ -742,7 +912,7 @@ def _entries(raw: Any) -> list[StreamEntry]:
 
 
 async def read_page(
-    client: aioredis.Redis, key: str, after: str, count: int, until: str = "+"
+    client: RedisClient, key: str, after: str, count: int, until: str = "+"
 ) -> tuple[list[StreamEntry], StreamInfo | None]:
     """Entries after ``after`` (exclusive) up to ``until``, and the stream's info, at one moment.
 
@@ -772,7 +942,7 @@ async def read_page(
 
 
 async def read_new(
-    client: aioredis.Redis, key: str, after: str, count: int, block_ms: int
+    client: RedisClient, key: str, after: str, count: int, block_ms: int
 ) -> list[StreamEntry]:
     """Entries added after ``after``, waiting up to ``block_ms`` for the first (``XREAD BLOCK``).
 
@@ -790,7 +960,7 @@ async def read_new(
     return _entries(reply[0][1])
 
 
-async def stream_end(client: aioredis.Redis, key: str) -> str:
+async def stream_end(client: RedisClient, key: str) -> str:
     """The id of the last entry ever added to a stream (``0-0`` if it does not exist)."""
     try:
         info = parse_stream_info(await client.xinfo_stream(key))
@@ -801,20 +971,62 @@ async def stream_end(client: aioredis.Redis, key: str) -> str:
     return info.last_generated_id
 
 
-async def redis_time_ms(client: aioredis.Redis) -> int:
+async def redis_time_ms(client: RedisClient) -> int:
     """Redis' clock in milliseconds: the clock stream ids come from."""
     seconds, micros = await client.time()
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def connect_stream_reader(url: str, settings: Settings, block_ms: int) -> aioredis.Redis:
+async def xread_many(
+    client: RedisClient, streams: Mapping[str, str], count: int, block_ms: int
+) -> Any:
+    """``XREAD COUNT count BLOCK block_ms STREAMS ...`` over keys of several sites.
+
+    One Redis answers in one call. A cluster cannot read keys of several
+    slots in one call, so each stream is read on its own, all at once; the
+    first answer ends the wait and the other reads are cancelled (a plain
+    XREAD changes nothing, so a dropped answer is read again next time).
+
+    Returns:
+        XREAD's reply: a list of ``[key, entries]`` (RESP2) or a dict (RESP3).
+
+    Raises:
+        redis.exceptions.RedisError, OSError: Redis is unreachable or failed.
+    """
+    wanted: dict[Any, Any] = dict(streams)
+    if not isinstance(client, RedisCluster) or len(wanted) == 1:
+        return await client.xread(wanted, count=count, block=block_ms)
+    reads = [
+        asyncio.ensure_future(client.xread({key: pos}, count=count, block=block_ms))
+        for key, pos in wanted.items()
+    ]
+    try:
+        await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for read in reads:
+            read.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+    merged: list[Any] = []
+    for read in reads:
+        if read.cancelled():
+            continue
+        reply = read.result()  # raises the read's error
+        if isinstance(reply, Mapping):
+            merged.extend([key, value] for key, value in reply.items())
+        elif reply:
+            merged.extend(reply)
+    return merged
+
+
+def connect_stream_reader(url: str, settings: Settings, block_ms: int) -> RedisClient:
     """A client with its own connection for one blocking reader (``XREAD BLOCK``).
 
     A blocked read holds its connection for up to ``block_ms``: it must not
-    take one of the publisher's pooled connections.
+    take one of the publisher's pooled connections (on a cluster: of the
+    reader's own client, one per node at a time).
     """
     wait = settings.store_timeout + block_ms / 1000
-    client: aioredis.Redis = aioredis.Redis.from_url(
+    return redis_client(
         url,
         max_connections=1,
         socket_timeout=wait,
@@ -822,4 +1034,3 @@ def connect_stream_reader(url: str, settings: Settings, block_ms: int) -> aiored
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
-    return client

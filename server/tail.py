@@ -28,11 +28,12 @@ from typing import Any, Final, TextIO
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 
-from server.config import add_source_flags, load_settings
+from server.config import add_source_flags, cluster_nodes, load_settings
 from server.errors import ConfigError
 from server.rules import load_sites
-from server.store import Keys, reply_text
+from server.store import Keys, RedisClient, redis_client, reply_text, xread_many
 
 #: Entries asked for per XREAD, and how long one XREAD blocks (ms).
 READ_COUNT: Final = 500
@@ -245,7 +246,7 @@ def _replies(reply: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
     return out
 
 
-async def _resolve_ends(client: aioredis.Redis, positions: dict[str, str]) -> None:
+async def _resolve_ends(client: RedisClient, positions: dict[str, str]) -> None:
     """Replace ``$`` by the stream's last entry id, so no entry slips between two XREADs."""
     for key, pos in positions.items():
         if pos == "$":
@@ -254,7 +255,7 @@ async def _resolve_ends(client: aioredis.Redis, positions: dict[str, str]) -> No
 
 
 async def follow(
-    client: aioredis.Redis,
+    client: RedisClient,
     positions: dict[str, str],
     out: _Output,
     action: str | None,
@@ -267,7 +268,10 @@ async def follow(
         try:
             await _resolve_ends(client, positions)
             streams: dict[Any, Any] = dict(positions)
-            reply = await client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
+            if isinstance(client, RedisCluster):
+                reply = await xread_many(client, streams, READ_COUNT, READ_BLOCK_MS)
+            else:
+                reply = await client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             if not down:
                 print(f"eventwire tail: Redis unavailable ({exc}); retrying", file=sys.stderr)
@@ -351,11 +355,19 @@ async def run(args: argparse.Namespace) -> int:
     positions = {(keys.rejected(s) if args.rejected else keys.events(s)): first for s in sites}
     as_json = bool(args.json) or not sys.stdout.isatty()
     out = _Output(sys.stdout, as_json, max(len(s) for s in sites), bool(args.rejected))
-    client = aioredis.Redis.from_url(
-        loaded.settings.redis_url,
-        socket_connect_timeout=2.0,
-        socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
-    )
+    client: RedisClient
+    if cluster_nodes(loaded.settings.redis_url) is None:
+        client = aioredis.Redis.from_url(
+            loaded.settings.redis_url,
+            socket_connect_timeout=2.0,
+            socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
+        )
+    else:
+        client = redis_client(
+            loaded.settings.redis_url,
+            socket_connect_timeout=2.0,
+            socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
+        )
     with stop_on_signals() as stopped:
         try:
             await follow(client, positions, out, args.action, args.uuid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from server.config import Settings
 from server.gateway import EventwireServer
 from server.rules import SiteConfig, SiteRules, load_sites
-from tests.procs import RedisProcess
+from tests.procs import RedisClusterProcess, RedisProcess
 
 SITES_TOML = """
 [sites.shop]
@@ -38,6 +39,20 @@ def redis_proc() -> Iterator[RedisProcess]:
     proc = RedisProcess().start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_proc() -> Iterator[RedisClusterProcess]:
+    """One private 3-master Redis Cluster for the whole session (started on first use)."""
+    missing = [b for b in ("redis-server", "redis-cli") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"cluster test: {' and '.join(missing)} not installed (apt-get install redis)")
+    proc = RedisClusterProcess(masters=3)
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture

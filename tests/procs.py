@@ -49,13 +49,16 @@ class RedisProcess:
         appendfsync: ``always``, ``everysec`` or ``no``.
     """
 
-    def __init__(self, appendonly: bool = False, appendfsync: str = "everysec") -> None:
+    def __init__(
+        self, appendonly: bool = False, appendfsync: str = "everysec", extra: tuple[str, ...] = ()
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed; scripts/test installs it")
         self.dir = Path(tempfile.mkdtemp(prefix="ew-redis-"))
         self.port = free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -83,6 +86,7 @@ class RedisProcess:
             "no",
             "--logfile",
             str(self.dir / "redis.log"),
+            *self.extra,
         ]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         _wait_port(self.port, 10 * UNIT)
@@ -117,6 +121,75 @@ class RedisProcess:
                 self.proc.wait()
             self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisClusterProcess:
+    """A Redis Cluster of ``masters`` primaries (no replicas), each a private redis-server.
+
+    Slots are spread evenly by ``redis-cli --cluster create``.
+    """
+
+    def __init__(self, masters: int = 3) -> None:
+        if shutil.which("redis-cli") is None:
+            raise RuntimeError("redis-cli is not installed; scripts/test installs it")
+        self.nodes = [
+            RedisProcess(extra=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
+            for _ in range(masters)
+        ]
+        for node in self.nodes:
+            # The bus port defaults to port + 10000, which may be taken or above 65535.
+            node.extra += (
+                *("--cluster-config-file", str(node.dir / "nodes.conf")),
+                *("--cluster-port", str(free_port())),
+            )
+
+    @property
+    def url(self) -> str:
+        """redis+cluster:// URL naming every node."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> RedisClusterProcess:
+        """Start the nodes, join them into one cluster, wait until it serves every slot."""
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30 * UNIT,
+        )
+        deadline = time.monotonic() + 30 * UNIT
+        while True:
+            states = [self.cli(n.port, "CLUSTER", "INFO") for n in self.nodes]
+            if all("cluster_state:ok" in s for s in states):
+                return self
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster not ok: {states[0]}")
+            time.sleep(0.1)
+
+    @staticmethod
+    def cli(port: int, *args: str) -> str:
+        """One redis-cli command against a node; its output."""
+        return subprocess.run(
+            ["redis-cli", "-p", str(port), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10 * UNIT,
+        ).stdout
+
+    def stop(self) -> None:
+        """Stop every node and remove its data."""
+        for node in self.nodes:
+            node.stop()
 
 
 class ServerProcess:

@@ -26,16 +26,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter, Gauge
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from server.config import Settings
 from server.errors import ConfigError
 from server.persist.sinks import DEFAULT_DSN, EventRow, Sink, decode_event, open_sink, to_row
 from server.rules import SitesBook
-from server.store import Keys, reply_text, stream_id
+from server.store import Keys, RedisClient, redis_client, reply_text, stream_id
 
 log = structlog.get_logger("eventwire.persist")
 
@@ -155,7 +155,7 @@ class Worker:
         self.sink: Sink = sink if sink is not None else open_sink(options.dsn)
         self.consumer = consumer or consumer_name()
         # A read blocks BLOCK_MS; the socket must wait longer than that.
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+        self.redis: RedisClient = redis_client(
             settings.redis_url, socket_timeout=BLOCK_MS / 1000 + 10, socket_connect_timeout=10
         )
         self._stopping = asyncio.Event()
@@ -252,13 +252,7 @@ class Worker:
                 await self._pause()
             return
         try:
-            reply: Any = await self.redis.xreadgroup(
-                GROUP,
-                self.consumer,
-                dict.fromkeys((self.keys.events(s) for s in self._sites), ">"),
-                count=READ_COUNT,
-                block=BLOCK_MS,
-            )
+            reply: Any = await self._read_new()
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -270,6 +264,29 @@ class Worker:
             by_site.append((self._site_of(reply_text(stream)), entries))
         if by_site:
             await self._process(by_site)
+
+    async def _read_new(self) -> Any:
+        """XREADGROUP of new entries of every site's stream, waiting up to BLOCK_MS.
+
+        A cluster cannot read keys of several slots in one call: each stream
+        is read on its own, all at once, and every read is waited for (a read
+        cancelled after Redis delivered would leave its entries pending until
+        the next reclaim).
+        """
+        streams: dict[Any, Any] = dict.fromkeys((self.keys.events(s) for s in self._sites), ">")
+        if not isinstance(self.redis, RedisCluster):
+            return await self.redis.xreadgroup(
+                GROUP, self.consumer, streams, count=READ_COUNT, block=BLOCK_MS
+            )
+        replies = await asyncio.gather(
+            *(
+                self.redis.xreadgroup(
+                    GROUP, self.consumer, {key: ">"}, count=READ_COUNT, block=BLOCK_MS
+                )
+                for key in streams
+            )
+        )
+        return [item for reply in replies for item in reply or []]
 
     def _site_of(self, stream_key: str) -> str:
         # "{prefix}:{site}:events"

@@ -1,0 +1,367 @@
+"""Redis Cluster: the whole ingest-to-store path and every reader over a real 3-master cluster.
+
+The sites' ``{site}`` hash tags land on three different masters (checked
+first), so every batch and every multi-site read spans nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from websockets.asyncio.client import connect
+
+from server.config import Settings, cluster_nodes, load_settings, mask_url
+from server.errors import ConfigError
+from server.gateway import EventwireServer
+from server.persist.sinks import open_sink
+from server.persist.worker import PersistOptions, Worker
+from server.rules import SitesBook, load_sites
+from server.store import connect_redis
+from tests.conftest import MakeServer
+from tests.procs import UNIT, RedisClusterProcess
+from tests.wire import event, peer, producer_id
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Their hash slots are 3808, 6805 and 13556: one per master of an even split.
+SITES = ("shop", "app", "docs")
+SITES_TOML = "".join(f"[sites.{s}]\norigins = []\nallow_no_origin = true\n\n" for s in SITES)
+FAST = {"session_grace": 0.3, "reap_interval": 0.05}
+
+
+@pytest.fixture
+async def cluster(redis_cluster_proc: RedisClusterProcess) -> AsyncIterator[RedisCluster]:
+    """A client of the session's cluster, every primary emptied (functions too) before each test."""
+    client = RedisCluster(host="127.0.0.1", port=redis_cluster_proc.nodes[0].port)
+    await client.initialize()
+    for node in redis_cluster_proc.nodes:
+        await on_node(node.port, "FLUSHALL")
+        await on_node(node.port, "FUNCTION", "FLUSH")
+    yield client
+    await client.aclose()
+
+
+async def on_node(port: int, *command: str) -> Any:
+    """One command on one cluster node, through a plain client."""
+    async with aioredis.Redis(host="127.0.0.1", port=port) as client:
+        return await client.execute_command(*command)
+
+
+@pytest.fixture
+def sites_path(tmp_path: Path) -> Path:
+    """A sites file with the three cluster sites."""
+    path = tmp_path / "cluster-sites.toml"
+    path.write_text(SITES_TOML)
+    return path
+
+
+async def start(
+    make_server: MakeServer, proc: RedisClusterProcess, **overrides: Any
+) -> EventwireServer:
+    """A server of the three sites over the cluster."""
+    return await make_server(sites=SITES_TOML, redis_url=proc.url, **(FAST | overrides))
+
+
+async def events(cluster: RedisCluster, site: str, stream: str = "events") -> list[dict[str, Any]]:
+    """Every record of a site's stream, decoded."""
+    return [json.loads(f[b"event"]) for _, f in await cluster.xrange(f"ew:{{{site}}}:{stream}")]
+
+
+async def wait_until(cluster: RedisCluster, site: str, action: str, wait: float = 5) -> None:
+    """Wait until a site's stream holds an event of ``action``."""
+    async with asyncio.timeout(wait * UNIT):
+        while not any(e["action"] == action for e in await events(cluster, site)):  # noqa: ASYNC110 - Redis' state
+            await asyncio.sleep(0.02)
+
+
+async def test_sites_land_on_three_masters(cluster: RedisCluster) -> None:
+    """The test sites' hash tags are served by three different masters."""
+    nodes = {cluster.get_node_from_key(f"ew:{{{s}}}:events").name for s in SITES}  # type: ignore[union-attr]
+    assert len(nodes) == 3 == len(cluster.get_primaries())
+
+
+async def test_ingest_over_cluster(
+    make_server: MakeServer, redis_cluster_proc: RedisClusterProcess, cluster: RedisCluster
+) -> None:
+    """Both subprotocols, every site: stored once, duplicates on resend, rejects, sessions."""
+    srv = await start(make_server, redis_cluster_proc)
+    producers = {s: producer_id() for s in SITES}
+    for msgpack, site in ((False, "shop"), (True, "app"), (False, "docs")):
+        async with peer(srv.url, site=site, msgpack=msgpack) as p:
+            await p.hello(f"u-{site}", producers[site])
+            ack = await p.track(event(1), event(2, action="nodot"), event(3))
+            assert (ack["accepted"], ack["seq"]) == (2, 3), ack
+            assert [r["code"] for r in ack["rejected"]] == ["invalid_action"]
+            await p.send(b"\xc1" if msgpack else "{not json")  # undecodable: recorded
+            await p.recv()
+    for msgpack, site in ((True, "shop"), (False, "app"), (True, "docs")):
+        async with peer(srv.url, site=site, msgpack=msgpack) as p:
+            welcome = await p.hello(f"u-{site}", producers[site])
+            assert welcome["acked"] == 3
+            ack = await p.track(event(3), event(4))
+            assert (ack["accepted"], ack["duplicate"]) == (1, 1), ack
+    for site in SITES:
+        await wait_until(cluster, site, "session.end")
+        stored = await events(cluster, site)
+        mine = [e["seq"] for e in stored if e["producer"] == producers[site]]
+        assert mine == [1, 3, 4]
+        made = [e["action"] for e in stored if e["producer"].startswith("srv:")]
+        assert made.count("session.start") == 1
+        assert made.count("session.end") == 1
+        rejected = await events(cluster, site, "rejected")
+        assert any(r.get("code") == "invalid_action" and r["seq"] == 2 for r in rejected)
+        assert len(rejected) == 2, rejected  # the bad event and the undecodable frame
+
+
+async def test_function_flush_is_recovered(
+    make_server: MakeServer, redis_cluster_proc: RedisClusterProcess, cluster: RedisCluster
+) -> None:
+    """A node that lost the function library gets it again; no frame is lost."""
+    srv = await start(make_server, redis_cluster_proc)
+    producer = producer_id()
+    async with peer(srv.url, site="docs") as p:
+        await p.hello("u-f", producer)
+        assert (await p.track(event(1)))["accepted"] == 1
+        node = cluster.get_node_from_key("ew:{docs}:events")
+        assert node is not None
+        await on_node(int(node.port), "FUNCTION", "FLUSH")
+        assert await on_node(int(node.port), "FUNCTION", "LIST") == []
+        assert (await p.track(event(2)))["accepted"] == 1
+        assert await on_node(int(node.port), "FUNCTION", "LIST")
+    assert [e["seq"] for e in await events(cluster, "docs") if e["producer"] == producer] == [1, 2]
+
+
+async def test_admin_summary_over_cluster(
+    make_server: MakeServer, redis_cluster_proc: RedisClusterProcess, cluster: RedisCluster
+) -> None:
+    """The admin summary of a site reads its sessions and stream ends on its node."""
+    srv = await start(make_server, redis_cluster_proc)
+    async with peer(srv.url, site="docs") as p:
+        await p.hello("u-s")
+        await p.track(event(1))
+        status, body = await asyncio.to_thread(_get, srv.admin_url + "/v1/sites/docs/summary")
+    assert status == 200
+    summary = json.loads(body)
+    assert summary["open_sessions"] == 1
+    assert summary["events"]["length"] == len(await events(cluster, "docs"))
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5 * UNIT) as reply:
+        return reply.status, reply.read().decode()
+
+
+async def test_live_relay_over_cluster(
+    make_server: MakeServer, redis_cluster_proc: RedisClusterProcess, cluster: RedisCluster
+) -> None:
+    """A live viewer of a site gets its new events from the site's node."""
+    srv = await start(make_server, redis_cluster_proc)
+    url = srv.admin_url.replace("http://", "ws://") + "/v1/live?site=app"
+    async with connect(url, open_timeout=5 * UNIT, proxy=None) as ws:
+        kinds = []
+        async with asyncio.timeout(5 * UNIT):
+            while (msg := json.loads(await ws.recv()))["type"] != "ready":
+                kinds.append(msg["type"])
+            async with peer(srv.url, site="app") as p:
+                await p.hello("u-l")
+                await p.track(event(1))
+                while (msg := json.loads(await ws.recv()))["type"] != "event" or msg["event"][
+                    "action"
+                ] != "product.view":
+                    pass
+    assert msg["event"]["seq"] == 1
+    # From the start: the catch-up reads pages (XINFO and XRANGE in one MULTI).
+    async with connect(url + "&since=0", open_timeout=5 * UNIT, proxy=None) as ws:
+        async with asyncio.timeout(5 * UNIT):
+            actions = []
+            while (msg := json.loads(await ws.recv()))["type"] != "ready":
+                if msg["type"] == "event":
+                    actions.append(msg["event"]["action"])
+    assert actions == [e["action"] for e in await events(cluster, "app")]
+    assert "product.view" in actions
+
+
+async def _command(*args: str) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20 * UNIT)
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+async def test_tail_and_stats_over_cluster(
+    make_server: MakeServer,
+    redis_cluster_proc: RedisClusterProcess,
+    cluster: RedisCluster,
+    sites_path: Path,
+) -> None:
+    """``tail --since 0`` prints the events of sites on different nodes; ``stats`` counts them."""
+    srv = await start(make_server, redis_cluster_proc)
+    for site in SITES:
+        async with peer(srv.url, site=site) as p:
+            await p.hello(f"u-{site}")
+            await p.track(event(1))
+    url = redis_cluster_proc.url
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "server", "tail", "--redis", url, "--sites", str(sites_path)),
+        *("--json", "--since", "0"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+    )
+    assert proc.stdout is not None
+    seen: set[str] = set()
+    try:
+        async with asyncio.timeout(10 * UNIT):
+            while seen != set(SITES):
+                line = json.loads(await proc.stdout.readline())
+                if line["action"] == "product.view":
+                    seen.add(line["site"])
+    finally:
+        proc.terminate()
+        await proc.wait()
+    code, out, err = await _command("stats", "--redis", url, "--sites", str(sites_path), "--json")
+    assert code == 0, err
+    snap = json.loads(out)
+    for site in SITES:
+        assert snap["sites"][site]["length"] == len(await events(cluster, site))
+
+
+async def test_persist_worker_over_cluster(
+    make_server: MakeServer,
+    redis_cluster_proc: RedisClusterProcess,
+    cluster: RedisCluster,
+    sites_path: Path,
+    tmp_path: Path,
+) -> None:
+    """The persistence worker reads every site's stream on its node and stores each event once."""
+    srv = await start(make_server, redis_cluster_proc)
+    settings = msgspec.convert({"redis_url": redis_cluster_proc.url}, Settings)
+    sink = open_sink(f"sqlite:///{tmp_path / 'events.db'}")
+    worker = Worker(
+        settings,
+        SitesBook(sites_path, load_sites(sites_path)),
+        PersistOptions(dsn="unused"),
+        sink=sink,
+    )
+    await worker.start()
+    try:
+        for site in SITES:
+            async with peer(srv.url, site=site) as p:
+                await p.hello(f"u-{site}")
+                await p.track(event(1), event(2))
+        want = 0
+        for site in SITES:
+            want += len(await events(cluster, site))
+        async with asyncio.timeout(10 * UNIT):
+            while await sink.count() < want:  # noqa: ASYNC110 - the store's state
+                await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+
+
+async def test_connect_redis_gives_a_cluster_client(
+    redis_cluster_proc: RedisClusterProcess,
+) -> None:
+    """A redis+cluster:// URL makes a RedisCluster client that reaches every node."""
+    settings = msgspec.convert({"redis_url": redis_cluster_proc.url}, Settings)
+    client = connect_redis(settings.redis_url, settings)
+    try:
+        assert isinstance(client, RedisCluster)
+        await client.initialize()
+        assert len(client.get_primaries()) == 3
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("redis+cluster://", "cluster node must be host:port"),
+        ("redis+cluster://h1:1,h2", "cluster node must be host:port, got 'h2'"),
+        ("redis+cluster://h1:99999", "cluster node must be host:port"),
+        ("redis+cluster://h1:1/3", "only database 0"),
+        ("cluster://h1:1", "redis+cluster"),
+    ],
+)
+def test_bad_cluster_urls_refused(url: str, needle: str) -> None:
+    """A cluster URL that names no usable node is a config error saying what is wrong."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(Path(os.devnull), env={"EVENTWIRE_REDIS_URL": url})
+    assert "redis_url" in str(info.value)
+    assert needle in str(info.value)
+
+
+def test_cluster_url_nodes_and_masked_password() -> None:
+    """Every node of a cluster URL is a startup node; check-config hides its password."""
+    url = "redis+cluster://u:s3cret@10.0.0.1:7000,10.0.0.2:7001/"
+    assert cluster_nodes(url) == [("10.0.0.1", 7000), ("10.0.0.2", 7001)]
+    assert cluster_nodes("redis://h:1/0") is None
+    assert "s3cret" not in mask_url(url)
+    assert "10.0.0.2:7001" in mask_url(url)
+
+
+async def move_slot(proc: RedisClusterProcess, slot: int, to_port: int) -> None:
+    """Give an empty slot to another master (every node is told)."""
+    target = (await on_node(to_port, "CLUSTER", "MYID")).decode()
+    for node in proc.nodes:
+        await on_node(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target)
+
+
+async def test_moved_slot_fails_once_then_follows(
+    make_server: MakeServer, redis_cluster_proc: RedisClusterProcess, cluster: RedisCluster
+) -> None:
+    """After a site's slot moves, one call fails (1013); the next reads the map and succeeds."""
+    srv = await start(make_server, redis_cluster_proc)
+    key = "ew:{docs}:events"
+    slot = cluster.keyslot(key)
+    old = cluster.get_node_from_key(key)
+    assert old is not None
+    new_port = next(n.port for n in redis_cluster_proc.nodes if n.port != int(old.port))
+    async with peer(srv.url, site="shop") as p:
+        await p.hello("u-w")  # the server has learnt the slot map
+    await move_slot(redis_cluster_proc, slot, new_port)
+    try:
+        failures = 0
+        async with asyncio.timeout(5 * UNIT):
+            while True:
+                async with peer(srv.url, site="docs") as p:
+                    await p.send({"type": "hello", "uuid": "u-m", "producer": producer_id()})
+                    answer = await p.recv()
+                    if answer["type"] == "error":
+                        assert answer["code"] == "unavailable", answer
+                        assert "slot" in str(answer), answer
+                        failures += 1
+                        continue
+                    assert answer["type"] == "welcome"
+                    assert (await p.track(event(1)))["accepted"] == 1
+                    break
+        assert failures == 1
+        assert await on_node(new_port, "XLEN", key) > 0
+    finally:
+        await on_node(new_port, "FLUSHALL")
+        await move_slot(redis_cluster_proc, slot, int(old.port))
