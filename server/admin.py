@@ -102,6 +102,17 @@ def _stream(info: StreamInfo | None) -> _Stream | None:
     return _Stream(length=info.length, first_id=info.first_id, last_id=info.last_generated_id)
 
 
+def warn_if_open(token: bytes | str, host: str, port: int) -> None:
+    """Log ``admin_open`` when the admin routes listen beyond this machine without a token."""
+    if not token and not is_loopback(host):
+        log.warning(
+            "admin_open",
+            admin=f"{host}:{port}",
+            hint="the dashboard, the live relay and /metrics are open to the network: "
+            "set admin_token",
+        )
+
+
 def token_subprotocol(token: str) -> str:
     """The subprotocol that carries ``token`` (base64url without padding)."""
     return TOKEN_SUBPROTOCOL + base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
@@ -257,13 +268,7 @@ class AdminListener:
 
     async def start(self, host: str, port: int) -> Server:
         """Start listening; warns when the data routes are open beyond this machine."""
-        if not self._token and not is_loopback(host):
-            log.warning(
-                "admin_open",
-                admin=f"{host}:{port}",
-                hint="the dashboard, the live relay and /metrics are open to the network: "
-                "set admin_token",
-            )
+        warn_if_open(self._token, host, port)
         return await serve(
             self.handler,
             host,

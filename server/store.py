@@ -578,15 +578,7 @@ class Store:
                     conn = await pool.get_connection()
                     if lane is not None:
                         lane.conn = conn
-                # The parts go to the socket as they are (writelines), never joined.
-                parts = [part for command in commands for part in command]
-                await conn.send_packed_command(parts, check_health=False)
-                results: list[Any] = []
-                for _ in commands:
-                    try:
-                        results.append(await conn.read_response())
-                    except ResponseError as exc:
-                        results.append(exc)
+                results = await _exchange(conn, commands)
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
             if conn is not None:
                 await conn.disconnect()
@@ -809,6 +801,7 @@ _NOT_HERE: Final = (AskError, TryAgainError, ClusterDownError)
 
 async def _exchange(conn: Any, commands: Sequence[list[bytes]]) -> list[Any]:
     """Write packed commands to a connection at once and read their replies (errors returned)."""
+    # The parts go to the socket as they are (writelines), never joined.
     await conn.send_packed_command([p for command in commands for p in command], check_health=False)
     results: list[Any] = []
     for _ in commands:

@@ -66,7 +66,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from server.config import Settings, is_loopback
+from server.admin import warn_if_open
+from server.config import Settings
 from server.tasks import cancel_and_wait
 
 #: Every child drained and exited 0.
@@ -217,13 +218,7 @@ class Supervisor:
         self._reserved = reserve_port(host, port)
         self.port = self._reserved.getsockname()[1]
         admin_host, admin_port = self.settings.admin_addr
-        if not self._token and not is_loopback(admin_host):
-            log.warning(
-                "admin_open",
-                admin=f"{admin_host}:{admin_port}",
-                hint="the dashboard, the live relay and /metrics are open to the network: "
-                "set admin_token",
-            )
+        warn_if_open(self._token, admin_host, admin_port)
         self.admin = await asyncio.start_server(
             self._admin_connection, admin_host, admin_port, limit=ADMIN_HEAD_LIMIT
         )
