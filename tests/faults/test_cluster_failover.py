@@ -20,6 +20,7 @@ import asyncio
 import json
 import shutil
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,9 +77,22 @@ async def replica_of(proc: RedisClusterProcess, primary_port: int) -> RedisProce
         if node.proc is None:
             continue
         info = await asyncio.to_thread(proc.cli, node.port, "INFO", "replication")
-        if f"master_port:{primary_port}\r" in info or f"master_port:{primary_port}\n" in info:
+        if f"master_port:{primary_port}" in info.split():
             return node
     raise LookupError(f"no replica of port {primary_port}")
+
+
+def nack_codes(admin_port: int, site: str) -> dict[str, float]:
+    """The server's ``eventwire_nacks_total`` of one site, by code (from /metrics)."""
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5 * UNIT) as response:
+        text = response.read().decode()
+    codes: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("eventwire_nacks_total{") and f'site="{site}"' in line:
+            code = line.split('code="', 1)[1].split('"', 1)[0]
+            codes[code] = float(line.rsplit(" ", 1)[1])
+    return codes
 
 
 async def wait_promoted(proc: RedisClusterProcess, port: int) -> None:
@@ -138,6 +152,7 @@ async def test_primary_sigkill_failover(
             await sending
             await client.flush(timeout=20 * UNIT)
             nacks, connects = client.nacks, client.connects
+        codes = await asyncio.to_thread(nack_codes, srv.admin_port, site)
         assert srv.proc is not None
         assert srv.proc.poll() is None, "the server died"
     finally:
@@ -156,6 +171,7 @@ async def test_primary_sigkill_failover(
     )
     assert ledger.acked_high == total, "not every event sent was acked"
     assert nacks > 0, "no nack: the kill did not land mid-stream"
+    assert codes == {"unavailable": nacks}, codes
     assert seqs == sorted(set(seqs)), "a seq is stored twice or out of order"
     assert set(seqs) <= set(range(1, total + 1))
     outside = [s for s in lost if not killed_at - LOSS_WINDOW <= ledger.acked_at(s) < promoted_at]
