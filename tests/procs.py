@@ -124,17 +124,35 @@ class RedisProcess:
 
 
 class RedisClusterProcess:
-    """A Redis Cluster of ``masters`` primaries (no replicas), each a private redis-server.
+    """A Redis Cluster of ``masters`` primaries, each with ``replicas`` replicas.
 
     Slots are spread evenly by ``redis-cli --cluster create``.
+
+    Args:
+        masters: primaries (at least 3, as redis-cli requires).
+        replicas: replicas per primary; with one, a killed primary is failed over.
+        node_timeout_ms: ``cluster-node-timeout``: how long a silent node takes
+            to be marked failed (and its replica promoted). Shorter fails over
+            sooner but marks a merely slow node failed.
+        appendonly: AOF (``appendfsync everysec``) on every node.
     """
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 2000,
+        appendonly: bool = False,
+    ) -> None:
         if shutil.which("redis-cli") is None:
             raise RuntimeError("redis-cli is not installed; scripts/test installs it")
+        self.replicas = replicas
         self.nodes = [
-            RedisProcess(extra=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
-            for _ in range(masters)
+            RedisProcess(
+                appendonly=appendonly,
+                extra=("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms)),
+            )
+            for _ in range(masters * (1 + replicas))
         ]
         for node in self.nodes:
             # The bus port defaults to port + 10000, which may be taken or above 65535.
@@ -159,7 +177,7 @@ class RedisClusterProcess:
                 "create",
                 *(f"127.0.0.1:{n.port}" for n in self.nodes),
                 "--cluster-replicas",
-                "0",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -169,11 +187,40 @@ class RedisClusterProcess:
         deadline = time.monotonic() + 30 * UNIT
         while True:
             states = [self.cli(n.port, "CLUSTER", "INFO") for n in self.nodes]
-            if all("cluster_state:ok" in s for s in states):
+            if all("cluster_state:ok" in s for s in states) and self._replicas_synced():
                 return self
             if time.monotonic() > deadline:
                 raise TimeoutError(f"cluster not ok: {states[0]}")
             time.sleep(0.1)
+
+    def _replicas_synced(self) -> bool:
+        """Whether every replica has finished its first sync with its primary."""
+        if not self.replicas:
+            return True
+        for node in self.nodes:
+            info = self.cli(node.port, "INFO", "replication")
+            if "role:slave" in info and "master_link_status:up" not in info:
+                return False
+        return True
+
+    def primary_of(self, slot: int) -> RedisProcess:
+        """The node serving ``slot`` as primary now (asked of any live node)."""
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            for line in self.cli(node.port, "CLUSTER", "NODES").splitlines():
+                fields = line.split()
+                if "master" not in fields[2] or "fail" in fields[2]:
+                    continue
+                for part in fields[8:]:
+                    low, _, high = part.partition("-")
+                    if not low.isdigit():
+                        continue
+                    if int(low) <= slot <= int(high or low):
+                        port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                        return next(n for n in self.nodes if n.port == port)
+            break
+        raise LookupError(f"no live primary serves slot {slot}")
 
     @staticmethod
     def cli(port: int, *args: str) -> str:
