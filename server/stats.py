@@ -214,7 +214,8 @@ async def run(args: argparse.Namespace) -> int:
     down = False
     with stop_on_signals() as stopped:
         try:
-            while True:
+            # stopped() too: a cancellation can be lost inside redis-py (server.tasks).
+            while not stopped():
                 try:
                     snap = await snapshot(client, keys, sites)
                 except _REDIS_ERRORS as exc:

@@ -260,11 +260,16 @@ async def follow(
     out: _Output,
     action: str | None,
     uuid: str | None,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Read and print until cancelled; reconnects (same positions) when Redis goes away."""
+    """Read and print until cancelled or ``stopped()``; reconnects when Redis goes away.
+
+    ``stopped`` is looked at between reads: a cancellation can be lost inside
+    redis-py (see :mod:`server.tasks`), and the next read then ends the loop.
+    """
     backoff = BACKOFF_FIRST
     down = False
-    while True:
+    while not stopped():
         try:
             await _resolve_ends(client, positions)
             streams: dict[Any, Any] = dict(positions)
@@ -370,7 +375,7 @@ async def run(args: argparse.Namespace) -> int:
         )
     with stop_on_signals() as stopped:
         try:
-            await follow(client, positions, out, args.action, args.uuid)
+            await follow(client, positions, out, args.action, args.uuid, stopped)
         except asyncio.CancelledError:
             if not stopped():
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from server.gateway import EventwireServer
-from server.tail import start_id
+from server.tail import _Output, follow, start_id
 from tests.procs import UNIT, RedisProcess
 from tests.wire import event, peer
 
@@ -189,3 +190,12 @@ def test_start_id() -> None:
     for bad in ("yesterday", "5x", "-1"):
         with pytest.raises(ValueError, match="--since"):
             start_id(bad)
+
+
+async def test_follow_ends_when_stopped_without_a_cancel(redis: aioredis.Redis) -> None:
+    """A stop whose cancellation was lost (as inside redis-py) still ends follow after one read."""
+    answers = iter([False, True])
+    out = _Output(io.StringIO(), True, 4, False)
+    async with asyncio.timeout(10 * UNIT):
+        await follow(redis, {"ew:{app}:events": "$"}, out, None, None, lambda: next(answers))
+    assert next(answers, "done") == "done"
