@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 from collections.abc import Mapping
@@ -25,8 +24,16 @@ from redis.exceptions import ResponseError
 from server.config import add_source_flags, load_settings
 from server.errors import ConfigError
 from server.rules import load_sites
-from server.store import Keys, RedisClient, redis_client, reply_text, stream_id
-from server.tail import quiet_stdout, stop_on_signals
+from server.store import (
+    Keys,
+    RedisClient,
+    redis_client,
+    redis_time_ms,
+    reply_field,
+    reply_text,
+    stream_id,
+)
+from server.tail import operator_command
 
 #: The consumer group whose progress is shown.
 GROUP: Final = "persist"
@@ -60,13 +67,6 @@ def id_ms(entry_id: Any) -> int:
     return stream_id(entry_id)[0]
 
 
-def _get(mapping: Mapping[Any, Any], name: str) -> Any:
-    """A field of a redis-py reply dict, whose keys may be str or bytes."""
-    if name in mapping:
-        return mapping[name]
-    return mapping.get(name.encode())
-
-
 def _int_or_none(value: Any) -> int | None:
     if value is None:
         return None
@@ -74,12 +74,6 @@ def _int_or_none(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-async def redis_now_ms(redis: RedisClient) -> int:
-    """Redis's clock in ms (the clock of stream ids)."""
-    seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 async def rate(redis: RedisClient, key: str, now_ms: int) -> float:
@@ -114,22 +108,24 @@ async def group_info(redis: RedisClient, key: str, now_ms: int) -> dict[str, Any
         groups = await redis.xinfo_groups(key)
     except ResponseError:  # no such stream
         return out
-    group = next((g for g in groups if reply_text(_get(g, "name")) == GROUP), None)
+    group = next((g for g in groups if reply_text(reply_field(g, "name")) == GROUP), None)
     if group is None:
         return out
-    out["persist_lag"] = _int_or_none(_get(group, "lag"))
-    pending = _int_or_none(_get(group, "pending")) or 0
+    out["persist_lag"] = _int_or_none(reply_field(group, "lag"))
+    pending = _int_or_none(reply_field(group, "pending")) or 0
     out["persist_pending"] = pending
     if pending:
         summary = await redis.xpending(key, GROUP)
-        smallest = _get(summary, "min") if isinstance(summary, Mapping) else summary[1]
+        smallest = reply_field(summary, "min") if isinstance(summary, Mapping) else summary[1]
         if smallest is not None:
             out["oldest_pending_s"] = round(max(0, now_ms - id_ms(smallest)) / 1000, 3)
     return out
 
 
-async def site_stats(redis: RedisClient, keys: Keys, site: str) -> dict[str, Any]:
-    """One site's numbers.
+async def site_stats(
+    redis: RedisClient, keys: Keys, site: str, now: int | None = None
+) -> dict[str, Any]:
+    """One site's numbers, at ``now`` on Redis' clock (read here when None).
 
     Returns:
         ``length`` (XLEN of the events stream), ``rejected_length``,
@@ -138,7 +134,8 @@ async def site_stats(redis: RedisClient, keys: Keys, site: str) -> dict[str, Any
         ``persist_pending`` and ``oldest_pending_s`` (None: no such group, no
         pending entry, or a lag Redis cannot tell).
     """
-    now = await redis_now_ms(redis)
+    if now is None:
+        now = await redis_time_ms(redis)
     events, rejected = keys.events(site), keys.rejected(site)
     out: dict[str, Any] = {
         "length": int(await redis.xlen(events)),
@@ -153,8 +150,8 @@ async def site_stats(redis: RedisClient, keys: Keys, site: str) -> dict[str, Any
 
 async def snapshot(redis: RedisClient, keys: Keys, sites: list[str]) -> dict[str, Any]:
     """``{"sites": {site: site_stats}, "time": ms}`` for every site."""
-    now = await redis_now_ms(redis)
-    return {"sites": {s: await site_stats(redis, keys, s) for s in sites}, "time": now}
+    now = await redis_time_ms(redis)
+    return {"sites": {s: await site_stats(redis, keys, s, now) for s in sites}, "time": now}
 
 
 COLUMNS: Final = (
@@ -212,39 +209,28 @@ async def run(args: argparse.Namespace) -> int:
     client = redis_client(loaded.settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
     code = 0
     down = False
-    with stop_on_signals() as stopped:
-        try:
-            # stopped() too: a cancellation can be lost inside redis-py (server.tasks).
-            while not stopped():
-                try:
-                    snap = await snapshot(client, keys, sites)
-                except _REDIS_ERRORS as exc:
-                    if not args.watch:
-                        print(f"eventwire stats: Redis unavailable: {exc}", file=sys.stderr)
-                        code = 1
-                        break
-                    if not down:
-                        print(
-                            f"eventwire stats: Redis unavailable ({exc}); retrying", file=sys.stderr
-                        )
-                        down = True
-                else:
-                    down = False
-                    if as_json:
-                        text = json.dumps(snap, separators=(",", ":")) + "\n"
-                    else:
-                        text = (CLEAR if args.watch and tty else "") + table(snap)
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
+    async with operator_command(client) as stopped:
+        # stopped() too: a cancellation can be lost inside redis-py (server.tasks).
+        while not stopped():
+            try:
+                snap = await snapshot(client, keys, sites)
+            except _REDIS_ERRORS as exc:
                 if not args.watch:
+                    print(f"eventwire stats: Redis unavailable: {exc}", file=sys.stderr)
+                    code = 1
                     break
-                await asyncio.sleep(WATCH_EVERY)
-        except asyncio.CancelledError:
-            if not stopped():
-                raise
-        except BrokenPipeError:
-            quiet_stdout()
-        finally:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+                if not down:
+                    print(f"eventwire stats: Redis unavailable ({exc}); retrying", file=sys.stderr)
+                    down = True
+            else:
+                down = False
+                if as_json:
+                    text = json.dumps(snap, separators=(",", ":")) + "\n"
+                else:
+                    text = (CLEAR if args.watch and tty else "") + table(snap)
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            if not args.watch:
+                break
+            await asyncio.sleep(WATCH_EVERY)
     return code

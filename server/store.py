@@ -731,7 +731,7 @@ class Store:
             if isinstance(reply, Exception):
                 raise StoreUnavailable(f"redis error: {reply}")
         return SiteSnapshot(
-            now_ms=int(now[0]) * 1000 + int(now[1]) // 1000,
+            now_ms=time_ms(now),
             open_sessions=int(sessions),
             events=_info_or_none(events),
             rejected=_info_or_none(rejected),
@@ -844,7 +844,7 @@ class StreamEntry(NamedTuple):
     event: bytes | None
 
 
-def _field(reply: Mapping[Any, Any], name: str) -> Any:
+def reply_field(reply: Mapping[Any, Any], name: str) -> Any:
     """A field of a redis-py reply dict, whose keys are str or bytes by version and protocol."""
     if name in reply:
         return reply[name]
@@ -853,12 +853,12 @@ def _field(reply: Mapping[Any, Any], name: str) -> Any:
 
 def parse_stream_info(reply: Mapping[Any, Any]) -> StreamInfo:
     """``XINFO STREAM``'s reply (RESP2 or RESP3 shape) as a :class:`StreamInfo`."""
-    first = _field(reply, "first-entry")
+    first = reply_field(reply, "first-entry")
     return StreamInfo(
-        length=int(_field(reply, "length")),
-        entries_added=int(_field(reply, "entries-added") or 0),
+        length=int(reply_field(reply, "length")),
+        entries_added=int(reply_field(reply, "entries-added") or 0),
         first_id=reply_text(first[0]) if first else None,
-        last_generated_id=reply_text(_field(reply, "last-generated-id") or "0-0"),
+        last_generated_id=reply_text(reply_field(reply, "last-generated-id") or "0-0"),
     )
 
 
@@ -897,7 +897,7 @@ def trimmed_after(position: str, info: StreamInfo | None) -> bool:
 def _entries(raw: Any) -> list[StreamEntry]:
     out: list[StreamEntry] = []
     for entry_id, fields in raw or ():
-        value = _field(fields, "event") if fields else None
+        value = reply_field(fields, "event") if fields else None
         if isinstance(value, str):
             value = value.encode()
         out.append(StreamEntry(reply_text(entry_id), value))
@@ -934,6 +934,23 @@ async def read_page(
     return _entries(entries), _info_or_none(info)
 
 
+def xread_entries(reply: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
+    """XREAD's (or XREADGROUP's) reply as ``[(key, [(id, fields), ...]), ...]``.
+
+    RESP2 answers a list of ``[key, entries]``, RESP3 a dict whose entries may
+    sit one level deeper; both come out the same.
+    """
+    if not reply:
+        return []
+    items: list[Any] = list(reply.items()) if isinstance(reply, Mapping) else list(reply)
+    out: list[tuple[str, list[tuple[Any, Any]]]] = []
+    for key, entries in items:
+        if entries and isinstance(entries[0], list | tuple) and len(entries[0]) == 1:
+            entries = entries[0]
+        out.append((reply_text(key), [(e[0], e[1] or {}) for e in entries or ()]))
+    return out
+
+
 async def read_new(
     client: RedisClient, key: str, after: str, count: int, block_ms: int
 ) -> list[StreamEntry]:
@@ -942,15 +959,8 @@ async def read_new(
     Raises:
         redis.exceptions.RedisError, OSError: Redis is unreachable or failed.
     """
-    reply: Any = await client.xread({key: after}, count=count, block=block_ms)
-    if not reply:
-        return []
-    if isinstance(reply, Mapping):  # RESP3: {key: [entries]}
-        (raw,) = reply.values()
-        if raw and isinstance(raw[0], list | tuple) and len(raw[0]) == 1:
-            raw = raw[0]
-        return _entries(raw)
-    return _entries(reply[0][1])
+    replies = xread_entries(await client.xread({key: after}, count=count, block=block_ms))
+    return _entries(replies[0][1]) if replies else []
 
 
 async def stream_end(client: RedisClient, key: str) -> str:
@@ -966,13 +976,17 @@ async def stream_end(client: RedisClient, key: str) -> str:
 
 async def redis_time_ms(client: RedisClient) -> int:
     """Redis' clock in milliseconds: the clock stream ids come from."""
-    seconds, micros = await client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+    return time_ms(await client.time())
+
+
+def time_ms(reply: Sequence[Any]) -> int:
+    """``TIME``'s reply (seconds, microseconds) in milliseconds."""
+    return int(reply[0]) * 1000 + int(reply[1]) // 1000
 
 
 async def xread_many(
     client: RedisClient, streams: Mapping[str, str], count: int, block_ms: int
-) -> Any:
+) -> list[tuple[str, list[tuple[Any, Any]]]]:
     """``XREAD COUNT count BLOCK block_ms STREAMS ...`` over keys of several sites.
 
     One Redis answers in one call. A cluster cannot read keys of several
@@ -981,14 +995,14 @@ async def xread_many(
     XREAD changes nothing, so a dropped answer is read again next time).
 
     Returns:
-        XREAD's reply: a list of ``[key, entries]`` (RESP2) or a dict (RESP3).
+        The entries by key, as :func:`xread_entries` gives them.
 
     Raises:
         redis.exceptions.RedisError, OSError: Redis is unreachable or failed.
     """
     wanted: dict[Any, Any] = dict(streams)
     if not isinstance(client, RedisCluster) or len(wanted) == 1:
-        return await client.xread(wanted, count=count, block=block_ms)
+        return xread_entries(await client.xread(wanted, count=count, block=block_ms))
     reads = [
         asyncio.ensure_future(client.xread({key: pos}, count=count, block=block_ms))
         for key, pos in wanted.items()
@@ -999,15 +1013,10 @@ async def xread_many(
         for read in reads:
             read.cancel()
         await asyncio.gather(*reads, return_exceptions=True)
-    merged: list[Any] = []
+    merged: list[tuple[str, list[tuple[Any, Any]]]] = []
     for read in reads:
-        if read.cancelled():
-            continue
-        reply = read.result()  # raises the read's error
-        if isinstance(reply, Mapping):
-            merged.extend([key, value] for key, value in reply.items())
-        elif reply:
-            merged.extend(reply)
+        if not read.cancelled():
+            merged += xread_entries(read.result())  # raises the read's error
     return merged
 
 

@@ -21,16 +21,14 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, TextIO
 
 import msgspec
-import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.cluster import RedisCluster
 
-from server.config import add_source_flags, cluster_nodes, load_settings
+from server.config import add_source_flags, load_settings
 from server.errors import ConfigError
 from server.rules import load_sites
 from server.store import Keys, RedisClient, redis_client, reply_text, xread_many
@@ -230,22 +228,6 @@ class _Output:
         self.stream.flush()
 
 
-def _replies(reply: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
-    """XREAD's reply as [(key, entries)], for RESP2 (list) and RESP3 (dict) alike."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        items: list[Any] = list(reply.items())
-    else:
-        items = [tuple(r) for r in reply]
-    out: list[tuple[str, list[tuple[Any, Any]]]] = []
-    for key, entries in items:
-        if entries and isinstance(entries[0], list | tuple) and len(entries[0]) == 1:
-            entries = entries[0]  # RESP3 nests the entries one level deeper
-        out.append((reply_text(key), [(e[0], e[1] or {}) for e in entries]))
-    return out
-
-
 async def _resolve_ends(client: RedisClient, positions: dict[str, str]) -> None:
     """Replace ``$`` by the stream's last entry id, so no entry slips between two XREADs."""
     for key, pos in positions.items():
@@ -273,10 +255,7 @@ async def follow(
         try:
             await _resolve_ends(client, positions)
             streams: dict[Any, Any] = dict(positions)
-            if isinstance(client, RedisCluster):
-                reply = await xread_many(client, streams, READ_COUNT, READ_BLOCK_MS)
-            else:
-                reply = await client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
+            replies = await xread_many(client, streams, READ_COUNT, READ_BLOCK_MS)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             if not down:
                 print(f"eventwire tail: Redis unavailable ({exc}); retrying", file=sys.stderr)
@@ -286,7 +265,7 @@ async def follow(
             continue
         down = False
         backoff = BACKOFF_FIRST
-        for key, entries in _replies(reply):
+        for key, entries in replies:
             if not entries:
                 continue
             positions[key] = reply_text(entries[-1][0])
@@ -321,6 +300,28 @@ def stop_on_signals() -> Iterator[Callable[[], bool]]:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
+
+
+@contextlib.asynccontextmanager
+async def operator_command(client: RedisClient) -> AsyncIterator[Callable[[], bool]]:
+    """The body of ``tail`` or ``stats``: ends quietly on SIGINT, SIGTERM or a closed pipe.
+
+    The client is closed on the way out, whatever the way.
+
+    Yields:
+        Whether a signal asked to stop (see :func:`stop_on_signals`).
+    """
+    with stop_on_signals() as stopped:
+        try:
+            yield stopped
+        except asyncio.CancelledError:
+            if not stopped():
+                raise
+        except BrokenPipeError:
+            quiet_stdout()
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
 
 def quiet_stdout() -> None:
@@ -360,28 +361,11 @@ async def run(args: argparse.Namespace) -> int:
     positions = {(keys.rejected(s) if args.rejected else keys.events(s)): first for s in sites}
     as_json = bool(args.json) or not sys.stdout.isatty()
     out = _Output(sys.stdout, as_json, max(len(s) for s in sites), bool(args.rejected))
-    client: RedisClient
-    if cluster_nodes(loaded.settings.redis_url) is None:
-        client = aioredis.Redis.from_url(
-            loaded.settings.redis_url,
-            socket_connect_timeout=2.0,
-            socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
-        )
-    else:
-        client = redis_client(
-            loaded.settings.redis_url,
-            socket_connect_timeout=2.0,
-            socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
-        )
-    with stop_on_signals() as stopped:
-        try:
-            await follow(client, positions, out, args.action, args.uuid, stopped)
-        except asyncio.CancelledError:
-            if not stopped():
-                raise
-        except BrokenPipeError:
-            quiet_stdout()
-        finally:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+    client = redis_client(
+        loaded.settings.redis_url,
+        socket_connect_timeout=2.0,
+        socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
+    )
+    async with operator_command(client) as stopped:
+        await follow(client, positions, out, args.action, args.uuid, stopped)
     return 0

@@ -35,7 +35,15 @@ from server.config import Settings
 from server.errors import ConfigError
 from server.persist.sinks import DEFAULT_DSN, EventRow, Sink, decode_event, open_sink, to_row
 from server.rules import SitesBook
-from server.store import Keys, RedisClient, redis_client, reply_text, stream_id
+from server.store import (
+    Keys,
+    RedisClient,
+    redis_client,
+    redis_time_ms,
+    reply_text,
+    stream_id,
+    xread_entries,
+)
 
 log = structlog.get_logger("eventwire.persist")
 
@@ -252,7 +260,7 @@ class Worker:
                 await self._pause()
             return
         try:
-            reply: Any = await self._read_new()
+            replies = await self._read_new()
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -260,12 +268,12 @@ class Worker:
             await self._ensure_groups(self._sites)
             return
         by_site: list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]] = []
-        for stream, entries in reply or []:
-            by_site.append((self._site_of(reply_text(stream)), entries))
+        for stream, entries in replies:
+            by_site.append((self._site_of(stream), entries))
         if by_site:
             await self._process(by_site)
 
-    async def _read_new(self) -> Any:
+    async def _read_new(self) -> list[tuple[str, list[tuple[Any, Any]]]]:
         """XREADGROUP of new entries of every site's stream, waiting up to BLOCK_MS.
 
         A cluster cannot read keys of several slots in one call: each stream
@@ -275,8 +283,10 @@ class Worker:
         """
         streams: dict[Any, Any] = dict.fromkeys((self.keys.events(s) for s in self._sites), ">")
         if not isinstance(self.redis, RedisCluster):
-            return await self.redis.xreadgroup(
-                GROUP, self.consumer, streams, count=READ_COUNT, block=BLOCK_MS
+            return xread_entries(
+                await self.redis.xreadgroup(
+                    GROUP, self.consumer, streams, count=READ_COUNT, block=BLOCK_MS
+                )
             )
         replies = await asyncio.gather(
             *(
@@ -286,7 +296,7 @@ class Worker:
                 for key in streams
             )
         )
-        return [item for reply in replies for item in reply or []]
+        return [pair for reply in replies for pair in xread_entries(reply)]
 
     def _site_of(self, stream_key: str) -> str:
         # "{prefix}:{site}:events"
@@ -538,8 +548,7 @@ class Worker:
         oldest = summary.get("min")
         if oldest:
             safe = min(safe, stream_id(reply_text(oldest)))
-        (seconds, micros) = await self.redis.time()
-        cutoff = (seconds * 1000 + micros // 1000 - int(self.options.retain * 1000), 0)
+        cutoff = (await redis_time_ms(self.redis) - int(self.options.retain * 1000), 0)
         minid = min(safe, cutoff)
         if minid > (0, 0):
             await self.redis.xtrim(stream, minid=f"{minid[0]}-{minid[1]}", approximate=True)
