@@ -17,7 +17,6 @@ the store would load it there again if it were missing.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import time
 import urllib.request
@@ -29,7 +28,13 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from server.store import LIBRARY_VERSION
-from tests.faults.test_faults import TimedLedger, paced_events, streaming_client
+from tests.faults.test_faults import (
+    OUTAGE_ENV,
+    TimedLedger,
+    paced_events,
+    stored_seqs,
+    streaming_client,
+)
 from tests.procs import UNIT, RedisClusterProcess, RedisProcess, ServerProcess
 
 #: One site per case, on different primaries (slots 6805 and 13556 of an even
@@ -61,14 +66,6 @@ def failover_cluster() -> Iterator[RedisClusterProcess]:
         yield proc
     finally:
         proc.stop()
-
-
-async def stored_seqs(port: int, site: str, producer: str) -> list[int]:
-    """Seqs of one producer in the site's stream on one node, in stream order."""
-    async with aioredis.Redis(host="127.0.0.1", port=port) as client:
-        entries = await client.xrange(f"ew:{{{site}}}:events")
-    events = (json.loads(fields[b"event"]) for _, fields in entries)
-    return [e["seq"] for e in events if e["producer"] == producer]
 
 
 async def replica_of(proc: RedisClusterProcess, primary_port: int) -> RedisProcess:
@@ -118,7 +115,7 @@ async def test_primary_sigkill_failover(
     srv = ServerProcess(
         failover_cluster.url,
         sites,
-        env={"EVENTWIRE_STORE_TIMEOUT": "0.3", "EVENTWIRE_RETRY_AFTER_MS": "100"},
+        env=OUTAGE_ENV,
     ).start()
     ledger = TimedLedger(break_after=1)
     total = 5000
@@ -160,7 +157,7 @@ async def test_primary_sigkill_failover(
         replica.resume()
     new_primary = await asyncio.to_thread(failover_cluster.primary_of, slot)
     assert new_primary.port == replica.port
-    seqs = await stored_seqs(replica.port, site, producer)
+    seqs = await stored_seqs(f"redis://127.0.0.1:{replica.port}", producer, site)
     lost = sorted(set(range(1, total + 1)) - set(seqs))
     lost_ago = [killed_at - ledger.acked_at(s) for s in lost]
     print(

@@ -49,6 +49,10 @@ class Ledger:
             self.time_to_break.set()
 
 
+#: A server that gives up on Redis quickly and lets clients retry soon: outages show in seconds.
+OUTAGE_ENV = {"EVENTWIRE_STORE_TIMEOUT": "0.3", "EVENTWIRE_RETRY_AFTER_MS": "100"}
+
+
 async def stored_seqs(redis_url: str, producer: str, site: str = "app") -> list[int]:
     """Seqs of one producer in the site's stream, in stream order."""
     client = aioredis.Redis.from_url(redis_url)
@@ -116,7 +120,7 @@ async def test_redis_outage_under_load(aof_redis: RedisProcess, sites_file: Path
     srv = ServerProcess(
         aof_redis.url,
         sites_file,
-        env={"EVENTWIRE_STORE_TIMEOUT": "0.3", "EVENTWIRE_RETRY_AFTER_MS": "100"},
+        env=OUTAGE_ENV,
     ).start()
     ledger = Ledger(break_after=20)
     total = 2000
@@ -204,7 +208,7 @@ async def test_redis_everysec_crash_under_load(sites_file: Path, crash: str) -> 
     srv = ServerProcess(
         redis.url,
         sites_file,
-        env={"EVENTWIRE_STORE_TIMEOUT": "0.3", "EVENTWIRE_RETRY_AFTER_MS": "100"},
+        env=OUTAGE_ENV,
     ).start()
     ledger = TimedLedger(break_after=1)
     total = 3000
