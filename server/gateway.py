@@ -319,7 +319,9 @@ class EventwireServer:
             metrics.PROTOCOL_ERRORS.labels(site, exc.code).inc()
             if isinstance(exc, UndecodableFrame):
                 await self.store.record_rejected(
-                    site, undecodable_record(site, ingest.who, exc.detail, data, now_ms())
+                    site,
+                    ingest.who.uuid if ingest.who else None,
+                    undecodable_record(site, ingest.who, exc.detail, data, now_ms()),
                 )
             # Answers already due go first, so the error is the last message.
             await ingest.drain()

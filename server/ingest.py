@@ -159,6 +159,7 @@ class IngestConnection:
         )
         self.who: Identity | None = None
         self._keys_for: Identity | None = None
+        self._tag = ""
         self._producer_key = ""
         self._session_key = ""
         #: The verified token of the current customer, and why the last one was refused.
@@ -364,10 +365,12 @@ class IngestConnection:
         if self._keys_for is not who:
             # Key names change only with the customer: built once, not per frame.
             self._keys_for = who
-            self._producer_key = keys.producer(self.site, who.producer)
-            self._session_key = keys.session(self.site, who.uuid)
+            self._tag = self.store.tag(self.site, who.uuid)
+            self._producer_key = keys.producer(self._tag, who.producer)
+            self._session_key = keys.session(self._tag, who.uuid)
         self.store.submit(
             self.site,
+            self._tag,
             self._producer_key,
             self._session_key,
             who.uuid,
@@ -444,6 +447,12 @@ class IngestConnection:
         ``identify``) if this was its last connection; the connection then
         joins or opens the new customer's session. Frames already received
         are stored first, for the customer they were sent for.
+
+        On a partitioned site the new customer may live in another partition,
+        whose copy of the producer's stored seq is behind. Once every earlier
+        frame is answered (the drain), the old partition's seq is the
+        producer's high-water mark; it is carried into the new partition, so
+        ``welcome.acked`` and de-duplication go on as with one key.
         """
         assert self.who is not None
         if msg.uuid == self.who.uuid and msg.token is None:
@@ -457,11 +466,18 @@ class IngestConnection:
         await self.drain()
         old = self.who
         member = self.sessions.member(msg.uuid)
+        moves = self.store.tag(self.site, old.uuid) != self.store.tag(self.site, msg.uuid)
         try:
-            await self.sessions.leave(self.site, old.uuid, self.member, identify_to=msg.uuid)
+            stored = await self.sessions.leave(
+                self.site,
+                old.uuid,
+                self.member,
+                identify_to=msg.uuid,
+                producer=self.producer if moves else "",
+            )
             self.member = ""
             opened = await self.sessions.open(
-                self.site, msg.uuid, member, self.producer, self.context
+                self.site, msg.uuid, member, self.producer, self.context, carry=stored
             )
         except StoreUnavailable as exc:
             raise ProtocolViolation("unavailable", f"identify failed: {exc}", 1013) from None

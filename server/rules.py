@@ -35,6 +35,9 @@ from server.errors import ConfigError
 SITE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ORIGIN_RE: Final = re.compile(r"(https?)://([A-Za-z0-9*.-]+|\[[0-9a-fA-F:]+\])(:[0-9*]+)?")
 
+#: The most partitions a site may have: each costs every reader one stream.
+MAX_PARTITIONS: Final = 256
+
 #: The server-made actions, which obey allow/deny like any other.
 SERVER_ACTIONS: Final = ("session.start", "session.end", "client.identify")
 
@@ -85,6 +88,12 @@ class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     session_grace: Seconds | None = None
     session_idle: Seconds | None = None
     session_max: Seconds | None = None
+    #: Streams the site's events are split over, by a stable hash of the uuid
+    #: (PROTOCOL.md section 7). Each partition is its own hash tag, so on a
+    #: Redis Cluster the site's load spreads over up to this many masters; each
+    #: costs every reader one more stream to follow and each server one more
+    #: reaper call per ``reap_interval``. It cannot change while servers run.
+    partitions: Annotated[int, Meta(ge=1, le=MAX_PARTITIONS)] = 1
 
 
 class SitesFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -312,7 +321,19 @@ class SitesBook:
         """
         assert self.path is not None
         self._mtime = self._stat()
-        self.sites = load_sites(self.path)
+        sites = load_sites(self.path)
+        for site, rules in sites.items():
+            old = self.sites.get(site)
+            if old is not None and old.config.partitions != rules.config.partitions:
+                # Customers would move to other streams mid-session, and the
+                # open sessions and producer seqs of the old layout would be
+                # orphaned: a new layout needs every process restarted.
+                raise ConfigError(
+                    f"{self.path}: site {site!r}: partitions cannot change while running "
+                    f"({old.config.partitions} -> {rules.config.partitions}); restart the "
+                    "servers and readers with the new value (see docs/deploy.md)"
+                )
+        self.sites = sites
         return self.sites
 
 

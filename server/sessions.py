@@ -78,6 +78,7 @@ class Sessions:
         #: This process' name in connection members: "<process>:<n>:<uuid>".
         self.process = secrets.token_hex(4)
         self._numbers = itertools.count(1)
+        #: This process' live connection members, by tag (site or partition).
         self._members: dict[str, set[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -87,26 +88,42 @@ class Sessions:
 
     # -- steps --------------------------------------------------------------------
 
-    def _customer_keys(self, site: str, uuid: str) -> list[str]:
+    def _customer_keys(self, tag: str, uuid: str) -> list[str]:
         """The keys ``open`` and ``leave`` take, in their order."""
         keys = self.keys
         return [
-            keys.session(site, uuid),
-            keys.conns(site, uuid),
-            keys.live(site),
-            keys.due(site),
-            keys.events(site),
+            keys.session(tag, uuid),
+            keys.conns(tag, uuid),
+            keys.live(tag),
+            keys.due(tag),
+            keys.events(tag),
         ]
 
     async def open(
-        self, site: str, uuid: str, member: str, producer: str, context: dict[str, Any] | None
+        self,
+        site: str,
+        uuid: str,
+        member: str,
+        producer: str,
+        context: dict[str, Any] | None,
+        carry: int = 0,
     ) -> Opened:
         """Register a connection and join or open its customer's session.
+
+        Args:
+            site: the site.
+            uuid: the customer.
+            member: the connection's member (:meth:`member`).
+            producer: the connection's producer, whose stored seq is returned.
+            context: the hello's context, for ``session.start``.
+            carry: a stored seq of the producer in another partition (see
+                :meth:`leave`); the producer's seq here is raised to it.
 
         Raises:
             StoreUnavailable: Redis did not answer; the connection is not registered.
         """
         keys = self.keys
+        tag = self.store.tag(site, uuid)
         timing, taken = self.store.site_params(site)
         candidate = new_session_id()
         received = now_ms()
@@ -126,7 +143,7 @@ class Sessions:
         )
         session, resumed, acked = await self.store.call(
             FN_OPEN,
-            [*self._customer_keys(site, uuid), keys.producer(site, producer)],
+            [*self._customer_keys(tag, uuid), keys.producer(tag, producer)],
             [
                 site,
                 uuid,
@@ -139,28 +156,47 @@ class Sessions:
                 timing.max_ms,
                 self.settings.stream_maxlen,
                 taken,
+                *((carry, int(self.settings.producer_ttl * 1000)) if carry else ()),
             ],
         )
-        self._members.setdefault(site, set()).add(member)
+        self._members.setdefault(tag, set()).add(member)
         return Opened(session.decode(), bool(resumed), int(acked))
 
-    async def leave(self, site: str, uuid: str, member: str, identify_to: str = "") -> None:
+    async def leave(
+        self, site: str, uuid: str, member: str, identify_to: str = "", producer: str = ""
+    ) -> int:
         """Unregister a connection; its customer's session ends after the grace if it was last.
 
         With ``identify_to``, the session gets a ``client.identify`` event and
         ends now (reason ``identify``) if this was its last connection.
 
+        Args:
+            site: the site.
+            uuid: the customer left.
+            member: the connection's member.
+            identify_to: the customer the connection moves to, or ''.
+            producer: the connection's producer, when its stored seq in this
+                partition must be returned (identify to another partition).
+
+        Returns:
+            The producer's stored seq in the customer's partition (0 without ``producer``).
+
         Raises:
             StoreUnavailable: Redis did not answer. The connection's heartbeat
                 then lapses and a reaper treats it as closed.
         """
-        self._members.get(site, set()).discard(member)
+        tag = self.store.tag(site, uuid)
+        self._members.get(tag, set()).discard(member)
         timing, taken = self.store.site_params(site)
-        await self.store.call(
+        keys = self._customer_keys(tag, uuid)
+        if producer:
+            keys.append(self.keys.producer(tag, producer))
+        _, stored = await self.store.call(
             FN_LEAVE,
-            self._customer_keys(site, uuid),
+            keys,
             [site, uuid, member, timing.grace_ms, self.settings.stream_maxlen, identify_to, taken],
         )
+        return int(stored)
 
     # -- background -----------------------------------------------------------------
 
@@ -178,29 +214,29 @@ class Sessions:
     async def heartbeat_once(self) -> None:
         """Renew the deadline of every connection of this process."""
         ttl = int(self.settings.heartbeat_ttl * 1000)
-        for site, members in list(self._members.items()):
+        for tag, members in list(self._members.items()):
             batch = list(members)
             for i in range(0, len(batch), CHUNK):
                 back = await self.store.call(
                     FN_HEARTBEAT,
-                    [self.keys.live(site)],
-                    [ttl, self.keys.site_prefix(site), *batch[i : i + CHUNK]],
+                    [self.keys.live(tag)],
+                    [ttl, self.keys.site_prefix(tag), *batch[i : i + CHUNK]],
                 )
                 if back:
-                    log.warning("connections_reregistered", site=site, count=back)
+                    log.warning("connections_reregistered", tag=tag, count=back)
 
     async def reap_once(self) -> int:
         """End the sessions that are due, on every site; returns how many ended."""
         ended = 0
-        for site in list(self.store.book.sites):
+        for site, tag in [(s, t) for s in list(self.store.book.sites) for t in self.store.tags(s)]:
             timing, taken = self.store.site_params(site)
             while True:
                 dead, n = await self.store.call(
                     FN_REAP,
-                    [self.keys.live(site), self.keys.due(site), self.keys.events(site)],
+                    [self.keys.live(tag), self.keys.due(tag), self.keys.events(tag)],
                     [
                         site,
-                        self.keys.site_prefix(site),
+                        self.keys.site_prefix(tag),
                         timing.grace_ms,
                         timing.idle_ms,
                         timing.max_ms,
@@ -211,7 +247,7 @@ class Sessions:
                 )
                 ended += n
                 if dead:
-                    log.info("dead_connections_reaped", site=site, count=dead)
+                    log.info("dead_connections_reaped", tag=tag, count=dead)
                 if dead < CHUNK and n < CHUNK:
                     break
         return ended

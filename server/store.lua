@@ -2,10 +2,13 @@
 -- The Redis side of eventwire: every step that must be atomic, as one Redis
 -- function library (loaded by server/store.py with FUNCTION LOAD REPLACE).
 --
--- All keys of one call share the site's hash tag, so a call never crosses a
--- Redis Cluster slot. Keys of a customer (ew:{site}:sess:<uuid>,
--- ew:{site}:conns:<uuid>) that are only known inside a call are built from
--- the key prefix passed in, under the same tag.
+-- All keys of one call share one hash tag, so a call never crosses a Redis
+-- Cluster slot: the site's ({site}), or with partitions = P one partition's
+-- ({site:p}, p = crc32(uuid) mod P; every key below exists per partition,
+-- and a producer's seq is kept in each partition it stored events in). Keys
+-- of a customer (ew:{site}:sess:<uuid>, ew:{site}:conns:<uuid>) that are
+-- only known inside a call are built from the key prefix passed in, under
+-- the same tag.
 --
 --   ew:{site}:events          accepted and server-made events (XADD MAXLEN ~)
 --   ew:{site}:rejected        rejected events
@@ -164,7 +167,10 @@ end
 -- join the customer's open session, or open one and publish session.start.
 -- KEYS: sess, conns, live, due, events, producer. ARGV: site, uuid, member,
 -- candidate session id, session.start JSON for that id, heartbeat ttl,
--- grace, idle, max (ms), events MAXLEN, server-made events taken.
+-- grace, idle, max (ms), events MAXLEN, server-made events taken, and
+-- optionally a carried seq with the producer ttl (ms): identify moved the
+-- producer here from another partition, whose stored seq it brings, so the
+-- producer's high-water mark follows it as if there were one key.
 -- Returns {session id, resumed, acked}.
 local function open(keys, args)
   local now = now_ms()
@@ -194,39 +200,48 @@ local function open(keys, args)
     end
     redis.call('ZADD', keys[4], math.min(now + idle, now + maxd), uuid)
   end
-  return {sid, resumed, redis.call('GET', keys[6]) or '0'}
+  local acked = redis.call('GET', keys[6]) or '0'
+  if args[12] and tonumber(args[12]) > tonumber(acked) then
+    acked = args[12]
+    redis.call('SET', keys[6], acked, 'PX', args[13])
+  end
+  return {sid, resumed, acked}
 end
 
 -- A connection ends (or leaves its customer for another with identify).
--- KEYS: sess, conns, live, due, events. ARGV: site, uuid, member, grace (ms),
+-- KEYS: sess, conns, live, due, events, and optionally the producer's key
+-- (its stored seq is returned, for identify to carry to another partition).
+-- ARGV: site, uuid, member, grace (ms),
 -- events MAXLEN, identify_to (the new uuid, or ''), server-made events
 -- taken. With identify_to, the
 -- session gets a client.identify event, and ends now (reason identify) if
 -- this was the customer's last connection; otherwise the last connection's
--- close starts the grace period. Returns 1 if the session ended.
+-- close starts the grace period. Returns {1 if the session ended, the
+-- producer's stored seq (0 without its key)}.
 local function leave(keys, args)
   local now = now_ms()
   local site, uuid, member, maxlen, to = args[1], args[2], args[3], args[5], args[6]
+  local stored = keys[6] and (redis.call('GET', keys[6]) or '0') or '0'
   redis.call('ZREM', keys[3], member)
   redis.call('SREM', keys[2], member)
   local s = load_session(keys[1])
   if not s then
-    return 0
+    return {0, stored}
   end
   if to ~= '' and takes(args[7], 'i') then
     server_event(keys[5], keys[1], maxlen, site, to, s.id, 'client.identify', 'client.identify',
       now, {previous_uuid = uuid})
   end
   if redis.call('SCARD', keys[2]) > 0 then
-    return 0
+    return {0, stored}
   end
   if to ~= '' then
     end_session(keys[5], keys[4], keys[1], maxlen, site, uuid, s, 'identify', now, args[7])
-    return 1
+    return {1, stored}
   end
   redis.call('HSET', keys[1], 'closed', now)
   redis.call('ZADD', keys[4], 'LT', now + tonumber(args[4]), uuid)
-  return 0
+  return {0, stored}
 end
 
 -- Refresh the heartbeat deadlines of one process' connections of a site.

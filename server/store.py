@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import zlib
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -85,6 +86,12 @@ def stream_id(value: Any) -> tuple[int, int]:
 class Keys:
     """Every Redis key name eventwire uses, in one place.
 
+    A key's hash tag is the site's *tag*: the site id, or ``site:p`` for
+    partition ``p`` of a site with ``partitions`` above 1 (PROTOCOL.md
+    section 7). Everything of one customer (its session, connections,
+    producer seqs and events) lives under the tag of its partition, so each
+    atomic step stays within one Redis Cluster slot.
+
     Args:
         prefix: the ``key_prefix`` setting.
     """
@@ -92,37 +99,56 @@ class Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
-    def events(self, site: str) -> str:
-        """The stream of accepted events of a site."""
-        return f"{self.prefix}:{{{site}}}:events"
+    @staticmethod
+    def tag(site: str, uuid: str, partitions: int) -> str:
+        """The tag of a customer's partition: ``crc32(uuid) mod partitions``.
 
-    def rejected(self, site: str) -> str:
-        """The stream of rejected events and undecodable frames of a site."""
-        return f"{self.prefix}:{{{site}}}:rejected"
+        CRC-32 (as zlib and most languages compute it) of the uuid's UTF-8
+        bytes: stable across processes, versions and languages, so a reader
+        elsewhere can find a customer's stream.
+        """
+        if partitions <= 1:
+            return site
+        return f"{site}:{zlib.crc32(uuid.encode()) % partitions}"
 
-    def producer(self, site: str, producer: str) -> str:
-        """The key holding a producer's highest stored seq."""
-        return f"{self.prefix}:{{{site}}}:producer:{producer}"
+    @staticmethod
+    def tags(site: str, partitions: int) -> list[str]:
+        """Every tag of a site: ``[site]``, or ``site:0`` to ``site:P-1``."""
+        if partitions <= 1:
+            return [site]
+        return [f"{site}:{p}" for p in range(partitions)]
 
-    def site_prefix(self, site: str) -> str:
-        """The prefix of every key of a site, for keys built inside Redis functions."""
-        return f"{self.prefix}:{{{site}}}:"
+    def events(self, tag: str) -> str:
+        """The stream of accepted events of a site (or of one partition)."""
+        return f"{self.prefix}:{{{tag}}}:events"
 
-    def session(self, site: str, uuid: str) -> str:
+    def rejected(self, tag: str) -> str:
+        """The stream of rejected events and undecodable frames of a site (or partition)."""
+        return f"{self.prefix}:{{{tag}}}:rejected"
+
+    def producer(self, tag: str, producer: str) -> str:
+        """The key holding a producer's highest stored seq (in one partition)."""
+        return f"{self.prefix}:{{{tag}}}:producer:{producer}"
+
+    def site_prefix(self, tag: str) -> str:
+        """The prefix of every key of a tag, for keys built inside Redis functions."""
+        return f"{self.prefix}:{{{tag}}}:"
+
+    def session(self, tag: str, uuid: str) -> str:
         """The hash of a customer's open session."""
-        return f"{self.prefix}:{{{site}}}:sess:{uuid}"
+        return f"{self.prefix}:{{{tag}}}:sess:{uuid}"
 
-    def conns(self, site: str, uuid: str) -> str:
+    def conns(self, tag: str, uuid: str) -> str:
         """The set of a customer's live connections."""
-        return f"{self.prefix}:{{{site}}}:conns:{uuid}"
+        return f"{self.prefix}:{{{tag}}}:conns:{uuid}"
 
-    def live(self, site: str) -> str:
-        """Every live connection of a site, scored by its heartbeat deadline."""
-        return f"{self.prefix}:{{{site}}}:live"
+    def live(self, tag: str) -> str:
+        """Every live connection of a tag, scored by its heartbeat deadline."""
+        return f"{self.prefix}:{{{tag}}}:live"
 
-    def due(self, site: str) -> str:
-        """Customers whose session must be looked at, scored by when."""
-        return f"{self.prefix}:{{{site}}}:due"
+    def due(self, tag: str) -> str:
+        """Customers (of a tag) whose session must be looked at, scored by when."""
+        return f"{self.prefix}:{{{tag}}}:due"
 
 
 class FrameOwner:
@@ -181,6 +207,7 @@ class Frame:
 
     Args:
         site: the site id.
+        tag: the tag of the customer's partition (:meth:`Keys.tag`).
         producer_key: the producer's seq key.
         session_key: the customer's session key.
         session: the session id the events were encoded for.
@@ -203,6 +230,7 @@ class Frame:
         "session_key",
         "sink",
         "site",
+        "tag",
         "token",
         "uuid",
     )
@@ -210,6 +238,7 @@ class Frame:
     def __init__(
         self,
         site: str,
+        tag: str,
         producer_key: str,
         session_key: str,
         session: str,
@@ -221,6 +250,7 @@ class Frame:
         first_seq: int,
     ) -> None:
         self.site = site
+        self.tag = tag
         self.producer_key = producer_key
         self.session_key = session_key
         self.session = session
@@ -388,6 +418,7 @@ class Store:
     def submit(
         self,
         site: str,
+        tag: str,
         producer_key: str,
         session_key: str,
         uuid: str,
@@ -402,8 +433,9 @@ class Store:
 
         Args:
             site: the site id.
-            producer_key: ``keys.producer(site, producer)``.
-            session_key: ``keys.session(site, uuid)``.
+            tag: the tag of the customer's partition (:meth:`tag`).
+            producer_key: ``keys.producer(tag, producer)``.
+            session_key: ``keys.session(tag, uuid)``.
             uuid: the customer the events were encoded for.
             session: the session id the events were encoded for.
             items: flat ``[seq, kind, payload, ...]`` in seq order.
@@ -417,7 +449,17 @@ class Store:
             :meth:`resubmit` after ``frame_gone``).
         """
         frame = Frame(
-            site, producer_key, session_key, session, uuid, items, sink, token, owner, first_seq
+            site,
+            tag,
+            producer_key,
+            session_key,
+            session,
+            uuid,
+            items,
+            sink,
+            token,
+            owner,
+            first_seq,
         )
         self.resubmit(frame)
         return frame
@@ -433,6 +475,19 @@ class Store:
         lane = self._lanes[hash(frame.producer_key) % len(self._lanes)]
         lane.queue.append(frame)
         lane.wake()
+
+    def partitions(self, site: str) -> int:
+        """How many partitions a site's events are split over (1 if the site is unknown)."""
+        rules = self.book.get(site)
+        return rules.config.partitions if rules is not None else 1
+
+    def tag(self, site: str, uuid: str) -> str:
+        """The tag of a customer's partition (see :meth:`Keys.tag`)."""
+        return self.keys.tag(site, uuid, self.partitions(site))
+
+    def tags(self, site: str) -> list[str]:
+        """Every tag of a site, one per partition."""
+        return self.keys.tags(site, self.partitions(site))
 
     def site_params(self, site: str) -> tuple[SessionTimings, str]:
         """A site's session timings and the server-made events it takes (all, if unknown)."""
@@ -483,15 +538,17 @@ class Store:
             await self._flush(batch, lane)
 
     async def _flush(self, batch: list[Frame], lane: _Lane) -> None:
-        by_site: dict[str, list[Frame]] = {}
+        # One call per tag: all its keys share one hash tag (one cluster slot).
+        by_tag: dict[str, list[Frame]] = {}
         for frame in batch:
-            by_site.setdefault(frame.site, []).append(frame)
+            by_tag.setdefault(frame.tag, []).append(frame)
         calls: list[list[bytes]] = []
         routes: list[str] = []
-        for site, frames in by_site.items():
+        for tag, frames in by_tag.items():
             keys = self.keys
+            site = frames[0].site
             timing, taken = self.site_params(site)
-            fkeys: list[Any] = [keys.events(site), keys.rejected(site), keys.due(site)]
+            fkeys: list[Any] = [keys.events(tag), keys.rejected(tag), keys.due(tag)]
             routes.append(fkeys[0])
             fargs: list[Any] = [*self._fixed, site, timing.idle_ms, timing.max_ms, taken]
             # Per frame: session, uuid, n, then its n (seq, kind, payload) items.
@@ -517,7 +574,7 @@ class Store:
                 frame.fail(str(exc))
             return
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
-        for frames, result in zip(by_site.values(), results, strict=True):
+        for frames, result in zip(by_tag.values(), results, strict=True):
             if isinstance(result, Exception):
                 metrics.STORE_ERRORS.inc()
                 log.error("publish_refused", error=str(result), frames=len(frames))
@@ -669,14 +726,15 @@ class Store:
 
     # -- look-ups -------------------------------------------------------------
 
-    async def record_rejected(self, site: str, record: bytes) -> bool:
-        """Append one record to the site's rejected stream; False if Redis failed.
+    async def record_rejected(self, site: str, uuid: str | None, record: bytes) -> bool:
+        """Append one record to a customer's partition's rejected stream; False if Redis failed.
 
-        Used for undecodable frames, which have no producer seq to de-duplicate by.
+        Used for undecodable frames, which have no producer seq to de-duplicate
+        by. Before a hello (no customer yet) the record goes to partition 0.
         """
         try:
             await self.redis.xadd(
-                self.keys.rejected(site),
+                self.keys.rejected(self.tag(site, uuid or "")),
                 {"event": record},
                 maxlen=self.settings.rejected_maxlen,
                 approximate=True,
@@ -702,14 +760,17 @@ class Store:
     async def site_summary(self, site: str) -> SiteSnapshot:
         """A site's open sessions and both streams' ends, read in one round trip.
 
-        Open sessions are the members of the site's ``due`` set: the Lua steps
-        add a customer there when its session opens and remove it when the
-        session ends, so its size is the open session count (``ZCARD``, O(1)).
+        Open sessions are the members of the ``due`` sets: the Lua steps add
+        a customer there when its session opens and remove it when the
+        session ends, so their size is the open session count (``ZCARD``,
+        O(1)). A partitioned site's streams are summed as one (see
+        :func:`merge_stream_info`).
 
         Raises:
             StoreUnavailable: Redis is unreachable or slow.
         """
         keys = self.keys
+        tags = self.tags(site)
         try:
             async with asyncio.timeout(self.settings.store_timeout):
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -718,23 +779,24 @@ class Store:
                     else:
                         # redis-py sends no keyless command in a cluster
                         # pipeline: TIME is asked of the site's own node.
-                        pipe.eval("return redis.call('TIME')", 1, keys.due(site))
-                    pipe.zcard(keys.due(site))
-                    pipe.xinfo_stream(keys.events(site))
-                    pipe.xinfo_stream(keys.rejected(site))
-                    now, sessions, events, rejected = await pipe.execute(raise_on_error=False)
+                        pipe.eval("return redis.call('TIME')", 1, keys.due(tags[0]))
+                    for tag in tags:
+                        pipe.zcard(keys.due(tag))
+                        pipe.xinfo_stream(keys.events(tag))
+                        pipe.xinfo_stream(keys.rejected(tag))
+                    now, *replies = await pipe.execute(raise_on_error=False)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
         except TimeoutError:
             raise StoreUnavailable("redis did not answer in time") from None
-        for reply in (now, sessions):
+        for reply in (now, *replies[::3]):
             if isinstance(reply, Exception):
                 raise StoreUnavailable(f"redis error: {reply}")
         return SiteSnapshot(
             now_ms=time_ms(now),
-            open_sessions=int(sessions),
-            events=_info_or_none(events),
-            rejected=_info_or_none(rejected),
+            open_sessions=sum(int(n) for n in replies[::3]),
+            events=merge_stream_info([_info_or_none(r) for r in replies[1::3]]),
+            rejected=merge_stream_info([_info_or_none(r) for r in replies[2::3]]),
         )
 
 
@@ -859,6 +921,21 @@ def parse_stream_info(reply: Mapping[Any, Any]) -> StreamInfo:
         entries_added=int(reply_field(reply, "entries-added") or 0),
         first_id=reply_text(first[0]) if first else None,
         last_generated_id=reply_text(reply_field(reply, "last-generated-id") or "0-0"),
+    )
+
+
+def merge_stream_info(infos: Sequence[StreamInfo | None]) -> StreamInfo | None:
+    """The streams of a partitioned site summed as one: lengths and counts added,
+    the oldest first entry and the newest id (None when no stream exists)."""
+    found = [i for i in infos if i is not None]
+    if len(found) <= 1:
+        return found[0] if found else None
+    firsts = [i.first_id for i in found if i.first_id is not None]
+    return StreamInfo(
+        length=sum(i.length for i in found),
+        entries_added=sum(i.entries_added for i in found),
+        first_id=min(firsts, key=stream_id) if firsts else None,
+        last_generated_id=max((i.last_generated_id for i in found), key=stream_id),
     )
 
 
