@@ -298,6 +298,9 @@ class SitesBook:
         self.path = path
         self.sites = sites
         self._mtime = self._stat()
+        #: Every site's partitions, kept after a reload removed the site: its
+        #: connections still open must leave the keys they joined.
+        self._partitions = {site: r.config.partitions for site, r in sites.items()}
 
     def _stat(self) -> float:
         try:
@@ -308,6 +311,10 @@ class SitesBook:
     def get(self, site: str) -> SiteRules | None:
         """A site's current rules, or None if the site is not (any more) configured."""
         return self.sites.get(site)
+
+    def partitions(self, site: str) -> int:
+        """A site's partitions, also after a reload removed it (1 for a site never loaded)."""
+        return self._partitions.get(site, 1)
 
     def changed(self) -> bool:
         """Whether the file's modification time moved since the last (re)load."""
@@ -323,16 +330,17 @@ class SitesBook:
         self._mtime = self._stat()
         sites = load_sites(self.path)
         for site, rules in sites.items():
-            old = self.sites.get(site)
-            if old is not None and old.config.partitions != rules.config.partitions:
+            old = self._partitions.get(site, rules.config.partitions)
+            if old != rules.config.partitions:
                 # Customers would move to other streams mid-session, and the
                 # open sessions and producer seqs of the old layout would be
                 # orphaned: a new layout needs every process restarted.
                 raise ConfigError(
                     f"{self.path}: site {site!r}: partitions cannot change while running "
-                    f"({old.config.partitions} -> {rules.config.partitions}); restart the "
-                    "servers and readers with the new value (see docs/deploy.md)"
+                    f"({old} -> {rules.config.partitions}); restart the servers and "
+                    "readers with the new value (see docs/deploy.md)"
                 )
+        self._partitions.update((site, r.config.partitions) for site, r in sites.items())
         self.sites = sites
         return self.sites
 

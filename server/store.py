@@ -477,9 +477,8 @@ class Store:
         lane.wake()
 
     def partitions(self, site: str) -> int:
-        """How many partitions a site's events are split over (1 if the site is unknown)."""
-        rules = self.book.get(site)
-        return rules.config.partitions if rules is not None else 1
+        """How many partitions a site's events are split over (see :meth:`SitesBook.partitions`)."""
+        return self.book.partitions(site)
 
     def tag(self, site: str, uuid: str) -> str:
         """The tag of a customer's partition (see :meth:`Keys.tag`)."""

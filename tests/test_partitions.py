@@ -271,6 +271,15 @@ def test_partitions_cannot_change_on_reload(tmp_path: Path) -> None:
     assert book.sites["app"].config.partitions == P
     path.write_text(SITES + "[sites.new]\nallow_no_origin = true\npartitions = 2\n")
     assert book.reload()["new"].config.partitions == 2
+    # A site removed keeps its layout: its open connections leave the keys they joined,
+    # and it may come back only as it was.
+    path.write_text("[sites.new]\nallow_no_origin = true\npartitions = 2\n")
+    assert "app" not in book.reload()
+    assert book.partitions("app") == P
+    assert book.partitions("never") == 1
+    path.write_text("[sites.app]\nallow_no_origin = true\npartitions = 2\n")
+    with pytest.raises(ConfigError, match=f"{P} -> 2"):
+        book.reload()
     path.write_text("[sites.app]\npartitions = 0\n")
     with pytest.raises(ConfigError, match="partitions"):
         book.reload()
