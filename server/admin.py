@@ -225,7 +225,9 @@ class AdminListener:
             return connection.respond(
                 HTTPStatus.FORBIDDEN, "the live relay answers pages of this listener only\n"
             )
-        parsed = parse_query(query, lambda site: self.store.book.get(site) is not None)
+        parsed = parse_query(
+            query, lambda site: self.store.book.get(site) is not None, self.store.partitions
+        )
         if not isinstance(parsed, LiveQuery):
             status, text = parsed
             return connection.respond(status, text + "\n")

@@ -3,15 +3,16 @@
 This module owns the relay: its query, its messages, the per-viewer queue
 and the fan-out from one Redis reader per (site, stream) per process.
 
-URL: ``/v1/live?site=S[&stream=events|rejected][&action=GLOB][&uuid=U][&since=now|5m|0|ID]``.
+URL: ``/v1/live?site=S[&stream=events|rejected][&action=GLOB][&uuid=U][&since=...]``.
 ``action`` is a glob over the action name matched in full (events only),
 ``uuid`` one customer, ``since`` where to start: ``now`` (the default), a
 duration back on Redis' clock (``30s``, ``5m``, ``2h``), ``0`` (the start of
-the stream) or a stream id (entries after it: the id of the last message a
-reconnecting viewer saw).
+the stream), a stream id (entries after it), or a *cursor*: the position a
+reconnecting viewer was at (see Partitions; with one partition a cursor is
+one stream id, the id of the last message it saw).
 
-Messages are JSON text frames with a ``type``; each carries ``id``, the
-stream id a viewer passes back as ``since`` to resume right after it:
+Messages are JSON text frames with a ``type``; each carries ``id``, which a
+viewer keeps to pass back as ``since`` and resume right after it:
 
 - ``hello`` ``{site, stream, id, now, queue}``: ``id`` is the resolved start,
   ``now`` Redis' clock (ms; the clock of stream ids), ``queue`` the viewer's
@@ -37,17 +38,60 @@ Handover without a gap or a duplicate: a viewer with ``since`` replays the
 backlog itself with ``XRANGE`` pages of ``live_batch`` (each page read in one
 ``MULTI`` with ``XINFO STREAM``, to tell a trimmed position). When a page
 comes back short it joins the reader, whose position ``R`` is the last id it
-has handed out. If ``R`` is ahead of the viewer's position ``P``, the viewer
-replays ``(P, R]`` as well (the reader's next batch starts after ``R`` and
+has handed out. If ``R`` is ahead of the viewer's position ``V``, the viewer
+replays ``(V, R]`` as well (the reader's next batch starts after ``R`` and
 already lands in the viewer's queue); if ``R`` is behind, the viewer drops
-the queued entries up to ``P``. Both checks are synchronous with the join,
+the queued entries up to ``V``. Both checks are synchronous with the join,
 so nothing the reader hands out in between is lost.
+
+Partitions. A site with ``partitions = P`` above 1 keeps each stream as P
+streams, ``ew:{site:0}:events`` to ``ew:{site:P-1}:events``; a customer's
+entries all lie in one of them, in order. Their ids are independent (each
+stream numbers its own; on a cluster they come from different machines'
+clocks), so everything above holds per partition, and the relay follows all
+of them at once:
+
+- Position: a viewer's position is one id per partition. On the wire it is a
+  *cursor*: the P ids in partition order joined by ``,``
+  (``1764160000123-0,1764160000087-2,...``). With P = 1 the cursor is the one
+  id, and the wire is exactly the one above: no field is added.
+- ``since``: ``now`` starts at every partition's end; ``0``, a duration or
+  one stream id is the same id in every partition, a cut in time on Redis'
+  clock (one clock on one Redis; each node's own on a cluster); a cursor of
+  exactly P ids starts at each. A cursor of another length is refused (400).
+- Messages: ``hello`` adds ``partitions: P``; ``hello`` and ``ready`` carry
+  the whole cursor in ``id``. ``event``, ``rejected``, ``trimmed`` and
+  ``lagged`` add ``p``, the partition they concern, and their ``id`` (and
+  ``from``, ``first``) are ids of that partition's stream. A viewer resumes
+  by one rule: a message with ``p`` moves partition ``p``'s id to its
+  ``id``; a message without ``p`` (hello, ready; every message when P = 1)
+  sets the whole cursor to its ``id``. The cursor so kept, passed back as
+  ``since``, gives no gap and no duplicate, as one id does for P = 1.
+- Order: each read of the reader, and each step of a replay, takes entries
+  from every partition and hands them out merged by id (ties by partition).
+  Across reads there is no total order (``COUNT`` cuts each partition on its
+  own, and cluster nodes' clocks differ), but one customer is in one
+  partition, read in order: a customer's entries reach a viewer in order.
+- Reads: a read takes at most ``live_batch // P`` entries (at least one) of
+  each partition, so it hands out no more than ``live_batch`` (P if
+  ``live_batch`` is smaller), the bound the viewer queues are set against.
+  On one Redis all partitions are one ``XREAD``; on a cluster each key is
+  read on its own node (:class:`server.store.StreamsReader`). Page reads (a
+  replay; a reader behind or back from a failure) read each partition in its
+  own ``MULTI``.
+- ``lagged`` and ``trimmed`` are counted per partition: a gap gives one
+  ``lagged`` notice for each partition that lost entries, all of them before
+  the next entry queued after the gap, each counting exactly the entries of
+  its partition that were dropped; ``trimmed`` names the one partition whose
+  position was trimmed. A viewer's queue holds at most ``live_queue`` events
+  plus the notices of one gap (at most P + 1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import heapq
 import re
 import socket
 from collections import deque
@@ -66,13 +110,17 @@ from websockets.exceptions import ConnectionClosed
 from server import metrics
 from server.errors import StoreUnavailable
 from server.store import (
+    Keys,
+    RedisClient,
     Store,
     StreamEntry,
+    StreamInfo,
+    StreamsReader,
     connect_stream_reader,
-    read_new,
     read_page,
     redis_time_ms,
     stream_end,
+    stream_entries,
     stream_id,
     trimmed_after,
 )
@@ -103,60 +151,78 @@ VIEWER_SEND_BUFFER: Final = 256 * 1024
 MAX_ID_PART: Final = 2**64 - 1
 #: Close code and reason for a viewer refused after the handshake.
 TRY_AGAIN_LATER: Final = 1013
+#: What joins a cursor's ids (one per partition).
+CURSOR_SEP: Final = ","
 
 _GLOB_RE: Final = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,64}$")
 _UUID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_ID_RE: Final = re.compile(r"\d{1,20}(-\d{1,20})?")
 _QUERY_KEYS: Final = frozenset({"site", "stream", "action", "uuid", "since"})
-_REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, StoreUnavailable, TimeoutError)
+_REDIS_ERRORS: Final = (
+    redis.exceptions.RedisError,
+    # Not a RedisError: a cluster client that cannot reach any node to learn the slots.
+    redis.exceptions.RedisClusterException,
+    OSError,
+    StoreUnavailable,
+    TimeoutError,
+)
 
 
 # ---- messages ------------------------------------------------------------------
+#
+# ``omit_defaults``: the fields partitions add (``partitions``, ``p``) are left
+# out at their defaults, so a site of one partition keeps the wire it had.
 
 
-class Hello(Struct, tag="hello", tag_field="type", kw_only=True):
-    """First message: where the viewer starts, and Redis' clock."""
+class Hello(Struct, tag="hello", tag_field="type", kw_only=True, omit_defaults=True):
+    """First message: where the viewer starts (a cursor), and Redis' clock."""
 
     site: str
     stream: str
     id: str
     now: int
     queue: int
+    partitions: int = 1
 
 
-class Event(Struct, tag="event", tag_field="type", kw_only=True):
-    """One entry of a site's events stream."""
-
-    id: str
-    event: msgspec.Raw
-
-
-class Rejected(Struct, tag="rejected", tag_field="type", kw_only=True):
-    """One entry of a site's rejected stream."""
+class Event(Struct, tag="event", tag_field="type", kw_only=True, omit_defaults=True):
+    """One entry of a site's events stream (of partition ``p``)."""
 
     id: str
     event: msgspec.Raw
+    p: int | None = None
 
 
-class Trimmed(Struct, tag="trimmed", tag_field="type", kw_only=True):
-    """The stream no longer holds ``from``; what lay between it and ``first`` is gone."""
+class Rejected(Struct, tag="rejected", tag_field="type", kw_only=True, omit_defaults=True):
+    """One entry of a site's rejected stream (of partition ``p``)."""
+
+    id: str
+    event: msgspec.Raw
+    p: int | None = None
+
+
+class Trimmed(Struct, tag="trimmed", tag_field="type", kw_only=True, omit_defaults=True):
+    """The stream (of partition ``p``) no longer holds ``from``; up to ``first`` is gone."""
 
     from_: str = msgspec.field(name="from")
     first: str | None
     id: str
+    p: int | None = None
 
 
 class Ready(Struct, tag="ready", tag_field="type", kw_only=True):
-    """The backlog is sent; live events follow."""
+    """The backlog is sent; live events follow. ``id`` is the viewer's cursor."""
 
     id: str
 
 
-class Lagged(Struct, tag="lagged", tag_field="type", kw_only=True):
-    """``missed`` matching events, ``first`` to ``id``, were dropped for a slow viewer."""
+class Lagged(Struct, tag="lagged", tag_field="type", kw_only=True, omit_defaults=True):
+    """``missed`` matching events (of partition ``p``), ``first`` to ``id``, were dropped."""
 
     missed: int
     first: str
     id: str
+    p: int | None = None
 
 
 LiveMessage = Hello | Event | Rejected | Trimmed | Ready | Lagged
@@ -180,21 +246,32 @@ _head_decoder: Final = msgspec.json.Decoder(_Head)
 
 
 class LiveQuery(Struct, frozen=True, kw_only=True):
-    """What a viewer asked for in the URL."""
+    """What a viewer asked for in the URL, and the site's partitions it was checked against."""
 
     site: str
     stream: StreamName = "events"
     action: str | None = None
     uuid: str | None = None
     since: str = "now"
+    partitions: int = 1
 
 
-def parse_query(query: str, known: Callable[[str], bool]) -> LiveQuery | tuple[HTTPStatus, str]:
+def _one_partition(_site: str) -> int:
+    return 1
+
+
+def parse_query(
+    query: str,
+    known: Callable[[str], bool],
+    partitions: Callable[[str], int] = _one_partition,
+) -> LiveQuery | tuple[HTTPStatus, str]:
     """Check the query string of ``/v1/live``.
 
     Args:
         query: the part of the path after ``?``.
         known: tells whether a site is configured.
+        partitions: a configured site's ``partitions`` (a cursor in ``since``
+            must hold that many ids).
 
     Returns:
         The query, or the HTTP status and text to refuse it with.
@@ -228,34 +305,71 @@ def parse_query(query: str, known: Callable[[str], bool]) -> LiveQuery | tuple[H
     if uuid is not None and not _UUID_RE.match(uuid):
         return HTTPStatus.BAD_REQUEST, "uuid must be 1-64 characters of [A-Za-z0-9._:-]"
     since = values.get("since") or "now"
-    try:
-        start = start_id(since, 0)
-    except ValueError:
-        return (
-            HTTPStatus.BAD_REQUEST,
-            "since must be now, a duration (30s, 5m, 2h), 0 or a stream id",
-        )
-    if start != "$" and any(int(p) > MAX_ID_PART for p in start.split("-")):
-        return HTTPStatus.BAD_REQUEST, "since: not a stream id"
+    count = partitions(site)
+    refusal = _check_since(since, count)
+    if refusal is not None:
+        return HTTPStatus.BAD_REQUEST, refusal
     return LiveQuery(
         site=site,
         stream="rejected" if stream == "rejected" else "events",
         action=action,
         uuid=uuid,
         since=since,
+        partitions=count,
     )
+
+
+def _check_since(since: str, partitions: int) -> str | None:
+    """Why ``since`` is refused for a site of ``partitions``, or None."""
+    ids = since.split(CURSOR_SEP)
+    if len(ids) > 1:
+        if len(ids) != partitions:
+            return (
+                f"since: a cursor of {len(ids)} ids, but the site has {partitions} "
+                f"partition{'s' if partitions > 1 else ''}"
+            )
+        if not all(_ID_RE.fullmatch(i) for i in ids):
+            return "since: a cursor holds stream ids joined by ','"
+    else:
+        try:
+            start = start_id(since, 0)
+        except ValueError:
+            return "since must be now, a duration (30s, 5m, 2h), 0 or a stream id"
+        ids = [] if start == "$" else [start]
+    if any(int(part) > MAX_ID_PART for i in ids for part in i.split("-")):
+        return "since: not a stream id"
+    return None
 
 
 def _keys_text() -> str:
     return ", ".join(sorted(_QUERY_KEYS))
 
 
-def resolve_since(since: str, now_ms: int) -> str | None:
-    """The id a viewer starts after, on Redis' clock; None for ``now`` (the stream's end)."""
+def _full_id(entry_id: str) -> str:
+    return entry_id if "-" in entry_id else f"{entry_id}-0"
+
+
+def resolve_since(since: str, now_ms: int, partitions: int = 1) -> list[str] | None:
+    """The id each partition starts after, on Redis' clock; None for ``now`` (the streams' ends).
+
+    A cursor gives one id per partition; any other ``since`` gives the same
+    id to every partition (a cut in time).
+    """
+    if CURSOR_SEP in since:
+        return [_full_id(i) for i in since.split(CURSOR_SEP)]
     start = start_id(since, now_ms)
     if start == "$":
         return None
-    return start if "-" in start else f"{start}-0"
+    return [_full_id(start)] * partitions
+
+
+def cursor(ids: Sequence[str]) -> str:
+    """A position (one id per partition) as the ``id`` of hello and ready, and for ``since``."""
+    return CURSOR_SEP.join(ids)
+
+
+def _id_text(key: tuple[int, int]) -> str:
+    return f"{key[0]}-{key[1]}"
 
 
 # ---- entries and viewers ---------------------------------------------------------
@@ -278,20 +392,40 @@ class Filter:
 
 
 class Entry:
-    """One decoded stream entry and its relay frame, encoded once for every viewer."""
+    """One decoded stream entry and its relay frame, encoded once for every viewer.
 
-    __slots__ = ("action", "frame", "id", "key", "uuid")
+    ``part`` is the index of the partition whose stream holds it (0 for a
+    site of one partition).
+    """
 
-    def __init__(self, entry_id: str, action: str, uuid: str | None, frame: bytes) -> None:
+    __slots__ = ("action", "frame", "id", "key", "part", "uuid")
+
+    def __init__(
+        self, entry_id: str, action: str, uuid: str | None, frame: bytes, part: int = 0
+    ) -> None:
         self.id = entry_id
         self.key = stream_id(entry_id)
         self.action = action
         self.uuid = uuid
         self.frame = frame
+        self.part = part
 
 
-def decode_entries(raw: Sequence[StreamEntry], stream: StreamName) -> list[Entry]:
-    """Stream entries as relay entries; entries that are not eventwire records are skipped."""
+def _merge_order(entry: Entry) -> tuple[tuple[int, int], int]:
+    return entry.key, entry.part
+
+
+def decode_entries(
+    raw: Sequence[StreamEntry], stream: StreamName, part: int | None = None
+) -> list[Entry]:
+    """Stream entries as relay entries; entries that are not eventwire records are skipped.
+
+    Args:
+        raw: entries of one stream, oldest first.
+        stream: which of the site's streams they come from.
+        part: the partition of a partitioned site (written in each frame as
+            ``p``); None for a site of one partition.
+    """
     out: list[Entry] = []
     message = Rejected if stream == "rejected" else Event
     for entry in raw:
@@ -302,9 +436,20 @@ def decode_entries(raw: Sequence[StreamEntry], stream: StreamName) -> list[Entry
             head = _head_decoder.decode(entry.event)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
-        frame = _encoder.encode(message(id=entry.id, event=msgspec.Raw(entry.event)))
-        out.append(Entry(entry.id, head.action, head.uuid, frame))
+        frame = _encoder.encode(message(id=entry.id, event=msgspec.Raw(entry.event), p=part))
+        out.append(Entry(entry.id, head.action, head.uuid, frame, part or 0))
     return out
+
+
+class _Gap:
+    """Events of one partition dropped for a viewer since its last ``lagged`` notice."""
+
+    __slots__ = ("first", "last", "missed")
+
+    def __init__(self, first: str) -> None:
+        self.first = first
+        self.last = first
+        self.missed = 0
 
 
 class Viewer:
@@ -312,34 +457,35 @@ class Viewer:
 
     Args:
         flt: the viewer's filters.
-        limit: the most events queued (``live_queue``); a ``lagged`` or
-            ``trimmed`` notice may come on top.
+        limit: the most events queued (``live_queue``); the notices of one
+            gap (a ``lagged`` per partition) or a ``trimmed`` may come on top.
+        partitions: the site's partitions (P above 1 writes ``p`` in notices).
     """
 
     __slots__ = (
         "closed",
         "filter",
         "floor",
-        "gap_first",
-        "gap_last",
+        "gaps",
         "limit",
         "missed",
         "missed_total",
+        "partitioned",
         "peak",
         "queue",
         "waiter",
     )
 
-    def __init__(self, flt: Filter, limit: int) -> None:
+    def __init__(self, flt: Filter, limit: int, partitions: int = 1) -> None:
         self.filter = flt
         self.limit = limit
+        self.partitioned = partitions > 1
         self.queue: deque[bytes] = deque()
-        #: Entries up to this id are already sent (the handover, see the module doc).
-        self.floor = (0, 0)
-        #: Events dropped since the last ``lagged`` notice, and the ids of the first and last.
+        #: Per partition, entries up to this id are already sent (the handover, see the module doc).
+        self.floor: list[tuple[int, int]] = [(0, 0)] * partitions
+        #: Events dropped since the last ``lagged`` notices: in all, and by partition.
         self.missed = 0
-        self.gap_first = ""
-        self.gap_last = ""
+        self.gaps: dict[int, _Gap] = {}
         #: Events dropped in all, and the longest the queue has been.
         self.missed_total = 0
         self.peak = 0
@@ -349,19 +495,22 @@ class Viewer:
     def push(self, entries: Sequence[Entry]) -> None:
         """Queue the entries this viewer wants; drop (and count) what does not fit."""
         queue = self.queue
+        floor = self.floor
         dropped = 0
         for entry in entries:
-            if entry.key <= self.floor or not self.filter.matches(entry):
+            if entry.key <= floor[entry.part] or not self.filter.matches(entry):
                 continue
             if len(queue) >= self.limit:
-                if not self.missed:
-                    self.gap_first = entry.id
+                gap = self.gaps.get(entry.part)
+                if gap is None:
+                    gap = self.gaps[entry.part] = _Gap(entry.id)
+                gap.missed += 1
+                gap.last = entry.id
                 self.missed += 1
-                self.gap_last = entry.id
                 dropped += 1
                 continue
             if self.missed:
-                queue.append(self._lagged())
+                queue.extend(self._lagged())
             queue.append(entry.frame)
         if dropped:
             self.missed_total += dropped
@@ -374,7 +523,7 @@ class Viewer:
         """Queue a notice (``trimmed``); dropped when the queue is full (a ``lagged`` follows)."""
         if len(self.queue) < self.limit:
             if self.missed:  # the gap came first
-                self.queue.append(self._lagged())
+                self.queue.extend(self._lagged())
             self.queue.append(frame)
             self.wake()
 
@@ -383,13 +532,25 @@ class Viewer:
         queue = self.queue
         out = [queue.popleft() for _ in range(min(most, len(queue)))]
         if not queue and self.missed:
-            out.append(self._lagged())
+            out += self._lagged()
         return out
 
-    def _lagged(self) -> bytes:
-        frame = _encoder.encode(Lagged(missed=self.missed, first=self.gap_first, id=self.gap_last))
+    def _lagged(self) -> list[bytes]:
+        """The ``lagged`` notices of the current gap, one per partition that lost entries."""
+        frames = [
+            _encoder.encode(
+                Lagged(
+                    missed=gap.missed,
+                    first=gap.first,
+                    id=gap.last,
+                    p=part if self.partitioned else None,
+                )
+            )
+            for part, gap in self.gaps.items()
+        ]
+        self.gaps.clear()
         self.missed = 0
-        return frame
+        return frames
 
     def wake(self) -> None:
         """Wake the viewer's sender."""
@@ -407,30 +568,65 @@ class Viewer:
             self.waiter = None
 
 
-class _Reader:
-    """The one Redis reader of a (site, stream) in this process, and its viewers."""
+#: What one read of one partition gave: its index, its entries, and the
+#: stream's info when it was a page read (None after an XREAD).
+_Read = tuple[int, list[StreamEntry], StreamInfo | None]
 
-    def __init__(self, relay: Relay, site: str, stream: StreamName, position: str) -> None:
+
+def per_read(batch: int, partitions: int) -> int:
+    """Entries of each partition a read takes: ``live_batch`` shared out, at least one."""
+    return max(1, batch // partitions)
+
+
+class _Reader:
+    """The one Redis reader of a (site, stream) in this process, and its viewers.
+
+    Args:
+        relay: the relay it belongs to.
+        site: the site.
+        stream: which stream.
+        keys: the stream's key in each partition, in partition order.
+        positions: the id each partition starts after.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        site: str,
+        stream: StreamName,
+        keys: list[str],
+        positions: Sequence[str],
+    ) -> None:
         self.relay = relay
         self.site = site
         self.stream: StreamName = stream
-        self.key = relay.stream_key(site, stream)
-        #: The last id handed to the viewers (or where the reader started).
-        self.position = position
+        self.keys = keys
+        self.partitioned = len(keys) > 1
+        self._index = {key: part for part, key in enumerate(keys)}
+        self.count = per_read(relay.settings.live_batch, len(keys))
+        #: Per partition, the last id handed to the viewers (or where the reader started).
+        self.positions = list(positions)
         self.viewers: set[Viewer] = set()
         self.task: asyncio.Task[None] | None = None
         #: Set before the task is cancelled: a cancellation that redis-py
         #: swallows (see server.tasks) must not keep the loop going.
         self.stopping = False
 
+    @property
+    def ident(self) -> tuple[str, str, int]:
+        """The reader's key among the relay's readers."""
+        return self.site, self.stream, len(self.keys)
+
     async def run(self) -> None:
+        """Read every partition and hand out what comes until stopped, retrying Redis failures."""
         settings = self.relay.settings
-        batch = settings.live_batch
         client = connect_stream_reader(settings.redis_url, settings, READ_BLOCK_MS)
-        # The first read, and every read after a full batch or a failure, is a
-        # page read: it can tell whether trimming overtook the reader. At the
-        # first, the viewer that started the reader has just checked its own
-        # position; only later reads can find the reader itself overtaken.
+        reader = StreamsReader(client, self.count, READ_BLOCK_MS)
+        # The first read, and every read after a full batch of any partition or
+        # a failure, reads pages: they can tell whether trimming overtook the
+        # reader. At the first, the viewer that started the reader has just
+        # checked its own position; only later reads can find the reader
+        # itself overtaken.
         behind = True
         first = True
         backoff = RETRY_FIRST
@@ -438,19 +634,7 @@ class _Reader:
         try:
             while not self.stopping:
                 try:
-                    if behind:
-                        raw, info = await read_page(client, self.key, self.position, batch)
-                        if not first and trimmed_after(self.position, info):
-                            assert info is not None
-                            self._broadcast(
-                                _encoder.encode(
-                                    Trimmed(
-                                        from_=self.position, first=info.first_id, id=self.position
-                                    )
-                                )
-                            )
-                    else:
-                        raw = await read_new(client, self.key, self.position, batch, READ_BLOCK_MS)
+                    got = await (self._read_pages(client) if behind else self._read_new(reader))
                 except Exception as exc:
                     # Redis being away is normal (retry); anything else is a
                     # bug, logged, and the reader must live on either way.
@@ -468,25 +652,67 @@ class _Reader:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, RETRY_MAX)
                     continue
-                first = False
                 if failing:
                     log.info("live_reader_redis_back", site=self.site, stream=self.stream)
                     failing = False
                     backoff = RETRY_FIRST
-                behind = len(raw) >= batch
-                if raw:
-                    entries = decode_entries(raw, self.stream)
-                    # The position moves with the hand-out, with no await in
-                    # between: a viewer joining reads it to know what it missed.
-                    self.position = raw[-1].id
-                    for viewer in self.viewers:
-                        viewer.push(entries)
+                # A partition that filled its share may have more waiting: all
+                # are read in pages next, so none waits behind another.
+                behind = any(len(raw) >= self.count for _, raw, _ in got)
+                self._hand_out(got, tell_trimmed=not first)
+                first = False
         finally:
+            await reader.aclose()
             await client.aclose()
 
-    def _broadcast(self, frame: bytes) -> None:
+    async def _read_pages(self, client: RedisClient) -> list[_Read]:
+        """One page of every partition, each with its stream's info."""
+        out: list[_Read] = []
+        for part, key in enumerate(self.keys):
+            raw, info = await read_page(client, key, self.positions[part], self.count)
+            out.append((part, raw, info))
+        return out
+
+    async def _read_new(self, reader: StreamsReader) -> list[_Read]:
+        """What every partition added after its position, waiting for the first (XREAD BLOCK)."""
+        streams = {key: self.positions[part] for part, key in enumerate(self.keys)}
+        replies = await reader.read(streams)
+        return [(self._index[key], stream_entries(raw), None) for key, raw in replies if raw]
+
+    def _hand_out(self, got: Sequence[_Read], tell_trimmed: bool) -> None:
+        """Give one read's entries, merged by id, to every viewer; move the positions.
+
+        Synchronous: the positions move with the hand-out, with no await in
+        between, so a viewer joining reads them to know what it missed.
+        """
+        entries: list[Entry] = []
+        for part, raw, info in got:
+            if tell_trimmed and trimmed_after(self.positions[part], info):
+                assert info is not None
+                self._tell_trimmed(part, info)
+            if raw:
+                entries += decode_entries(raw, self.stream, part if self.partitioned else None)
+                self.positions[part] = raw[-1].id
+        if not entries:
+            return
+        if self.partitioned:
+            entries.sort(key=_merge_order)
         for viewer in self.viewers:
-            viewer.notice(frame)
+            viewer.push(entries)
+
+    def _tell_trimmed(self, part: int, info: StreamInfo) -> None:
+        """Tell each viewer whose own position in ``part`` was trimmed, from that position."""
+        for viewer in self.viewers:
+            # A viewer that joined ahead of the reader replayed up to its floor itself.
+            at = max(self.positions[part], _id_text(viewer.floor[part]), key=stream_id)
+            if trimmed_after(at, info):
+                notice = Trimmed(
+                    from_=at,
+                    first=info.first_id,
+                    id=at,
+                    p=part if self.partitioned else None,
+                )
+                viewer.notice(_encoder.encode(notice))
 
 
 async def _send(ws: ServerConnection, frames: Sequence[bytes]) -> None:
@@ -513,7 +739,7 @@ class Relay:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.settings = store.settings
-        self._readers: dict[tuple[str, str], _Reader] = {}
+        self._readers: dict[tuple[str, str, int], _Reader] = {}
         self._viewers: set[Viewer] = set()
 
     @property
@@ -534,10 +760,11 @@ class Relay:
         """Whether ``live_max_viewers`` are connected."""
         return len(self._viewers) >= self.settings.live_max_viewers
 
-    def stream_key(self, site: str, stream: StreamName) -> str:
-        """The Redis key of a site's stream."""
+    def stream_keys(self, site: str, stream: StreamName, partitions: int = 1) -> list[str]:
+        """The Redis keys of a site's stream, one per partition, in partition order."""
         keys = self.store.keys
-        return keys.rejected(site) if stream == "rejected" else keys.events(site)
+        tags = Keys.tags(site, partitions)
+        return [keys.rejected(t) if stream == "rejected" else keys.events(t) for t in tags]
 
     async def serve(self, ws: ServerConnection, query: LiveQuery) -> None:
         """Run one viewer from hello until it leaves (or the server closes it)."""
@@ -547,7 +774,9 @@ class Relay:
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, VIEWER_SEND_BUFFER)
-        viewer = Viewer(Filter(query.action, query.uuid), self.settings.live_queue)
+        viewer = Viewer(
+            Filter(query.action, query.uuid), self.settings.live_queue, query.partitions
+        )
         self._viewers.add(viewer)
         gauge = metrics.LIVE_VIEWERS.labels(query.stream)
         gauge.inc()
@@ -571,31 +800,38 @@ class Relay:
 
     async def _run(self, ws: ServerConnection, viewer: Viewer, query: LiveQuery) -> _Reader:
         redis = self.store.redis
-        key = self.stream_key(query.site, query.stream)
+        keys = self.stream_keys(query.site, query.stream, query.partitions)
         async with asyncio.timeout(self.settings.store_timeout):
             now = await redis_time_ms(redis)
-            since = resolve_since(query.since, now)
-            position = since if since is not None else await stream_end(redis, key)
+            since = resolve_since(query.since, now, len(keys))
+            positions = since if since is not None else [await stream_end(redis, k) for k in keys]
         await ws.send(
             _encoder.encode(
                 Hello(
                     site=query.site,
                     stream=query.stream,
-                    id=position,
+                    id=cursor(positions),
                     now=now,
                     queue=self.settings.live_queue,
+                    partitions=len(keys),
                 )
             ),
             text=True,
         )
         if since is not None:
-            position = await self._replay(ws, viewer, key, query.stream, position)
-        reader = self._join(query.site, query.stream, viewer, position)
-        if stream_id(reader.position) > stream_id(position):
-            # The reader handed out (position, reader.position] before this
-            # viewer joined: read them here; what it reads next is queued.
-            position = await self._replay(ws, viewer, key, query.stream, position, reader.position)
-        await ws.send(_encoder.encode(Ready(id=position)), text=True)
+            await self._replay(ws, viewer, keys, query.stream, positions)
+        reader = self._join(query.site, query.stream, keys, viewer, positions)
+        # The reader handed out (position, reader's position] of these
+        # partitions before this viewer joined: read them here; what it reads
+        # next is queued. Read now, before any await moves the reader on.
+        ahead = {
+            part: reader_at
+            for part, (reader_at, at) in enumerate(zip(reader.positions, positions, strict=True))
+            if stream_id(reader_at) > stream_id(at)
+        }
+        if ahead:
+            await self._replay(ws, viewer, keys, query.stream, positions, ahead)
+        await ws.send(_encoder.encode(Ready(id=cursor(positions))), text=True)
         while True:
             await viewer.wait()
             if viewer.closed:
@@ -608,50 +844,106 @@ class Relay:
         self,
         ws: ServerConnection,
         viewer: Viewer,
-        key: str,
+        keys: Sequence[str],
         stream: StreamName,
-        position: str,
-        until: str = "+",
-    ) -> str:
-        """Send the entries after ``position`` (up to ``until``) page by page; returns the last id.
+        positions: list[str],
+        until: dict[int, str] | None = None,
+    ) -> None:
+        """Send the entries after ``positions`` (up to ``until``), merged by id; move ``positions``.
 
-        Each page waits for the viewer's socket to drain, so a slow viewer
-        slows its own replay and nothing else.
+        Args:
+            keys: the stream's key in each partition.
+            positions: per partition, the id to start after; each replayed
+                partition's entry becomes the last id read of it.
+            until: the partitions to replay and the last id of each; None:
+                every partition, to its end.
+
+        Each partition is read in pages; one page per partition is held at a
+        time, and the entry with the lowest id goes first. Every chunk waits
+        for the viewer's socket to drain, so a slow viewer slows its own
+        replay and nothing else.
         """
-        batch = self.settings.live_batch
-        while True:
-            async with asyncio.timeout(self.settings.store_timeout):
-                raw, info = await read_page(self.store.redis, key, position, batch, until)
-            if trimmed_after(position, info):
-                assert info is not None
-                notice = Trimmed(from_=position, first=info.first_id, id=position)
-                await ws.send(_encoder.encode(notice), text=True)
-            if raw:
-                frames = [e.frame for e in decode_entries(raw, stream) if viewer.filter.matches(e)]
-                for i in range(0, len(frames), SEND_CHUNK):
-                    await _send(ws, frames[i : i + SEND_CHUNK])
-                position = raw[-1].id
-            if len(raw) < batch:
-                return position
+        parts = range(len(keys)) if until is None else sorted(until)
+        partitioned = len(keys) > 1
+        batch = per_read(self.settings.live_batch, len(keys))
+        after = {part: positions[part] for part in parts}
+        pending: dict[int, deque[Entry]] = {part: deque() for part in parts}
+        done: set[int] = set()
+        heads: list[tuple[tuple[int, int], int]] = []
 
-    def _join(self, site: str, stream: StreamName, viewer: Viewer, position: str) -> _Reader:
+        async def fill(part: int) -> None:
+            # Until the partition has an entry to send or is read to its end.
+            while not pending[part] and part not in done:
+                last = "+" if until is None else until[part]
+                async with asyncio.timeout(self.settings.store_timeout):
+                    raw, info = await read_page(
+                        self.store.redis, keys[part], after[part], batch, last
+                    )
+                if trimmed_after(after[part], info):
+                    assert info is not None
+                    notice = Trimmed(
+                        from_=after[part],
+                        first=info.first_id,
+                        id=after[part],
+                        p=part if partitioned else None,
+                    )
+                    await ws.send(_encoder.encode(notice), text=True)
+                if raw:
+                    decoded = decode_entries(raw, stream, part if partitioned else None)
+                    pending[part].extend(e for e in decoded if viewer.filter.matches(e))
+                    after[part] = raw[-1].id
+                if len(raw) < batch:
+                    done.add(part)
+            if pending[part]:
+                heapq.heappush(heads, (pending[part][0].key, part))
+
+        for part in parts:
+            await fill(part)
+        while heads:
+            frames: list[bytes] = []
+            empty: int | None = None
+            while heads and len(frames) < SEND_CHUNK:
+                _, part = heapq.heappop(heads)
+                queue = pending[part]
+                frames.append(queue.popleft().frame)
+                if queue:
+                    heapq.heappush(heads, (queue[0].key, part))
+                elif part not in done:
+                    # Its next page may hold the lowest id: read it first.
+                    empty = part
+                    break
+            await _send(ws, frames)
+            if empty is not None:
+                await fill(empty)
+        for part in parts:
+            positions[part] = after[part]
+
+    def _join(
+        self,
+        site: str,
+        stream: StreamName,
+        keys: list[str],
+        viewer: Viewer,
+        positions: Sequence[str],
+    ) -> _Reader:
         """Add a viewer to the reader of its stream, starting the reader if it is the first."""
-        reader = self._readers.get((site, stream))
+        ident = (site, stream, len(keys))
+        reader = self._readers.get(ident)
         if reader is None:
-            reader = _Reader(self, site, stream, position)
+            reader = _Reader(self, site, stream, keys, positions)
             reader.task = asyncio.create_task(reader.run(), name=f"eventwire-live-{site}-{stream}")
-            self._readers[site, stream] = reader
+            self._readers[ident] = reader
             metrics.LIVE_READERS.inc()
-        viewer.floor = stream_id(position)
+        viewer.floor = [stream_id(p) for p in positions]
         reader.viewers.add(viewer)
         return reader
 
     async def _leave(self, reader: _Reader, viewer: Viewer) -> None:
         """Remove a viewer; the last one to leave stops the reader and waits for it."""
         reader.viewers.discard(viewer)
-        if reader.viewers or self._readers.get((reader.site, reader.stream)) is not reader:
+        if reader.viewers or self._readers.get(reader.ident) is not reader:
             return
-        del self._readers[reader.site, reader.stream]
+        del self._readers[reader.ident]
         metrics.LIVE_READERS.dec()
         reader.stopping = True
         if reader.task is not None:

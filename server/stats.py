@@ -7,6 +7,13 @@ minute, open sessions (one ``due`` entry per open session), and the
 only reads Redis; times are Redis's own clock (``TIME``), the clock stream
 ids come from. Output is a table on a terminal, one JSON object otherwise (or
 with ``--json``); ``--watch`` refreshes every 2 s until Ctrl-C.
+
+A site with ``partitions = P`` above 1 has P of each stream and of each
+``due`` set (PROTOCOL.md section 7): its numbers are the sums over them (the
+oldest pending entry is the oldest of all), and the JSON gets a
+``partitions`` list with each partition's own numbers, to show skew; the
+table gets a ``partitions`` column (P and the busiest partition's share of
+the site's stream). A site with one partition looks exactly as before.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, NamedTuple
 
 import redis.exceptions
 from redis.exceptions import ResponseError
@@ -43,6 +50,9 @@ WINDOW_MS: Final = 60_000
 #: past that, the rate is measured over the newest MAX_COUNTED entries only.
 CHUNK: Final = 500
 MAX_COUNTED: Final = 5000
+#: Partitions of one site read at once; each read holds one Redis connection,
+#: so this bounds the connections ``stats`` opens (per node on a cluster).
+PARTITION_READS: Final = 8
 #: ``--watch`` refresh period (s).
 WATCH_EVERY: Final = 2.0
 CLEAR: Final = "\x1b[H\x1b[2J"
@@ -101,57 +111,152 @@ async def rate(redis: RedisClient, key: str, now_ms: int) -> float:
     return counted / max((now_ms - oldest) / 1000, 0.001)
 
 
-async def group_info(redis: RedisClient, key: str, now_ms: int) -> dict[str, Any]:
-    """The ``persist`` group's lag, pending and oldest pending age (None where unknown)."""
-    out: dict[str, Any] = {"persist_lag": None, "persist_pending": None, "oldest_pending_s": None}
+class GroupState(NamedTuple):
+    """The ``persist`` group on one stream, as :func:`group_state` found it."""
+
+    #: The stream exists.
+    exists: bool
+    #: The stream has the ``persist`` group.
+    grouped: bool
+    #: Entries the group has not read yet (None: no group, or Redis cannot tell).
+    lag: int | None
+    #: Entries delivered and not acknowledged.
+    pending: int
+    #: The millisecond part of the oldest pending entry's id (None: nothing pending).
+    oldest_pending_ms: int | None
+
+
+async def group_state(redis: RedisClient, key: str) -> GroupState:
+    """The ``persist`` group's progress on one stream."""
     try:
         groups = await redis.xinfo_groups(key)
     except ResponseError:  # no such stream
-        return out
+        return GroupState(False, False, None, 0, None)
     group = next((g for g in groups if reply_text(reply_field(g, "name")) == GROUP), None)
     if group is None:
-        return out
-    out["persist_lag"] = _int_or_none(reply_field(group, "lag"))
+        return GroupState(True, False, None, 0, None)
+    lag = _int_or_none(reply_field(group, "lag"))
     pending = _int_or_none(reply_field(group, "pending")) or 0
-    out["persist_pending"] = pending
+    oldest: int | None = None
     if pending:
         summary = await redis.xpending(key, GROUP)
         smallest = reply_field(summary, "min") if isinstance(summary, Mapping) else summary[1]
         if smallest is not None:
-            out["oldest_pending_s"] = round(max(0, now_ms - id_ms(smallest)) / 1000, 3)
+            oldest = id_ms(smallest)
+    return GroupState(True, True, lag, pending, oldest)
+
+
+def merge_groups(states: Sequence[GroupState], now_ms: int) -> dict[str, Any]:
+    """``persist_lag``, ``persist_pending`` and ``oldest_pending_s`` over a site's streams.
+
+    All three are None when no stream has the group. The lag is the sum, or
+    None when a stream that exists has no group or a lag Redis cannot tell
+    (its unread entries are unknown); pending is the sum; the oldest pending
+    entry is the oldest of all.
+    """
+    out: dict[str, Any] = {"persist_lag": None, "persist_pending": None, "oldest_pending_s": None}
+    grouped = [g for g in states if g.grouped]
+    if not grouped:
+        return out
+    if all(g.lag is not None for g in states if g.exists):
+        out["persist_lag"] = sum(g.lag or 0 for g in grouped)
+    out["persist_pending"] = sum(g.pending for g in grouped)
+    oldest = [g.oldest_pending_ms for g in grouped if g.oldest_pending_ms is not None]
+    if oldest:
+        out["oldest_pending_s"] = round(max(0, now_ms - min(oldest)) / 1000, 3)
     return out
 
 
+async def group_info(redis: RedisClient, key: str, now_ms: int) -> dict[str, Any]:
+    """The ``persist`` group's lag, pending and oldest pending age (None where unknown)."""
+    return merge_groups([await group_state(redis, key)], now_ms)
+
+
+class PartitionNumbers(NamedTuple):
+    """One stream set's raw numbers (one partition, or a whole site of one partition)."""
+
+    length: int
+    rejected_length: int
+    events_per_s: float
+    rejected_per_s: float
+    open_sessions: int
+    group: GroupState
+
+
+async def partition_numbers(redis: RedisClient, keys: Keys, tag: str, now: int) -> PartitionNumbers:
+    """The numbers of one tag's streams and ``due`` set (see :meth:`Keys.tag`)."""
+    events, rejected = keys.events(tag), keys.rejected(tag)
+    return PartitionNumbers(
+        length=int(await redis.xlen(events)),
+        rejected_length=int(await redis.xlen(rejected)),
+        events_per_s=await rate(redis, events, now),
+        rejected_per_s=await rate(redis, rejected, now),
+        open_sessions=int(await redis.zcard(keys.due(tag))),
+        group=await group_state(redis, events),
+    )
+
+
 async def site_stats(
-    redis: RedisClient, keys: Keys, site: str, now: int | None = None
+    redis: RedisClient, keys: Keys, site: str, now: int | None = None, partitions: int = 1
 ) -> dict[str, Any]:
     """One site's numbers, at ``now`` on Redis' clock (read here when None).
+
+    Args:
+        redis: the client.
+        keys: the key names.
+        site: the site.
+        now: Redis' clock (ms); read when None.
+        partitions: the site's ``partitions``; its numbers are summed over them.
 
     Returns:
         ``length`` (XLEN of the events stream), ``rejected_length``,
         ``events_per_s`` and ``rejected_per_s`` over the last minute,
         ``open_sessions``, and for the ``persist`` group ``persist_lag``,
         ``persist_pending`` and ``oldest_pending_s`` (None: no such group, no
-        pending entry, or a lag Redis cannot tell).
+        pending entry, or a lag Redis cannot tell). With more than one
+        partition, also ``partitions``: per partition, in order, its
+        ``length``, ``events_per_s``, ``open_sessions``, ``persist_lag`` and
+        ``persist_pending``.
     """
     if now is None:
         now = await redis_time_ms(redis)
-    events, rejected = keys.events(site), keys.rejected(site)
+    tags = Keys.tags(site, partitions)
+    gate = asyncio.Semaphore(PARTITION_READS)
+
+    async def read(tag: str) -> PartitionNumbers:
+        async with gate:
+            return await partition_numbers(redis, keys, tag, now)
+
+    parts: list[PartitionNumbers] = list(await asyncio.gather(*(read(t) for t in tags)))
     out: dict[str, Any] = {
-        "length": int(await redis.xlen(events)),
-        "rejected_length": int(await redis.xlen(rejected)),
-        "events_per_s": round(await rate(redis, events, now), 3),
-        "rejected_per_s": round(await rate(redis, rejected, now), 3),
-        "open_sessions": int(await redis.zcard(keys.due(site))),
+        "length": sum(p.length for p in parts),
+        "rejected_length": sum(p.rejected_length for p in parts),
+        "events_per_s": round(sum(p.events_per_s for p in parts), 3),
+        "rejected_per_s": round(sum(p.rejected_per_s for p in parts), 3),
+        "open_sessions": sum(p.open_sessions for p in parts),
     }
-    out.update(await group_info(redis, events, now))
+    out.update(merge_groups([p.group for p in parts], now))
+    if len(parts) > 1:
+        out["partitions"] = [
+            {
+                "length": p.length,
+                "events_per_s": round(p.events_per_s, 3),
+                "open_sessions": p.open_sessions,
+                "persist_lag": p.group.lag if p.group.grouped else None,
+                "persist_pending": p.group.pending if p.group.grouped else None,
+            }
+            for p in parts
+        ]
     return out
 
 
-async def snapshot(redis: RedisClient, keys: Keys, sites: list[str]) -> dict[str, Any]:
-    """``{"sites": {site: site_stats}, "time": ms}`` for every site."""
+async def snapshot(redis: RedisClient, keys: Keys, sites: Mapping[str, int]) -> dict[str, Any]:
+    """``{"sites": {site: site_stats}, "time": ms}`` for every site (site -> its partitions)."""
     now = await redis_time_ms(redis)
-    return {"sites": {s: await site_stats(redis, keys, s, now) for s in sites}, "time": now}
+    return {
+        "sites": {s: await site_stats(redis, keys, s, now, p) for s, p in sites.items()},
+        "time": now,
+    }
 
 
 COLUMNS: Final = (
@@ -174,16 +279,38 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _partitions_cell(numbers: Mapping[str, Any]) -> str:
+    """``P (busiest N%)``: how many partitions, and the largest one's share of the stream."""
+    parts = numbers.get("partitions")
+    if not parts:
+        return "1"
+    total = sum(int(p.get("length") or 0) for p in parts)
+    if not total:
+        return str(len(parts))
+    busiest = max(int(p.get("length") or 0) for p in parts)
+    return f"{len(parts)} (busiest {100 * busiest / total:.0f}%)"
+
+
 def table(snap: Mapping[str, Any]) -> str:
-    """The snapshot as an aligned text table, one row per site."""
-    rows = [[title for title, _ in COLUMNS]]
+    """The snapshot as an aligned text table, one row per site.
+
+    A ``partitions`` column is added when a site has more than one.
+    """
+    columns = list(COLUMNS)
+    split = any(n.get("partitions") for n in snap["sites"].values())
+    if split:
+        columns.append(("partitions", "partitions"))
+    rows = [[title for title, _ in columns]]
     for site, numbers in snap["sites"].items():
         row = [site]
-        for _, name in COLUMNS[1:]:
+        for _, name in columns[1:]:
+            if name == "partitions":
+                row.append(_partitions_cell(numbers))
+                continue
             cell = _cell(numbers.get(name))
             row.append(cell + ("s" if name == "oldest_pending_s" and cell != "-" else ""))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = []
     for row in rows:
         cells = [row[0].ljust(widths[0])] + [
@@ -199,7 +326,9 @@ async def run(args: argparse.Namespace) -> int:
         loaded = load_settings(
             args.config, overrides={"redis_url": args.redis_url, "sites": args.sites}
         )
-        sites = list(load_sites(loaded.sites_path))
+        sites = {
+            site: rules.config.partitions for site, rules in load_sites(loaded.sites_path).items()
+        }
     except ConfigError as exc:
         print(f"eventwire stats: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -970,7 +970,8 @@ def trimmed_after(position: str, info: StreamInfo | None) -> bool:
     return stream_id(position) < stream_id(info.first_id)
 
 
-def _entries(raw: Any) -> list[StreamEntry]:
+def stream_entries(raw: Any) -> list[StreamEntry]:
+    """Entries of XRANGE, or one key's of :func:`xread_entries`, as :class:`StreamEntry` values."""
     out: list[StreamEntry] = []
     for entry_id, fields in raw or ():
         value = reply_field(fields, "event") if fields else None
@@ -1007,7 +1008,7 @@ async def read_page(
         info, entries = await pipe.execute(raise_on_error=False)
     if isinstance(entries, Exception):
         raise entries
-    return _entries(entries), _info_or_none(info)
+    return stream_entries(entries), _info_or_none(info)
 
 
 def xread_entries(reply: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
@@ -1036,7 +1037,7 @@ async def read_new(
         redis.exceptions.RedisError, OSError: Redis is unreachable or failed.
     """
     replies = xread_entries(await client.xread({key: after}, count=count, block=block_ms))
-    return _entries(replies[0][1]) if replies else []
+    return stream_entries(replies[0][1]) if replies else []
 
 
 async def stream_end(client: RedisClient, key: str) -> str:
@@ -1060,40 +1061,136 @@ def time_ms(reply: Sequence[Any]) -> int:
     return int(reply[0]) * 1000 + int(reply[1]) // 1000
 
 
-async def xread_many(
-    client: RedisClient, streams: Mapping[str, str], count: int, block_ms: int
-) -> list[tuple[str, list[tuple[Any, Any]]]]:
-    """``XREAD COUNT count BLOCK block_ms STREAMS ...`` over keys of several sites.
+#: Blocking reads a :class:`StreamsReader` keeps in flight on a cluster (one
+#: connection each, of the reader client's 64 per node). With more keys it polls.
+CLUSTER_BLOCKING_READS: Final = 32
+#: The pause between two polls of a cluster reader with more keys than that.
+CLUSTER_POLL_MS: Final = 100
 
-    One Redis answers in one call. A cluster cannot read keys of several
-    slots in one call, so each stream is read on its own, all at once; the
-    first answer ends the wait and the other reads are cancelled (a plain
-    XREAD changes nothing, so a dropped answer is read again next time).
 
-    Returns:
-        The entries by key, as :func:`xread_entries` gives them.
+class StreamsReader:
+    """``XREAD COUNT count BLOCK block_ms`` over several streams, call after call.
 
-    Raises:
-        redis.exceptions.RedisError, OSError: Redis is unreachable or failed.
+    One Redis reads every key in one call. A cluster cannot read keys of
+    several slots in one call, so each key is read on its own, sent straight
+    to its key's node (redis-py would otherwise ask a node for the keys of
+    every XREAD first). Up to :data:`CLUSTER_BLOCKING_READS` keys each get a
+    blocking read, all at once; the first answers end a call, and the reads
+    still waiting stay in flight for the next call rather than being
+    cancelled: redis-py drops the connection of a cancelled command (a late
+    reply must never be read as the next command's), which would cost a
+    reconnect per key per call. A read in flight is kept while its key's
+    position is the one it was sent with, and sent again when the caller
+    moved it. With more keys, every key is read without blocking (that many
+    at a time) and, when none had entries, the call waits
+    :data:`CLUSTER_POLL_MS` before it returns.
+
+    Args:
+        client: a redis.asyncio client (one Redis or a cluster).
+        count: the most entries per key and read.
+        block_ms: how long a read waits for new entries.
+
+    Use as ``async with StreamsReader(...) as reader``: the reads in flight
+    are cancelled on exit.
     """
-    wanted: dict[Any, Any] = dict(streams)
-    if not isinstance(client, RedisCluster) or len(wanted) == 1:
-        return xread_entries(await client.xread(wanted, count=count, block=block_ms))
-    reads = [
-        asyncio.ensure_future(client.xread({key: pos}, count=count, block=block_ms))
-        for key, pos in wanted.items()
-    ]
-    try:
-        await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for read in reads:
-            read.cancel()
+
+    def __init__(self, client: RedisClient, count: int, block_ms: int) -> None:
+        self.client = client
+        self.count = count
+        self.block_ms = block_ms
+        #: Per key on a cluster: the position a read was sent with, and the read.
+        self._reads: dict[str, tuple[str, asyncio.Task[Any]]] = {}
+
+    async def __aenter__(self) -> StreamsReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel the reads in flight and wait for them."""
+        reads = [task for _, task in self._reads.values()]
+        self._reads.clear()
+        for task in reads:
+            task.cancel()
         await asyncio.gather(*reads, return_exceptions=True)
-    merged: list[tuple[str, list[tuple[Any, Any]]]] = []
-    for read in reads:
-        if not read.cancelled():
-            merged += xread_entries(read.result())  # raises the read's error
-    return merged
+
+    async def read(self, streams: Mapping[str, str]) -> list[tuple[str, list[tuple[Any, Any]]]]:
+        """Entries after each key's position, waiting up to ``block_ms`` for the first.
+
+        Args:
+            streams: key -> the id after which to read.
+
+        Returns:
+            The entries by key, as :func:`xread_entries` gives them (keys
+            without new entries may be missing).
+
+        Raises:
+            redis.exceptions.RedisError, OSError: Redis is unreachable or failed.
+        """
+        client = self.client
+        if not isinstance(client, RedisCluster):
+            wanted: dict[Any, Any] = dict(streams)
+            return xread_entries(await client.xread(wanted, count=self.count, block=self.block_ms))
+        # Concurrent commands must not meet a cold cluster client (new, or
+        # after a failover): redis-py's initialisation closes connections the
+        # first commands use. A no-op once initialised.
+        await client.initialize()
+        if len(streams) > CLUSTER_BLOCKING_READS:
+            return await self._poll(client, streams)
+        reads = self._reads
+        for key in [k for k in reads if k not in streams]:
+            reads.pop(key)[1].cancel()
+        for key, pos in streams.items():
+            sent = reads.get(key)
+            if sent is not None and sent[0] != pos:
+                sent[1].cancel()
+                sent = None
+            if sent is None:
+                task = asyncio.ensure_future(self._read_one(client, key, pos, self.block_ms))
+                reads[key] = (pos, task)
+        await asyncio.wait([t for _, t in reads.values()], return_when=asyncio.FIRST_COMPLETED)
+        merged: list[tuple[str, list[tuple[Any, Any]]]] = []
+        failure: BaseException | None = None
+        for key, (_, task) in list(reads.items()):
+            if not task.done():
+                continue
+            del reads[key]
+            if task.cancelled():
+                continue
+            if (error := task.exception()) is not None:
+                failure = failure or error
+                continue
+            merged += xread_entries(task.result())
+        if failure is not None:
+            raise failure
+        return merged
+
+    async def _read_one(
+        self, cluster: RedisCluster, key: str, pos: str, block_ms: int | None
+    ) -> Any:
+        """One key's XREAD, on the node serving its slot."""
+        args: list[Any] = ["XREAD", "COUNT", self.count]
+        if block_ms is not None:
+            args += ["BLOCK", block_ms]
+        node = cluster.get_node_from_key(key)
+        return await cluster.execute_command(*args, "STREAMS", key, pos, target_nodes=node)
+
+    async def _poll(
+        self, cluster: RedisCluster, streams: Mapping[str, str]
+    ) -> list[tuple[str, list[tuple[Any, Any]]]]:
+        await self.aclose()
+        gate = asyncio.Semaphore(CLUSTER_BLOCKING_READS)
+
+        async def one(key: str, pos: str) -> Any:
+            async with gate:
+                return await self._read_one(cluster, key, pos, None)
+
+        replies = await asyncio.gather(*(one(k, p) for k, p in streams.items()))
+        merged = [pair for reply in replies for pair in xread_entries(reply)]
+        if not any(entries for _, entries in merged):
+            await asyncio.sleep(min(self.block_ms, CLUSTER_POLL_MS) / 1000)
+        return merged
 
 
 def connect_stream_reader(url: str, settings: Settings, block_ms: int) -> RedisClient:

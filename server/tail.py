@@ -4,10 +4,23 @@ This module owns the ``tail`` subcommand: its flags, where reading starts
 (``--since``), the filters (``--action`` glob, ``--uuid``), and the two output
 forms: one aligned, coloured line per event on a terminal, one JSON line per
 event otherwise (the stored event JSON plus ``id``, the stream entry id). It
-only reads Redis (``XREAD COUNT 500 BLOCK 1000`` in a loop, memory bounded by
-one reply), survives Redis going away (one line on stderr, short backoff, it
-resumes after the last entry it printed), and exits 0 on Ctrl-C or when the
-reader of its output goes away.
+only reads Redis (``XREAD COUNT 500 BLOCK 1000`` in a loop, through
+:class:`server.store.StreamsReader`; memory bounded by one reply per stream),
+survives Redis going away (one line on stderr, short backoff, it resumes
+after the last entry it printed), and exits 0 on Ctrl-C or when the reader of
+its output goes away.
+
+A site with ``partitions = P`` above 1 has P streams (PROTOCOL.md section 7);
+tail follows all of them, keeping one position per stream, since the ids of
+different streams are independent. ``--since`` means the same on every
+stream: ``now`` is each stream's own end, a duration is that long ago on each
+stream's id clock, ``0`` each stream's beginning, and a stream id ``ID`` means
+the entries after ``ID`` in every partition (ids are times, so: after that
+moment). The entries of one site's streams that one read brings are printed
+merged by id, so lines come roughly in time order; the order is exact within a
+partition, that is for each customer. With ``--uuid`` only that customer's
+partition is read. Output lines are the same as for one stream: records carry
+their site, never the partition.
 """
 
 from __future__ import annotations
@@ -31,7 +44,14 @@ import redis.exceptions
 from server.config import add_source_flags, load_settings
 from server.errors import ConfigError
 from server.rules import load_sites
-from server.store import Keys, RedisClient, redis_client, reply_text, xread_many
+from server.store import (
+    Keys,
+    RedisClient,
+    StreamsReader,
+    redis_client,
+    reply_text,
+    stream_id,
+)
 
 #: Entries asked for per XREAD, and how long one XREAD blocks (ms).
 READ_COUNT: Final = 500
@@ -75,7 +95,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="now",
         metavar="now|5m|0|ID",
         help="now (default), a duration ago (30s, 5m, 2h, 1d), 0 (the beginning) "
-        "or a stream id (entries after it)",
+        "or a stream id (entries after it; on a partitioned site, in every partition)",
     )
     p.add_argument("--json", action="store_true", help="JSON lines (the default off a terminal)")
     p.add_argument("--rejected", action="store_true", help="follow the rejected streams")
@@ -236,6 +256,49 @@ async def _resolve_ends(client: RedisClient, positions: dict[str, str]) -> None:
             positions[key] = reply_text(last[0][0]) if last else "0-0"
 
 
+def stream_keys(
+    keys: Keys, sites: Mapping[str, int], rejected: bool, uuid: str | None = None
+) -> dict[str, str]:
+    """The streams to follow, each with its site: every partition of every site.
+
+    Args:
+        keys: the key names.
+        sites: each site's ``partitions``.
+        rejected: the rejected streams instead of the events streams.
+        uuid: only this customer's partition of each site (its events live nowhere else).
+    """
+    out: dict[str, str] = {}
+    for site, partitions in sites.items():
+        tags = (
+            [Keys.tag(site, uuid, partitions)] if uuid is not None else Keys.tags(site, partitions)
+        )
+        for tag in tags:
+            out[keys.rejected(tag) if rejected else keys.events(tag)] = site
+    return out
+
+
+def merge_by_site(
+    replies: Sequence[tuple[str, list[tuple[Any, Any]]]], site_of: Mapping[str, str]
+) -> list[list[tuple[Any, Any]]]:
+    """One read's entries, one list per site, a site's partitions merged by entry id.
+
+    Streams not in ``site_of`` are their own group. A site with one stream
+    keeps its entries as they came.
+    """
+    groups: dict[str, list[list[tuple[Any, Any]]]] = {}
+    for key, entries in replies:
+        if entries:
+            groups.setdefault(site_of.get(key, key), []).append(entries)
+    out: list[list[tuple[Any, Any]]] = []
+    for parts in groups.values():
+        if len(parts) == 1:
+            out.append(parts[0])
+        else:
+            # Each part is in id order already; a stable sort keeps that for equal ids.
+            out.append(sorted((e for part in parts for e in part), key=lambda e: stream_id(e[0])))
+    return out
+
+
 async def follow(
     client: RedisClient,
     positions: dict[str, str],
@@ -243,34 +306,44 @@ async def follow(
     action: str | None,
     uuid: str | None,
     stopped: Callable[[], bool] = lambda: False,
+    site_of: Mapping[str, str] | None = None,
 ) -> None:
     """Read and print until cancelled or ``stopped()``; reconnects when Redis goes away.
+
+    ``positions`` holds one position per stream (a partitioned site has
+    several streams, whose ids are independent). ``site_of`` names each
+    stream's site: the entries of one site's streams that arrive in one read
+    are printed merged by id (see :func:`merge_by_site`).
 
     ``stopped`` is looked at between reads: a cancellation can be lost inside
     redis-py (see :mod:`server.tasks`), and the next read then ends the loop.
     """
     backoff = BACKOFF_FIRST
     down = False
-    while not stopped():
-        try:
-            await _resolve_ends(client, positions)
-            streams: dict[Any, Any] = dict(positions)
-            replies = await xread_many(client, streams, READ_COUNT, READ_BLOCK_MS)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            if not down:
-                print(f"eventwire tail: Redis unavailable ({exc}); retrying", file=sys.stderr)
-                down = True
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
-            continue
-        down = False
-        backoff = BACKOFF_FIRST
-        for key, entries in replies:
-            if not entries:
+    async with StreamsReader(client, READ_COUNT, READ_BLOCK_MS) as reader:
+        while not stopped():
+            try:
+                await _resolve_ends(client, positions)
+                replies = await reader.read(positions)
+            except (
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+                OSError,
+            ) as exc:
+                if not down:
+                    print(f"eventwire tail: Redis unavailable ({exc}); retrying", file=sys.stderr)
+                    down = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            positions[key] = reply_text(entries[-1][0])
-            events = [decode_entry(i, f) for i, f in entries]
-            out.write([e for e in events if matches(e, action, uuid)])
+            down = False
+            backoff = BACKOFF_FIRST
+            for key, entries in replies:
+                if entries:
+                    positions[key] = reply_text(entries[-1][0])
+            for entries in merge_by_site(replies, site_of or {}):
+                events = [decode_entry(i, f) for i, f in entries]
+                out.write([e for e in events if matches(e, action, uuid)])
 
 
 @contextlib.contextmanager
@@ -338,7 +411,10 @@ async def run(args: argparse.Namespace) -> int:
         loaded = load_settings(
             args.config, overrides={"redis_url": args.redis_url, "sites": args.sites}
         )
-        known = list(load_sites(loaded.sites_path))
+        partitions = {
+            site: rules.config.partitions for site, rules in load_sites(loaded.sites_path).items()
+        }
+        known = list(partitions)
         first = start_id(args.since)
     except (ConfigError, ValueError) as exc:
         print(f"eventwire tail: configuration error: {exc}", file=sys.stderr)
@@ -358,7 +434,8 @@ async def run(args: argparse.Namespace) -> int:
         print("eventwire tail: no sites to follow", file=sys.stderr)
         return 2
     keys = Keys(loaded.settings.key_prefix)
-    positions = {(keys.rejected(s) if args.rejected else keys.events(s)): first for s in sites}
+    site_of = stream_keys(keys, {s: partitions[s] for s in sites}, bool(args.rejected), args.uuid)
+    positions = dict.fromkeys(site_of, first)
     as_json = bool(args.json) or not sys.stdout.isatty()
     out = _Output(sys.stdout, as_json, max(len(s) for s in sites), bool(args.rejected))
     client = redis_client(
@@ -367,5 +444,5 @@ async def run(args: argparse.Namespace) -> int:
         socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
     )
     async with operator_command(client) as stopped:
-        await follow(client, positions, out, args.action, args.uuid, stopped)
+        await follow(client, positions, out, args.action, args.uuid, stopped, site_of)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,13 +21,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.client import connect
 
+from server.client import EventwireClient
 from server.config import Settings, cluster_nodes, load_settings, mask_url
 from server.errors import ConfigError
 from server.gateway import EventwireServer
 from server.persist.sinks import open_sink
 from server.persist.worker import PersistOptions, Worker
 from server.rules import SitesBook, load_sites
-from server.store import connect_redis
+from server.store import Keys, connect_redis
 from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisClusterProcess
 from tests.wire import event, peer, producer_id
@@ -365,3 +367,132 @@ async def test_moved_slot_fails_once_then_follows(
     finally:
         await on_node(new_port, "FLUSHALL")
         await move_slot(redis_cluster_proc, slot, int(old.port))
+
+
+#: A site split over 4 partitions; their tags' slots (457, 4584, 8587, 12714)
+#: are served by all three masters.
+PARTED = "[sites.part]\norigins = []\nallow_no_origin = true\npartitions = 4\n"
+
+
+async def test_partitions_over_cluster(
+    make_server: MakeServer,
+    redis_cluster_proc: RedisClusterProcess,
+    cluster: RedisCluster,
+    tmp_path: Path,
+) -> None:
+    """partitions = 4 over three masters: ingest, sessions, identify across partitions,
+    and every reader (persist, tail, stats, the relay) following all four streams."""
+    tags = [f"part:{p}" for p in range(4)]
+    nodes = {cluster.get_node_from_key(f"ew:{{{t}}}:events").name for t in tags}  # type: ignore[union-attr]
+    assert len(nodes) == 3
+    sites_path = tmp_path / "parted.toml"
+    sites_path.write_text(PARTED)
+    srv = await make_server(sites=PARTED, redis_url=redis_cluster_proc.url, **FAST)
+    url = f"{srv.url}/v1/track/part"
+    customers = [f"c-{n}" for n in range(12)]
+    assert {Keys.tag("part", u, 4) for u in customers} == set(tags)
+    clients = [
+        EventwireClient(url, uuid=u, encoding="msgpack" if n % 2 else "json")
+        for n, u in enumerate(customers)
+    ]
+    for client in clients:
+        await client.start()
+    for i in range(50):
+        for client in clients:
+            client.track("product.view", {"sku": f"S{i}"})
+    for client in clients:
+        await client.close(timeout=10 * UNIT)
+    # identify from a customer of one partition to one of another (other masters):
+    producer = producer_id()
+    a, b = "c-0", next(u for u in customers if Keys.tag("part", u, 4) != Keys.tag("part", "c-0", 4))
+    async with peer(srv.url, site="part") as p:
+        await p.hello(a, producer)
+        assert (await p.track(event(1), event(2)))["accepted"] == 2
+        await p.send({"type": "identify", "uuid": b})
+        ack = await p.track(event(2), event(3))
+        assert (ack["accepted"], ack["duplicate"]) == (1, 1)
+    async with peer(srv.url, site="part") as p:
+        assert (await p.hello(b, producer))["acked"] == 3
+
+    stored: dict[str, list[dict[str, Any]]] = {}
+    async with asyncio.timeout(10 * UNIT):
+        while True:
+            stored = {t: await events(cluster, t) for t in tags}
+            actions = [e["action"] for s in stored.values() for e in s]
+            starts = actions.count("session.start")
+            if starts >= len(customers) and actions.count("session.end") == starts:
+                break
+            await asyncio.sleep(0.05)
+    for tag, records in stored.items():
+        assert all(
+            Keys.tag("part", e["uuid"], 4) == tag
+            for e in records
+            if e["action"] != "client.identify"
+        )
+        assert all(e["site"] == "part" for e in records)
+    everything = [e for records in stored.values() for e in records]
+    for client, uuid in zip(clients, customers, strict=True):
+        seqs = [e["seq"] for e in everything if e["producer"] == client.producer]
+        assert len(seqs) == 50, uuid
+        assert seqs == sorted(set(seqs)), uuid
+    assert [e["seq"] for e in everything if e["producer"] == producer] == [1, 2, 3]
+    want = {(e["producer"], e["seq"]) for e in everything}
+    assert len(want) == len(everything), "nothing stored twice"
+
+    # The persist worker stores every event of the four streams once.
+    db = tmp_path / "events.db"
+    settings = msgspec.convert({"redis_url": redis_cluster_proc.url}, Settings)
+    sink = open_sink(f"sqlite:///{db}")
+    worker = Worker(
+        settings,
+        SitesBook(sites_path, load_sites(sites_path)),
+        PersistOptions(dsn="unused"),
+        sink=sink,
+    )
+    await worker.start()
+    try:
+        async with asyncio.timeout(10 * UNIT):
+            while await sink.count() < len(everything):  # noqa: ASYNC110 - the store's state
+                await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT producer, seq FROM events WHERE site = 'part'").fetchall()
+    assert sorted(rows) == sorted(want)
+
+    # tail from the start prints each event once; stats sums the partitions.
+    url_ = redis_cluster_proc.url
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "server", "tail", "--redis", url_, "--sites", str(sites_path)),
+        *("--json", "--since", "0"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+    )
+    assert proc.stdout is not None
+    tailed: list[tuple[str, int]] = []
+    try:
+        async with asyncio.timeout(10 * UNIT):
+            while len(tailed) < len(everything):
+                line = json.loads(await proc.stdout.readline())
+                tailed.append((line["producer"], line["seq"]))
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert sorted(tailed) == sorted(want)
+    code, out, err = await _command("stats", "--redis", url_, "--sites", str(sites_path), "--json")
+    assert code == 0, err
+    assert json.loads(out)["sites"]["part"]["length"] == len(everything)
+
+    # The relay replays all four partitions from the start.
+    live = srv.admin_url.replace("http://", "ws://") + "/v1/live?site=part&since=0"
+    relayed: list[tuple[str, int]] = []
+    async with connect(live, open_timeout=5 * UNIT, proxy=None) as ws:
+        async with asyncio.timeout(10 * UNIT):
+            while (msg := json.loads(await ws.recv()))["type"] != "ready":
+                if msg["type"] == "event":
+                    relayed.append((msg["event"]["producer"], msg["event"]["seq"]))
+    assert sorted(relayed) == sorted(want)

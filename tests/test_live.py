@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from playwright.async_api import Page
+from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -18,9 +22,10 @@ from server import live
 from server.client import EventwireClient
 from server.gateway import EventwireServer
 from server.live import Entry, Filter, Viewer, parse_query
-from server.store import StreamEntry
+from server.store import StreamEntry, StreamsReader, stream_id
 from tests.conftest import MakeServer
-from tests.procs import UNIT, RedisProcess
+from tests.procs import UNIT, RedisClusterProcess, RedisProcess, free_port
+from tests.test_dashboard import MS, open_dashboard, wait_rows
 
 EVENTS = "ew:{shop}:events"
 
@@ -101,7 +106,10 @@ def test_viewer_queue_is_bounded_and_reports_the_gap() -> None:
     v = Viewer(Filter(None, None), limit=3)
     v.push([_entry(i) for i in range(5)])
     assert list(v.queue) == [b"frame-0", b"frame-1", b"frame-2"]
-    assert (v.missed, v.gap_first, v.gap_last) == (2, "1003-0", "1004-0")
+    assert v.missed == 2
+    assert [(p, g.missed, g.first, g.last) for p, g in v.gaps.items()] == [
+        (0, 2, "1003-0", "1004-0")
+    ]
     assert v.take(2) == [b"frame-0", b"frame-1"]
     v.push([_entry(5)])
     # The notice sits where the gap was: after what was queued, before what came next.
@@ -141,7 +149,7 @@ def test_notice_after_a_gap_comes_after_its_lagged() -> None:
 def test_filters_and_floor() -> None:
     """Glob matched in full, exact uuid; entries at or below the handover floor are dropped."""
     v = Viewer(Filter("product.*", "u-2"), limit=10)
-    v.floor = (1001, 0)
+    v.floor = [(1001, 0)]
     v.push(
         [
             _entry(1, "product.view", "u-2"),  # at the floor
@@ -327,7 +335,7 @@ async def test_handover_reader_ahead(
                 # After the viewer's last backlog page and before it joins,
                 # the reader hands out new entries.
                 added = (await redis.xadd(EVENTS, {"event": b'{"action":"x.y"}'})).decode()
-                await eventually(lambda: next(iter(relay._readers.values())).position == added)
+                await eventually(lambda: next(iter(relay._readers.values())).positions == [added])
             return out
 
         monkeypatch.setattr(live, "read_page", page_then_more)
@@ -345,7 +353,7 @@ async def test_handover_reader_behind(
 ) -> None:
     """Entries a slow reader hands out after a viewer replayed them are not sent twice."""
     gate = asyncio.Event()
-    real = live.read_new
+    real = StreamsReader.read
 
     async def held(*args: Any, **kwargs: Any) -> Any:
         out = await real(*args, **kwargs)
@@ -353,7 +361,7 @@ async def test_handover_reader_behind(
             await gate.wait()
         return out
 
-    monkeypatch.setattr(live, "read_new", held)
+    monkeypatch.setattr(StreamsReader, "read", held)
     async with viewer(server, "site=shop") as first:
         await first.until(lambda m: m["type"] == "ready")
         await send(server, 3)  # the reader has read these but holds them
@@ -531,3 +539,504 @@ async def test_redis_down_at_connect(make_server: MakeServer, redis_proc: RedisP
         redis_proc.resume()
     assert info.value.rcvd is not None
     assert info.value.rcvd.code == 1013
+
+
+# ---- partitioned sites -------------------------------------------------------------
+
+P = 4
+#: The shop split over P partitions: its streams are ew:{shop:0}:events to ew:{shop:3}:events.
+SPLIT_SITES = (
+    f'[sites.shop]\norigins = ["http://localhost:*"]\nallow_no_origin = true\npartitions = {P}\n'
+    "\n[sites.app]\norigins = []\nallow_no_origin = true\n"
+)
+
+Key = tuple[int, str]
+
+
+def part_of(uuid: str) -> int:
+    """A customer's partition: crc32 of its uuid, mod P."""
+    return zlib.crc32(uuid.encode()) % P
+
+
+def uuid_in(part: int, nth: int = 0) -> str:
+    """The ``nth`` customer uuid (of ``c-0``, ``c-1``...) that lands in partition ``part``."""
+    found = (u for n in range(10_000) if part_of(u := f"c-{n}") == part)
+    for _ in range(nth):
+        next(found)
+    return next(found)
+
+
+def split_key(part: int, stream: str = "events") -> str:
+    """The key of one partition's stream of the shop."""
+    return f"ew:{{shop:{part}}}:{stream}"
+
+
+async def split_ids(
+    redis: aioredis.Redis | RedisCluster, stream: str = "events"
+) -> list[list[str]]:
+    """Every id of every partition's stream, by partition, oldest first."""
+    return [[i.decode() for i, _ in await redis.xrange(split_key(p, stream))] for p in range(P)]
+
+
+def every_key(ids: list[list[str]]) -> list[Key]:
+    """All (partition, id) pairs, merged by id as the relay merges them."""
+    return sorted(((p, i) for p in range(P) for i in ids[p]), key=lambda k: (stream_id(k[1]), k[0]))
+
+
+def keys_of(v: LiveViewer) -> list[Key]:
+    """The (partition, id) of each event or rejected message, in the order they came."""
+    return [(m.get("p", 0), m["id"]) for m in v.messages if m["type"] in ("event", "rejected")]
+
+
+def position(v: LiveViewer) -> str:
+    """The cursor a viewer resumes from, by the relay's rule (see server/live.py).
+
+    A message with ``p`` moves that partition's id; one without sets them all.
+    """
+    at: list[str] = []
+    for m in v.messages:
+        if "p" in m:
+            at[m["p"]] = m["id"]
+        elif isinstance(m.get("id"), str):
+            at = m["id"].split(",")
+    return ",".join(at)
+
+
+def ready(m: dict[str, Any]) -> bool:
+    """Whether a message is the viewer's ready."""
+    return m["type"] == "ready"
+
+
+def test_viewer_gap_over_partitions() -> None:
+    """A gap over partitions: one lagged per partition, together, before the entry after it."""
+    v = Viewer(Filter(None, None), limit=2, partitions=P)
+    parts = [0, 2, 2, 0, 3, 2]
+    entries = [
+        Entry(f"{1000 + i}-0", "a.b", "u", f"f-{i}".encode(), p) for i, p in enumerate(parts)
+    ]
+    v.push(entries[:5])
+    assert v.missed == 3
+    assert v.take(1) == [b"f-0"]
+    v.push(entries[5:])
+    taken = v.take(10)
+    assert taken[0] == b"f-1"
+    # In the order the partitions first lost an entry; each counts its own.
+    assert [json.loads(f) for f in taken[1:4]] == [
+        {"type": "lagged", "missed": 1, "first": "1002-0", "id": "1002-0", "p": 2},
+        {"type": "lagged", "missed": 1, "first": "1003-0", "id": "1003-0", "p": 0},
+        {"type": "lagged", "missed": 1, "first": "1004-0", "id": "1004-0", "p": 3},
+    ]
+    assert taken[4:] == [b"f-5"]
+    assert v.missed == 0
+    assert v.missed_total == 3
+
+
+def test_floor_per_partition() -> None:
+    """The handover floor of one partition does not hide another partition's lower ids."""
+    v = Viewer(Filter(None, None), limit=10, partitions=P)
+    v.floor = [(1005, 0), (0, 0), (1001, 0), (0, 0)]
+    v.push([Entry(f"{1000 + i}-0", "a.b", "u", f"f-{i}".encode(), i % 3) for i in range(7)])
+    # Partition 0 holds 1000, 1003, 1006; 1 holds 1001, 1004; 2 holds 1002, 1005.
+    assert list(v.queue) == [b"f-1", b"f-2", b"f-4", b"f-5", b"f-6"]
+
+
+def test_partitioned_frames_name_their_partition() -> None:
+    """Entries of a partitioned site carry p; those of a site of one partition do not."""
+    raw = [StreamEntry("7-1", b'{"action":"a.b","uuid":"u"}')]
+    (split,) = live.decode_entries(raw, "rejected", 3)
+    assert split.part == 3
+    assert json.loads(split.frame) == {
+        "type": "rejected",
+        "id": "7-1",
+        "event": {"action": "a.b", "uuid": "u"},
+        "p": 3,
+    }
+    (one,) = live.decode_entries(raw, "rejected")
+    assert one.part == 0
+    assert b'"p"' not in one.frame
+
+
+@pytest.mark.parametrize(
+    ("since", "parts", "refused"),
+    [
+        ("1-0,2-0,3,4-5", 4, False),
+        ("5m", 4, False),
+        ("17-3", 4, False),
+        ("1-0,2-0,3-0", 4, True),
+        ("1-0,2-0", 1, True),
+        ("1-0,,3-0,4-0", 4, True),
+        ("1-0,x,3-0,4-0", 4, True),
+        ("1-0,2-0,3-0,99999999999999999999999-0", 4, True),
+    ],
+)
+def test_cursor_queries(since: str, parts: int, refused: bool) -> None:
+    """A cursor in since must hold one stream id per partition of the site."""
+    answer = parse_query(f"site=shop&since={since}", lambda s: s == "shop", lambda s: parts)
+    if refused:
+        assert isinstance(answer, tuple)
+        assert answer[0] == 400
+    else:
+        assert isinstance(answer, live.LiveQuery)
+        assert answer.partitions == parts
+
+
+def test_resolve_since_per_partition() -> None:
+    """A cursor gives each partition its id; anything else is one cut in time for all."""
+    assert live.resolve_since("1-0,2,3-4,5-6", 0, 4) == ["1-0", "2-0", "3-4", "5-6"]
+    assert live.resolve_since("17", 0, 3) == ["17-0"] * 3
+    assert live.resolve_since("1s", 5000, 2) == [f"3999-{2**64 - 1}"] * 2
+    assert live.resolve_since("now", 5000, 4) is None
+
+
+async def test_partitions_fan_out_live(make_server: MakeServer, redis: aioredis.Redis) -> None:
+    """Each new event of every partition reaches each viewer exactly once, from one reader.
+
+    Each message names its partition (the customer's), a customer's events
+    come in their order, and the past before since=now is not sent.
+    """
+    server = await make_server(sites=SPLIT_SITES)
+    relay = server.admin_routes.relay
+    await asyncio.gather(send(server, 1, uuid=uuid_in(1, 9)), send(server, 2, uuid=uuid_in(3, 9)))
+    old = await split_ids(redis)
+    uuids = [uuid_in(p, k) for p in range(P) for k in range(2)]
+    async with (
+        viewer(server, "site=shop") as a,
+        viewer(server, "site=shop") as b,
+        viewer(server, f"site=shop&uuid={uuids[5]}") as one,
+    ):
+        for v in (a, b, one):
+            await v.until(ready)
+        assert relay.readers == 1
+        await asyncio.gather(*(send(server, 5, uuid=u) for u in uuids))
+        for v in (a, b):
+            await v.entries(len(uuids) * 6, wait=10)
+        await one.entries(6)
+        await asyncio.sleep(0.1)
+    ids = await split_ids(redis)
+    new = [k for k in every_key(ids) if k[1] not in old[k[0]]]
+    for v in (a, b):
+        got = keys_of(v)
+        assert sorted(got) == sorted(new)
+        assert len(set(got)) == len(got)
+        for m in v.of("event"):
+            assert m["p"] == part_of(m["event"]["uuid"])
+        for uuid in uuids:
+            seqs = [m["event"]["seq"] for m in v.of("event") if m["event"]["uuid"] == uuid]
+            assert seqs[1:] == [1, 2, 3, 4, 5]  # after session.start, which has a seq of its own
+        hello = v.messages[0]
+        assert hello["partitions"] == P
+        assert hello["id"] == ",".join(o[-1] if o else "0-0" for o in old)
+        assert not v.of("lagged")
+        assert not v.of("trimmed")
+    assert {m["event"]["uuid"] for m in one.of("event")} == {uuids[5]}
+    assert len(one.of("event")) == 6
+
+
+async def test_partitions_since_replay_and_resume(
+    make_server: MakeServer, redis: aioredis.Redis
+) -> None:
+    """since=0 replays every partition merged by id; resuming from the cursor kept, cut
+    mid-replay or after events came in its absence, gives no gap and no duplicate."""
+    # Pages of 2 entries per partition: the backlog takes many pages, unevenly.
+    server = await make_server(sites=SPLIT_SITES, live_batch=8, live_queue=50)
+    counts = {0: 12, 1: 6, 2: 3, 3: 1}
+    await asyncio.gather(*(send(server, n, uuid=uuid_in(p)) for p, n in counts.items()))
+    backlog = every_key(await split_ids(redis))
+    async with viewer(server, "site=shop&since=0") as whole:
+        await whole.until(ready)
+    # On one Redis the ids of all partitions share one clock: merged, they are in order.
+    assert keys_of(whole) == backlog
+    assert whole.messages[0]["id"] == ",".join(["0-0"] * P)
+    ends = await split_ids(redis)
+    assert whole.of("ready")[0]["id"] == ",".join(i[-1] for i in ends)
+
+    # A viewer that leaves after 9 entries of the replay.
+    async with viewer(server, "site=shop&since=0") as first:
+        await first.entries(9)
+    cut = position(first)
+    assert cut.count(",") == P - 1
+    # While it is away, some partitions grow.
+    await asyncio.gather(send(server, 3, uuid=uuid_in(1, 1)), send(server, 2, uuid=uuid_in(3, 1)))
+    async with viewer(server, f"site=shop&since={cut}") as second:
+        assert second.messages[0]["id"] == cut
+        await second.until(ready)
+        await send(server, 2, uuid=uuid_in(2, 1))  # and live, after ready
+        total = len(every_key(await split_ids(redis)))
+        await second.entries(total - len(keys_of(first)))
+        await asyncio.sleep(0.1)
+    seen = keys_of(first) + keys_of(second)
+    assert len(seen) == len(set(seen))
+    assert sorted(seen) == sorted(every_key(await split_ids(redis)))
+    # Resuming from the last cursor now gives nothing more.
+    async with viewer(server, f"site=shop&since={position(second)}") as again:
+        await again.until(ready)
+    assert keys_of(again) == []
+
+
+async def test_partitions_since_one_id_is_a_cut_in_time(
+    make_server: MakeServer, redis: aioredis.Redis
+) -> None:
+    """One stream id as since starts after it in every partition (ids share Redis' clock)."""
+    server = await make_server(sites=SPLIT_SITES)
+    await asyncio.gather(*(send(server, 2, uuid=uuid_in(p)) for p in range(P)))
+    cut = (await redis.xadd(split_key(1), {"event": b'{"action":"x.y","uuid":"c"}'})).decode()
+    await asyncio.gather(*(send(server, 2, uuid=uuid_in(p, 1)) for p in range(P)))
+    async with viewer(server, f"site=shop&since={cut}") as v:
+        await v.until(ready)
+    assert v.messages[0]["id"] == ",".join([cut] * P)
+    after = [k for k in every_key(await split_ids(redis)) if stream_id(k[1]) > stream_id(cut)]
+    assert len(after) == P * 3
+    assert keys_of(v) == after
+
+
+async def test_partitions_one_clock_ahead(make_server: MakeServer, redis: aioredis.Redis) -> None:
+    """A partition whose ids run far ahead (a cluster node with a fast clock) hides none of
+    the other partitions' entries, in the replay, at the handover or live."""
+    server = await make_server(sites=SPLIT_SITES)
+    await send(server, 1, uuid=uuid_in(0))
+    ahead = f"{(await redis.time())[0] * 1000 + 3_600_000}-0"
+    await redis.xadd(split_key(2), {"event": b'{"action":"x.y","uuid":"c"}'}, id=ahead)
+    async with viewer(server, "site=shop") as now, viewer(server, "site=shop&since=0") as v:
+        for each in (now, v):
+            await each.until(ready)
+        await asyncio.gather(*(send(server, 2, uuid=uuid_in(p, 1)) for p in range(P)))
+        total = len(every_key(await split_ids(redis)))
+        await v.entries(total)
+        await now.entries(total - 3)
+        await asyncio.sleep(0.1)
+    everything = every_key(await split_ids(redis))
+    assert sorted(keys_of(v)) == sorted(everything)
+    assert len(keys_of(v)) == len(everything)
+    assert keys_of(v)[:3] == [everything[0], everything[1], (2, ahead)]
+    assert now.messages[0]["id"].split(",")[2] == ahead
+    # since=now: everything but the backlog of three.
+    assert sorted(keys_of(now)) == sorted(set(everything) - set(keys_of(v)[:3]))
+    # Partition 2's new ids follow its own last one, an hour ahead.
+    assert all(stream_id(i) > stream_id(ahead) for q, i in keys_of(now) if q == 2)
+
+
+async def test_partitions_handover_under_traffic(
+    make_server: MakeServer, redis: aioredis.Redis
+) -> None:
+    """Viewers joining a running reader while every partition takes events see each once."""
+    server = await make_server(sites=SPLIT_SITES, live_batch=8, live_queue=1000)
+    async with viewer(server, "site=shop") as first:
+        await first.until(ready)
+        senders = [asyncio.create_task(send(server, 60, uuid=uuid_in(p))) for p in range(P)]
+        async with (
+            viewer(server, "site=shop&since=0") as a,
+            viewer(server, "site=shop&since=0") as b,
+        ):
+            await asyncio.gather(*senders)
+            total = len(every_key(await split_ids(redis)))
+            for v in (first, a, b):
+                await v.entries(total, wait=10)
+            await asyncio.sleep(0.1)
+    expected = every_key(await split_ids(redis))
+    for v in (first, a, b):
+        got = keys_of(v)
+        assert sorted(got) == sorted(expected)
+        assert len(set(got)) == len(got)
+        for p in range(P):
+            mine = [stream_id(i) for q, i in got if q == p]
+            assert mine == sorted(mine)
+        assert not v.of("lagged")
+
+
+async def test_partitions_trimmed_position_is_told(
+    make_server: MakeServer, redis: aioredis.Redis
+) -> None:
+    """A cursor whose id in one partition was trimmed away gets trimmed for that partition only."""
+    server = await make_server(sites=SPLIT_SITES)
+    await asyncio.gather(*(send(server, 5, uuid=uuid_in(p)) for p in range(P)))
+    before = await split_ids(redis)
+    start = [ids[1] for ids in before]
+    await redis.xtrim(split_key(2), maxlen=3, approximate=False)
+    after = await split_ids(redis)
+    async with viewer(server, f"site=shop&since={','.join(start)}") as v:
+        await v.until(ready)
+    trimmed = {"type": "trimmed", "from": start[2], "first": after[2][0], "id": start[2], "p": 2}
+    assert v.of("trimmed") == [trimmed]
+    expected = [k for k in every_key(after) if stream_id(k[1]) > stream_id(start[k[0]])]
+    assert keys_of(v) == expected
+    # Told before any entry of its partition.
+    at = v.messages.index(trimmed)
+    assert all(m.get("p") != 2 for m in v.messages[:at] if m["type"] == "event")
+
+
+async def test_partitions_reader_overtaken_by_trimming(
+    make_server: MakeServer, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that trimming overtook in one partition tells its viewers, from their position."""
+    # One entry of each partition a read: a read with one entry is full.
+    server = await make_server(sites=SPLIT_SITES, live_batch=P)
+    gate = asyncio.Event()
+    held = asyncio.Event()
+
+    def holding(real: Any, entries: Callable[[Any], Any]) -> Any:
+        async def read(client: Any, *args: Any) -> Any:  # a client, or a StreamsReader
+            out = await real(client, *args)
+            # The reader's first read with an entry (a page or an XREAD) waits.
+            if client is not server.store.redis and entries(out) and not gate.is_set():
+                held.set()
+                await gate.wait()
+            return out
+
+        return read
+
+    monkeypatch.setattr(StreamsReader, "read", holding(StreamsReader.read, lambda out: out))
+    monkeypatch.setattr(live, "read_page", holding(live.read_page, lambda out: out[0]))
+    uuid = uuid_in(1)
+    async with viewer(server, "site=shop") as v:
+        await v.until(ready)
+        await send(server, 1, uuid=uuid)
+        # The reader holds session.start; meanwhile the stream grows and is trimmed.
+        await asyncio.wait_for(held.wait(), 5 * UNIT)
+        await send(server, 10, uuid=uuid)
+        await redis.xtrim(split_key(1), maxlen=3, approximate=False)
+        gate.set()
+        await v.entries(4)
+        await asyncio.sleep(0.1)
+    ids = await split_ids(redis)
+    start = v.of("event")[0]
+    assert start["event"]["action"] == "session.start"
+    assert v.of("trimmed") == [
+        {"type": "trimmed", "from": start["id"], "first": ids[1][0], "id": start["id"], "p": 1}
+    ]
+    assert keys_of(v) == [(1, start["id"])] + [(1, i) for i in ids[1]]
+    assert v.messages.index(v.of("trimmed")[0]) == v.messages.index(start) + 1
+
+
+async def test_partitions_slow_viewer_lag_adds_up(
+    make_server: MakeServer, redis: aioredis.Redis
+) -> None:
+    """A slow viewer of a partitioned site: what it got plus what each lagged notice says it
+    missed is every entry of every partition, each notice exactly on its partition's gap."""
+    server = await make_server(sites=SPLIT_SITES, live_queue=400, live_batch=100)
+    relay = server.admin_routes.relay
+    chunk, chunks = 300, 10
+    blob = "x" * 1000
+    async with (
+        viewer(server, "site=shop") as fast,
+        viewer(server, "site=shop", sock=await _slow_socket(server), max_queue=1) as slow,
+    ):
+        for v in (fast, slow):
+            await v.until(ready)
+        for i in range(chunks):
+            # Two customers of two partitions at once: each read merges partitions.
+            await asyncio.gather(
+                send(server, chunk // 2, uuid=uuid_in(i % P, i), blob=blob),
+                send(server, chunk // 2, uuid=uuid_in((i + 1) % P, i), blob=blob),
+            )
+            await fast.entries((chunk + 2) * (i + 1))
+        await eventually(lambda: any(v.missed_total for v in relay._viewers), wait=10)
+        while True:
+            msg = await slow.recv(10)
+            if msg["type"] == "lagged" and not any(v.queue or v.missed for v in relay._viewers):
+                break
+        await asyncio.sleep(0.2)
+        while True:
+            try:
+                await slow.recv(0.2)
+            except TimeoutError:
+                break
+    ids = await split_ids(redis)
+    expected = every_key(ids)
+    assert len(expected) == (chunk + 2) * chunks
+    assert sorted(keys_of(fast)) == sorted(expected)
+    assert not fast.of("lagged")
+    lagged = slow.of("lagged")
+    assert lagged
+    assert sum(m["missed"] for m in lagged) + len(keys_of(slow)) == len(expected)
+    for p in range(P):
+        stream = ids[p]
+        mine = [m for m in lagged if m["p"] == p]
+        seen = {i for q, i in keys_of(slow) if q == p}
+        assert len(seen) + sum(m["missed"] for m in mine) == len(stream)
+        # Each notice sits exactly on its gap in its partition.
+        order = [m["id"] for m in slow.messages if m["type"] in ("event", "lagged") and m["p"] == p]
+        for m in mine:
+            at = order.index(m["id"])
+            start = stream.index(order[at - 1]) + 1 if at else 0
+            skipped = stream[start : stream.index(m["id"]) + 1]
+            assert skipped[0] == m["first"]
+            assert len(skipped) == m["missed"]
+            assert not set(skipped) & seen
+    assert relay.queued() == 0
+
+
+async def test_partitions_over_a_cluster(
+    make_server: MakeServer, redis_cluster_proc: RedisClusterProcess
+) -> None:
+    """Over a real 3-master cluster, with the partitions on several masters: live, since=0
+    and a resume from the cursor each give every entry exactly once."""
+    cluster = RedisCluster(host="127.0.0.1", port=redis_cluster_proc.nodes[0].port)
+    await cluster.initialize()
+    try:
+        for node in redis_cluster_proc.nodes:
+            async with aioredis.Redis(host="127.0.0.1", port=node.port) as client:
+                await client.flushall()
+        owners = set()
+        for p in range(P):
+            node = cluster.get_node_from_key(split_key(p))
+            assert node is not None
+            owners.add(node.name)
+        assert len(owners) > 1, "the partitions' tags all land on one master"
+        server = await make_server(
+            sites=SPLIT_SITES, redis_url=redis_cluster_proc.url, live_batch=8
+        )
+        relay = server.admin_routes.relay
+        async with viewer(server, "site=shop") as v:
+            await v.until(ready)
+            await asyncio.gather(*(send(server, 3, uuid=uuid_in(p)) for p in range(P)))
+            await v.entries(P * 4)
+            await asyncio.sleep(0.1)
+        ids = await split_ids(cluster)
+        assert sorted(keys_of(v)) == sorted(every_key(ids))
+        assert len(keys_of(v)) == P * 4
+        async with viewer(server, "site=shop&since=0") as first:
+            await first.entries(7)
+        async with viewer(server, f"site=shop&since={position(first)}") as second:
+            await second.until(ready)
+        seen = keys_of(first) + keys_of(second)
+        assert len(seen) == len(set(seen))
+        assert sorted(seen) == sorted(every_key(ids))
+        await eventually(lambda: relay.readers == 0)
+    finally:
+        await cluster.aclose()
+
+
+async def test_dashboard_follows_partitions(
+    make_server: MakeServer, redis: aioredis.Redis, page: Page
+) -> None:
+    """The dashboard on a partitioned site shows and counts every entry once: with reads
+    that cut the partitions unevenly, and across a restart (it resumes from its cursor)."""
+    port = free_port()
+    # One entry of each partition a read: ids of two partitions arrive interleaved.
+    options: dict[str, Any] = {"sites": SPLIT_SITES, "live_batch": P}
+    server = await make_server(admin=f"127.0.0.1:{port}", **options)
+    await open_dashboard(page, server)
+    await asyncio.gather(send(server, 30, uuid=uuid_in(0)), send(server, 3, uuid=uuid_in(2)))
+    await wait_rows(page, "#feed tr.event", 35, within=3 * MS)
+    await server.stop()
+    await page.wait_for_selector('#status:not([data-state="live"])', timeout=5 * MS)
+    # Events stored while no relay answers on the page's port.
+    other = await make_server(**options)
+    await asyncio.gather(send(other, 4, uuid=uuid_in(1)), send(other, 2, uuid=uuid_in(3)))
+    await other.stop()
+    again = await make_server(admin=f"127.0.0.1:{port}", **options)
+    await page.wait_for_selector('#status[data-state="live"]', timeout=10 * MS)
+    await asyncio.gather(send(again, 5, uuid=uuid_in(2, 1)), send(again, 1, uuid=uuid_in(3, 1)))
+    stored = [
+        (i.decode(), json.loads(f[b"event"])["uuid"])
+        for p in range(P)
+        for i, f in await redis.xrange(split_key(p))
+    ]
+    await wait_rows(page, "#feed tr.event", len(stored), within=3 * MS)
+    await asyncio.sleep(0.3)
+    rows: list[list[str]] = await page.eval_on_selector_all(
+        "#feed tr.event", "rows => rows.map(r => [r.dataset.id, r.dataset.uuid])"
+    )
+    assert Counter((i, u) for i, u in rows) == Counter(stored)
+    assert int(await page.get_attribute("#total", "data-count") or -1) == len(stored)
+    assert await page.locator(".notice").count() == 0

@@ -18,6 +18,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from prometheus_client import REGISTRY
 from redis.exceptions import ResponseError
 
 from server.client import EventwireClient
@@ -26,12 +27,18 @@ from server.gateway import EventwireServer
 from server.persist.sinks import EventRow, Sink, open_sink
 from server.persist.worker import GROUP, PersistOptions, Worker
 from server.rules import SitesBook, load_sites
-from tests.conftest import MakeServer
+from server.stats import site_stats
+from server.store import Keys
+from tests.conftest import SITES_TOML, MakeServer
 from tests.procs import UNIT, RedisProcess
 from tests.wire import now_ms
 
 PG_URL = os.environ.get("EVENTWIRE_TEST_PG", "postgresql://postgres@127.0.0.1/test")
 ROOT = Path(__file__).resolve().parent.parent
+#: The test sites plus ``big``, whose events are split over four partitions.
+P = 4
+SPLIT_SITES = SITES_TOML + f"\n[sites.big]\nallow_no_origin = true\npartitions = {P}\n"
+BIG_STREAMS = [f"ew:{{big:{p}}}:events" for p in range(P)]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -505,9 +512,6 @@ async def test_trims_only_what_is_stored(
     sqlite_dsn: str,
 ) -> None:
     """With no retention, the worker trims acknowledged entries; stats' lag falls to zero."""
-    from server.stats import site_stats
-    from server.store import Keys
-
     await ingest(server, 1000)
     length = await redis.xlen("ew:{app}:events")
     worker = await start_worker(redis_proc, sites_file, sqlite_dsn, retain=0)
@@ -523,3 +527,183 @@ async def test_trims_only_what_is_stored(
     assert stats["persist_pending"] == 0
     _, mine = await client_rows(sqlite_dsn)
     assert mine == 1000
+
+
+@pytest.fixture
+def split_sites(tmp_path: Path) -> Path:
+    """A sites file with the test sites and ``big``, of four partitions."""
+    path = tmp_path / "split-sites.toml"
+    path.write_text(SPLIT_SITES)
+    return path
+
+
+async def pending_big(redis: aioredis.Redis) -> list[int]:
+    """Pending entries of each partition of ``big``."""
+    out = []
+    for key in BIG_STREAMS:
+        try:
+            out.append(int((await redis.xpending(key, GROUP))["pending"]))
+        except ResponseError:  # no group yet
+            out.append(0)
+    return out
+
+
+async def lag_big(redis: aioredis.Redis) -> list[int]:
+    """The group's lag on each partition of ``big``."""
+    return [int((await redis.xinfo_groups(key))[0]["lag"]) for key in BIG_STREAMS]
+
+
+async def test_partitioned_site_every_event_once(
+    make_server: MakeServer,
+    redis: aioredis.Redis,
+    redis_proc: RedisProcess,
+    split_sites: Path,
+    dsn: str,
+) -> None:
+    """A 4-partition site: every event of every customer becomes exactly one row, all acked."""
+    server = await make_server(sites=SPLIT_SITES)
+    uuids = [f"cust-{n}" for n in range(24)]
+    assert {Keys.tag("big", u, P) for u in uuids} == set(Keys.tags("big", P))
+    for uuid in uuids:
+        await ingest(server, 25, uuid=uuid, site="big")
+    lengths = [await redis.xlen(key) for key in BIG_STREAMS]
+    assert all(lengths)
+    worker = await start_worker(redis_proc, split_sites, dsn)
+    try:
+        await wait_rows(worker.sink, sum(lengths))
+        assert await worker.sink.count("big") == sum(lengths)
+        for uuid in uuids:
+            feed = await worker.sink.activity("big", uuid, 1000)
+            assert sorted(a.label for a in feed if a.action == "product.view") == sorted(
+                f"Viewed S{i}" for i in range(25)
+            )
+        deadline = time.monotonic() + 10 * UNIT
+        while any(await pending_big(redis)):
+            assert time.monotonic() < deadline, "entries left pending"
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+    for key in BIG_STREAMS:  # one group per partition, which has read everything
+        groups = await redis.xinfo_groups(key)
+        assert [(g["name"], g["lag"], g["pending"]) for g in groups] == [(b"persist", 0, 0)]
+    # Redelivery of every partition writes nothing twice.
+    for key in BIG_STREAMS:
+        await redis.xgroup_setid(key, GROUP, "0")
+    again = await start_worker(redis_proc, split_sites, dsn)
+    try:
+        deadline = time.monotonic() + 10 * UNIT
+        while any(await pending_big(redis)) or any(await lag_big(redis)):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert again.rows_written == 0
+        assert await again.sink.count() == sum(lengths)
+    finally:
+        await again.stop()
+
+
+async def test_equal_ids_in_two_partitions_are_two_rows(
+    redis: aioredis.Redis, redis_proc: RedisProcess, split_sites: Path, sqlite_dsn: str
+) -> None:
+    """Entries of two partitions with the same stream ids are distinct rows, each acked."""
+    ms = now_ms()
+    for part, producer in ((0, "p-zero"), (3, "p-three")):
+        for seq in (1, 2):
+            body = stored_event(seq, uuid=f"c-{part}", site="big", producer=producer)
+            await redis.xadd(BIG_STREAMS[part], {"event": body}, id=f"{ms}-{seq}")
+    worker = await start_worker(redis_proc, split_sites, sqlite_dsn)
+    try:
+        await wait_rows(worker.sink, 4, within=10)
+        deadline = time.monotonic() + 10 * UNIT
+        while any(await pending_big(redis)):
+            assert time.monotonic() < deadline, "entries left pending"
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+    assert worker.rows_written == 4
+    assert await client_rows(sqlite_dsn) == (4, 0)
+
+
+async def test_partition_dead_letters_and_reclaims(
+    redis: aioredis.Redis, redis_proc: RedisProcess, split_sites: Path, sqlite_dsn: str
+) -> None:
+    """In partition 2: a dead consumer's entries are reclaimed; poison goes to {big:2}:dead."""
+    stream = BIG_STREAMS[2]
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    held = [await redis.xadd(stream, {"event": stored_event(s, site="big")}) for s in (1, 2)]
+    # A consumer that read these and died: only a reclaim brings them to the store.
+    await redis.xreadgroup(GROUP, "dead-consumer", {stream: ">"})
+    poison = await redis.xadd(stream, {"event": b"not json{"})
+    refused = await redis.xadd(stream, {"event": stored_event(3, site="big")})
+    # Partition 1 holds an entry of the same id as the refused one, which is fine.
+    twin = await redis.xadd(
+        BIG_STREAMS[1], {"event": stored_event(9, site="big", producer="p-twin")}, id=refused
+    )
+    sink = FailingSink(open_sink(sqlite_dsn), bad_seq=3)
+    worker = await start_worker(
+        redis_proc, split_sites, sqlite_dsn, sink=sink, claim_idle=0.2, max_deliveries=2
+    )
+    try:
+        deadline = time.monotonic() + 10 * UNIT
+        while await redis.xlen("ew:{big:2}:dead") < 2 or await sink.count() < 3:
+            assert time.monotonic() < deadline, "nothing dead-lettered or reclaimed"
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+    dead: Any = await redis.xrange("ew:{big:2}:dead")
+    by_id = {f[b"id"]: f for _id, f in dead}
+    assert set(by_id) == {poison, refused}
+    assert b"undecodable" in by_id[poison][b"error"]
+    assert b"store refuses this row" in by_id[refused][b"error"]
+    for other in ("ew:{big}:dead", "ew:{big:0}:dead", "ew:{big:1}:dead", "ew:{big:3}:dead"):
+        assert await redis.exists(other) == 0, other
+    assert await pending_big(redis) == [0, 0, 0, 0]
+    assert worker.dead_lettered == 2
+    assert twin == refused
+    assert await client_rows(sqlite_dsn) == (3, 0)  # the two reclaimed, the twin
+    assert len(held) == 2
+
+
+async def test_partitions_lag_gauge_and_trimming(
+    make_server: MakeServer,
+    redis: aioredis.Redis,
+    redis_proc: RedisProcess,
+    split_sites: Path,
+    sqlite_dsn: str,
+) -> None:
+    """The lag gauge is the site's sum over partitions; each partition is trimmed once stored."""
+    for key in BIG_STREAMS:
+        await redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+    for part, n in ((1, 3), (2, 4)):
+        for seq in range(1, n + 1):
+            body = stored_event(seq, site="big", producer=f"p-{part}")
+            await redis.xadd(BIG_STREAMS[part], {"event": body})
+    idle = Worker(
+        settings_for(redis_proc),
+        SitesBook(split_sites, load_sites(split_sites)),
+        PersistOptions(dsn=sqlite_dsn),
+    )
+    try:
+        idle._use(idle._layout())  # the worker's streams, without starting its loop
+        await idle._check_streams()
+    finally:
+        await idle.redis.aclose()
+    assert REGISTRY.get_sample_value("eventwire_persist_lag", {"site": "big"}) == 7
+    server = await make_server(sites=SPLIT_SITES)
+    for uuid in ("cust-1", "cust-2", "cust-3", "cust-4", "cust-5"):
+        await ingest(server, 200, uuid=uuid, site="big")
+    lengths = [await redis.xlen(key) for key in BIG_STREAMS]
+    worker = await start_worker(redis_proc, split_sites, sqlite_dsn, retain=0)
+    try:
+        await wait_rows(worker.sink, sum(lengths))
+        await worker._check_streams()  # the worker's periodic look, now
+        trimmed = [await redis.xlen(key) for key in BIG_STREAMS]
+        stats = await site_stats(redis, Keys("ew"), "big", partitions=P)
+    finally:
+        await worker.stop()
+    assert REGISTRY.get_sample_value("eventwire_persist_lag", {"site": "big"}) == 0
+    # XTRIM ~ removes whole stream nodes (100 entries): look at partitions holding more.
+    full = [(t, n) for t, n in zip(trimmed, lengths, strict=True) if n > 100]
+    assert full
+    assert all(t < n for t, n in full)
+    assert stats["persist_lag"] == 0
+    assert stats["persist_pending"] == 0

@@ -15,12 +15,39 @@ import redis.asyncio as aioredis
 from server.gateway import EventwireServer
 from server.stats import site_stats, table
 from server.store import Keys
+from tests.conftest import SITES_TOML, MakeServer
 from tests.procs import UNIT, RedisProcess
 from tests.wire import event, peer
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = Keys("ew")
 EVENTS = "ew:{app}:events"
+#: The test sites plus ``big``, whose events are split over four partitions.
+P = 4
+SPLIT_SITES = SITES_TOML + f"\n[sites.big]\nallow_no_origin = true\npartitions = {P}\n"
+
+
+async def stats_command(redis_url: str, sites: Path) -> dict[str, Any]:
+    """``python -m server stats --json``'s snapshot."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "stats",
+        "--redis",
+        redis_url,
+        "--sites",
+        str(sites),
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 10 * UNIT)
+    assert proc.returncode == 0, err
+    snap: dict[str, Any] = json.loads(out)
+    return snap
 
 
 async def test_site_stats_counts_streams_and_sessions(
@@ -122,3 +149,95 @@ def test_table_shows_dashes_for_unknowns() -> None:
     assert lines[0].split()[:3] == ["site", "length", "events/s"]
     assert lines[1].split() == ["app", "12", "0.20", "0.00", "1", "-", "-", "-"]
     assert len(lines[0]) == len(lines[1])
+
+
+async def test_site_stats_sums_partitions(
+    make_server: MakeServer, redis: aioredis.Redis, redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """A 4-partition site: lengths, rates and open sessions are sums; each partition is listed."""
+    server = await make_server(sites=SPLIT_SITES)
+    uuids = [f"u-p{n}" for n in range(12)]
+    tags = Keys.tags("big", P)
+    assert {Keys.tag("big", u, P) for u in uuids} == set(tags)
+    async with AsyncExitStack() as stack:
+        for uuid in uuids:
+            p = await stack.enter_async_context(peer(server.url, site="big"))
+            await p.hello(uuid)
+            ack = await p.track(event(1), event(2), event(3, action="nodot"))
+            assert ack["accepted"] == 2
+        stats = await site_stats(redis, KEYS, "big", partitions=P)
+        lengths = [await redis.xlen(KEYS.events(t)) for t in tags]
+        sessions = [sum(1 for u in uuids if Keys.tag("big", u, P) == t) for t in tags]
+        assert stats["length"] == sum(lengths) >= 3 * len(uuids)  # 2 events + session.start
+        assert stats["events_per_s"] == round(sum(lengths) / 60, 3)
+        assert stats["rejected_length"] == len(uuids)
+        assert stats["rejected_per_s"] == round(len(uuids) / 60, 3)
+        assert stats["open_sessions"] == len(uuids)
+        assert [p["length"] for p in stats["partitions"]] == lengths
+        assert [p["open_sessions"] for p in stats["partitions"]] == sessions
+        assert [p["events_per_s"] for p in stats["partitions"]] == [
+            round(n / 60, 3) for n in lengths
+        ]
+        assert stats["persist_lag"] is None
+        assert {p["persist_lag"] for p in stats["partitions"]} == {None}
+        # The command reads the partitions from the sites file; P = 1 sites say nothing of them.
+        sites = tmp_path / "split.toml"
+        sites.write_text(SPLIT_SITES)
+        snap = await stats_command(redis_proc.url, sites)
+    assert snap["sites"]["big"]["length"] == sum(lengths)
+    assert snap["sites"]["big"]["open_sessions"] == len(uuids)
+    assert [p["length"] for p in snap["sites"]["big"]["partitions"]] == lengths
+    assert "partitions" not in snap["sites"]["app"]
+    assert set(snap["sites"]["app"]) == set(await site_stats(redis, KEYS, "app"))
+
+
+async def test_site_stats_persist_group_over_partitions(redis: aioredis.Redis) -> None:
+    """The persist group on 4 partitions: lag and pending summed, the oldest pending of all."""
+    streams = [KEYS.events(t) for t in Keys.tags("big", P)]
+    now = int((await redis.time())[0]) * 1000
+    added = [now - 1000, now - 5000, now - 20_000, now - 1000]  # ms of each stream's entries
+    for n, key in enumerate(streams):
+        for i in range(n + 1):  # 1, 2, 3, 4 entries: 10 in all
+            body = {"site": "big", "seq": i}
+            await redis.xadd(key, {"event": json.dumps(body)}, id=f"{added[n]}-{i + 1}")
+    for key in streams[:3]:
+        await redis.xgroup_create(key, "persist", id="0")
+    # Partition 3's stream has entries but no group: what it lags is unknown.
+    stats = await site_stats(redis, KEYS, "big", partitions=P)
+    assert stats["persist_lag"] is None
+    assert [p["persist_lag"] for p in stats["partitions"]] == [1, 2, 3, None]
+    assert stats["persist_pending"] == 0
+    await redis.xgroup_create(streams[3], "persist", id="0")
+    stats = await site_stats(redis, KEYS, "big", partitions=P)
+    assert stats["persist_lag"] == 10
+    assert stats["oldest_pending_s"] is None
+    first: Any = await redis.xreadgroup("persist", "w1", {streams[2]: ">"}, count=2)
+    await redis.xreadgroup("persist", "w1", {streams[1]: ">"}, count=1)
+    stats = await site_stats(redis, KEYS, "big", partitions=P)
+    assert stats["persist_lag"] == 7
+    assert stats["persist_pending"] == 3
+    assert [p["persist_pending"] for p in stats["partitions"]] == [0, 1, 2, 0]
+    assert 20 <= stats["oldest_pending_s"] < 20 + 5 * UNIT  # partition 2's entry
+    await redis.xack(streams[2], "persist", *[i for i, _ in first[0][1]])
+    stats = await site_stats(redis, KEYS, "big", partitions=P)
+    assert stats["persist_pending"] == 1
+    assert 5 <= stats["oldest_pending_s"] < 20  # now partition 1's
+
+
+def test_table_partitions_column() -> None:
+    """With a partitioned site the table gets a partitions column: P and the busiest's share."""
+    plain = {
+        "length": 12,
+        "events_per_s": 0.2,
+        "rejected_per_s": 0.0,
+        "open_sessions": 1,
+        "persist_lag": None,
+        "persist_pending": None,
+        "oldest_pending_s": None,
+    }
+    split = plain | {"length": 20, "partitions": [{"length": n} for n in (2, 4, 6, 8)]}
+    lines = table({"sites": {"app": plain, "big": split}, "time": 0}).splitlines()
+    assert lines[0].split()[-1] == "partitions"
+    assert lines[1].split()[-1] == "1"
+    assert lines[2].split()[-3:] == ["4", "(busiest", "40%)"]
+    assert len({len(line) for line in lines}) == 1

@@ -18,11 +18,30 @@ import pytest
 import redis.asyncio as aioredis
 
 from server.gateway import EventwireServer
-from server.tail import _Output, follow, start_id
+from server.store import Keys
+from server.tail import _Output, follow, merge_by_site, start_id, stream_keys
+from tests.conftest import SITES_TOML, MakeServer
 from tests.procs import UNIT, RedisProcess
 from tests.wire import event, peer
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The test sites plus ``big``, whose events are split over four partitions.
+P = 4
+SPLIT_SITES = SITES_TOML + f"\n[sites.big]\nallow_no_origin = true\npartitions = {P}\n"
+
+
+def split_sites(tmp_path: Path) -> Path:
+    """A sites file with the partitioned site ``big`` (as the server under test has)."""
+    path = tmp_path / "split-sites.toml"
+    path.write_text(SPLIT_SITES)
+    return path
+
+
+def uuids_over_partitions(n: int, prefix: str) -> list[str]:
+    """``n`` customer uuids, at least one in each of the P partitions."""
+    uuids = [f"{prefix}-{i}" for i in range(n)]
+    assert {Keys.tag("big", u, P) for u in uuids} == set(Keys.tags("big", P))
+    return uuids
 
 
 class Tail:
@@ -30,6 +49,11 @@ class Tail:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
+
+    async def lines(self, n: int, wait: float = 10.0) -> list[dict[str, Any]]:
+        """The next ``n`` JSON lines, all within ``wait`` seconds."""
+        deadline = time.monotonic() + wait * UNIT
+        return [await self.line(max(deadline - time.monotonic(), 0.01)) for _ in range(n)]
 
     async def line(self, wait: float = 5.0) -> dict[str, Any]:
         """The next JSON line, within ``wait`` seconds (the process may still be starting)."""
@@ -199,3 +223,111 @@ async def test_follow_ends_when_stopped_without_a_cancel(redis: aioredis.Redis) 
     async with asyncio.timeout(10 * UNIT):
         await follow(redis, {"ew:{app}:events": "$"}, out, None, None, lambda: next(answers))
     assert next(answers, "done") == "done"
+
+
+async def test_tail_follows_every_partition_once(
+    make_server: MakeServer, redis: aioredis.Redis, redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """A site of 4 partitions: each new event of every customer shows exactly once, none old."""
+    server = await make_server(sites=SPLIT_SITES)
+    sites = split_sites(tmp_path)
+    uuids = uuids_over_partitions(24, "tp")
+    for uuid in uuids[:8]:  # older entries in the partitions: --since now must skip them
+        async with peer(server.url, site="big") as p:
+            await p.hello(uuid)
+            assert (await p.track(event(1, action="product.old")))["accepted"] == 1
+    async with tail(redis_proc.url, sites, "--site", "big", "--action", "product.view") as t:
+        await asyncio.sleep(1.5 * UNIT)  # let the process start and find the streams' ends
+        for uuid in uuids:
+            async with peer(server.url, site="big") as p:
+                await p.hello(uuid)
+                ack = await p.track(event(1), event(2), event(3))
+                assert ack["accepted"] == 3
+        lines = await t.lines(3 * len(uuids))
+        await t.nothing_more()
+    assert sorted((ln["uuid"], ln["seq"]) for ln in lines) == sorted(
+        (u, seq) for u in uuids for seq in (1, 2, 3)
+    )
+    assert {ln["site"] for ln in lines} == {"big"}
+    for uuid in uuids:  # one customer's events stay in order
+        assert [ln["seq"] for ln in lines if ln["uuid"] == uuid] == [1, 2, 3]
+    for ln in lines:  # each line is its entry of the customer's partition
+        key = Keys("ew").events(Keys.tag("big", ln["uuid"], P))
+        assert len(await redis.xrange(key, ln["id"], ln["id"])) == 1
+
+
+async def test_tail_rejected_over_partitions(
+    make_server: MakeServer, redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """--rejected --since 0 on a 4-partition site: every customer's rejected event, once."""
+    server = await make_server(sites=SPLIT_SITES)
+    uuids = uuids_over_partitions(12, "tr")
+    for uuid in uuids:
+        async with peer(server.url, site="big") as p:
+            await p.hello(uuid)
+            ack = await p.track(event(1, action="nodot"))
+            assert ack["rejected"][0]["code"] == "invalid_action"
+    flags = ("--since", "0", "--rejected", "--site", "big")
+    async with tail(redis_proc.url, split_sites(tmp_path), *flags) as t:
+        lines = await t.lines(len(uuids))
+        await t.nothing_more()
+    assert sorted(ln["uuid"] for ln in lines) == sorted(uuids)
+    assert {(ln["site"], ln["code"], ln["seq"]) for ln in lines} == {("big", "invalid_action", 1)}
+
+
+@pytest.mark.parametrize("since", ["5m", "id"])
+async def test_tail_since_over_partitions(
+    redis: aioredis.Redis, redis_proc: RedisProcess, tmp_path: Path, since: str
+) -> None:
+    """--since 5m (or an id 5 min ago) means the same on every partition; lines merged by id."""
+    now = int(time.time() * 1000)
+    expected = []
+    for part in range(P):
+        key = f"ew:{{big:{part}}}:events"
+        for ms, n in ((now - 600_000 + part, "old"), (now - 60_000 + 7 * (P - part), "recent")):
+            body = {"site": "big", "uuid": f"{n}-{part}", "action": "product.view", "time": ms}
+            await redis.xadd(key, {"event": json.dumps(body)}, id=f"{ms}-0")
+            if n == "recent":
+                expected.append((f"{ms}-0", f"recent-{part}"))
+    flag = "5m" if since == "5m" else f"{now - 300_000}-0"
+    async with tail(redis_proc.url, split_sites(tmp_path), "--since", flag) as t:
+        lines = await t.lines(P)
+        await t.nothing_more()
+    # Written newest partition first; printed oldest first: merged by id.
+    assert [(ln["id"], ln["uuid"]) for ln in lines] == sorted(expected)
+
+
+def test_stream_keys_every_partition() -> None:
+    """Every partition's stream of each site, each with its site; --uuid: its partition only."""
+    keys = Keys("ew")
+    assert stream_keys(keys, {"app": 1, "big": 3}, rejected=False) == {
+        "ew:{app}:events": "app",
+        "ew:{big:0}:events": "big",
+        "ew:{big:1}:events": "big",
+        "ew:{big:2}:events": "big",
+    }
+    assert stream_keys(keys, {"app": 1}, rejected=True) == {"ew:{app}:rejected": "app"}
+    only = stream_keys(keys, {"app": 1, "big": 4}, rejected=False, uuid="customer-42")
+    assert only == {"ew:{app}:events": "app", "ew:{big:1}:events": "big"}  # crc32 % 4 = 1
+
+
+def test_merge_by_site() -> None:
+    """One read's entries: a site's partitions merged by id, other sites apart, order kept."""
+    replies = [
+        ("ew:{big:0}:events", [(b"5-0", {}), (b"9-0", {})]),
+        ("ew:{app}:events", [(b"7-0", {}), (b"3-0", {})]),  # one stream: kept as it came
+        ("ew:{big:1}:events", [(b"5-0", {"n": 1}), (b"6-0", {})]),
+        ("ew:{big:2}:events", []),
+    ]
+    site_of = {
+        "ew:{big:0}:events": "big",
+        "ew:{big:1}:events": "big",
+        "ew:{big:2}:events": "big",
+        "ew:{app}:events": "app",
+    }
+    merged = merge_by_site(replies, site_of)
+    assert [[e[0] for e in group] for group in merged] == [
+        [b"5-0", b"5-0", b"6-0", b"9-0"],
+        [b"7-0", b"3-0"],
+    ]
+    assert merged[0][1] == (b"5-0", {"n": 1})  # equal ids: the earlier stream first

@@ -5,7 +5,12 @@ This module owns the SQL: the one schema both stores share (versioned by
 the rows an event becomes, the idempotent batch write and the activity feed
 query. It never speaks Redis. Every write is one transaction, and every
 insert is ``ON CONFLICT DO NOTHING`` (events) or an upsert (sessions), so a
-redelivered stream entry never makes a second row.
+redelivered stream entry never makes a second row. An event row's identity is
+the event's own ``(site, producer, seq)``, never its stream entry id: the
+streams of a partitioned site number their entries independently (equal ids
+in two partitions are two events), while ``(producer, seq)`` names one event
+wherever it is stored (a producer's seqs rise over its whole lifetime,
+PROTOCOL.md section 2), so no migration was needed for partitions.
 
 DSNs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (the
 SQLAlchemy convention) or a plain file path for SQLite; ``postgresql://`` or

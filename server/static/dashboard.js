@@ -5,7 +5,10 @@
  * /v1/live (one WebSocket for the events stream, one for the rejected
  * stream). Each relay message carries its stream id; the page keeps the last
  * one and passes it back as `since` when it reconnects (a server restart, a
- * network drop), so it resumes with nothing missed and nothing twice.
+ * network drop), so it resumes with nothing missed and nothing twice. A site
+ * split into partitions has one stream per partition: its messages say which
+ * (`p`), and the page keeps one id per partition, passed back joined by ","
+ * (hello and ready carry that whole cursor as their id).
  *
  * Counts (the chart, events/s, totals, top actions) go by stream id time:
  * the millisecond part of each entry's id, when Redis stored it, on Redis'
@@ -139,7 +142,11 @@
       this.site = site;
       this.kind = kind;
       this.since = since;
+      // The position: one id per partition (one in all when the site is not split).
+      this.position = [];
+      // The last entry id seen, in all and per partition.
       this.last = null;
+      this.lastIn = [];
       this.onMessage = onMessage;
       this.retry = RETRY_FIRST_MS;
       this.ready = false;
@@ -172,12 +179,21 @@
         } catch {
           return;
         }
+        // Ids of different partitions are not ordered against each other.
+        const part = typeof msg.p === "number" ? msg.p : 0;
         if (msg.type === "event" || msg.type === "rejected") {
           // The relay never repeats an id; this guards the counts all the same.
-          if (this.last !== null && !idAfter(msg.id, this.last)) return;
+          const last = this.lastIn[part];
+          if (last !== undefined && !idAfter(msg.id, last)) return;
+          this.lastIn[part] = msg.id;
           this.last = msg.id;
         }
-        if (typeof msg.id === "string") this.since = msg.id;
+        if (typeof msg.id === "string") {
+          // With p: that partition's id; without: the whole position.
+          if (typeof msg.p === "number") this.position[msg.p] = msg.id;
+          else this.position = msg.id.split(",");
+          this.since = this.position.join(",");
+        }
         if (msg.type === "ready") {
           this.ready = true;
           this.retry = RETRY_FIRST_MS;
