@@ -251,25 +251,22 @@ def stream_position(r: redis.Redis, key: str) -> tuple[str, int]:
     )
 
 
-def verify(
+def _scan(
     r: redis.Redis,
     key: str,
+    start: str,
     site: str,
-    since: str,
-    added_before: int,
-    drivers: Sequence[Driver],
-) -> Verdict:
-    """Read the entries after ``since`` and check them against what each driver tracked."""
-    verdict = Verdict()
-    mine = {d.client.producer: d for d in drivers}
-    counts = {d.client.producer: bytearray(d.tracked + 1) for d in drivers}
-    decode = msgspec.json.decode
-    start = f"({since}"
+    verdict: Verdict,
+    mine: dict[str, Driver],
+    counts: dict[str, bytearray],
+    decode: Any,
+) -> int:
+    """Count one stream's entries from ``start`` into ``counts``; returns how many were read."""
     scanned = 0
     while True:
         entries = r.xrange(key, min=start, max="+", count=SCAN_COUNT)
         if not entries:
-            break
+            return scanned
         for raw_id, fields in entries:
             scanned += 1
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
@@ -318,7 +315,26 @@ def verify(
                 )
         last_id = entries[-1][0]
         start = "(" + (last_id.decode() if isinstance(last_id, bytes) else str(last_id))
-    _, added_after = stream_position(r, key)
+
+
+def verify(
+    r: redis.Redis,
+    keys: Sequence[str],
+    site: str,
+    since: Sequence[str],
+    added_before: int,
+    drivers: Sequence[Driver],
+) -> Verdict:
+    """Read each stream's entries after its ``since`` and check them against what each
+    driver tracked (a partitioned site has one stream per partition)."""
+    verdict = Verdict()
+    mine = {d.client.producer: d for d in drivers}
+    counts = {d.client.producer: bytearray(d.tracked + 1) for d in drivers}
+    decode = msgspec.json.decode
+    scanned = 0
+    for key, start in zip(keys, (f"({s}" for s in since), strict=True):
+        scanned += _scan(r, key, start, site, verdict, mine, counts, decode)
+    added_after = sum(stream_position(r, key)[1] for key in keys)
     # MAXLEN ~ trims the oldest entries of every producer alike, so what is left of
     # each producer is a suffix of its seqs: only seqs below the lowest seen may be gone.
     verdict.trimmed = added_after - added_before > scanned
@@ -348,6 +364,7 @@ class Result:
     B: int
     W: int
     encoding: str
+    P: int
     duration_s: float
     events_per_s: int
     frames_per_s: int
@@ -375,7 +392,7 @@ class Result:
         if self.nacks or self.reconnects or self.rejected:
             extra = f" nacks={self.nacks} reconnects={self.reconnects} rejected={self.rejected}"
         return (
-            f"C={self.C} B={self.B} W={self.W} enc={self.encoding}: "
+            f"C={self.C} B={self.B} W={self.W} enc={self.encoding} P={self.P}: "
             f"{self.events_per_s:,} events/s {self.frames_per_s:,} frames/s "
             f"p50={self.lat_p50_ms:.1f}ms p99={self.lat_p99_ms:.1f}ms "
             f"driver_cpu={pct(self.driver_cpu)} server_cpu={pct(self.server_cpu)} "
@@ -419,9 +436,12 @@ async def wait_welcomed(drivers: Sequence[Driver], timeout: float) -> None:  # n
 async def run(args: argparse.Namespace) -> Result:
     """Connect, warm up, measure, flush, verify."""
     site = site_of(args.url)
-    key = f"{args.key_prefix}:{{{site}}}:events"
+    tags = [site] if args.partitions == 1 else [f"{site}:{p}" for p in range(args.partitions)]
+    keys = [f"{args.key_prefix}:{{{tag}}}:events" for tag in tags]
     r = redis.Redis.from_url(args.redis_url)
-    since, added_before = stream_position(r, key)
+    positions = [stream_position(r, key) for key in keys]
+    since = [p[0] for p in positions]
+    added_before = sum(p[1] for p in positions)
 
     stats = Window()
     drivers = [
@@ -471,7 +491,7 @@ async def run(args: argparse.Namespace) -> Result:
         a, b = cpu0[name], cpu1[name]
         other[name] = None if a is None or b is None else 100 * (b - a) / wall
     lat = sorted(stats.latencies)
-    verdict = await asyncio.to_thread(verify, r, key, site, since, added_before, drivers)
+    verdict = await asyncio.to_thread(verify, r, keys, site, since, added_before, drivers)
     r.close()
     if not flushed:
         verdict.problem(f"flush did not finish within {args.flush_timeout:g} s")
@@ -480,6 +500,7 @@ async def run(args: argparse.Namespace) -> Result:
         B=args.batch,
         W=args.window,
         encoding=args.encoding,
+        P=args.partitions,
         duration_s=round(wall, 3),
         events_per_s=round(stats.events / wall),
         frames_per_s=round(stats.frames / wall),
@@ -516,7 +537,7 @@ def site_of(url: str) -> str:
 def table(path: Path) -> str:
     """The markdown table of the ``--json`` result lines in ``path``."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
-    head = ["C", "B", "W", "enc", "events/s", "frames/s", "p50 ms", "p99 ms"]
+    head = ["C", "B", "W", "enc", "P", "events/s", "frames/s", "p50 ms", "p99 ms"]
     head += ["cpu% driver", "cpu% server", "cpu% redis", "stored", "ok"]
     body: list[list[str]] = []
     for row in rows:
@@ -532,6 +553,7 @@ def table(path: Path) -> str:
                 str(row["B"]),
                 str(row["W"]),
                 row["encoding"],
+                str(row.get("P", 1)),
                 f"{row['events_per_s']:,}",
                 f"{row['frames_per_s']:,}",
                 f"{row['lat_p50_ms']:.2f}",
@@ -581,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=positive(float), default=1.0, help="unmeasured seconds first")
     p.add_argument("--encoding", choices=["json", "msgpack"], default="json")
     p.add_argument("--key-prefix", default="ew", help="the server's key_prefix (ew)")
+    p.add_argument("--partitions", type=positive(int), default=1, help="the site's partitions (1)")
     p.add_argument("--flush-timeout", type=positive(float), default=30.0, help="seconds")
     p.add_argument("--server-pid", type=int, help="report this process' CPU%% as the server's")
     p.add_argument("--redis-pid", type=int, help="report this process' CPU%% as Redis'")
