@@ -127,7 +127,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     session_max: Seconds = 86400.0
     #: A connection whose process stopped renewing it this long counts as closed.
     heartbeat_ttl: Annotated[float, Meta(ge=0.1)] = 15.0
-    #: How often each process looks for sessions to end (one call per site).
+    #: How often each process looks for sessions to end (one call per site and partition).
     reap_interval: Seconds = 1.0
 
     # -- persistence (eventwire persist)
