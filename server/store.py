@@ -373,6 +373,9 @@ class Store:
         self._pool: Any = getattr(client, "connection_pool", None)
         #: After a MOVED, ASK or lost node the next cluster call reads the slot map again.
         self._refresh_slots = False
+        #: Cluster nodes that failed, by name: until this monotonic time their
+        #: calls fail at once, while every other node's go on (see _cluster_fcall).
+        self._node_down: dict[str, float] = {}
         self.settings = settings
         self.book = book
         self.keys = Keys(settings.key_prefix)
@@ -576,7 +579,8 @@ class Store:
         for frames, result in zip(by_tag.values(), results, strict=True):
             if isinstance(result, Exception):
                 metrics.STORE_ERRORS.inc()
-                log.error("publish_refused", error=str(result), frames=len(frames))
+                if not isinstance(result, StoreUnavailable):  # a node down is logged once
+                    log.error("publish_refused", error=str(result), frames=len(frames))
                 for frame in frames:
                     frame.fail(f"redis error: {result}")
                 continue
@@ -655,12 +659,16 @@ class Store:
     ) -> list[Any]:
         """:meth:`_fcall` on a cluster: one round trip per node, all nodes at once.
 
-        A MOVED, ASK, TRYAGAIN or CLUSTERDOWN answer, or a node that cannot
-        be reached, fails the whole batch (its frames are nacked and resent)
-        and makes the next call read the slot map again.
+        Nodes fail alone: a node that cannot be reached, is slow, or answers
+        MOVED, ASK, TRYAGAIN or CLUSTERDOWN gives its commands a
+        :class:`StoreUnavailable` result (their frames are nacked and
+        resent), makes the next call read the slot map again, and has its
+        calls fail at once for ``retry_after_ms``, while the other nodes'
+        calls go on: one primary down (a failover) stops only the sites and
+        partitions it serves.
 
         Raises:
-            StoreUnavailable: a node is unreachable, slow, or not serving the slot.
+            StoreUnavailable: the slot map cannot be read (and none was read before).
         """
         try:
             async with asyncio.timeout(self.settings.store_timeout):
@@ -668,37 +676,64 @@ class Store:
                     self._refresh_slots = False
                     await cluster.nodes_manager.initialize()
                 await cluster.initialize()
-                groups: dict[str, tuple[ClusterNode, list[int]]] = {}
-                for i, key in enumerate(routes):
-                    node = cluster.get_node_from_key(key)
-                    assert node is not None  # only replica look-ups give None
-                    groups.setdefault(node.name, (node, []))[1].append(i)
-                replies = await asyncio.gather(
-                    *(
-                        self._node_fcall(node, [commands[i] for i in indexes])
-                        for node, indexes in groups.values()
-                    )
-                )
-        except (
-            RedisConnectionError,
-            RedisTimeoutError,
-            RedisClusterException,
-            OSError,
-            TimeoutError,
-        ) as exc:
+        except _NODE_ERRORS as exc:
             self._refresh_slots = True
-            raise StoreUnavailable(f"redis cluster unreachable: {exc or 'timeout'}") from None
-        except StoreUnavailable:
-            self._refresh_slots = True
-            raise
+            # While a primary is down and not yet replaced its slots are not
+            # covered, and redis-py refuses the new map; the map in hand
+            # still routes every other node's calls.
+            if not cluster.nodes_manager.slots_cache:
+                raise StoreUnavailable(f"redis cluster unreachable: {exc or 'timeout'}") from None
+        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for i, key in enumerate(routes):
+            node = cluster.get_node_from_key(key)
+            assert node is not None  # only replica look-ups give None
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        now = time.monotonic()
         results: list[Any] = [None] * len(commands)
-        for (_, indexes), node_results in zip(groups.values(), replies, strict=True):
-            for i, result in zip(indexes, node_results, strict=True):
+        sent: list[tuple[ClusterNode, list[int]]] = []
+        for name, (node, indexes) in groups.items():
+            if self._node_down.get(name, 0.0) > now:
+                down = StoreUnavailable(f"redis cluster node {name} unavailable")
+                for i in indexes:
+                    results[i] = down
+            else:
+                sent.append((node, indexes))
+        replies = await asyncio.gather(
+            *(self._node_fcall(node, [commands[i] for i in indexes]) for node, indexes in sent),
+            return_exceptions=True,
+        )
+        for (node, indexes), reply in zip(sent, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if not isinstance(reply, _NODE_ERRORS):
+                    raise reply
+                reason = f"redis cluster node {node.name}: {reply or 'timeout'}"
+                self._refresh_slots = True
+                if not isinstance(reply, _SlotElsewhere):  # else the node is fine
+                    if node.name not in self._node_down:  # once per outage
+                        log.warning(
+                            "redis_node_failed", node=node.name, error=str(reply) or "timeout"
+                        )
+                    self._node_down[node.name] = now + self.settings.retry_after_ms / 1000
+                for i in indexes:
+                    results[i] = StoreUnavailable(reason)
+                continue
+            if self._node_down.pop(node.name, None) is not None:
+                log.info("redis_node_back", node=node.name)
+            for i, result in zip(indexes, reply, strict=True):
                 results[i] = result
         return results
 
     async def _node_fcall(self, node: ClusterNode, commands: Sequence[list[bytes]]) -> list[Any]:
-        """Packed commands to one cluster node; the library is loaded there if it lacks it."""
+        """Packed commands to one cluster node; the library is loaded there if it lacks it.
+
+        Raises:
+            StoreUnavailable, redis ConnectionError or TimeoutError, OSError,
+            TimeoutError: the node is unreachable, slow, or not serving a slot.
+        """
+        async with asyncio.timeout(self.settings.store_timeout):
+            return await self._node_exchange(node, commands)
+
+    async def _node_exchange(self, node: ClusterNode, commands: Sequence[list[bytes]]) -> list[Any]:
         conn: Any = node.acquire_connection()
         try:
             results = await _exchange(conn, commands)
@@ -714,7 +749,7 @@ class Store:
                     results[i] = r
             moved = next((r for r in results if isinstance(r, _NOT_HERE)), None)
             if moved is not None:
-                raise StoreUnavailable(f"redis cluster slot not served here: {moved}")
+                raise _SlotElsewhere(f"redis cluster slot not served here: {moved}")
         except BaseException:
             # A reply that arrives late must never be read as another command's.
             await conn.disconnect()
@@ -858,6 +893,21 @@ def pack_fcall(
 
 #: Cluster answers meaning the slot is served elsewhere (or nowhere) right now.
 _NOT_HERE: Final = (AskError, TryAgainError, ClusterDownError)
+
+
+class _SlotElsewhere(StoreUnavailable):
+    """A cluster node answered that a slot is served by another node (or none) now."""
+
+
+#: How one cluster node's round trip fails when the node is away or not serving.
+_NODE_ERRORS: Final = (
+    StoreUnavailable,
+    RedisConnectionError,
+    RedisTimeoutError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+)
 
 
 async def _exchange(conn: Any, commands: Sequence[list[bytes]]) -> list[Any]:
