@@ -216,12 +216,18 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 @dataclass
 class Verdict:
-    """What the stream holds for the run, compared with what was tracked."""
+    """What the stream holds for the run, compared with what was tracked (or acked).
+
+    Shared by this driver and ``scripts/openloop.py``.
+    """
 
     stored: int = 0
     missing: int = 0
     duplicate: int = 0
+    #: Seqs in the stream that were never tracked (this driver).
     unexpected: int = 0
+    #: Seqs in the stream whose frame was never acked (openloop.py).
+    unacked: int = 0
     server_made: int = 0
     foreign: int = 0
     malformed: int = 0

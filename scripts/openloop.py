@@ -71,6 +71,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 import redis
+from bench import Verdict  # scripts/bench.py, beside this file
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.typing import Origin, Subprotocol
@@ -608,31 +609,6 @@ async def load(args: argparse.Namespace) -> Outcome:
 
 
 # -- verifying -------------------------------------------------------------------------
-
-
-@dataclass
-class Verdict:
-    """What the stream holds for the run's producers, compared with the acks."""
-
-    stored: int = 0
-    missing: int = 0
-    unacked: int = 0
-    duplicate: int = 0
-    server_made: int = 0
-    foreign: int = 0
-    malformed: int = 0
-    trimmed: bool = False
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """Whether every check held."""
-        return not self.problems
-
-    def problem(self, text: str) -> None:
-        """Record a problem; the first few are kept for the report."""
-        if len(self.problems) < 10:
-            self.problems.append(text)
 
 
 def as_text(value: object) -> str:

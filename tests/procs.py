@@ -5,6 +5,7 @@ Everything listens on 127.0.0.1, on ports the OS picks, never on 6379.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -20,6 +21,25 @@ from typing import Any
 
 #: Every timeout in the tests is a multiple of this (EVENTWIRE_TEST_UNIT=3 on a slow machine).
 UNIT = float(os.environ.get("EVENTWIRE_TEST_UNIT", "1"))
+
+
+#: The repository: commands run from here.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def eventwire_command(*args: str) -> asyncio.subprocess.Process:
+    """``python -m server ARGS`` as a child, pipes on stdout and stderr, no config file."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+    )
 
 
 def free_port() -> int:

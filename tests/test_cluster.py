@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,8 @@ from server.persist.worker import PersistOptions, Worker
 from server.rules import SitesBook, load_sites
 from server.store import Keys, connect_redis
 from tests.conftest import MakeServer
-from tests.procs import UNIT, RedisClusterProcess
+from tests.procs import UNIT, RedisClusterProcess, eventwire_command
 from tests.wire import event, peer, producer_id
-
-ROOT = Path(__file__).resolve().parent.parent
 
 #: Their hash slots are 3808, 6805 and 13556: one per master of an even split.
 SITES = ("shop", "app", "docs")
@@ -196,20 +193,17 @@ async def test_live_relay_over_cluster(
 
 
 async def _command(*args: str) -> tuple[int, bytes, bytes]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        cwd=ROOT,
-        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
-    )
+    proc = await eventwire_command(*args)
     out, err = await asyncio.wait_for(proc.communicate(), 20 * UNIT)
     assert proc.returncode is not None
     return proc.returncode, out, err
+
+
+async def tail_from_start(url: str, sites_path: Path) -> asyncio.subprocess.Process:
+    """``eventwire tail --json --since 0`` of the sites file's sites, as a child process."""
+    return await eventwire_command(
+        "tail", "--redis", url, "--sites", str(sites_path), "--json", "--since", "0"
+    )
 
 
 async def test_tail_and_stats_over_cluster(
@@ -225,16 +219,7 @@ async def test_tail_and_stats_over_cluster(
             await p.hello(f"u-{site}")
             await p.track(event(1))
     url = redis_cluster_proc.url
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "server", "tail", "--redis", url, "--sites", str(sites_path)),
-        *("--json", "--since", "0"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        cwd=ROOT,
-        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
-    )
+    proc = await tail_from_start(url, sites_path)
     assert proc.stdout is not None
     seen: set[str] = set()
     try:
@@ -462,16 +447,7 @@ async def test_partitions_over_cluster(
 
     # tail from the start prints each event once; stats sums the partitions.
     url_ = redis_cluster_proc.url
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "server", "tail", "--redis", url_, "--sites", str(sites_path)),
-        *("--json", "--since", "0"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        cwd=ROOT,
-        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
-    )
+    proc = await tail_from_start(url_, sites_path)
     assert proc.stdout is not None
     tailed: list[tuple[str, int]] = []
     try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -16,10 +14,9 @@ from server.gateway import EventwireServer
 from server.stats import site_stats, table
 from server.store import Keys
 from tests.conftest import SITES_TOML, MakeServer
-from tests.procs import UNIT, RedisProcess
+from tests.procs import UNIT, RedisProcess, eventwire_command
 from tests.wire import event, peer
 
-ROOT = Path(__file__).resolve().parent.parent
 KEYS = Keys("ew")
 EVENTS = "ew:{app}:events"
 #: The test sites plus ``big``, whose events are split over four partitions.
@@ -29,21 +26,7 @@ SPLIT_SITES = SITES_TOML + f"\n[sites.big]\nallow_no_origin = true\npartitions =
 
 async def stats_command(redis_url: str, sites: Path) -> dict[str, Any]:
     """``python -m server stats --json``'s snapshot."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        "stats",
-        "--redis",
-        redis_url,
-        "--sites",
-        str(sites),
-        "--json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
-    )
+    proc = await eventwire_command("stats", "--redis", redis_url, "--sites", str(sites), "--json")
     out, err = await asyncio.wait_for(proc.communicate(), 10 * UNIT)
     assert proc.returncode == 0, err
     snap: dict[str, Any] = json.loads(out)
@@ -108,20 +91,8 @@ async def test_stats_command_json(
     async with peer(server.url, site="shop") as p:
         await p.hello("u-j")
         await p.track(event(1))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server",
-            "stats",
-            "--redis",
-            redis_proc.url,
-            "--sites",
-            str(sites_file),
-            "--json",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=ROOT,
-            env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+        proc = await eventwire_command(
+            "stats", "--redis", redis_proc.url, "--sites", str(sites_file), "--json"
         )
         out, err = await asyncio.wait_for(proc.communicate(), 10 * UNIT)
     assert proc.returncode == 0, err

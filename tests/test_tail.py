@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,10 +19,9 @@ from server.gateway import EventwireServer
 from server.store import Keys
 from server.tail import _Output, follow, merge_by_site, start_id, stream_keys
 from tests.conftest import SITES_TOML, MakeServer
-from tests.procs import UNIT, RedisProcess
+from tests.procs import UNIT, RedisProcess, eventwire_command
 from tests.wire import event, peer
 
-ROOT = Path(__file__).resolve().parent.parent
 #: The test sites plus ``big``, whose events are split over four partitions.
 P = 4
 SPLIT_SITES = SITES_TOML + f"\n[sites.big]\nallow_no_origin = true\npartitions = {P}\n"
@@ -86,22 +83,8 @@ class Tail:
 @asynccontextmanager
 async def tail(redis_url: str, sites: Path, *flags: str) -> AsyncIterator[Tail]:
     """Run tail with JSON output; on exit SIGINT it and check a clean exit."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        "tail",
-        "--redis",
-        redis_url,
-        "--sites",
-        str(sites),
-        "--json",
-        *flags,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        cwd=ROOT,
-        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+    proc = await eventwire_command(
+        "tail", "--redis", redis_url, "--sites", str(sites), "--json", *flags
     )
     try:
         yield Tail(proc)
