@@ -328,6 +328,8 @@ async def follow(
             except (
                 redis.exceptions.ConnectionError,
                 redis.exceptions.TimeoutError,
+                # Not a RedisError: a cluster client that reaches no node to learn the slots.
+                redis.exceptions.RedisClusterException,
                 OSError,
             ) as exc:
                 if not down:
