@@ -533,7 +533,7 @@ def site_of(url: str) -> str:
     path = urlsplit(url).path
     prefix = "/v1/track/"
     if not path.startswith(prefix) or len(path) == len(prefix) or "/" in path[len(prefix) :]:
-        raise SystemExit(f"bench.py: --url must be ws://HOST:PORT/v1/track/SITE, got {url!r}")
+        raise SystemExit(f"--url must be ws://HOST:PORT/v1/track/SITE, got {url!r}")
     return path[len(prefix) :]
 
 

@@ -67,11 +67,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import msgspec
 import redis
-from bench import Verdict  # scripts/bench.py, beside this file
+from bench import (  # scripts/bench.py, beside this file
+    Verdict,
+    cpu_seconds,
+    site_of,
+    stream_position,
+)
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.typing import Origin, Subprotocol
@@ -479,24 +483,6 @@ async def follow_timetable(flow: Flow, plan: Plan, bodies: Sequence[bytes], tall
             return  # the reader reports why
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process and its live descendants; None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: the fields follow the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            kids = children.read_text().split()
-        except OSError:
-            continue
-        total += sum(cpu_seconds(int(kid)) or 0.0 for kid in kids)
-    return total
-
-
 def machine_ticks() -> tuple[int, int, int]:
     """(all, busy, steal) clock ticks of every CPU since boot, from /proc/stat.
 
@@ -614,15 +600,6 @@ async def load(args: argparse.Namespace) -> Outcome:
 def as_text(value: object) -> str:
     """A Redis reply item (bytes or str) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def stream_position(r: redis.Redis, key: str) -> tuple[str, int]:
-    """The stream's last generated id and its entries-added counter (``0-0``, 0 if absent)."""
-    try:
-        info = r.xinfo_stream(key)
-    except redis.ResponseError:
-        return "0-0", 0
-    return as_text(info["last-generated-id"]), int(info.get("entries-added", info["length"]))
 
 
 def verify(
@@ -885,19 +862,6 @@ def table(path: Path) -> str:
 
 
 # -- command line ----------------------------------------------------------------------
-
-
-def site_of(url: str) -> str:
-    """The ``{site}`` of ``ws://HOST:PORT/v1/track/{site}``.
-
-    Raises:
-        SystemExit: the URL has no such path.
-    """
-    path = urlsplit(url).path
-    prefix = "/v1/track/"
-    if not path.startswith(prefix) or len(path) == len(prefix) or "/" in path[len(prefix) :]:
-        raise SystemExit(f"openloop.py: --url must be ws://HOST:PORT/v1/track/SITE, got {url!r}")
-    return path[len(prefix) :]
 
 
 def positive(kind: type[int] | type[float]) -> Any:

@@ -238,6 +238,17 @@ async def test_tail_and_stats_over_cluster(
         assert snap["sites"][site]["length"] == len(await events(cluster, site))
 
 
+def persist_worker(redis_url: str, sites_path: Path, db: Path) -> Worker:
+    """A persist worker of the sites file's sites over the cluster, into SQLite at ``db``."""
+    settings = msgspec.convert({"redis_url": redis_url}, Settings)
+    return Worker(
+        settings,
+        SitesBook(sites_path, load_sites(sites_path)),
+        PersistOptions(dsn="unused"),
+        sink=open_sink(f"sqlite:///{db}"),
+    )
+
+
 async def test_persist_worker_over_cluster(
     make_server: MakeServer,
     redis_cluster_proc: RedisClusterProcess,
@@ -247,14 +258,8 @@ async def test_persist_worker_over_cluster(
 ) -> None:
     """The persistence worker reads every site's stream on its node and stores each event once."""
     srv = await start(make_server, redis_cluster_proc)
-    settings = msgspec.convert({"redis_url": redis_cluster_proc.url}, Settings)
-    sink = open_sink(f"sqlite:///{tmp_path / 'events.db'}")
-    worker = Worker(
-        settings,
-        SitesBook(sites_path, load_sites(sites_path)),
-        PersistOptions(dsn="unused"),
-        sink=sink,
-    )
+    worker = persist_worker(redis_cluster_proc.url, sites_path, tmp_path / "events.db")
+    sink = worker.sink
     await worker.start()
     try:
         for site in SITES:
@@ -426,14 +431,8 @@ async def test_partitions_over_cluster(
 
     # The persist worker stores every event of the four streams once.
     db = tmp_path / "events.db"
-    settings = msgspec.convert({"redis_url": redis_cluster_proc.url}, Settings)
-    sink = open_sink(f"sqlite:///{db}")
-    worker = Worker(
-        settings,
-        SitesBook(sites_path, load_sites(sites_path)),
-        PersistOptions(dsn="unused"),
-        sink=sink,
-    )
+    worker = persist_worker(redis_cluster_proc.url, sites_path, db)
+    sink = worker.sink
     await worker.start()
     try:
         async with asyncio.timeout(10 * UNIT):
