@@ -283,3 +283,31 @@ def test_partitions_cannot_change_on_reload(tmp_path: Path) -> None:
     path.write_text("[sites.app]\npartitions = 0\n")
     with pytest.raises(ConfigError, match="partitions"):
         book.reload()
+
+
+async def test_resend_by_customer_after_reconnect(
+    make_server: MakeServer, redis: aioredis.Redis
+) -> None:
+    """A client that resends each event for the customer it was first sent for (as the
+    tracker does) stores each once, while its old connection is still open."""
+    srv = await make_server(sites=SITES, **FAST)
+    a, b = uuid_in(0), uuid_in(2)
+    producer = producer_id()
+    async with peer(srv.url) as old, peer(srv.url) as new:
+        await old.hello(a, producer)
+        assert (await old.track(event(1), event(2)))["accepted"] == 2
+        await old.send({"type": "identify", "uuid": b})
+        assert (await old.track(event(3), event(4)))["accepted"] == 2
+        # The client lost the old connection's acks and reconnects, resending all.
+        assert (await new.hello(a, producer))["acked"] == 2
+        assert (await new.track(event(1), event(2)))["duplicate"] == 2
+        await new.send({"type": "identify", "uuid": b})
+        ack = await new.track(event(3), event(4), event(5))
+        assert (ack["accepted"], ack["duplicate"]) == (1, 2)
+        # The old connection, still open, sends its last frame late.
+        assert (await old.track(event(5)))["duplicate"] == 1
+    stored = {
+        p: [e["seq"] for e in await partition_events(redis, p) if e["producer"] == producer]
+        for p in (0, 2)
+    }
+    assert stored == {0: [1, 2], 2: [3, 4, 5]}
