@@ -1111,11 +1111,24 @@ def time_ms(reply: Sequence[Any]) -> int:
     return int(reply[0]) * 1000 + int(reply[1]) // 1000
 
 
-#: Blocking reads a :class:`StreamsReader` keeps in flight on a cluster (one
-#: connection each, of the reader client's 64 per node). With more keys it polls.
-CLUSTER_BLOCKING_READS: Final = 32
+#: Reads one cluster reader (a :class:`StreamsReader`, the persist worker) has
+#: in flight at once, one connection each, below the client's
+#: :data:`CLUSTER_NODE_CONNECTIONS` per node. A StreamsReader with more keys polls.
+CLUSTER_READS: Final = 32
 #: The pause between two polls of a cluster reader with more keys than that.
 CLUSTER_POLL_MS: Final = 100
+
+
+async def on_key_node(cluster: RedisCluster, key: str, *command: Any) -> Any:
+    """Run a command naming ``key`` on the node serving its slot.
+
+    For commands whose keys redis-py cannot place by itself (XREAD,
+    XREADGROUP: the keys follow ``STREAMS``), which it would otherwise ask a
+    node about first (``COMMAND GETKEYS``), a round trip and a connection more
+    per call.
+    """
+    node = cluster.get_node_from_key(key)
+    return await cluster.execute_command(*command, target_nodes=node)
 
 
 class StreamsReader:
@@ -1123,8 +1136,7 @@ class StreamsReader:
 
     One Redis reads every key in one call. A cluster cannot read keys of
     several slots in one call, so each key is read on its own, sent straight
-    to its key's node (redis-py would otherwise ask a node for the keys of
-    every XREAD first). Up to :data:`CLUSTER_BLOCKING_READS` keys each get a
+    to its key's node (:func:`on_key_node`). Up to :data:`CLUSTER_READS` keys each get a
     blocking read, all at once; the first answers end a call, and the reads
     still waiting stay in flight for the next call rather than being
     cancelled: redis-py drops the connection of a cancelled command (a late
@@ -1186,7 +1198,7 @@ class StreamsReader:
         # after a failover): redis-py's initialisation closes connections the
         # first commands use. A no-op once initialised.
         await client.initialize()
-        if len(streams) > CLUSTER_BLOCKING_READS:
+        if len(streams) > CLUSTER_READS:
             return await self._poll(client, streams)
         reads = self._reads
         for key in [k for k in reads if k not in streams]:
@@ -1223,14 +1235,13 @@ class StreamsReader:
         args: list[Any] = ["XREAD", "COUNT", self.count]
         if block_ms is not None:
             args += ["BLOCK", block_ms]
-        node = cluster.get_node_from_key(key)
-        return await cluster.execute_command(*args, "STREAMS", key, pos, target_nodes=node)
+        return await on_key_node(cluster, key, *args, "STREAMS", key, pos)
 
     async def _poll(
         self, cluster: RedisCluster, streams: Mapping[str, str]
     ) -> list[tuple[str, list[tuple[Any, Any]]]]:
         await self.aclose()
-        gate = asyncio.Semaphore(CLUSTER_BLOCKING_READS)
+        gate = asyncio.Semaphore(CLUSTER_READS)
 
         async def one(key: str, pos: str) -> Any:
             async with gate:

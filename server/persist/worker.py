@@ -47,8 +47,10 @@ from server.errors import ConfigError
 from server.persist.sinks import DEFAULT_DSN, EventRow, Sink, decode_event, open_sink, to_row
 from server.rules import SitesBook
 from server.store import (
+    CLUSTER_READS,
     Keys,
     RedisClient,
+    on_key_node,
     redis_client,
     redis_time_ms,
     reply_text,
@@ -69,10 +71,6 @@ READ_COUNT: Final = 500
 BATCH_MAX: Final = 10_000
 #: How long one read waits for new entries (ms); also the longest a stop waits for it.
 BLOCK_MS: Final = 1000
-#: On a Redis Cluster each stream is read by its own XREADGROUP (one call cannot
-#: span slots), and a blocked read holds a connection: at most this many run at
-#: once, below the client's connections per node (store.CLUSTER_NODE_CONNECTIONS).
-CLUSTER_READS: Final = 32
 #: How often the lag gauge, the trimming alarm and retention trimming run: per
 #: stream two XINFO calls, one XPENDING and one XTRIM.
 INFO_INTERVAL: Final = 5.0
@@ -379,7 +377,8 @@ class Worker:
     async def _read_cluster(
         self, cluster: RedisCluster, keys: Sequence[str], count: int, block: int | None
     ) -> tuple[list[tuple[str, list[tuple[Any, Any]]]], BaseException | None]:
-        """One XREADGROUP per stream, up to :data:`CLUSTER_READS` at once, each waited for.
+        """One XREADGROUP per stream on its node, up to ``store.CLUSTER_READS`` at once,
+        each waited for (a cluster cannot read keys of several slots in one call).
 
         A read cancelled after Redis delivered would leave its entries pending
         until the next reclaim, so none is cancelled. ``block`` is each
@@ -393,10 +392,12 @@ class Worker:
 
         async def read(key: str) -> list[tuple[str, list[tuple[Any, Any]]]]:
             nonlocal found
+            wait = () if found or block is None else ("BLOCK", block)
             async with gate:
-                reply = await cluster.xreadgroup(
-                    GROUP, self.consumer, {key: ">"}, count=count, block=None if found else block
-                )
+                reply = await on_key_node(
+                    cluster, key, "XREADGROUP", "GROUP", GROUP, self.consumer,
+                    "COUNT", count, *wait, "STREAMS", key, ">",
+                )  # fmt: skip
             pairs = xread_entries(reply)
             if any(entries for _, entries in pairs):
                 found = True
