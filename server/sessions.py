@@ -228,28 +228,29 @@ class Sessions:
     async def reap_once(self) -> int:
         """End the sessions that are due, on every site; returns how many ended."""
         ended = 0
-        for site, tag in [(s, t) for s in list(self.store.book.sites) for t in self.store.tags(s)]:
+        for site in list(self.store.book.sites):
             timing, taken = self.store.site_params(site)
-            while True:
-                dead, n = await self.store.call(
-                    FN_REAP,
-                    [self.keys.live(tag), self.keys.due(tag), self.keys.events(tag)],
-                    [
-                        site,
-                        self.keys.site_prefix(tag),
-                        timing.grace_ms,
-                        timing.idle_ms,
-                        timing.max_ms,
-                        CHUNK,
-                        self.settings.stream_maxlen,
-                        taken,
-                    ],
-                )
-                ended += n
-                if dead:
-                    log.info("dead_connections_reaped", tag=tag, count=dead)
-                if dead < CHUNK and n < CHUNK:
-                    break
+            for tag in self.store.tags(site):
+                while True:
+                    dead, n = await self.store.call(
+                        FN_REAP,
+                        [self.keys.live(tag), self.keys.due(tag), self.keys.events(tag)],
+                        [
+                            site,
+                            self.keys.site_prefix(tag),
+                            timing.grace_ms,
+                            timing.idle_ms,
+                            timing.max_ms,
+                            CHUNK,
+                            self.settings.stream_maxlen,
+                            taken,
+                        ],
+                    )
+                    ended += n
+                    if dead:
+                        log.info("dead_connections_reaped", tag=tag, count=dead)
+                    if dead < CHUNK and n < CHUNK:
+                        break
         return ended
 
     async def _heartbeats(self) -> None:

@@ -546,13 +546,18 @@ class Store:
             by_tag.setdefault(frame.tag, []).append(frame)
         calls: list[list[bytes]] = []
         routes: list[str] = []
+        keys = self.keys
+        # The arguments of a site, the same for each of its partitions.
+        site_args: dict[str, list[Any]] = {}
         for tag, frames in by_tag.items():
-            keys = self.keys
             site = frames[0].site
-            timing, taken = self.site_params(site)
+            fargs = site_args.get(site)
+            if fargs is None:
+                timing, taken = self.site_params(site)
+                fargs = [*self._fixed, site, timing.idle_ms, timing.max_ms, taken]
+                site_args[site] = fargs
             fkeys: list[Any] = [keys.events(tag), keys.rejected(tag), keys.due(tag)]
             routes.append(fkeys[0])
-            fargs: list[Any] = [*self._fixed, site, timing.idle_ms, timing.max_ms, taken]
             # Per frame: session, uuid, n, then its n (seq, kind, payload) items.
             tail: list[bytes] = []
             count = 0
