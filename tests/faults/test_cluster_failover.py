@@ -27,16 +27,15 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from server.client import EventwireClient
 from server.store import LIBRARY_VERSION, Keys
 from tests.faults.test_faults import (
-    OUTAGE_ENV,
     TimedLedger,
+    outage_server,
     paced_events,
     stored_seqs,
     streaming_client,
 )
-from tests.procs import UNIT, RedisClusterProcess, RedisProcess, ServerProcess
+from tests.procs import UNIT, RedisClusterProcess, RedisProcess
 
 #: One site per case, on different primaries (slots 6805 and 13556 of an even
 #: split), so both cases share one cluster: each kills its own site's primary.
@@ -113,11 +112,7 @@ async def test_primary_sigkill_failover(
     sites.write_text(SITES_TOML)
     primary = await asyncio.to_thread(failover_cluster.primary_of, slot)
     replica = await replica_of(failover_cluster, primary.port)
-    srv = ServerProcess(
-        failover_cluster.url,
-        sites,
-        env=OUTAGE_ENV,
-    ).start()
+    srv = outage_server(failover_cluster.url, sites)
     ledger = TimedLedger(break_after=1)
     total = 5000
     client = streaming_client(f"ws://127.0.0.1:{srv.port}/v1/track/{site}", ledger)
@@ -220,24 +215,12 @@ async def test_primary_sigkill_stops_only_its_partitions(
     primary = await asyncio.to_thread(failover_cluster.primary_of, slot)
     assert (await asyncio.to_thread(failover_cluster.primary_of, other_slot)).port != primary.port
     replica = await replica_of(failover_cluster, primary.port)
-    srv = ServerProcess(failover_cluster.url, sites, env=OUTAGE_ENV).start()
+    srv = outage_server(failover_cluster.url, sites)
     url = f"ws://127.0.0.1:{srv.port}/v1/track/part"
     victim_ledger, bystander_ledger = TimedLedger(break_after=1), TimedLedger(break_after=1)
     total = 3000
-
-    def client(uuid: str, ledger: TimedLedger) -> EventwireClient:
-        return EventwireClient(
-            url,
-            uuid=uuid,
-            batch_size=20,
-            max_inflight=4,
-            backoff_base=0.05,
-            backoff_max=0.3,
-            on_ack=ledger.on_ack,
-        )
-
-    victim = client(customer_of(0), victim_ledger)
-    bystander = client(customer_of(2), bystander_ledger)
+    victim = streaming_client(url, victim_ledger, customer_of(0))
+    bystander = streaming_client(url, bystander_ledger, customer_of(2))
     try:
         async with victim, bystander:
             sending = [

@@ -64,11 +64,22 @@ async def stored_seqs(redis_url: str, producer: str, site: str = "app") -> list[
     return [e["seq"] for e in events if e["producer"] == producer]
 
 
-def streaming_client(url: str, ledger: Ledger) -> EventwireClient:
+def streaming_client(url: str, ledger: Ledger, uuid: str | None = None) -> EventwireClient:
     """A client that batches 20 events, keeps 4 frames in flight and reconnects fast."""
     return EventwireClient(
-        url, batch_size=20, max_inflight=4, backoff_base=0.05, backoff_max=0.3, on_ack=ledger.on_ack
+        url,
+        uuid=uuid,
+        batch_size=20,
+        max_inflight=4,
+        backoff_base=0.05,
+        backoff_max=0.3,
+        on_ack=ledger.on_ack,
     )
+
+
+def outage_server(redis_url: str, sites: Path) -> ServerProcess:
+    """A server process that gives up on Redis quickly (:data:`OUTAGE_ENV`), started."""
+    return ServerProcess(redis_url, sites, env=OUTAGE_ENV).start()
 
 
 async def stream_events(client: EventwireClient, total: int) -> None:
@@ -117,11 +128,7 @@ async def test_server_sigkill_under_load(redis_proc: RedisProcess, sites_file: P
 @pytest.mark.parametrize("how", ["sigkill", "sigstop"])
 async def test_redis_outage_under_load(aof_redis: RedisProcess, sites_file: Path, how: str) -> None:
     """Redis killed (AOF always) or frozen mid-stream: nacks, no crash, nothing acked lost."""
-    srv = ServerProcess(
-        aof_redis.url,
-        sites_file,
-        env=OUTAGE_ENV,
-    ).start()
+    srv = outage_server(aof_redis.url, sites_file)
     ledger = Ledger(break_after=20)
     total = 2000
     client = streaming_client(f"ws://127.0.0.1:{srv.port}/v1/track/app", ledger)
@@ -205,11 +212,7 @@ EVERYSEC_WINDOW = 2.0
 async def test_redis_everysec_crash_under_load(sites_file: Path, crash: str) -> None:
     """Redis (AOF everysec) crashed mid-stream: only acks of the last 2 s may be lost, no dups."""
     redis = RedisProcess(appendonly=True, appendfsync="everysec").start()
-    srv = ServerProcess(
-        redis.url,
-        sites_file,
-        env=OUTAGE_ENV,
-    ).start()
+    srv = outage_server(redis.url, sites_file)
     ledger = TimedLedger(break_after=1)
     total = 3000
     samples: list[tuple[float, int]] = []
