@@ -110,7 +110,6 @@ from websockets.exceptions import ConnectionClosed
 from server import metrics
 from server.errors import StoreUnavailable
 from server.store import (
-    Keys,
     RedisClient,
     Store,
     StreamEntry,
@@ -762,9 +761,7 @@ class Relay:
 
     def stream_keys(self, site: str, stream: StreamName, partitions: int = 1) -> list[str]:
         """The Redis keys of a site's stream, one per partition, in partition order."""
-        keys = self.store.keys
-        tags = Keys.tags(site, partitions)
-        return [keys.rejected(t) if stream == "rejected" else keys.events(t) for t in tags]
+        return self.store.keys.streams(site, partitions, rejected=stream == "rejected")
 
     async def serve(self, ws: ServerConnection, query: LiveQuery) -> None:
         """Run one viewer from hello until it leaves (or the server closes it)."""

@@ -118,6 +118,11 @@ class Keys:
             return [site]
         return [f"{site}:{p}" for p in range(partitions)]
 
+    def streams(self, site: str, partitions: int, rejected: bool = False) -> list[str]:
+        """A site's events (or rejected) stream in each partition, in partition order."""
+        name = "rejected" if rejected else "events"
+        return [f"{self.prefix}:{{{tag}}}:{name}" for tag in self.tags(site, partitions)]
+
     def events(self, tag: str) -> str:
         """The stream of accepted events of a site (or of one partition)."""
         return f"{self.prefix}:{{{tag}}}:events"

@@ -269,10 +269,10 @@ def stream_keys(
     """
     out: dict[str, str] = {}
     for site, partitions in sites.items():
-        tags = (
-            [Keys.tag(site, uuid, partitions)] if uuid is not None else Keys.tags(site, partitions)
-        )
-        for tag in tags:
+        if uuid is None:
+            out.update(dict.fromkeys(keys.streams(site, partitions, rejected), site))
+        else:
+            tag = Keys.tag(site, uuid, partitions)
             out[keys.rejected(tag) if rejected else keys.events(tag)] = site
     return out
 
