@@ -1,6 +1,6 @@
 """Benchmark driver: load an eventwire server with the Python client, then verify Redis.
 
-Opens C :class:`~server.client.EventwireClient` instances (each its own random
+Opens C :class:`~eventwire.client.EventwireClient` instances (each its own random
 producer), and each keeps exactly W frames of B events in flight: a
 semaphore of W per client is taken before tracking B events and given back
 when the ack of those B events arrives. After ``--warmup`` seconds (not
@@ -45,8 +45,8 @@ import msgspec
 import redis
 import structlog
 
-from server.client import EventwireClient
-from server.protocol import Ack
+from eventwire.client import EventwireClient
+from eventwire.core.protocol import Ack
 
 #: How long all clients may take to get their first welcome.
 CONNECT_TIMEOUT: Final = 15.0

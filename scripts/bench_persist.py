@@ -17,11 +17,11 @@ import time
 import msgspec
 import redis.asyncio as aioredis
 
-from server.config import Settings
-from server.persist.sinks import open_sink
-from server.persist.worker import PersistOptions, Worker
-from server.protocol import StoredEvent
-from server.rules import SiteConfig, SiteRules, SitesBook
+from eventwire.core.config import Settings
+from eventwire.core.protocol import StoredEvent
+from eventwire.core.rules import SiteConfig, SiteRules, SitesBook
+from eventwire.persist.sinks import open_sink
+from eventwire.persist.worker import PersistOptions, Worker
 
 SITE = "bench"
 

@@ -8,8 +8,8 @@ and array map keys, NaN, empty and oversized batches, frame-long actions).
 
 In process (the default), each frame goes through what the server does with
 it, without a socket: strict decoding, then event by event
-(``server.protocol``), the rules of every event (``server.validation`` with a
-site's verdicts from ``server.rules``), and the records written for bad
+(``eventwire.core.protocol``), the rules of every event (``eventwire.core.validation`` with a
+site's verdicts from ``eventwire.core.rules``), and the records written for bad
 frames. A finding is any other exception, or an answer the protocol does not
 allow (a reject code outside PROTOCOL.md, a stored event that is not what was
 sent, a decoded uuid outside its form, ...).
@@ -58,9 +58,8 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a file: the server package sits beside scripts/
     sys.path.insert(0, str(ROOT))
 
-from server.errors import UndecodableFrame  # noqa: E402
-from server.ingest import undecodable_record  # noqa: E402
-from server.protocol import (  # noqa: E402
+from eventwire.core.errors import UndecodableFrame  # noqa: E402
+from eventwire.core.protocol import (  # noqa: E402
     JSON_CODEC,
     MAX_SEQ,
     MAX_TIME,
@@ -74,8 +73,9 @@ from server.protocol import (  # noqa: E402
     WireEvent,
     record_encoder,
 )
-from server.rules import SiteConfig, SiteRules  # noqa: E402
-from server.validation import Identity, Limits, Rejected, action_problem, judge_event  # noqa: E402
+from eventwire.core.rules import SiteConfig, SiteRules  # noqa: E402
+from eventwire.core.validation import Identity, Limits, Rejected, action_problem, judge_event  # noqa: E402
+from eventwire.ingest import undecodable_record  # noqa: E402
 
 #: Reject codes of PROTOCOL.md section 3.
 REJECT_CODES: Final = frozenset(

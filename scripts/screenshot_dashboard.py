@@ -39,10 +39,10 @@ import redis.asyncio as aioredis
 import structlog
 from playwright.async_api import async_playwright
 
-from server.client import EventwireClient
-from server.config import Settings
-from server.gateway import EventwireServer
-from server.rules import load_sites
+from eventwire.client import EventwireClient
+from eventwire.core.config import Settings
+from eventwire.core.rules import load_sites
+from eventwire.gateway import EventwireServer
 from tests.procs import RedisProcess
 
 CHROMIUM: Final = "/usr/bin/chromium"

@@ -13,9 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 from playwright.async_api import Browser, Page, async_playwright
 
-from server.config import Settings
-from server.gateway import EventwireServer
-from server.rules import SiteConfig, SiteRules, load_sites
+from eventwire.core.config import Settings
+from eventwire.core.rules import SiteConfig, SiteRules, load_sites
+from eventwire.gateway import EventwireServer
 from tests.procs import RedisClusterProcess, RedisProcess
 
 SITES_TOML = """

@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 async def eventwire_command(*args: str) -> asyncio.subprocess.Process:
-    """``python -m server ARGS`` as a child, pipes on stdout and stderr, no config file."""
+    """``python -m eventwire ARGS`` as a child, pipes on stdout and stderr, no config file."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "eventwire",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -290,7 +290,7 @@ class ServerProcess:
             [
                 sys.executable,
                 "-m",
-                "server",
+                "eventwire",
                 "serve",
                 "--listen",
                 f"127.0.0.1:{port}",

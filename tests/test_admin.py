@@ -15,11 +15,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
-from server.admin import LIVE_SUBPROTOCOL, token_subprotocol
-from server.client import EventwireClient
-from server.config import describe, load_settings
-from server.errors import ConfigError
-from server.gateway import EventwireServer
+from eventwire.admin import LIVE_SUBPROTOCOL, token_subprotocol
+from eventwire.client import EventwireClient
+from eventwire.core.config import describe, load_settings
+from eventwire.core.errors import ConfigError
+from eventwire.gateway import EventwireServer
 from tests.conftest import MakeServer
 from tests.procs import RedisProcess
 from tests.wire import event, peer

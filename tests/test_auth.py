@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.auth import TokenRefused, verify_token
-from server.rules import VerifyKey
+from eventwire.core.auth import TokenRefused, verify_token
+from eventwire.core.rules import VerifyKey
 from tests.keys import SECRET, forged_hs256, none_token, public_pem, rsa_key, token
 
 HS = VerifyKey("HS256", SECRET.encode())

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from server.gateway import EventwireServer
+from eventwire.gateway import EventwireServer
 from tests.wire import client_events
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def eventwire(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m server ARGS`` from the repository root."""
+    """Run ``python -m eventwire ARGS`` from the repository root."""
     return subprocess.run(
-        [sys.executable, "-m", "server", *args],
+        [sys.executable, "-m", "eventwire", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -66,7 +66,7 @@ async def test_send(server: EventwireServer, redis: aioredis.Redis) -> None:
 
     async def send(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server", "send", "--url", f"{server.url}/v1/track/app", *args,
+            sys.executable, "-m", "eventwire", "send", "--url", f"{server.url}/v1/track/app", *args,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
         )  # fmt: skip
         out, err = await proc.communicate()

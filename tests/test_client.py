@@ -11,9 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from server.client import BufferFull, ClientClosed, EventwireClient
-from server.gateway import EventwireServer
-from server.protocol import Ack
+from eventwire.client import BufferFull, ClientClosed, EventwireClient
+from eventwire.core.protocol import Ack
+from eventwire.gateway import EventwireServer
 from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisProcess, free_port
 

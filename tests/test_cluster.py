@@ -20,14 +20,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.client import connect
 
-from server.client import EventwireClient
-from server.config import Settings, cluster_nodes, load_settings, mask_url
-from server.errors import ConfigError
-from server.gateway import EventwireServer
-from server.persist.sinks import open_sink
-from server.persist.worker import PersistOptions, Worker
-from server.rules import SitesBook, load_sites
-from server.store import Keys, connect_redis
+from eventwire.client import EventwireClient
+from eventwire.core.config import Settings, cluster_nodes, load_settings, mask_url
+from eventwire.core.errors import ConfigError
+from eventwire.core.rules import SitesBook, load_sites
+from eventwire.gateway import EventwireServer
+from eventwire.persist.sinks import open_sink
+from eventwire.persist.worker import PersistOptions, Worker
+from eventwire.store import Keys, connect_redis
 from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisClusterProcess, eventwire_command
 from tests.wire import event, peer, producer_id

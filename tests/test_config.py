@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import describe, load_settings, mask_url
-from server.errors import ConfigError
+from eventwire.core.config import describe, load_settings, mask_url
+from eventwire.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from playwright.async_api import ConsoleMessage, Page, Request, Response
 
-from server.client import EventwireClient
-from server.gateway import EventwireServer
+from eventwire.client import EventwireClient
+from eventwire.gateway import EventwireServer
 from tests.conftest import MakeServer
 from tests.procs import UNIT, free_port
 from tests.test_admin import TOKEN

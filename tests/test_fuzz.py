@@ -25,10 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scripts.fuzz import SPECIAL_BYTES
-from server.errors import UndecodableFrame
-from server.ingest import undecodable_record
-from server.protocol import (
+from eventwire.core.errors import UndecodableFrame
+from eventwire.core.protocol import (
     JSON_CODEC,
     MAX_SEQ,
     MAX_TIME,
@@ -48,8 +46,10 @@ from server.protocol import (
     WireEvent,
     event_text,
 )
-from server.rules import Verdict
-from server.validation import Identity, Limits, Rejected, action_problem, judge_event
+from eventwire.core.rules import Verdict
+from eventwire.core.validation import Identity, Limits, Rejected, action_problem, judge_event
+from eventwire.ingest import undecodable_record
+from scripts.fuzz import SPECIAL_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Reject codes of PROTOCOL.md section 3.

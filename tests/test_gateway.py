@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from server.gateway import EventwireServer
+from eventwire.gateway import EventwireServer
 from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisProcess, ServerProcess
 from tests.wire import client_events, event, peer, producer_id, stream

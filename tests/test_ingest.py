@@ -8,7 +8,7 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from server.gateway import EventwireServer
+from eventwire.gateway import EventwireServer
 from tests.procs import RedisProcess
 from tests.wire import client_events, event, now_ms, peer, producer_id, stream
 

@@ -18,11 +18,11 @@ from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server import live
-from server.client import EventwireClient
-from server.gateway import EventwireServer
-from server.live import Entry, Filter, Viewer, parse_query
-from server.store import StreamEntry, StreamsReader, stream_id
+from eventwire import live
+from eventwire.client import EventwireClient
+from eventwire.gateway import EventwireServer
+from eventwire.live import Entry, Filter, Viewer, parse_query
+from eventwire.store import StreamEntry, StreamsReader, stream_id
 from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisClusterProcess, RedisProcess, free_port
 from tests.test_dashboard import MS, open_dashboard, wait_rows

@@ -9,7 +9,7 @@ from http import HTTPStatus
 
 import pytest
 
-from server.gateway import EventwireServer
+from eventwire.gateway import EventwireServer
 
 
 async def _get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:

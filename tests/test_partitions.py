@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from server.errors import ConfigError
-from server.rules import SitesBook, load_sites
-from server.store import Keys, StreamInfo, merge_stream_info
+from eventwire.core.errors import ConfigError
+from eventwire.core.rules import SitesBook, load_sites
+from eventwire.store import Keys, StreamInfo, merge_stream_info
 from tests.conftest import MakeServer
 from tests.procs import UNIT
 from tests.test_admin import fetch

@@ -21,14 +21,14 @@ import structlog
 from prometheus_client import REGISTRY
 from redis.exceptions import ResponseError
 
-from server.client import EventwireClient
-from server.config import Settings
-from server.gateway import EventwireServer
-from server.persist.sinks import EventRow, Sink, open_sink
-from server.persist.worker import GROUP, PersistOptions, Worker
-from server.rules import SitesBook, load_sites
-from server.stats import site_stats
-from server.store import Keys
+from eventwire.client import EventwireClient
+from eventwire.commands.stats import site_stats
+from eventwire.core.config import Settings
+from eventwire.core.rules import SitesBook, load_sites
+from eventwire.gateway import EventwireServer
+from eventwire.persist.sinks import EventRow, Sink, open_sink
+from eventwire.persist.worker import GROUP, PersistOptions, Worker
+from eventwire.store import Keys
 from tests.conftest import SITES_TOML, MakeServer
 from tests.procs import UNIT, RedisProcess
 from tests.wire import now_ms
@@ -135,9 +135,9 @@ def worker_flags(sites_file: Path, redis_proc: RedisProcess, dsn: str) -> list[s
 
 
 def spawn(args: list[str]) -> subprocess.Popen[bytes]:
-    """Start ``python -m server ARGS`` (no config file)."""
+    """Start ``python -m eventwire ARGS`` (no config file)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "server", *args],
+        [sys.executable, "-m", "eventwire", *args],
         cwd=ROOT,
         env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
         stdin=subprocess.DEVNULL,
@@ -356,7 +356,7 @@ async def test_activity_feed_newest_first(
         [
             sys.executable,
             "-m",
-            "server",
+            "eventwire",
             "activity",
             "--dsn",
             sqlite_dsn,
@@ -416,7 +416,7 @@ async def session_rows(dsn: str) -> list[tuple[Any, ...]]:
     if dsn.startswith("sqlite"):
         import sqlite3
 
-        from server.persist.sinks import sqlite_path
+        from eventwire.persist.sinks import sqlite_path
 
         with sqlite3.connect(sqlite_path(dsn)) as db:
             return list(db.execute(sql).fetchall())

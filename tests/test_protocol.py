@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from server.errors import UndecodableFrame
-from server.protocol import (
+from eventwire.core.errors import UndecodableFrame
+from eventwire.core.protocol import (
     CODECS,
     JSON_CODEC,
     MAX_SEQ,

@@ -7,8 +7,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from server.errors import ConfigError
-from server.rules import SiteConfig, SiteRules, load_sites
+from eventwire.core.errors import ConfigError
+from eventwire.core.rules import SiteConfig, SiteRules, load_sites
 
 
 def rules(*origins: str, allow_no_origin: bool = False) -> SiteRules:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from server.gateway import EventwireServer
+from eventwire.gateway import EventwireServer
 from tests.conftest import MakeServer
 from tests.keys import SECRET, SECRET_ENV, none_token, token, write_public_pem
 from tests.procs import UNIT

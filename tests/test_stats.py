@@ -10,9 +10,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from server.gateway import EventwireServer
-from server.stats import site_stats, table
-from server.store import Keys
+from eventwire.commands.stats import site_stats, table
+from eventwire.gateway import EventwireServer
+from eventwire.store import Keys
 from tests.conftest import SITES_TOML, MakeServer
 from tests.procs import UNIT, RedisProcess, eventwire_command
 from tests.wire import event, peer
@@ -25,7 +25,7 @@ SPLIT_SITES = SITES_TOML + f"\n[sites.big]\nallow_no_origin = true\npartitions =
 
 
 async def stats_command(redis_url: str, sites: Path) -> dict[str, Any]:
-    """``python -m server stats --json``'s snapshot."""
+    """``python -m eventwire stats --json``'s snapshot."""
     proc = await eventwire_command("stats", "--redis", redis_url, "--sites", str(sites), "--json")
     out, err = await asyncio.wait_for(proc.communicate(), 10 * UNIT)
     assert proc.returncode == 0, err
@@ -87,7 +87,7 @@ async def test_site_stats_persist_group(server: EventwireServer, redis: aioredis
 async def test_stats_command_json(
     server: EventwireServer, redis_proc: RedisProcess, sites_file: Path
 ) -> None:
-    """``python -m server stats --json`` prints one JSON object with every site."""
+    """``python -m eventwire stats --json`` prints one JSON object with every site."""
     async with peer(server.url, site="shop") as p:
         await p.hello("u-j")
         await p.track(event(1))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from hiredis import pack_command
 
-from server.gateway import EventwireServer
-from server.store import (
+from eventwire.gateway import EventwireServer
+from eventwire.store import (
     COUNT_ONLY,
     EVENT,
     LIBRARY_VERSION,

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from server.gateway import EventwireServer
-from server.store import Keys
-from server.tail import _Output, follow, merge_by_site, start_id, stream_keys
+from eventwire.commands.tail import _Output, follow, merge_by_site, start_id, stream_keys
+from eventwire.gateway import EventwireServer
+from eventwire.store import Keys
 from tests.conftest import SITES_TOML, MakeServer
 from tests.procs import UNIT, RedisProcess, eventwire_command
 from tests.wire import event, peer
@@ -42,7 +42,7 @@ def uuids_over_partitions(n: int, prefix: str) -> list[str]:
 
 
 class Tail:
-    """A running ``python -m server tail ...`` and the lines it printed."""
+    """A running ``python -m eventwire tail ...`` and the lines it printed."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.tasks import cancel_and_wait
+from eventwire.tasks import cancel_and_wait
 
 
 async def test_task_that_loses_a_cancellation_still_stops() -> None:

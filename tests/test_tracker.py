@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Route, WebSocket
 from prometheus_client import REGISTRY
 
-from server.gateway import EventwireServer
-from server.pages import STATIC_DIR
+from eventwire.gateway import EventwireServer
+from eventwire.pages import STATIC_DIR
 from tests.conftest import MakeServer
 from tests.keys import SECRET, SECRET_ENV, token
 from tests.procs import UNIT

@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from server.protocol import WireEvent
-from server.rules import Verdict
-from server.validation import (
+from eventwire.core.protocol import WireEvent
+from eventwire.core.rules import Verdict
+from eventwire.core.validation import (
     Identity,
     Limits,
     Rejected,

@@ -1,7 +1,7 @@
 """server/supervisor.py: ``eventwire serve --workers N``, real processes on one port.
 
 Most tests start ``eventwire serve --workers 2`` as a subprocess on port 0 and
-break or signal it; the last ones run :class:`~server.supervisor.Supervisor`
+break or signal it; the last ones run :class:`~eventwire.supervisor.Supervisor`
 in the test's loop with tiny stand-in children (real processes that report
 ready, then crash or ignore SIGTERM) to reach its limits quickly.
 """
@@ -29,10 +29,10 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from server.client import EventwireClient
-from server.config import Settings
-from server.protocol import Ack
-from server.supervisor import EXIT_FAILED, EXIT_KILLED, RestartPolicy, Supervisor
+from eventwire.client import EventwireClient
+from eventwire.core.config import Settings
+from eventwire.core.protocol import Ack
+from eventwire.supervisor import EXIT_FAILED, EXIT_KILLED, RestartPolicy, Supervisor
 from tests.conftest import SITES_TOML
 from tests.procs import UNIT, RedisProcess, ServerProcess
 from tests.wire import client_events, event, peer
@@ -321,8 +321,8 @@ def test_listen_port_taken_exits_1(sites_file: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         out = subprocess.run(
-            [sys.executable, "-m", "server", "serve", "--workers", "2", "--sites", str(sites_file),
-             "--listen", f"127.0.0.1:{port}", "--admin", "127.0.0.1:0"],
+            [sys.executable, "-m", "eventwire", "serve", "--workers", "2",
+             "--sites", str(sites_file), "--listen", f"127.0.0.1:{port}", "--admin", "127.0.0.1:0"],
             capture_output=True, text=True, cwd=REPO, timeout=30,
             env={**os.environ, "EVENTWIRE_CONFIG": os.devnull}, check=False,
         )  # fmt: skip
@@ -336,7 +336,7 @@ def test_workers_setting() -> None:
 
     def eventwire(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "server", *args], capture_output=True, text=True, cwd=REPO,
+            [sys.executable, "-m", "eventwire", *args], capture_output=True, text=True, cwd=REPO,
             env={**os.environ, **env}, timeout=30, check=False,
         )  # fmt: skip
 

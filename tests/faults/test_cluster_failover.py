@@ -27,7 +27,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from server.store import LIBRARY_VERSION, Keys
+from eventwire.store import LIBRARY_VERSION, Keys
 from tests.faults.test_faults import (
     TimedLedger,
     outage_server,

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from server.client import EventwireClient
-from server.protocol import Ack
+from eventwire.client import EventwireClient
+from eventwire.core.protocol import Ack
 from tests.procs import UNIT, RedisProcess, ServerProcess, free_port
 
 

@@ -1,5 +1,5 @@
 """``python -m server`` runs the ``eventwire`` command."""
 
-from server.cli import main
+from eventwire.commands.cli import main
 
 raise SystemExit(main())

@@ -14,8 +14,8 @@ from typing import Any, Final
 
 import msgspec
 
-from server.protocol import StoredEvent, WireEvent, record_encoder
-from server.rules import Verdict
+from eventwire.core.protocol import StoredEvent, WireEvent, record_encoder
+from eventwire.core.rules import Verdict
 
 ACTION_MIN: Final = 3
 ACTION_MAX: Final = 32

@@ -7,7 +7,7 @@ each child shares with it. The supervisor serves no connection itself:
   keeps it with a bound, never-listening ``SO_REUSEPORT`` socket: no other
   program takes the port while a child restarts, and the kernel hands
   connections only to listening sockets, so this one never gets any.
-- It starts N children, each ``python -m server`` with the command line the
+- It starts N children, each ``python -m eventwire`` with the command line the
   supervisor was given plus ``--workers 1``, the concrete ``--listen`` and a
   private ``--admin 127.0.0.1:0``. Each runs the ordinary single-process
   server and binds the public port with ``SO_REUSEPORT``: the kernel spreads
@@ -66,9 +66,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from server.admin import warn_if_open
-from server.config import Settings
-from server.tasks import cancel_and_wait
+from eventwire.admin import warn_if_open
+from eventwire.core.config import Settings
+from eventwire.tasks import cancel_and_wait
 
 #: Every child drained and exited 0.
 EXIT_OK: Final = 0
@@ -731,4 +731,4 @@ class Lifeline:
 
 def child_command(argv: Sequence[str]) -> list[str]:
     """The command line of a child: this Python, ``-m server``, the supervisor's arguments."""
-    return [sys.executable, "-m", "server", *argv]
+    return [sys.executable, "-m", "eventwire", *argv]

@@ -6,7 +6,7 @@ into ``track`` frames, pipelines up to ``max_inflight`` frames, and resends
 what was not stored after a ``nack`` or a lost connection, in seq order and
 with the original seqs, so that the server's de-duplication makes delivery
 exactly-once in the stream. Messages are the Structs and codecs of
-:mod:`server.protocol`; nothing here describes the wire by hand.
+:mod:`eventwire.core.protocol`; nothing here describes the wire by hand.
 
 One :class:`EventwireClient` is one producer. Use it from the event loop that
 started it; it is not thread-safe. Tests and the benchmark depend on its
@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.typing import Origin, Subprotocol
 from websockets.uri import parse_uri
 
-from server.protocol import (
+from eventwire.core.protocol import (
     CODECS,
     JSON_SUBPROTOCOL,
     MSGPACK_SUBPROTOCOL,
@@ -47,7 +47,7 @@ from server.protocol import (
     Welcome,
     WireEvent,
 )
-from server.tasks import cancel_and_wait
+from eventwire.tasks import cancel_and_wait
 
 CLIENT_NAME: Final = "eventwire-py/0.1"
 

@@ -5,7 +5,7 @@ loop (``XREADGROUP COUNT 500 BLOCK 1000`` over all sites' streams), the ack
 after each batch is committed, reclaiming entries of dead consumers
 (``XAUTOCLAIM``), dead-lettering to ``{prefix}:{site}:dead``, retention
 trimming, the trimming alarm, the lag gauge and picking up new sites. What a
-row is, and the SQL, is :mod:`server.persist.sinks`'.
+row is, and the SQL, is :mod:`eventwire.persist.sinks`'.
 
 A site with ``partitions = P`` above 1 has P events streams, ``{site:0}`` to
 ``{site:P-1}`` (PROTOCOL.md section 7). Each stream is a unit of its own here:
@@ -42,11 +42,11 @@ from prometheus_client import Counter, Gauge
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
-from server.config import Settings
-from server.errors import ConfigError
-from server.persist.sinks import DEFAULT_DSN, EventRow, Sink, decode_event, open_sink, to_row
-from server.rules import SitesBook
-from server.store import (
+from eventwire.core.config import Settings
+from eventwire.core.errors import ConfigError
+from eventwire.core.rules import SitesBook
+from eventwire.persist.sinks import DEFAULT_DSN, EventRow, Sink, decode_event, open_sink, to_row
+from eventwire.store import (
     CLUSTER_READS,
     Keys,
     RedisClient,

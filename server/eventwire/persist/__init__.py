@@ -3,11 +3,11 @@ and the ``activity`` feed read from that store.
 
 ``worker`` owns the Redis side (consumer group, acks, reclaim, dead letters),
 ``sinks`` the SQL (schema, migrations, idempotent writes, queries),
-``commands`` the two command-line commands, which ``server.cli`` wires in with
+``commands`` the two command-line commands, which ``eventwire.commands.cli`` wires in with
 :func:`add_parsers` and :func:`run`.
 """
 
-from server.persist.commands import (
+from eventwire.persist.commands import (
     add_activity_parser,
     add_parsers,
     add_persist_parser,

@@ -76,7 +76,7 @@ of them at once:
   each partition, so it hands out no more than ``live_batch`` (P if
   ``live_batch`` is smaller), the bound the viewer queues are set against.
   On one Redis all partitions are one ``XREAD``; on a cluster each key is
-  read on its own node (:class:`server.store.StreamsReader`). Page reads (a
+  read on its own node (:class:`eventwire.store.StreamsReader`). Page reads (a
   replay; a reader behind or back from a failure) read each partition in its
   own ``MULTI``.
 - ``lagged`` and ``trimmed`` are counted per partition: a gap gives one
@@ -107,9 +107,10 @@ from msgspec import Struct
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from server import metrics
-from server.errors import StoreUnavailable
-from server.store import (
+from eventwire import metrics
+from eventwire.commands.tail import start_id
+from eventwire.core.errors import StoreUnavailable
+from eventwire.store import (
     RedisClient,
     Store,
     StreamEntry,
@@ -123,8 +124,7 @@ from server.store import (
     stream_id,
     trimmed_after,
 )
-from server.tail import start_id
-from server.tasks import cancel_and_wait
+from eventwire.tasks import cancel_and_wait
 
 log = structlog.get_logger("eventwire.live")
 
@@ -608,7 +608,7 @@ class _Reader:
         self.viewers: set[Viewer] = set()
         self.task: asyncio.Task[None] | None = None
         #: Set before the task is cancelled: a cancellation that redis-py
-        #: swallows (see server.tasks) must not keep the loop going.
+        #: swallows (see eventwire.tasks) must not keep the loop going.
         self.stopping = False
 
     @property

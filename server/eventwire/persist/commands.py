@@ -2,14 +2,14 @@
 
 This module owns the command-line surface of persistence and nothing else:
 it parses flags, reads the settings (``redis_url``, ``key_prefix``,
-``sites`` through :func:`server.config.load_settings`; the worker's own
+``sites`` through :func:`eventwire.core.config.load_settings`; the worker's own
 ``persist_dsn``, ``claim_idle``, ``max_deliveries`` from flags or
 ``EVENTWIRE_PERSIST_DSN``, ``EVENTWIRE_CLAIM_IDLE``, ``EVENTWIRE_MAX_DELIVERIES``),
 runs the worker until SIGTERM/SIGINT and prints the activity feed. Exit
 codes: 0 done or stopped by a signal, 1 the worker failed, 2 a configuration
 error.
 
-Wiring into ``server.cli``: ``add_parsers(sub)`` in ``build_parser``, and
+Wiring into ``eventwire.commands.cli``: ``add_parsers(sub)`` in ``build_parser``, and
 ``return _run(persist.run(args))`` when ``args.command`` is ``persist`` or
 ``activity``.
 """
@@ -26,12 +26,12 @@ from typing import Any
 import msgspec
 from prometheus_client import start_http_server
 
-from server.config import add_source_flags, load_settings, parse_hostport
-from server.errors import ConfigError
-from server.log import configure
-from server.persist.sinks import DEFAULT_DSN, Activity, open_sink
-from server.persist.worker import PersistOptions, Worker
-from server.rules import SitesBook, load_sites
+from eventwire.core.config import add_source_flags, load_settings, parse_hostport
+from eventwire.core.errors import ConfigError
+from eventwire.core.rules import SitesBook, load_sites
+from eventwire.log import configure
+from eventwire.persist.sinks import DEFAULT_DSN, Activity, open_sink
+from eventwire.persist.worker import PersistOptions, Worker
 
 #: Rows the activity feed prints unless ``--limit`` says otherwise.
 DEFAULT_LIMIT = 50

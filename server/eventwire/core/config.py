@@ -4,7 +4,7 @@ This module owns every server setting, its default and what it costs. It
 reads files and the environment and never touches the network. Each setting
 ``name`` can be overridden by the environment variable ``EVENTWIRE_NAME``
 (durations in seconds, floats allowed); command-line flags override both. A
-wrong value stops startup with a :class:`~server.errors.ConfigError` naming
+wrong value stops startup with a :class:`~eventwire.core.errors.ConfigError` naming
 the key, its source and the problem.
 """
 
@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 from msgspec import Meta
 
-from server.errors import ConfigError
+from eventwire.core.errors import ConfigError
 
 ENV_PREFIX: Final = "EVENTWIRE_"
 DEFAULT_CONFIG: Final = Path("config/eventwire.toml")

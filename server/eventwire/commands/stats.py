@@ -28,10 +28,11 @@ from typing import Any, Final, NamedTuple
 import redis.exceptions
 from redis.exceptions import ResponseError
 
-from server.config import add_source_flags, load_settings
-from server.errors import ConfigError
-from server.rules import load_sites
-from server.store import (
+from eventwire.commands.tail import operator_command
+from eventwire.core.config import add_source_flags, load_settings
+from eventwire.core.errors import ConfigError
+from eventwire.core.rules import load_sites
+from eventwire.store import (
     Keys,
     RedisClient,
     redis_client,
@@ -40,7 +41,6 @@ from server.store import (
     reply_text,
     stream_id,
 )
-from server.tail import operator_command
 
 #: The consumer group whose progress is shown.
 GROUP: Final = "persist"
@@ -339,7 +339,7 @@ async def run(args: argparse.Namespace) -> int:
     code = 0
     down = False
     async with operator_command(client) as stopped:
-        # stopped() too: a cancellation can be lost inside redis-py (server.tasks).
+        # stopped() too: a cancellation can be lost inside redis-py (eventwire.tasks).
         while not stopped():
             try:
                 snap = await snapshot(client, keys, sites)

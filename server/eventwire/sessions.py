@@ -31,12 +31,12 @@ from typing import Any, Final
 import msgspec
 import structlog
 
-from server.config import Settings
-from server.errors import StoreUnavailable
-from server.protocol import StoredEvent, record_encoder
-from server.store import FN_HEARTBEAT, FN_LEAVE, FN_OPEN, FN_REAP, Store
-from server.tasks import cancel_and_wait
-from server.validation import default_label
+from eventwire.core.config import Settings
+from eventwire.core.errors import StoreUnavailable
+from eventwire.core.protocol import StoredEvent, record_encoder
+from eventwire.core.validation import default_label
+from eventwire.store import FN_HEARTBEAT, FN_LEAVE, FN_OPEN, FN_REAP, Store
+from eventwire.tasks import cancel_and_wait
 
 START: Final = "session.start"
 #: Connections renewed, and customers reaped, per function call.

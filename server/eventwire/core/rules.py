@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from msgspec import Meta
 
-from server.config import SessionTimings, Settings
-from server.errors import ConfigError
+from eventwire.core.config import SessionTimings, Settings
+from eventwire.core.errors import ConfigError
 
 SITE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ORIGIN_RE: Final = re.compile(r"(https?)://([A-Za-z0-9*.-]+|\[[0-9a-fA-F:]+\])(:[0-9*]+)?")

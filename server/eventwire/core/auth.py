@@ -16,8 +16,8 @@ from typing import Final
 import jwt
 import msgspec
 
-from server.errors import EventwireError
-from server.rules import VerifyKey
+from eventwire.core.errors import EventwireError
+from eventwire.core.rules import VerifyKey
 
 LEEWAY: Final = 30
 ACCEPTED_ALGORITHMS: Final = frozenset({"HS256", "RS256"})

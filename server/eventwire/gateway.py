@@ -3,7 +3,7 @@
 :class:`EventwireServer` owns the process' listeners and the store. For each
 connection it checks the route (``/v1/track/{site}``, else 404), the site
 (404), the ``Origin`` (403), the connection limit (503) and the subprotocol
-before the upgrade, then feeds frames to an :class:`~server.ingest.IngestConnection`
+before the upgrade, then feeds frames to an :class:`~eventwire.ingest.IngestConnection`
 and turns the errors it raises into the protocol's answers:
 
 - no hello within ``hello_timeout``, or a bad hello: ``error``, close 1008;
@@ -12,7 +12,7 @@ and turns the errors it raises into the protocol's answers:
 - Redis unavailable at hello: ``error unavailable``, close 1013.
 
 Plain GET requests for :data:`PUBLIC_FILES` (the browser tracker and the demo
-shop) are answered before any upgrade, by :class:`~server.pages.StaticFiles`.
+shop) are answered before any upgrade, by :class:`~eventwire.pages.StaticFiles`.
 
 On :meth:`EventwireServer.stop` it stops accepting, lets in-flight frames be
 acked (up to ``drain_timeout``), closes every connection 1001, publishes the
@@ -36,17 +36,17 @@ from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 from websockets.typing import Subprotocol
 
-from server import metrics
-from server.admin import AdminListener
-from server.config import Settings, mask_url
-from server.errors import ConfigError, ProtocolViolation, StoreUnavailable, UndecodableFrame
-from server.ingest import IngestConnection, undecodable_record
-from server.pages import StaticFiles
-from server.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS, Error
-from server.rules import SiteRules, SitesBook
-from server.sessions import Sessions, now_ms
-from server.store import Store, connect_redis
-from server.tasks import cancel_and_wait
+from eventwire import metrics
+from eventwire.admin import AdminListener
+from eventwire.core.config import Settings, mask_url
+from eventwire.core.errors import ConfigError, ProtocolViolation, StoreUnavailable, UndecodableFrame
+from eventwire.core.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS, Error
+from eventwire.core.rules import SiteRules, SitesBook
+from eventwire.ingest import IngestConnection, undecodable_record
+from eventwire.pages import StaticFiles
+from eventwire.sessions import Sessions, now_ms
+from eventwire.store import Store, connect_redis
+from eventwire.tasks import cancel_and_wait
 
 TRACK_PREFIX: Final = "/v1/track/"
 #: Plain files on the public listener: the browser tracker and the demo shop.

@@ -4,7 +4,7 @@
 Parses flags, loads settings and sites, configures logging and runs the
 rooms; no logic of its own beyond mapping errors to exit codes (2 for a
 configuration error, 0 for a graceful stop). ``serve --workers N`` (N > 1)
-runs :class:`~server.supervisor.Supervisor` here, which starts N children
+runs :class:`~eventwire.supervisor.Supervisor` here, which starts N children
 running this same command with ``--workers 1``.
 """
 
@@ -21,13 +21,14 @@ from typing import Any
 import msgspec
 import structlog
 
-from server import __version__, persist, stats, supervisor, tail
-from server.config import LoadedConfig, add_source_flags, describe, load_settings
-from server.errors import ConfigError
-from server.gateway import EventwireServer
-from server.log import configure
-from server.rules import SiteRules, describe_sites, load_sites
-from server.tail import quiet_stdout
+from eventwire import __version__, persist, supervisor
+from eventwire.commands import stats, tail
+from eventwire.commands.tail import quiet_stdout
+from eventwire.core.config import LoadedConfig, add_source_flags, describe, load_settings
+from eventwire.core.errors import ConfigError
+from eventwire.core.rules import SiteRules, describe_sites, load_sites
+from eventwire.gateway import EventwireServer
+from eventwire.log import configure
 
 #: How long ``eventwire send`` waits for its event to be acked.
 SEND_TIMEOUT = 5.0
@@ -190,7 +191,7 @@ def _param(text: str) -> tuple[str, Any]:
 
 
 async def _send(args: argparse.Namespace) -> int:
-    from server.client import EventwireClient
+    from eventwire.client import EventwireClient
 
     configure("error")  # the answer is printed below; the client's retries are noise here
     params = dict(_param(p) for p in args.params)

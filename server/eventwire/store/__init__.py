@@ -41,11 +41,11 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server import metrics
-from server.config import SessionTimings, Settings, cluster_nodes
-from server.errors import StoreUnavailable
-from server.protocol import NackCode
-from server.rules import SitesBook
+from eventwire import metrics
+from eventwire.core.config import SessionTimings, Settings, cluster_nodes
+from eventwire.core.errors import StoreUnavailable
+from eventwire.core.protocol import NackCode
+from eventwire.core.rules import SitesBook
 
 #: Kinds of item in one frame, as the Lua step reads them.
 EVENT: Final = b"e"  # stored in the events stream once (seq above the stored seq)

@@ -11,7 +11,7 @@ says, and a v1 server must not refuse it.
 Every frame a client can send gets one of three outcomes from a codec, never
 another exception: a message, a :class:`msgspec.ValidationError` naming the
 JSON path of what does not match the schema, or
-:class:`~server.errors.UndecodableFrame` (not a message at all: bad syntax,
+:class:`~eventwire.core.errors.UndecodableFrame` (not a message at all: bad syntax,
 bad UTF-8, nesting deeper than the decoder recurses). ``tests/test_fuzz.py``
 and ``scripts/fuzz`` hold it to that.
 """
@@ -25,7 +25,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from server.errors import UndecodableFrame
+from eventwire.core.errors import UndecodableFrame
 
 JSON_SUBPROTOCOL: Final = "eventwire.v1.json"
 MSGPACK_SUBPROTOCOL: Final = "eventwire.v1.msgpack"

@@ -9,13 +9,13 @@ function. It applies the site's rules (``rules``) and the customer's proof
   too, except ``denied`` events, which are stored nowhere);
 - Redis down or slow -> ``nack unavailable``; over the site's rate ->
   ``nack rate_limited`` (nothing of the frame stored);
-- a broken protocol -> :class:`~server.errors.ProtocolViolation`, which the
+- a broken protocol -> :class:`~eventwire.core.errors.ProtocolViolation`, which the
   gateway turns into an ``error`` message and a close code.
 
 Frames are answered in the order they arrived. Up to ``max_inflight_frames``
 of them may wait for Redis at once, so a client that pipelines frames keeps
 the server busy. The store reports each frame's end from its publisher task
-(:class:`~server.store.FrameSink`), and the answers that are due go out then,
+(:class:`~eventwire.store.FrameSink`), and the answers that are due go out then,
 without a task or a wait per frame; ``gateway`` applies backpressure when the
 client does not read them.
 """
@@ -33,11 +33,11 @@ from typing import Any, Final
 import msgspec
 import structlog
 
-from server import metrics
-from server.auth import LEEWAY, Proof, TokenRefused, verify_token
-from server.config import Settings
-from server.errors import ProtocolViolation, StoreUnavailable, UndecodableFrame
-from server.protocol import (
+from eventwire import metrics
+from eventwire.core.auth import LEEWAY, Proof, TokenRefused, verify_token
+from eventwire.core.config import Settings
+from eventwire.core.errors import ProtocolViolation, StoreUnavailable, UndecodableFrame
+from eventwire.core.protocol import (
     Ack,
     Codec,
     Hello,
@@ -52,11 +52,8 @@ from server.protocol import (
     event_text,
     record_encoder,
 )
-from server.rules import RateConfig, SiteRules, SitesBook
-from server.sessions import Sessions, now_ms
-from server.store import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS, Frame, FrameOwner, Store
-from server.tasks import cancel_and_wait
-from server.validation import (
+from eventwire.core.rules import RateConfig, SiteRules, SitesBook
+from eventwire.core.validation import (
     DENIED,
     INVALID,
     UNAUTHORIZED,
@@ -65,6 +62,9 @@ from server.validation import (
     Rejected,
     judge_event,
 )
+from eventwire.sessions import Sessions, now_ms
+from eventwire.store import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS, Frame, FrameOwner, Store
+from eventwire.tasks import cancel_and_wait
 
 #: ``raw`` in the rejected stream is cut to this many characters (PROTOCOL.md section 7).
 RAW_LIMIT: Final = 4096

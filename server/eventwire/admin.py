@@ -13,7 +13,7 @@ request before any upgrade):
 - ``GET /v1/sites``: the configured sites, for the dashboard's chooser.
 - ``GET /v1/sites/{site}/summary``: open sessions, both streams' length and
   ends, and Redis' clock.
-- ``WS /v1/live?site=S...``: the live relay (:mod:`server.live`).
+- ``WS /v1/live?site=S...``: the live relay (:mod:`eventwire.live`).
 
 Access: with ``admin_token`` set, the last four need it, compared in constant
 time: ``Authorization: Bearer <token>``, or, from a browser's WebSocket,
@@ -43,11 +43,11 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from server.config import is_loopback
-from server.errors import StoreUnavailable
-from server.live import LiveQuery, Relay, parse_query
-from server.pages import StaticFiles
-from server.store import SiteSnapshot, Store, StreamInfo
+from eventwire.core.config import is_loopback
+from eventwire.core.errors import StoreUnavailable
+from eventwire.live import LiveQuery, Relay, parse_query
+from eventwire.pages import StaticFiles
+from eventwire.store import SiteSnapshot, Store, StreamInfo
 
 log = structlog.get_logger("eventwire.admin")
 

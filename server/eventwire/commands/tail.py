@@ -5,7 +5,7 @@ This module owns the ``tail`` subcommand: its flags, where reading starts
 forms: one aligned, coloured line per event on a terminal, one JSON line per
 event otherwise (the stored event JSON plus ``id``, the stream entry id). It
 only reads Redis (``XREAD COUNT 500 BLOCK 1000`` in a loop, through
-:class:`server.store.StreamsReader`; memory bounded by one reply per stream),
+:class:`eventwire.store.StreamsReader`; memory bounded by one reply per stream),
 survives Redis going away (one line on stderr, short backoff, it resumes
 after the last entry it printed), and exits 0 on Ctrl-C or when the reader of
 its output goes away.
@@ -41,10 +41,10 @@ from typing import Any, Final, TextIO
 import msgspec
 import redis.exceptions
 
-from server.config import add_source_flags, load_settings
-from server.errors import ConfigError
-from server.rules import load_sites
-from server.store import (
+from eventwire.core.config import add_source_flags, load_settings
+from eventwire.core.errors import ConfigError
+from eventwire.core.rules import load_sites
+from eventwire.store import (
     Keys,
     RedisClient,
     StreamsReader,
@@ -316,7 +316,7 @@ async def follow(
     are printed merged by id (see :func:`merge_by_site`).
 
     ``stopped`` is looked at between reads: a cancellation can be lost inside
-    redis-py (see :mod:`server.tasks`), and the next read then ends the loop.
+    redis-py (see :mod:`eventwire.tasks`), and the next read then ends the loop.
     """
     backoff = BACKOFF_FIRST
     down = False
