@@ -5,13 +5,13 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from hiredis import pack_command
 
+from eventwire.core.ordering import FrameOwner
 from eventwire.gateway import EventwireServer
 from eventwire.store import (
     COUNT_ONLY,
     EVENT,
     LIBRARY_VERSION,
     REJECT_ALWAYS,
-    FrameOwner,
     Keys,
     pack_args,
     pack_fcall,

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from eventwire.commands.tail import _Output, follow, merge_by_site, start_id, stream_keys
+from eventwire.commands.tail import _Output, follow, merge_by_site, stream_keys
+from eventwire.core.positions import start_id
 from eventwire.gateway import EventwireServer
 from eventwire.store import Keys
 from tests.conftest import SITES_TOML, MakeServer

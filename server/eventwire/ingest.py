@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -37,6 +36,7 @@ from eventwire import metrics
 from eventwire.core.auth import LEEWAY, Proof, TokenRefused, verify_token
 from eventwire.core.config import Settings
 from eventwire.core.errors import ProtocolViolation, StoreUnavailable, UndecodableFrame
+from eventwire.core.ordering import FrameOwner, TokenBucket
 from eventwire.core.protocol import (
     Ack,
     Codec,
@@ -52,7 +52,7 @@ from eventwire.core.protocol import (
     event_text,
     record_encoder,
 )
-from eventwire.core.rules import RateConfig, SiteRules, SitesBook
+from eventwire.core.rules import SiteRules, SitesBook
 from eventwire.core.validation import (
     DENIED,
     INVALID,
@@ -63,7 +63,7 @@ from eventwire.core.validation import (
     judge_event,
 )
 from eventwire.sessions import Sessions, now_ms
-from eventwire.store import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS, Frame, FrameOwner, Store
+from eventwire.store import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS, Frame, Store
 from eventwire.tasks import cancel_and_wait
 
 #: ``raw`` in the rejected stream is cut to this many characters (PROTOCOL.md section 7).
@@ -73,42 +73,6 @@ log = structlog.get_logger("eventwire.ingest")
 
 #: Writes one encoded message to the client now, without waiting; never raises.
 Send = Callable[[bytes], None]
-
-
-class TokenBucket:
-    """A connection's rate limit: ``burst`` events at once, refilled at ``events_per_second``.
-
-    A frame larger than the burst passes when the bucket is full, leaving it
-    in debt, so a legal frame can never be refused for ever.
-    """
-
-    __slots__ = ("flood_start", "level", "rate", "stamp")
-
-    def __init__(self, rate: RateConfig, now: int) -> None:
-        self.rate = rate
-        self.level = float(rate.burst)
-        self.stamp = now
-        self.flood_start = 0
-
-    def take(self, n: int, now: int) -> int | None:
-        """Take n events; None if they pass, else the ms until they would."""
-        rate = self.rate
-        self.level = min(
-            float(rate.burst), self.level + (now - self.stamp) * rate.events_per_second / 1000
-        )
-        self.stamp = now
-        need = min(n, rate.burst)
-        if self.level >= need:
-            self.level -= n
-            self.flood_start = 0
-            return None
-        return max(1, math.ceil((need - self.level) * 1000 / rate.events_per_second))
-
-    def refused(self, now: int) -> int:
-        """Note a refused frame; returns how long (ms) every frame has been refused."""
-        if not self.flood_start:
-            self.flood_start = now
-        return now - self.flood_start
 
 
 class _Pending:

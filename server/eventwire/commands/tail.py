@@ -33,7 +33,6 @@ import os
 import re
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, TextIO
@@ -43,6 +42,7 @@ import redis.exceptions
 
 from eventwire.core.config import add_source_flags, load_settings
 from eventwire.core.errors import ConfigError
+from eventwire.core.positions import start_id
 from eventwire.core.rules import load_sites
 from eventwire.store import (
     Keys,
@@ -59,12 +59,6 @@ READ_BLOCK_MS: Final = 1000
 #: Reconnect backoff after Redis went away: first and longest pause (s).
 BACKOFF_FIRST: Final = 0.2
 BACKOFF_MAX: Final = 2.0
-#: The largest stream id sequence part, to start *at* a millisecond (XREAD is exclusive).
-MAX_SEQ: Final = 18446744073709551615
-
-_DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_STREAM_ID_RE: Final = re.compile(r"\d+(-\d+)?")
-_UNIT_MS: Final = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 #: Params shown first on a terminal line, when an event has them.
 KEY_PARAMS: Final = ("url", "sku", "price", "quantity", "order_id", "query", "form", "target")
 #: At most this many params on a terminal line, each value at most this long.
@@ -99,27 +93,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--json", action="store_true", help="JSON lines (the default off a terminal)")
     p.add_argument("--rejected", action="store_true", help="follow the rejected streams")
-
-
-def start_id(since: str, now_ms: int | None = None) -> str:
-    """The XREAD id to start after for ``--since``; ``$`` means the stream's current end.
-
-    Raises:
-        ValueError: ``since`` is none of now, a duration, 0 or a stream id.
-    """
-    if since == "now":
-        return "$"
-    if since == "0":
-        return "0-0"
-    m = _DURATION_RE.fullmatch(since)
-    if m is not None:
-        now = int(time.time() * 1000) if now_ms is None else now_ms
-        ms = max(0, now - int(float(m.group(1)) * _UNIT_MS[m.group(2)]))
-        # XREAD returns entries after the id: start just before millisecond ``ms``.
-        return f"{ms - 1}-{MAX_SEQ}" if ms > 0 else "0-0"
-    if _STREAM_ID_RE.fullmatch(since) is not None:
-        return since
-    raise ValueError(f"--since: expected now, 30s/5m/2h/1d, 0 or a stream id, got {since!r}")
 
 
 def decode_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> dict[str, Any]:

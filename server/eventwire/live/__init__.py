@@ -108,8 +108,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from eventwire import metrics
-from eventwire.commands.tail import start_id
 from eventwire.core.errors import StoreUnavailable
+from eventwire.core.positions import start_id
 from eventwire.store import (
     RedisClient,
     Store,

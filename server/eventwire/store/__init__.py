@@ -44,7 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from eventwire import metrics
 from eventwire.core.config import SessionTimings, Settings, cluster_nodes
 from eventwire.core.errors import StoreUnavailable
-from eventwire.core.protocol import NackCode
+from eventwire.core.ordering import FrameOwner
 from eventwire.core.rules import SitesBook
 
 #: Kinds of item in one frame, as the Lua step reads them.
@@ -154,44 +154,6 @@ class Keys:
     def due(self, tag: str) -> str:
         """Customers (of a tag) whose session must be looked at, scored by when."""
         return f"{self.prefix}:{{{tag}}}:due"
-
-
-class FrameOwner:
-    """Ordering state of the frames one connection has in flight.
-
-    After a frame fails, every frame the connection sent before it could see
-    the nack must fail too: storing them would raise the producer's stored seq
-    above the failed frame's events, and their resend would then count as
-    duplicate and be lost. Frames carry the ``epoch`` current when they were
-    sent; a failure poisons its epoch; the connection starts a new epoch when
-    the client resends from ``barrier_seq`` or below (PROTOCOL.md's client
-    resends everything unacked, in order).
-    """
-
-    __slots__ = ("barrier_seq", "code", "epoch", "failed_epoch")
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.failed_epoch = -1
-        self.barrier_seq = 0
-        #: The nack code of the failure that set the barrier.
-        self.code: NackCode = "unavailable"
-
-    def admit(self, first_seq: int) -> bool:
-        """Whether a new frame may be stored; False means nack it at once."""
-        if self.failed_epoch < self.epoch:
-            return True
-        if first_seq <= self.barrier_seq:
-            self.epoch += 1
-            return True
-        return False
-
-    def fail(self, epoch: int, first_seq: int, code: NackCode = "unavailable") -> None:
-        """Record that a frame of ``epoch`` starting at ``first_seq`` failed."""
-        if epoch > self.failed_epoch:
-            self.failed_epoch = epoch
-            self.barrier_seq = first_seq
-            self.code = code
 
 
 class FrameSink(Protocol):
