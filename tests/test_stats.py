@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from eventwire.commands.stats import site_stats, table
 from eventwire.gateway import EventwireServer
-from eventwire.store import Keys
+from eventwire.store import Keys, redis_client
+from eventwire.store.survey import find_site, find_sites, partitions_found
 from tests.conftest import SITES_TOML, MakeServer
-from tests.procs import UNIT, RedisProcess, eventwire_command
+from tests.procs import UNIT, RedisClusterProcess, RedisProcess, eventwire_command
 from tests.wire import event, peer
 
 KEYS = Keys("ew")
@@ -212,3 +215,126 @@ def test_table_partitions_column() -> None:
     assert lines[1].split()[-1] == "1"
     assert lines[2].split()[-3:] == ["4", "(busiest", "40%)"]
     assert len({len(line) for line in lines}) == 1
+
+
+# -- sites found in Redis ---------------------------------------------------------------
+
+
+async def add_entries(redis: Any, key: str, n: int = 1) -> None:
+    """XADD ``n`` stored-looking events to ``key`` (a plain or a cluster client)."""
+    site = key.split("{", 1)[1].split("}", 1)[0].split(":", 1)[0]
+    for i in range(n):
+        await redis.xadd(key, {"event": json.dumps({"site": site, "seq": i})})
+
+
+async def test_find_sites_reads_stream_keys(redis: aioredis.Redis) -> None:
+    """Sites and partitions from the prefix's events and rejected streams; nothing else counts."""
+    for key in (
+        "ew:{acc}:events",
+        "ew:{acc}:rejected",
+        "ew:{big:0}:events",
+        "ew:{big:3}:rejected",  # partitions 1 and 2 have no stream yet: still counted
+        "ew:{solo:0}:events",  # one partition stream still means a partitioned site
+        "ew:{rej}:rejected",  # every event of it rejected so far
+        "ew:{moved}:events",
+        "ew:{moved:1}:events",  # both shapes (partitions changed): taken as partitioned
+        "ew:{dead}:dead",  # not a site's stream
+        "ew:{big:07}:events",  # not a partition eventwire writes
+        "ew:{big:256}:events",  # above MAX_PARTITIONS
+        "ew:{bad site}:events",  # not a site id
+        "ew2:{other}:events",  # another key prefix
+        "other:{zzz}:events",
+    ):
+        await add_entries(redis, key)
+    await redis.set("ew:{text}:events", "not a stream")
+    await redis.hset("ew:{acc}:sess:u1", "id", "s")
+    expected = {"acc": 1, "big": 4, "moved": 2, "rej": 1, "solo": 2}
+    found = await find_sites(redis, KEYS)
+    assert found == expected
+    assert list(found) == sorted(expected)
+    for site, partitions in expected.items():
+        assert await find_site(redis, KEYS, site) == partitions
+    for site in ("text", "dead", "other", "nope", "bad site", "big:0"):
+        assert await find_site(redis, KEYS, site) is None
+    assert await find_sites(redis, Keys("ew2")) == {"other": 1}
+    assert partitions_found([]) == 1
+    assert partitions_found([None]) == 1
+    assert partitions_found([0]) == 2
+    assert partitions_found([None, 5, 2]) == 6
+
+
+async def test_find_sites_walks_the_whole_keyspace(redis: aioredis.Redis) -> None:
+    """Many SCAN calls (thousands of other keys): every site stream is found, each once."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for n in range(5000):
+            pipe.set(f"ew:{{shop}}:producer:p{n}", n)
+        await pipe.execute()
+    sites = {f"s{n}": n % 3 + 1 for n in range(40)}
+    for site, partitions in sites.items():
+        for key in KEYS.streams(site, partitions):
+            await add_entries(redis, key)
+    assert await find_sites(redis, KEYS) == sites
+
+
+async def test_stats_command_lists_sites_found_in_redis(
+    server: EventwireServer, redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """``stats`` shows the sites file's sites and those only in Redis, partitioned ones summed."""
+    async with peer(server.url, site="shop") as p:
+        await p.hello("u-j")
+        await p.track(event(1))
+    await add_entries(redis, "ew:{acc}:events", 3)
+    await add_entries(redis, "ew:{far:0}:events", 2)
+    await add_entries(redis, "ew:{far:2}:events", 5)
+    snap = await stats_command(redis_proc.url, sites_file)
+    assert list(snap["sites"]) == ["shop", "app", "web", "acc", "far"]
+    assert snap["sites"]["acc"]["length"] == 3
+    assert "partitions" not in snap["sites"]["acc"]
+    far = snap["sites"]["far"]
+    assert far["length"] == 7
+    assert [p["length"] for p in far["partitions"]] == [2, 0, 5]
+    assert snap["sites"]["shop"]["length"] >= 2  # session.start and the event
+    assert snap["sites"]["web"]["length"] == 0  # named by the file, nothing in Redis
+
+
+async def test_find_sites_over_cluster(
+    redis_cluster_proc: RedisClusterProcess, tmp_path: Path
+) -> None:
+    """A 3-master cluster: every primary is searched; ``stats`` and ``tail`` follow the finds."""
+    for node in redis_cluster_proc.nodes:
+        async with aioredis.Redis(host="127.0.0.1", port=node.port) as plain:
+            await plain.flushall()
+    cluster = redis_client(redis_cluster_proc.url)
+    try:
+        # Hash slots 3808, 6805 and 13556: one site per master; big's partitions spread too.
+        sites = {"shop": 1, "app": 1, "docs": 1, "big": 4}
+        for site, partitions in sites.items():
+            for key in KEYS.streams(site, partitions):
+                await add_entries(cluster, key, 2)
+        assert isinstance(cluster, RedisCluster)
+        masters = {cluster.get_node_from_key(KEYS.events(s)).name for s in ("shop", "app", "docs")}  # type: ignore[union-attr]
+        assert len(masters) == 3
+        assert await find_sites(cluster, KEYS) == dict(sorted(sites.items()))
+        for site, partitions in sites.items():
+            assert await find_site(cluster, KEYS, site) == partitions
+        assert await find_site(cluster, KEYS, "nope") is None
+    finally:
+        await cluster.aclose()
+    named = tmp_path / "one-site.toml"
+    named.write_text("[sites.shop]\norigins = []\nallow_no_origin = true\n")
+    snap = await stats_command(redis_cluster_proc.url, named)
+    assert {s: n["length"] for s, n in snap["sites"].items()} == {
+        "shop": 2, "app": 2, "big": 8, "docs": 2,
+    }  # fmt: skip
+    proc = await eventwire_command(
+        "tail", "--redis", redis_cluster_proc.url, "--sites", str(named), "--site", "docs",
+        "--site", "big", "--since", "0", "--json",
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(10 * UNIT):
+            lines = [json.loads(await proc.stdout.readline()) for _ in range(10)]
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert Counter(ln["site"] for ln in lines) == {"docs": 2, "big": 8}

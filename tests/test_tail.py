@@ -315,3 +315,87 @@ def test_merge_by_site() -> None:
         [b"7-0", b"3-0"],
     ]
     assert merged[0][1] == (b"5-0", {"n": 1})  # equal ids: the earlier stream first
+
+
+# -- sites found in Redis, not in the sites file ------------------------------------------
+
+
+async def add_entry(redis: aioredis.Redis, key: str, site: str, uuid: str) -> str:
+    """XADD one stored-looking event to ``key``; its entry id."""
+    body = {"site": site, "uuid": uuid, "action": "product.view", "time": int(time.time() * 1000)}
+    entry_id: bytes = await redis.xadd(key, {"event": json.dumps(body)})
+    return entry_id.decode()
+
+
+async def test_tail_site_found_only_in_redis(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """``tail --site acc``: the sites file lacks acc, its stream is in Redis, so it is followed."""
+    old = await add_entry(redis, "ew:{acc}:events", "acc", "u-acc-old")
+    async with tail(redis_proc.url, sites_file, "--site", "acc", "--since", "0") as t:
+        line = await t.line()
+        assert (line["site"], line["uuid"], line["id"]) == ("acc", "u-acc-old", old)
+        new = await add_entry(redis, "ew:{acc}:events", "acc", "u-acc-new")
+        line = await t.line()
+        assert (line["uuid"], line["id"]) == ("u-acc-new", new)
+        await t.nothing_more()
+
+
+async def test_tail_unknown_site_exits_2(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """``--site`` of a site neither in the sites file nor in Redis: a clear message, exit 2."""
+    await add_entry(redis, "ew:{acc}:events", "acc", "u-1")
+    await add_entry(redis, "other:{nope}:events", "nope", "u-1")  # another key prefix's
+    proc = await eventwire_command(
+        "tail", "--redis", redis_proc.url, "--sites", str(sites_file), "--site", "acc",
+        "--site", "nope", "--json",
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 10 * UNIT)
+    assert proc.returncode == 2
+    assert out == b""
+    message = err.decode()
+    assert message.startswith("eventwire tail: unknown site(s) nope: ")
+    assert "the sites file has shop, app, web" in message
+    assert "Redis has no stream of it under key prefix 'ew'" in message
+    assert "Traceback" not in message
+
+
+async def test_tail_follows_file_and_redis_sites(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """Without --site: every site of the sites file and every site found in Redis."""
+    await add_entry(redis, "ew:{app}:events", "app", "u-file")
+    await add_entry(redis, "ew:{acc}:events", "acc", "u-redis")
+    await add_entry(redis, "ew:{zed:1}:events", "zed", "u-split")
+    async with tail(redis_proc.url, sites_file, "--since", "0") as t:
+        lines = await t.lines(3)
+        await t.nothing_more()
+    assert sorted((ln["site"], ln["uuid"]) for ln in lines) == [
+        ("acc", "u-redis"),
+        ("app", "u-file"),
+        ("zed", "u-split"),
+    ]
+
+
+async def test_tail_partitioned_site_found_only_in_redis(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """A site with partitions 0 and 2 in Redis only: both, and partition 1 once it appears.
+
+    Partition 1 has no stream when tail starts, yet it lies below the highest
+    found, so it is read; --uuid reads every partition of such a site, since
+    the partitions Redis tells may be too few to place the customer.
+    """
+    for part in (0, 2):
+        await add_entry(redis, f"ew:{{far:{part}}}:events", "far", "u-far")
+        await add_entry(redis, f"ew:{{far:{part}}}:events", "far", "u-other")
+    flags = ("--site", "far", "--since", "0", "--uuid", "u-far")
+    async with tail(redis_proc.url, sites_file, *flags) as t:
+        lines = await t.lines(2)
+        assert [ln["uuid"] for ln in lines] == ["u-far", "u-far"]
+        assert Keys.tag("far", "u-far", 3) != "far:1"  # not where --uuid would have looked
+        new = await add_entry(redis, "ew:{far:1}:events", "far", "u-far")
+        line = await t.line()
+        assert (line["site"], line["id"]) == ("far", new)
+        await t.nothing_more()

@@ -14,6 +14,11 @@ oldest pending entry is the oldest of all), and the JSON gets a
 ``partitions`` list with each partition's own numbers, to show skew; the
 table gets a ``partitions`` column (P and the busiest partition's share of
 the site's stream). A site with one partition looks exactly as before.
+
+The sites are those of the sites file and every site found in Redis
+(:func:`eventwire.store.survey.find_sites`), so a site written by servers
+with another sites file is shown too; the sites file gives partitions where
+it names the site. ``--watch`` looks for sites again every 30 s.
 """
 
 from __future__ import annotations
@@ -22,42 +27,34 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
-import redis.exceptions
-from redis.exceptions import ResponseError
-
-from eventwire.commands.tail import operator_command
+from eventwire.commands.tail import every_site, operator_command
 from eventwire.core.config import add_source_flags, load_settings
-from eventwire.core.errors import ConfigError
+from eventwire.core.errors import ConfigError, StoreUnavailable
 from eventwire.core.rules import load_sites
-from eventwire.store import (
-    Keys,
-    RedisClient,
-    redis_client,
-    redis_time_ms,
-    reply_field,
-    reply_text,
-    stream_id,
+from eventwire.store import Keys, RedisClient, redis_client
+from eventwire.store.survey import (
+    GroupState,
+    PartitionNumbers,
+    clock_ms,
+    find_sites,
+    partition_numbers,
 )
 
 #: The consumer group whose progress is shown.
 GROUP: Final = "persist"
-#: The window of the rates (ms).
-WINDOW_MS: Final = 60_000
-#: Entries fetched per XREVRANGE while counting a window, and the most counted:
-#: past that, the rate is measured over the newest MAX_COUNTED entries only.
-CHUNK: Final = 500
-MAX_COUNTED: Final = 5000
 #: Partitions of one site read at once; each read holds one Redis connection,
 #: so this bounds the connections ``stats`` opens (per node on a cluster).
 PARTITION_READS: Final = 8
 #: ``--watch`` refresh period (s).
 WATCH_EVERY: Final = 2.0
+#: How often ``--watch`` looks again for sites in Redis (s): a look walks the
+#: whole keyspace (:func:`eventwire.store.survey.find_sites`), a refresh does not.
+FIND_SITES_EVERY: Final = 30.0
 CLEAR: Final = "\x1b[H\x1b[2J"
-
-_REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -65,85 +62,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "stats",
         help="per-site stream, session and persist numbers",
-        description="Per-site stream length, rates, open sessions and persist lag.",
+        description="Per-site stream length, rates, open sessions and persist lag, for the "
+        "sites of the sites file and every site found in Redis.",
     )
     add_source_flags(p)
     p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     p.add_argument("--json", action="store_true", help="JSON (the default off a terminal)")
-
-
-def id_ms(entry_id: Any) -> int:
-    """The millisecond part of a stream id."""
-    return stream_id(entry_id)[0]
-
-
-def _int_or_none(value: Any) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-async def rate(redis: RedisClient, key: str, now_ms: int) -> float:
-    """Entries per second added to ``key`` over the last minute.
-
-    Counts newest first in chunks of :data:`CHUNK`; beyond :data:`MAX_COUNTED`
-    entries the rate is that many over the time they span, so a busy stream
-    costs a bounded read.
-    """
-    low = f"{now_ms - WINDOW_MS}-0"
-    high = "+"
-    counted = 0
-    oldest = now_ms
-    while counted < MAX_COUNTED:
-        chunk = await redis.xrevrange(key, high, low, count=CHUNK)
-        if not chunk:
-            break
-        counted += len(chunk)
-        oldest = id_ms(chunk[-1][0])
-        if len(chunk) < CHUNK:
-            break
-        high = f"({reply_text(chunk[-1][0])}"
-    if counted < MAX_COUNTED:
-        return counted / (WINDOW_MS / 1000)
-    return counted / max((now_ms - oldest) / 1000, 0.001)
-
-
-class GroupState(NamedTuple):
-    """The ``persist`` group on one stream, as :func:`group_state` found it."""
-
-    #: The stream exists.
-    exists: bool
-    #: The stream has the ``persist`` group.
-    grouped: bool
-    #: Entries the group has not read yet (None: no group, or Redis cannot tell).
-    lag: int | None
-    #: Entries delivered and not acknowledged.
-    pending: int
-    #: The millisecond part of the oldest pending entry's id (None: nothing pending).
-    oldest_pending_ms: int | None
-
-
-async def group_state(redis: RedisClient, key: str) -> GroupState:
-    """The ``persist`` group's progress on one stream."""
-    try:
-        groups = await redis.xinfo_groups(key)
-    except ResponseError:  # no such stream
-        return GroupState(False, False, None, 0, None)
-    group = next((g for g in groups if reply_text(reply_field(g, "name")) == GROUP), None)
-    if group is None:
-        return GroupState(True, False, None, 0, None)
-    lag = _int_or_none(reply_field(group, "lag"))
-    pending = _int_or_none(reply_field(group, "pending")) or 0
-    oldest: int | None = None
-    if pending:
-        summary = await redis.xpending(key, GROUP)
-        smallest = reply_field(summary, "min") if isinstance(summary, Mapping) else summary[1]
-        if smallest is not None:
-            oldest = id_ms(smallest)
-    return GroupState(True, True, lag, pending, oldest)
 
 
 def merge_groups(states: Sequence[GroupState], now_ms: int) -> dict[str, Any]:
@@ -165,35 +89,6 @@ def merge_groups(states: Sequence[GroupState], now_ms: int) -> dict[str, Any]:
     if oldest:
         out["oldest_pending_s"] = round(max(0, now_ms - min(oldest)) / 1000, 3)
     return out
-
-
-async def group_info(redis: RedisClient, key: str, now_ms: int) -> dict[str, Any]:
-    """The ``persist`` group's lag, pending and oldest pending age (None where unknown)."""
-    return merge_groups([await group_state(redis, key)], now_ms)
-
-
-class PartitionNumbers(NamedTuple):
-    """One stream set's raw numbers (one partition, or a whole site of one partition)."""
-
-    length: int
-    rejected_length: int
-    events_per_s: float
-    rejected_per_s: float
-    open_sessions: int
-    group: GroupState
-
-
-async def partition_numbers(redis: RedisClient, keys: Keys, tag: str, now: int) -> PartitionNumbers:
-    """The numbers of one tag's streams and ``due`` set (see :meth:`Keys.tag`)."""
-    events, rejected = keys.events(tag), keys.rejected(tag)
-    return PartitionNumbers(
-        length=int(await redis.xlen(events)),
-        rejected_length=int(await redis.xlen(rejected)),
-        events_per_s=await rate(redis, events, now),
-        rejected_per_s=await rate(redis, rejected, now),
-        open_sessions=int(await redis.zcard(keys.due(tag))),
-        group=await group_state(redis, events),
-    )
 
 
 async def site_stats(
@@ -219,13 +114,13 @@ async def site_stats(
         ``persist_pending``.
     """
     if now is None:
-        now = await redis_time_ms(redis)
+        now = await clock_ms(redis)
     tags = Keys.tags(site, partitions)
     gate = asyncio.Semaphore(PARTITION_READS)
 
     async def read(tag: str) -> PartitionNumbers:
         async with gate:
-            return await partition_numbers(redis, keys, tag, now)
+            return await partition_numbers(redis, keys, tag, now, GROUP)
 
     parts: list[PartitionNumbers] = list(await asyncio.gather(*(read(t) for t in tags)))
     out: dict[str, Any] = {
@@ -252,7 +147,7 @@ async def site_stats(
 
 async def snapshot(redis: RedisClient, keys: Keys, sites: Mapping[str, int]) -> dict[str, Any]:
     """``{"sites": {site: site_stats}, "time": ms}`` for every site (site -> its partitions)."""
-    now = await redis_time_ms(redis)
+    now = await clock_ms(redis)
     return {
         "sites": {s: await site_stats(redis, keys, s, now, p) for s, p in sites.items()},
         "time": now,
@@ -326,7 +221,7 @@ async def run(args: argparse.Namespace) -> int:
         loaded = load_settings(
             args.config, overrides={"redis_url": args.redis_url, "sites": args.sites}
         )
-        sites = {
+        named = {
             site: rules.config.partitions for site, rules in load_sites(loaded.sites_path).items()
         }
     except ConfigError as exc:
@@ -338,12 +233,17 @@ async def run(args: argparse.Namespace) -> int:
     client = redis_client(loaded.settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
     code = 0
     down = False
+    found: dict[str, int] = {}
+    looked: float | None = None  # when Redis was last searched for sites (monotonic)
     async with operator_command(client) as stopped:
         # stopped() too: a cancellation can be lost inside redis-py (eventwire.tasks).
         while not stopped():
             try:
-                snap = await snapshot(client, keys, sites)
-            except _REDIS_ERRORS as exc:
+                if looked is None or time.monotonic() - looked >= FIND_SITES_EVERY:
+                    found = await find_sites(client, keys)
+                    looked = time.monotonic()
+                snap = await snapshot(client, keys, every_site(named, found))
+            except StoreUnavailable as exc:
                 if not args.watch:
                     print(f"eventwire stats: Redis unavailable: {exc}", file=sys.stderr)
                     code = 1

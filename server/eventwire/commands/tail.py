@@ -1,14 +1,14 @@
 """``eventwire tail``: follow the sites' event (or rejected) streams live, for operators.
 
-This module owns the ``tail`` subcommand: its flags, where reading starts
-(``--since``), the filters (``--action`` glob, ``--uuid``), and the two output
-forms: one aligned, coloured line per event on a terminal, one JSON line per
-event otherwise (the stored event JSON plus ``id``, the stream entry id). It
-only reads Redis (``XREAD COUNT 500 BLOCK 1000`` in a loop, through
-:class:`eventwire.store.StreamsReader`; memory bounded by one reply per stream),
-survives Redis going away (one line on stderr, short backoff, it resumes
-after the last entry it printed), and exits 0 on Ctrl-C or when the reader of
-its output goes away.
+This module owns the ``tail`` subcommand: its flags, the sites it follows,
+where reading starts (``--since``), the filters (``--action`` glob,
+``--uuid``), and the two output forms: one aligned, coloured line per event
+on a terminal, one JSON line per event otherwise (the stored event JSON plus
+``id``, the stream entry id). It only reads Redis (``XREAD COUNT 500 BLOCK
+1000`` in a loop, through :func:`eventwire.store.survey.read_streams`; memory
+bounded by one reply per stream), survives Redis going away (one line on
+stderr, short backoff, it resumes after the last entry it printed), and exits
+0 on Ctrl-C or when the reader of its output goes away.
 
 A site with ``partitions = P`` above 1 has P streams (PROTOCOL.md section 7);
 tail follows all of them, keeping one position per stream, since the ids of
@@ -21,6 +21,13 @@ merged by id, so lines come roughly in time order; the order is exact within a
 partition, that is for each customer. With ``--uuid`` only that customer's
 partition is read. Output lines are the same as for one stream: records carry
 their site, never the partition.
+
+The sites followed are those of the sites file and those found in Redis
+(:func:`sites_to_follow`): servers with another sites file may write sites
+this one does not name. The sites file gives partitions where it names the
+site; elsewhere Redis tells them by the partition streams it holds, and
+``--uuid`` reads every partition of such a site, since a partition with no
+stream yet would be missed and the customer's partition wrongly placed.
 """
 
 from __future__ import annotations
@@ -38,10 +45,9 @@ from datetime import datetime
 from typing import Any, Final, TextIO
 
 import msgspec
-import redis.exceptions
 
 from eventwire.core.config import add_source_flags, load_settings
-from eventwire.core.errors import ConfigError
+from eventwire.core.errors import ConfigError, StoreUnavailable
 from eventwire.core.positions import start_id
 from eventwire.core.rules import load_sites
 from eventwire.store import (
@@ -52,6 +58,7 @@ from eventwire.store import (
     reply_text,
     stream_id,
 )
+from eventwire.store.survey import find_site, find_sites, read_streams
 
 #: Entries asked for per XREAD, and how long one XREAD blocks (ms).
 READ_COUNT: Final = 500
@@ -80,7 +87,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=None,
         metavar="S",
-        help="only this site (repeatable; default: every site of the sites file)",
+        help="only this site (repeatable; default: every site of the sites file "
+        "and every site found in Redis)",
     )
     p.add_argument("--action", default=None, metavar="GLOB", help="only actions matching GLOB")
     p.add_argument("--uuid", default=None, metavar="U", help="only this customer")
@@ -221,12 +229,94 @@ class _Output:
         self.stream.flush()
 
 
-async def _resolve_ends(client: RedisClient, positions: dict[str, str]) -> None:
-    """Replace ``$`` by the stream's last entry id, so no entry slips between two XREADs."""
-    for key, pos in positions.items():
-        if pos == "$":
-            last = await client.xrevrange(key, "+", "-", count=1)
-            positions[key] = reply_text(last[0][0]) if last else "0-0"
+class _Outage:
+    """Says once that Redis went away, and paces the retries until it is back."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.pause = BACKOFF_FIRST
+
+    async def wait(self, exc: StoreUnavailable) -> None:
+        """Report ``exc`` (the first time) and sleep before the next try."""
+        if not self.down:
+            print(f"eventwire tail: Redis unavailable ({exc}); retrying", file=sys.stderr)
+            self.down = True
+        await asyncio.sleep(self.pause)
+        self.pause = min(self.pause * 2, BACKOFF_MAX)
+
+    def over(self) -> None:
+        """Redis answered: the next outage is reported again, from the first pause."""
+        self.down = False
+        self.pause = BACKOFF_FIRST
+
+
+def every_site(named: Mapping[str, int], found: Mapping[str, int]) -> dict[str, int]:
+    """The sites of the sites file, then those found only in Redis, each with its partitions.
+
+    The sites file's partitions win where it names a site: Redis can only
+    tell the partitions that have streams (see
+    :func:`eventwire.store.survey.partitions_found`).
+    """
+    return dict(named) | {site: p for site, p in found.items() if site not in named}
+
+
+async def sites_to_follow(
+    client: RedisClient,
+    keys: Keys,
+    named: Mapping[str, int],
+    wanted: Sequence[str] | None,
+    stopped: Callable[[], bool] = lambda: False,
+) -> dict[str, int] | None:
+    """The sites ``tail`` follows, each with its partitions; None when asked to stop first.
+
+    Without ``wanted`` (no ``--site``): every site of the sites file and
+    every site found in Redis (:func:`every_site`). With it: those sites,
+    each from the sites file or else from Redis
+    (:func:`eventwire.store.survey.find_site`); Redis is not asked when the
+    sites file names them all. While Redis is unreachable this says so once
+    and asks again, as :func:`follow` does.
+
+    Args:
+        client: the client.
+        keys: the key names.
+        named: the sites file's sites and their partitions.
+        wanted: the ``--site`` values, or None.
+        stopped: looked at between tries (a lost cancellation, see :func:`follow`).
+
+    Raises:
+        ConfigError: a wanted site is neither in the sites file nor in Redis,
+            or there is no site at all.
+    """
+    wanted = list(dict.fromkeys(wanted)) if wanted else None
+    if wanted is not None and all(site in named for site in wanted):
+        return {site: named[site] for site in wanted}
+    outage = _Outage()
+    found: dict[str, int] | None = None
+    while found is None:
+        if stopped():
+            return None
+        try:
+            if wanted is None:
+                found = await find_sites(client, keys)
+            else:
+                held = {site: await find_site(client, keys, site) for site in wanted}
+                found = {site: p for site, p in held.items() if p is not None}
+        except StoreUnavailable as exc:
+            await outage.wait(exc)
+    where = f"Redis has no stream of it under key prefix {keys.prefix!r}"
+    if wanted is None:
+        sites = every_site(named, found)
+    else:
+        unknown = [site for site in wanted if site not in named and site not in found]
+        if unknown:
+            raise ConfigError(
+                f"unknown site(s) {', '.join(unknown)}: the sites file has "
+                f"{', '.join(named) or 'none'} and {where}"
+            )
+        sites = {site: named[site] if site in named else found[site] for site in wanted}
+    if not sites:
+        raise ConfigError(f"no sites to follow: the sites file has none and {where}")
+    return sites
 
 
 def stream_keys(
@@ -291,28 +381,15 @@ async def follow(
     ``stopped`` is looked at between reads: a cancellation can be lost inside
     redis-py (see :mod:`eventwire.tasks`), and the next read then ends the loop.
     """
-    backoff = BACKOFF_FIRST
-    down = False
+    outage = _Outage()
     async with StreamsReader(client, READ_COUNT, READ_BLOCK_MS) as reader:
         while not stopped():
             try:
-                await _resolve_ends(client, positions)
-                replies = await reader.read(positions)
-            except (
-                redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError,
-                # Not a RedisError: a cluster client that reaches no node to learn the slots.
-                redis.exceptions.RedisClusterException,
-                OSError,
-            ) as exc:
-                if not down:
-                    print(f"eventwire tail: Redis unavailable ({exc}); retrying", file=sys.stderr)
-                    down = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                replies = await read_streams(reader, positions)
+            except StoreUnavailable as exc:
+                await outage.wait(exc)
                 continue
-            down = False
-            backoff = BACKOFF_FIRST
+            outage.over()
             for key, entries in replies:
                 if entries:
                     positions[key] = reply_text(entries[-1][0])
@@ -386,38 +463,36 @@ async def run(args: argparse.Namespace) -> int:
         loaded = load_settings(
             args.config, overrides={"redis_url": args.redis_url, "sites": args.sites}
         )
-        partitions = {
+        named = {
             site: rules.config.partitions for site, rules in load_sites(loaded.sites_path).items()
         }
-        known = list(partitions)
         first = start_id(args.since)
     except (ConfigError, ValueError) as exc:
         print(f"eventwire tail: configuration error: {exc}", file=sys.stderr)
         return 2
-    sites = known
-    if args.site:
-        unknown = [s for s in args.site if s not in known]
-        if unknown:
-            print(
-                f"eventwire tail: unknown site(s) {', '.join(unknown)}; "
-                f"the sites file has {', '.join(known) or 'none'}",
-                file=sys.stderr,
-            )
-            return 2
-        sites = list(dict.fromkeys(args.site))
-    if not sites:
-        print("eventwire tail: no sites to follow", file=sys.stderr)
-        return 2
     keys = Keys(loaded.settings.key_prefix)
-    site_of = stream_keys(keys, {s: partitions[s] for s in sites}, bool(args.rejected), args.uuid)
-    positions = dict.fromkeys(site_of, first)
-    as_json = bool(args.json) or not sys.stdout.isatty()
-    out = _Output(sys.stdout, as_json, max(len(s) for s in sites), bool(args.rejected))
+    rejected = bool(args.rejected)
     client = redis_client(
         loaded.settings.redis_url,
         socket_connect_timeout=2.0,
         socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
     )
     async with operator_command(client) as stopped:
+        try:
+            sites = await sites_to_follow(client, keys, named, args.site, stopped)
+        except ConfigError as exc:
+            print(f"eventwire tail: {exc}", file=sys.stderr)
+            return 2
+        if sites is None:
+            return 0
+        # --uuid reads one partition only where the sites file gives the partitions:
+        # those Redis tells may be too few (a partition with no stream yet), which
+        # would place the customer wrongly. Elsewhere every partition is read.
+        site_of = stream_keys(
+            keys, {s: p for s, p in sites.items() if s in named}, rejected, args.uuid
+        ) | stream_keys(keys, {s: p for s, p in sites.items() if s not in named}, rejected)
+        positions = dict.fromkeys(site_of, first)
+        as_json = bool(args.json) or not sys.stdout.isatty()
+        out = _Output(sys.stdout, as_json, max(len(s) for s in sites), rejected)
         await follow(client, positions, out, args.action, args.uuid, stopped, site_of)
     return 0
