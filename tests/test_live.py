@@ -1,4 +1,4 @@
-"""server/live.py: the live relay on the admin listener, against a real server and Redis."""
+"""eventwire.live: the live relay on the admin listener, against a real server and Redis."""
 
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from eventwire import live
 from eventwire.client import EventwireClient
+from eventwire.core.positions import resolve_since
 from eventwire.gateway import EventwireServer
 from eventwire.live import Entry, Filter, Viewer, parse_query
+from eventwire.live import relay as live_relay
+from eventwire.live import viewer as live_viewer
 from eventwire.store import StreamEntry, StreamsReader, stream_id
 from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisClusterProcess, RedisProcess, free_port
@@ -232,7 +235,7 @@ async def test_filters_by_action_and_customer(server: EventwireServer) -> None:
         await send(server, 2, uuid="u-2")
         await wide.entries(7)
         await narrow.entries(2)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1 * UNIT)
     got = [(m["event"]["uuid"], m["event"]["action"]) for m in narrow.of("event")]
     assert got == [("u-2", "product.view")] * 2
 
@@ -262,7 +265,7 @@ async def test_since_replays_backlog_then_live(
         assert v.ids() == await stream_ids(redis)
         await send(server, 4, uuid="u-2")
         await v.entries(len(await stream_ids(redis)))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1 * UNIT)
     assert v.ids() == await stream_ids(redis)
     assert v.messages[0]["id"] == "0-0"
     ready = v.of("ready")[0]
@@ -309,7 +312,7 @@ async def test_handover_under_traffic(make_server: MakeServer, redis: aioredis.R
             total = len(await stream_ids(redis))
             for v in (first, a, b):
                 await v.entries(total, wait=10)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1 * UNIT)
     expected = await stream_ids(redis)
     for v in (first, *late):
         assert v.ids() == expected
@@ -324,7 +327,7 @@ async def test_handover_reader_ahead(
         await first.until(lambda m: m["type"] == "ready")
         await send(server, 2)
         await first.entries(3)
-        real = live.read_page
+        real = live_viewer.read_page
         relay = server.admin_routes.relay
         added_once: list[bool] = []
 
@@ -338,13 +341,14 @@ async def test_handover_reader_ahead(
                 await eventually(lambda: next(iter(relay._readers.values())).positions == [added])
             return out
 
-        monkeypatch.setattr(live, "read_page", page_then_more)
+        monkeypatch.setattr(live_viewer, "read_page", page_then_more)
         async with viewer(server, "site=shop&since=0") as late:
             await late.until(lambda m: m["type"] == "ready")
-            monkeypatch.setattr(live, "read_page", real)
+            monkeypatch.setattr(live_viewer, "read_page", real)
+            assert added_once, "the reader did not move on between the replay and the join"
             await send(server, 1)
             await late.entries(len(await stream_ids(redis)))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1 * UNIT)
     assert late.ids() == await stream_ids(redis)
 
 
@@ -372,7 +376,7 @@ async def test_handover_reader_behind(
             await send(server, 1)
             await first.entries(len(await stream_ids(redis)))
             await late.entries(len(await stream_ids(redis)))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1 * UNIT)
     assert late.ids() == first.ids() == await stream_ids(redis)
 
 
@@ -443,7 +447,7 @@ async def test_slow_viewer_lags_fast_viewers_keep_up(
             msg = await slow.recv(10)
             if msg["type"] == "lagged" and not any(v.queue for v in relay._viewers):
                 break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2 * UNIT)
         while True:
             try:
                 await slow.recv(0.2)
@@ -589,7 +593,7 @@ def keys_of(v: LiveViewer) -> list[Key]:
 
 
 def position(v: LiveViewer) -> str:
-    """The cursor a viewer resumes from, by the relay's rule (see server/live.py).
+    """The cursor a viewer resumes from, by the relay's rule (see eventwire.live).
 
     A message with ``p`` moves that partition's id; one without sets them all.
     """
@@ -682,10 +686,10 @@ def test_cursor_queries(since: str, parts: int, refused: bool) -> None:
 
 def test_resolve_since_per_partition() -> None:
     """A cursor gives each partition its id; anything else is one cut in time for all."""
-    assert live.resolve_since("1-0,2,3-4,5-6", 0, 4) == ["1-0", "2-0", "3-4", "5-6"]
-    assert live.resolve_since("17", 0, 3) == ["17-0"] * 3
-    assert live.resolve_since("1s", 5000, 2) == [f"3999-{2**64 - 1}"] * 2
-    assert live.resolve_since("now", 5000, 4) is None
+    assert resolve_since("1-0,2,3-4,5-6", 0, 4) == ["1-0", "2-0", "3-4", "5-6"]
+    assert resolve_since("17", 0, 3) == ["17-0"] * 3
+    assert resolve_since("1s", 5000, 2) == [f"3999-{2**64 - 1}"] * 2
+    assert resolve_since("now", 5000, 4) is None
 
 
 async def test_partitions_fan_out_live(make_server: MakeServer, redis: aioredis.Redis) -> None:
@@ -711,7 +715,7 @@ async def test_partitions_fan_out_live(make_server: MakeServer, redis: aioredis.
         for v in (a, b):
             await v.entries(len(uuids) * 6, wait=10)
         await one.entries(6)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1 * UNIT)
     ids = await split_ids(redis)
     new = [k for k in every_key(ids) if k[1] not in old[k[0]]]
     for v in (a, b):
@@ -763,7 +767,7 @@ async def test_partitions_since_replay_and_resume(
         await send(server, 2, uuid=uuid_in(2, 1))  # and live, after ready
         total = len(every_key(await split_ids(redis)))
         await second.entries(total - len(keys_of(first)))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1 * UNIT)
     seen = keys_of(first) + keys_of(second)
     assert len(seen) == len(set(seen))
     assert sorted(seen) == sorted(every_key(await split_ids(redis)))
@@ -803,7 +807,7 @@ async def test_partitions_one_clock_ahead(make_server: MakeServer, redis: aiored
         total = len(every_key(await split_ids(redis)))
         await v.entries(total)
         await now.entries(total - 3)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1 * UNIT)
     everything = every_key(await split_ids(redis))
     assert sorted(keys_of(v)) == sorted(everything)
     assert len(keys_of(v)) == len(everything)
@@ -831,7 +835,7 @@ async def test_partitions_handover_under_traffic(
             total = len(every_key(await split_ids(redis)))
             for v in (first, a, b):
                 await v.entries(total, wait=10)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1 * UNIT)
     expected = every_key(await split_ids(redis))
     for v in (first, a, b):
         got = keys_of(v)
@@ -885,7 +889,7 @@ async def test_partitions_reader_overtaken_by_trimming(
         return read
 
     monkeypatch.setattr(StreamsReader, "read", holding(StreamsReader.read, lambda out: out))
-    monkeypatch.setattr(live, "read_page", holding(live.read_page, lambda out: out[0]))
+    monkeypatch.setattr(live_relay, "read_page", holding(live_relay.read_page, lambda out: out[0]))
     uuid = uuid_in(1)
     async with viewer(server, "site=shop") as v:
         await v.until(ready)
@@ -896,7 +900,7 @@ async def test_partitions_reader_overtaken_by_trimming(
         await redis.xtrim(split_key(1), maxlen=3, approximate=False)
         gate.set()
         await v.entries(4)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1 * UNIT)
     ids = await split_ids(redis)
     start = v.of("event")[0]
     assert start["event"]["action"] == "session.start"
@@ -934,7 +938,7 @@ async def test_partitions_slow_viewer_lag_adds_up(
             msg = await slow.recv(10)
             if msg["type"] == "lagged" and not any(v.queue or v.missed for v in relay._viewers):
                 break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2 * UNIT)
         while True:
             try:
                 await slow.recv(0.2)
@@ -990,7 +994,7 @@ async def test_partitions_over_a_cluster(
             await v.until(ready)
             await asyncio.gather(*(send(server, 3, uuid=uuid_in(p)) for p in range(P)))
             await v.entries(P * 4)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1 * UNIT)
         ids = await split_ids(cluster)
         assert sorted(keys_of(v)) == sorted(every_key(ids))
         assert len(keys_of(v)) == P * 4
@@ -1033,7 +1037,7 @@ async def test_dashboard_follows_partitions(
         for i, f in await redis.xrange(split_key(p))
     ]
     await wait_rows(page, "#feed tr.event", len(stored), within=3 * MS)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3 * UNIT)
     rows: list[list[str]] = await page.eval_on_selector_all(
         "#feed tr.event", "rows => rows.map(r => [r.dataset.id, r.dataset.uuid])"
     )

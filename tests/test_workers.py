@@ -1,4 +1,4 @@
-"""server/supervisor.py: ``eventwire serve --workers N``, real processes on one port.
+"""eventwire.supervisor: ``eventwire serve --workers N``, real processes on one port.
 
 Most tests start ``eventwire serve --workers 2`` as a subprocess on port 0 and
 break or signal it; the last ones run :class:`~eventwire.supervisor.Supervisor`
@@ -288,7 +288,7 @@ async def test_sighup_reaches_every_child(workers2: ServerProcess, sites_file: P
         os.utime(sites_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
     await asyncio.to_thread(add_site_keeping_mtime)
-    await asyncio.sleep(1.5)  # longer than the watcher's poll: it saw nothing
+    await asyncio.sleep(1.5 * UNIT)  # longer than the watcher's poll (SITES_POLL): it saw nothing
     assert lines_of(srv, "sites_reloaded") == []
     assert srv.proc is not None
     srv.proc.send_signal(signal.SIGHUP)

@@ -1,0 +1,156 @@
+"""The live relay's messages: their Structs, and stream entries encoded as relay frames.
+
+Each message is a JSON text frame with a ``type`` (the wire is drawn in
+:mod:`eventwire.live`). ``omit_defaults``: the fields partitions add (``partitions``, ``p``)
+are left out at their defaults, so a site of one partition keeps the wire it
+had.
+
+An :class:`Entry` is one stream entry decoded once for the filters and
+encoded once as its frame, which the relay hands to every viewer as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final, Literal
+
+import msgspec
+from msgspec import Struct
+
+from eventwire.store import StreamEntry, stream_id
+
+StreamName = Literal["events", "rejected"]
+STREAMS: Final = ("events", "rejected")
+
+
+class Hello(Struct, tag="hello", tag_field="type", kw_only=True, omit_defaults=True):
+    """First message: where the viewer starts (a cursor), and Redis' clock."""
+
+    site: str
+    stream: str
+    id: str
+    now: int
+    queue: int
+    partitions: int = 1
+
+
+class Event(Struct, tag="event", tag_field="type", kw_only=True, omit_defaults=True):
+    """One entry of a site's events stream (of partition ``p``)."""
+
+    id: str
+    event: msgspec.Raw
+    p: int | None = None
+
+
+class Rejected(Struct, tag="rejected", tag_field="type", kw_only=True, omit_defaults=True):
+    """One entry of a site's rejected stream (of partition ``p``)."""
+
+    id: str
+    event: msgspec.Raw
+    p: int | None = None
+
+
+class Trimmed(Struct, tag="trimmed", tag_field="type", kw_only=True, omit_defaults=True):
+    """The stream (of partition ``p``) no longer holds ``from``; up to ``first`` is gone."""
+
+    from_: str = msgspec.field(name="from")
+    first: str | None
+    id: str
+    p: int | None = None
+
+
+class Ready(Struct, tag="ready", tag_field="type", kw_only=True):
+    """The backlog is sent; live events follow. ``id`` is the viewer's cursor."""
+
+    id: str
+
+
+class Lagged(Struct, tag="lagged", tag_field="type", kw_only=True, omit_defaults=True):
+    """``missed`` matching events (of partition ``p``), ``first`` to ``id``, were dropped."""
+
+    missed: int
+    first: str
+    id: str
+    p: int | None = None
+
+
+LiveMessage = Hello | Event | Rejected | Trimmed | Ready | Lagged
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode(message: LiveMessage) -> bytes:
+    """A message as the JSON of its text frame."""
+    return _encoder.encode(message)
+
+
+def trimmed(at: str, first: str | None, part: int | None) -> bytes:
+    """The ``trimmed`` frame of a position ``at`` the stream no longer holds.
+
+    Args:
+        at: the position (the id last read).
+        first: the oldest entry left (None: the stream is empty).
+        part: the partition of a partitioned site; None for one partition.
+    """
+    return _encoder.encode(Trimmed(from_=at, first=first, id=at, p=part))
+
+
+class _Head(Struct):
+    """The fields of a stored record the filters look at; the rest is passed on as it is."""
+
+    action: str = ""
+    uuid: str | None = None
+
+
+_head_decoder: Final = msgspec.json.Decoder(_Head)
+
+
+class Entry:
+    """One decoded stream entry and its relay frame, encoded once for every viewer.
+
+    ``part`` is the index of the partition whose stream holds it (0 for a
+    site of one partition).
+    """
+
+    __slots__ = ("action", "frame", "id", "key", "part", "uuid")
+
+    def __init__(
+        self, entry_id: str, action: str, uuid: str | None, frame: bytes, part: int = 0
+    ) -> None:
+        self.id = entry_id
+        self.key = stream_id(entry_id)
+        self.action = action
+        self.uuid = uuid
+        self.frame = frame
+        self.part = part
+
+
+def merge_order(entry: Entry) -> tuple[tuple[int, int], int]:
+    """Where an entry goes among entries of several partitions: by id, ties by partition."""
+    return entry.key, entry.part
+
+
+def decode_entries(
+    raw: Sequence[StreamEntry], stream: StreamName, part: int | None = None
+) -> list[Entry]:
+    """Stream entries as relay entries; entries that are not eventwire records are skipped.
+
+    Args:
+        raw: entries of one stream, oldest first.
+        stream: which of the site's streams they come from.
+        part: the partition of a partitioned site (written in each frame as
+            ``p``); None for a site of one partition.
+    """
+    out: list[Entry] = []
+    message = Rejected if stream == "rejected" else Event
+    for entry in raw:
+        if entry.event is None:
+            continue
+        try:
+            # Decoding the head also proves the record is JSON: it is sent on as it is.
+            head = _head_decoder.decode(entry.event)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        frame = _encoder.encode(message(id=entry.id, event=msgspec.Raw(entry.event), p=part))
+        out.append(Entry(entry.id, head.action, head.uuid, frame, part or 0))
+    return out

@@ -1,0 +1,381 @@
+"""The relay's fan-out: one Redis reader per (site, stream) per process, shared by its viewers.
+
+The first viewer of a (site, stream) starts a reader task (its own Redis
+connection, ``XREAD BLOCK``, ``live_batch`` entries a read); the last one to
+leave stops it. The reader decodes and encodes each entry once and hands the
+same frame to every viewer's queue (:class:`~eventwire.live.viewer.Viewer`).
+
+A reader follows every partition of its stream: each read takes at most
+``live_batch // P`` entries (at least one) of each partition and hands them
+out merged by id (ties by partition). On one Redis all partitions are one
+``XREAD``; on a cluster each key is read on its own node
+(:class:`eventwire.store.StreamsReader`). Page reads (a reader behind, or
+back from a failure) read each partition in its own ``MULTI``, with the
+stream's info, to tell whether trimming overtook the reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from typing import Final
+
+import redis.exceptions
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from eventwire import metrics
+from eventwire.core.errors import StoreUnavailable
+from eventwire.core.positions import cursor, id_text, resolve_since
+from eventwire.live.messages import (
+    Entry,
+    Hello,
+    Ready,
+    StreamName,
+    decode_entries,
+    encode,
+    merge_order,
+    trimmed,
+)
+from eventwire.live.query import LiveQuery
+from eventwire.live.viewer import (
+    VIEWER_SEND_BUFFER,
+    Filter,
+    Viewer,
+    reader_ahead,
+    replay,
+    send_queued,
+)
+from eventwire.store import (
+    RedisClient,
+    Store,
+    StreamEntry,
+    StreamInfo,
+    StreamsReader,
+    connect_stream_reader,
+    read_page,
+    redis_time_ms,
+    stream_end,
+    stream_entries,
+    stream_id,
+    trimmed_after,
+)
+from eventwire.tasks import cancel_and_wait
+
+log = structlog.get_logger("eventwire.live")
+
+#: How long one XREAD of a reader blocks (ms). Stopping a reader cancels the
+#: read, so this only bounds how long a reader holds a dead connection.
+READ_BLOCK_MS: Final = 1000
+#: A reader's pause after Redis failed: first and longest (s).
+RETRY_FIRST: Final = 0.2
+RETRY_MAX: Final = 2.0
+#: Close code and reason for a viewer refused after the handshake.
+TRY_AGAIN_LATER: Final = 1013
+
+_REDIS_ERRORS: Final = (
+    redis.exceptions.RedisError,
+    # Not a RedisError: a cluster client that cannot reach any node to learn the slots.
+    redis.exceptions.RedisClusterException,
+    OSError,
+    StoreUnavailable,
+    TimeoutError,
+)
+
+#: What one read of one partition gave: its index, its entries, and the
+#: stream's info when it was a page read (None after an XREAD).
+_Read = tuple[int, list[StreamEntry], StreamInfo | None]
+
+
+def per_read(batch: int, partitions: int) -> int:
+    """Entries of each partition a read takes: ``live_batch`` shared out, at least one.
+
+    A read so hands out no more than ``live_batch`` entries (P if
+    ``live_batch`` is smaller), the bound the viewer queues are set against.
+    """
+    return max(1, batch // partitions)
+
+
+class _Reader:
+    """The one Redis reader of a (site, stream) in this process, and its viewers.
+
+    Args:
+        relay: the relay it belongs to.
+        site: the site.
+        stream: which stream.
+        keys: the stream's key in each partition, in partition order.
+        positions: the id each partition starts after.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        site: str,
+        stream: StreamName,
+        keys: list[str],
+        positions: Sequence[str],
+    ) -> None:
+        self.relay = relay
+        self.site = site
+        self.stream: StreamName = stream
+        self.keys = keys
+        self.partitioned = len(keys) > 1
+        self._index = {key: part for part, key in enumerate(keys)}
+        self.count = per_read(relay.settings.live_batch, len(keys))
+        #: Per partition, the last id handed to the viewers (or where the reader started).
+        self.positions = list(positions)
+        self.viewers: set[Viewer] = set()
+        self.task: asyncio.Task[None] | None = None
+        #: Set before the task is cancelled: a cancellation that redis-py
+        #: swallows (see eventwire.tasks) must not keep the loop going.
+        self.stopping = False
+
+    @property
+    def ident(self) -> tuple[str, str, int]:
+        """The reader's key among the relay's readers."""
+        return self.site, self.stream, len(self.keys)
+
+    async def run(self) -> None:
+        """Read every partition and hand out what comes until stopped, retrying Redis failures."""
+        settings = self.relay.settings
+        client = connect_stream_reader(settings.redis_url, settings, READ_BLOCK_MS)
+        reader = StreamsReader(client, self.count, READ_BLOCK_MS)
+        # The first read, and every read after a full batch of any partition or
+        # a failure, reads pages: they can tell whether trimming overtook the
+        # reader. At the first, the viewer that started the reader has just
+        # checked its own position; only later reads can find the reader
+        # itself overtaken.
+        behind = True
+        first = True
+        backoff = RETRY_FIRST
+        failing = False
+        try:
+            while not self.stopping:
+                try:
+                    got = await (self._read_pages(client) if behind else self._read_new(reader))
+                except Exception as exc:
+                    # Redis being away is normal (retry); anything else is a
+                    # bug, logged, and the reader must live on either way.
+                    if not isinstance(exc, _REDIS_ERRORS):
+                        log.exception("live_reader_failed", site=self.site, stream=self.stream)
+                    elif not failing:
+                        log.warning(
+                            "live_reader_redis_failed",
+                            site=self.site,
+                            stream=self.stream,
+                            error=str(exc),
+                        )
+                    failing = True
+                    behind = True
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RETRY_MAX)
+                    continue
+                if failing:
+                    log.info("live_reader_redis_back", site=self.site, stream=self.stream)
+                    failing = False
+                    backoff = RETRY_FIRST
+                # A partition that filled its share may have more waiting: all
+                # are read in pages next, so none waits behind another.
+                behind = any(len(raw) >= self.count for _, raw, _ in got)
+                self._hand_out(got, tell_trimmed=not first)
+                first = False
+        finally:
+            await reader.aclose()
+            await client.aclose()
+
+    async def _read_pages(self, client: RedisClient) -> list[_Read]:
+        """One page of every partition, each with its stream's info."""
+        out: list[_Read] = []
+        for part, key in enumerate(self.keys):
+            raw, info = await read_page(client, key, self.positions[part], self.count)
+            out.append((part, raw, info))
+        return out
+
+    async def _read_new(self, reader: StreamsReader) -> list[_Read]:
+        """What every partition added after its position, waiting for the first (XREAD BLOCK)."""
+        streams = {key: self.positions[part] for part, key in enumerate(self.keys)}
+        replies = await reader.read(streams)
+        return [(self._index[key], stream_entries(raw), None) for key, raw in replies if raw]
+
+    def _hand_out(self, got: Sequence[_Read], tell_trimmed: bool) -> None:
+        """Give one read's entries, merged by id, to every viewer; move the positions.
+
+        Synchronous: the positions move with the hand-out, with no await in
+        between, so a viewer joining reads them to know what it missed.
+        """
+        entries: list[Entry] = []
+        for part, raw, info in got:
+            if tell_trimmed and trimmed_after(self.positions[part], info):
+                assert info is not None
+                self._tell_trimmed(part, info)
+            if raw:
+                entries += decode_entries(raw, self.stream, part if self.partitioned else None)
+                self.positions[part] = raw[-1].id
+        if not entries:
+            return
+        if self.partitioned:
+            entries.sort(key=merge_order)
+        for viewer in self.viewers:
+            viewer.push(entries)
+
+    def _tell_trimmed(self, part: int, info: StreamInfo) -> None:
+        """Tell each viewer whose own position in ``part`` was trimmed, from that position."""
+        for viewer in self.viewers:
+            # A viewer that joined ahead of the reader replayed up to its floor itself.
+            at = max(self.positions[part], id_text(viewer.floor[part]), key=stream_id)
+            if trimmed_after(at, info):
+                viewer.notice(trimmed(at, info.first_id, part if self.partitioned else None))
+
+
+class Relay:
+    """The live relay of one server process.
+
+    Args:
+        store: Redis access; its settings (``live_queue``, ``live_batch``,
+            ``live_max_viewers``, ``store_timeout``) bound the relay.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.settings = store.settings
+        self._readers: dict[tuple[str, str, int], _Reader] = {}
+        self._viewers: set[Viewer] = set()
+
+    @property
+    def viewers(self) -> int:
+        """Viewers connected now."""
+        return len(self._viewers)
+
+    @property
+    def readers(self) -> int:
+        """Redis readers running now (one per watched site and stream)."""
+        return len(self._readers)
+
+    def queued(self) -> int:
+        """Frames queued for all viewers now."""
+        return sum(len(v.queue) for v in self._viewers)
+
+    def full(self) -> bool:
+        """Whether ``live_max_viewers`` are connected."""
+        return len(self._viewers) >= self.settings.live_max_viewers
+
+    def stream_keys(self, site: str, stream: StreamName, partitions: int = 1) -> list[str]:
+        """The Redis keys of a site's stream, one per partition, in partition order."""
+        return self.store.keys.streams(site, partitions, rejected=stream == "rejected")
+
+    async def serve(self, ws: ServerConnection, query: LiveQuery) -> None:
+        """Run one viewer from hello until it leaves (or the server closes it)."""
+        if self.full():
+            await ws.close(TRY_AGAIN_LATER, "too many live viewers; try again later")
+            return
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, VIEWER_SEND_BUFFER)
+        viewer = Viewer(
+            Filter(query.action, query.uuid), self.settings.live_queue, query.partitions
+        )
+        self._viewers.add(viewer)
+        gauge = metrics.LIVE_VIEWERS.labels(query.stream)
+        gauge.inc()
+        watcher = asyncio.create_task(self._watch(ws, viewer))
+        reader: _Reader | None = None
+        try:
+            reader = await self._run(ws, viewer, query)
+        except ConnectionClosed:
+            pass
+        except _REDIS_ERRORS as exc:
+            log.warning("live_viewer_redis_failed", site=query.site, error=str(exc))
+            await ws.close(TRY_AGAIN_LATER, "redis unavailable; try again later")
+        finally:
+            await cancel_and_wait([watcher])
+            self._viewers.discard(viewer)
+            gauge.dec()
+            if reader is None:
+                reader = next((r for r in self._readers.values() if viewer in r.viewers), None)
+            if reader is not None:
+                await self._leave(reader, viewer)
+
+    async def _run(self, ws: ServerConnection, viewer: Viewer, query: LiveQuery) -> _Reader:
+        """Hello, the backlog, the handover to the reader, ready, then what the reader queues."""
+        redis = self.store.redis
+        keys = self.stream_keys(query.site, query.stream, query.partitions)
+        batch = per_read(self.settings.live_batch, len(keys))
+        async with asyncio.timeout(self.settings.store_timeout):
+            now = await redis_time_ms(redis)
+            since = resolve_since(query.since, now, len(keys))
+            positions = since if since is not None else [await stream_end(redis, k) for k in keys]
+        hello = Hello(
+            site=query.site,
+            stream=query.stream,
+            id=cursor(positions),
+            now=now,
+            queue=self.settings.live_queue,
+            partitions=len(keys),
+        )
+        await ws.send(encode(hello), text=True)
+        if since is not None:
+            await replay(ws, self.store, viewer, keys, query.stream, positions, batch)
+        reader = self._join(query.site, query.stream, keys, viewer, positions)
+        # The reader handed out (position, reader's position] of these
+        # partitions before this viewer joined: read them here; what it reads
+        # next is queued. Read now, before any await moves the reader on.
+        ahead = reader_ahead(reader.positions, positions)
+        if ahead:
+            await replay(ws, self.store, viewer, keys, query.stream, positions, batch, ahead)
+        await ws.send(encode(Ready(id=cursor(positions))), text=True)
+        await send_queued(ws, viewer)
+        return reader
+
+    def _join(
+        self,
+        site: str,
+        stream: StreamName,
+        keys: list[str],
+        viewer: Viewer,
+        positions: Sequence[str],
+    ) -> _Reader:
+        """Add a viewer to the reader of its stream, starting the reader if it is the first."""
+        ident = (site, stream, len(keys))
+        reader = self._readers.get(ident)
+        if reader is None:
+            reader = _Reader(self, site, stream, keys, positions)
+            reader.task = asyncio.create_task(reader.run(), name=f"eventwire-live-{site}-{stream}")
+            self._readers[ident] = reader
+            metrics.LIVE_READERS.inc()
+        viewer.joined(positions)
+        reader.viewers.add(viewer)
+        return reader
+
+    async def _leave(self, reader: _Reader, viewer: Viewer) -> None:
+        """Remove a viewer; the last one to leave stops the reader and waits for it."""
+        reader.viewers.discard(viewer)
+        if reader.viewers or self._readers.get(reader.ident) is not reader:
+            return
+        del self._readers[reader.ident]
+        metrics.LIVE_READERS.dec()
+        reader.stopping = True
+        if reader.task is not None:
+            await cancel_and_wait([reader.task])
+
+    async def _watch(self, ws: ServerConnection, viewer: Viewer) -> None:
+        """Notice when the viewer leaves; a viewer has nothing to say, so a message ends it."""
+        try:
+            async for _ in ws:
+                await ws.close(1008, "the live relay takes no messages")
+                break
+        except ConnectionClosed:
+            pass
+        finally:
+            viewer.closed = True
+            viewer.wake()
+
+    async def close(self) -> None:
+        """Stop every reader (their viewers' handlers stop them too as they end)."""
+        readers = list(self._readers.values())
+        self._readers.clear()
+        for reader in readers:
+            reader.stopping = True
+        await cancel_and_wait(r.task for r in readers if r.task is not None)
+        metrics.LIVE_READERS.dec(len(readers))
