@@ -296,6 +296,29 @@ async def test_since_duration_on_redis_clock(
     assert abs(hello["now"] - seconds * 1000) < 5000
 
 
+async def test_site_found_in_redis(server: EventwireServer, redis: aioredis.Redis) -> None:
+    """A site the sites file does not name is relayed when Redis holds its streams.
+
+    Its partitions are those Redis shows, so a partitioned site's viewer reads
+    every partition; a site with no stream at all is still 404.
+    """
+    await redis.xadd("ew:{acc}:events", {"event": b'{"action":"a.one","uuid":"u"}'})
+    for p in (0, 2):
+        await redis.xadd(f"ew:{{far:{p}}}:events", {"event": b'{"action":"f.one","uuid":"u"}'})
+    async with viewer(server, "site=acc&since=0") as v:
+        await v.until(lambda m: m["type"] == "ready")
+    assert [m["event"]["action"] for m in v.of("event")] == ["a.one"]
+    async with viewer(server, "site=far&since=0") as v:
+        await v.until(lambda m: m["type"] == "ready")
+    assert v.messages[0]["partitions"] == 3
+    assert [(m["p"], m["event"]["action"]) for m in v.of("event")] == [(0, "f.one"), (2, "f.one")]
+    url = server.admin_url.replace("http://", "ws://") + "/v1/live?site=none"
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url, open_timeout=5 * UNIT, proxy=None):
+            pass
+    assert refused.value.response.status_code == 404
+
+
 async def test_handover_under_traffic(make_server: MakeServer, redis: aioredis.Redis) -> None:
     """Viewers joining a running reader while events flow see the stream exactly."""
     server = await make_server(live_batch=5, live_queue=1000)

@@ -34,7 +34,7 @@ import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 import structlog
@@ -48,6 +48,7 @@ from eventwire.core.errors import StoreUnavailable
 from eventwire.live import LiveQuery, Relay, parse_query
 from eventwire.pages import StaticFiles
 from eventwire.store import SiteSnapshot, Store, StreamInfo
+from eventwire.store.survey import find_site
 
 log = structlog.get_logger("eventwire.admin")
 
@@ -218,15 +219,31 @@ class AdminListener:
             return _json(connection, HTTPStatus.OK, sites)
         if path.startswith(SITES_PATH + "/"):
             return await self._summary(connection, path[len(SITES_PATH) + 1 :])
-        return self._live(connection, request, query)
+        return await self._live(connection, request, query)
 
-    def _live(self, connection: ServerConnection, request: Request, query: str) -> Response | None:
+    async def _live(
+        self, connection: ServerConnection, request: Request, query: str
+    ) -> Response | None:
         if not _same_origin(request):
             return connection.respond(
                 HTTPStatus.FORBIDDEN, "the live relay answers pages of this listener only\n"
             )
+        # A site the sites file does not name is followed when Redis holds its
+        # streams (another process' file may name it): its partitions are
+        # those Redis shows.
+        found: dict[str, int] = {}
+        site = next((v for k, v in parse_qsl(query) if k == "site"), "")
+        if site and self.store.book.get(site) is None:
+            try:
+                partitions = await find_site(self.store.redis, self.store.keys, site)
+            except StoreUnavailable as exc:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{exc}\n")
+            if partitions is not None:
+                found[site] = partitions
         parsed = parse_query(
-            query, lambda site: self.store.book.get(site) is not None, self.store.partitions
+            query,
+            lambda s: s in found or self.store.book.get(s) is not None,
+            lambda s: found.get(s) or self.store.partitions(s),
         )
         if not isinstance(parsed, LiveQuery):
             status, text = parsed
