@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
+from eventwire import ingest
+from eventwire.core.auth import LEEWAY
 from eventwire.gateway import EventwireServer
+from eventwire.sessions import now_ms as real_now_ms
 from tests.conftest import MakeServer
 from tests.keys import SECRET, SECRET_ENV, none_token, token, write_public_pem
 from tests.procs import UNIT
@@ -152,18 +156,41 @@ async def test_identify_with_token(shop: EventwireServer, redis: aioredis.Redis)
     assert (stored["uuid"], stored["authenticated"]) == ("cust-7", True)
 
 
-async def test_token_expiring_while_connected(shop: EventwireServer, redis: aioredis.Redis) -> None:
+class ConnectionClock:
+    """The clock ingest reads per frame: the real one until ``at`` sets it."""
+
+    def __init__(self) -> None:
+        self.frozen: int | None = None
+
+    def __call__(self) -> int:
+        return real_now_ms() if self.frozen is None else self.frozen
+
+    def at(self, unix_seconds: float, plus_ms: int = 0) -> None:
+        """From now on, every frame is received at this time."""
+        self.frozen = int(unix_seconds * 1000) + plus_ms
+
+
+async def test_token_expiring_while_connected(
+    shop: EventwireServer, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Once the token expires, authenticated actions are unauthorized until identify renews it."""
+    clock = ConnectionClock()
+    monkeypatch.setattr(ingest, "now_ms", clock)
+    exp = int(time.time()) + 60
     async with peer(shop.url, site="shop") as p:
-        # Expired 29-30 s ago: inside the 30 s leeway at hello, outside it 2 s later.
-        await p.hello("u-exp", token=token("u-exp", "shop", ttl=-29))
+        await p.hello("u-exp", token=token("u-exp", "shop", exp=exp))
         assert (await p.track(event(1, action="form.submit")))["accepted"] == 1
-        await asyncio.sleep(2)
-        ack = await p.track(event(2, action="form.submit"))
+        # The last millisecond of the leeway still counts; the next one does not.
+        clock.at(exp + LEEWAY)
+        assert (await p.track(event(2, action="form.submit")))["accepted"] == 1
+        clock.at(exp + LEEWAY, plus_ms=1)
+        ack = await p.track(event(3, action="form.submit"))
         assert ack["rejected"][0]["code"] == "unauthorized"
         assert "expired" in ack["rejected"][0]["detail"]
-        await p.send({"type": "identify", "uuid": "u-exp", "token": token("u-exp", "shop")})
-        assert (await p.track(event(3, action="form.submit")))["accepted"] == 1
+        await p.send(
+            {"type": "identify", "uuid": "u-exp", "token": token("u-exp", "shop", ttl=3600)}
+        )
+        assert (await p.track(event(4, action="form.submit")))["accepted"] == 1
 
 
 async def test_rate_limited_flood(make_server: MakeServer, redis: aioredis.Redis) -> None:

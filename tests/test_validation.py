@@ -1,4 +1,4 @@
-"""server/validation.py: per-event rules, without I/O."""
+"""server/eventwire/core/validation.py: per-event rules, without I/O."""
 
 from __future__ import annotations
 
@@ -148,3 +148,64 @@ def test_params_without_json_form() -> None:
     result = judge_event(event, WHO, NOW, LIMITS)
     assert isinstance(result, Rejected)
     assert result.code == "invalid"
+
+
+def test_site_required_params_null_or_empty_are_missing() -> None:
+    """A site's required param that is null or empty is missing; zero and false are present."""
+    verdict = Verdict(False, False, ("sku", "qty"))
+    for params, missing in [
+        ({"sku": None, "qty": 1}, "sku"),
+        ({"sku": "", "qty": 1}, "sku"),
+        ({"sku": "A", "qty": ""}, "qty"),
+        ({"sku": "A"}, "qty"),
+    ]:
+        event = msgspec.convert({"seq": 1, "action": "cart.add", "params": params}, WireEvent)
+        result = judge_event(event, WHO, NOW, LIMITS, verdict)
+        assert result == Rejected("missing_param", f"cart.add requires params.{missing}")
+    event = msgspec.convert(
+        {"seq": 1, "action": "cart.add", "params": {"sku": 0, "qty": False}}, WireEvent
+    )
+    assert isinstance(judge_event(event, WHO, NOW, LIMITS, verdict), bytes)
+
+
+def test_builtin_url_is_checked_before_site_params() -> None:
+    """page.visit's url comes before the site's own required params."""
+    event = msgspec.convert({"seq": 1, "action": "page.visit", "params": {}}, WireEvent)
+    result = judge_event(event, WHO, NOW, LIMITS, Verdict(False, False, ("lang",)))
+    assert isinstance(result, Rejected)
+    assert "params.url" in result.detail
+
+
+def test_verdict_lookup_is_asked_only_for_well_formed_actions() -> None:
+    """The site's lookup is not asked about a malformed name; a well-formed one is asked once."""
+    asked: list[str] = []
+
+    def lookup(action: str) -> Verdict:
+        asked.append(action)
+        return Verdict(False, False, ())
+
+    bad = msgspec.convert({"seq": 1, "action": "x" * 500}, WireEvent)
+    assert isinstance(judge_event(bad, WHO, NOW, LIMITS, lookup), Rejected)
+    good = msgspec.convert({"seq": 2, "action": "form.submit"}, WireEvent)
+    assert isinstance(judge_event(good, WHO, NOW, LIMITS, lookup), bytes)
+    assert asked == ["form.submit"]
+
+
+def test_first_problem_wins_in_step_order() -> None:
+    """Action form, then the site's verdict, then params, then time, then size."""
+    old = NOW - 8 * 86_400_000
+    big = {"blob": "x" * 3000}
+
+    def code(verdict: Verdict | None, **fields: object) -> str:
+        event = msgspec.convert({"seq": 1, **fields}, WireEvent)
+        result = judge_event(event, WHO, NOW, LIMITS, verdict)
+        assert isinstance(result, Rejected)
+        return result.code
+
+    everything_wrong = Verdict(True, True, ("sku",))
+    assert code(everything_wrong, action="nodot", time=old, params=big) == "invalid_action"
+    assert code(everything_wrong, action="a.b", time=old, params=big) == "denied"
+    assert code(Verdict(False, True, ("sku",)), action="a.b", time=old) == "unauthorized"
+    assert code(Verdict(False, False, ("sku",)), action="a.b", time=old) == "missing_param"
+    assert code(None, action="a.b", time=old, params=big) == "too_old"
+    assert code(None, action="a.b", time=NOW + 10**9, params=big) == "too_large"

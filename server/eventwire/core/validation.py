@@ -98,13 +98,51 @@ def default_label(action: str, params: dict[str, Any]) -> str:
 def missing_params(action: str, params: dict[str, Any], required: tuple[str, ...]) -> str | None:
     """Name the first required param an event lacks, or None.
 
-    A param is present when its value is neither null nor an empty string.
+    The params every site requires (:data:`BUILTIN_REQUIRED`) come first, then
+    the site's. A site's param is present when its value is neither null nor
+    an empty string; ``page.visit``'s ``url`` must be a non-empty string.
     """
+    if action in BUILTIN_REQUIRED:
+        url = params.get("url")
+        if not isinstance(url, str) or not url:
+            return f"{action} requires params.url (a non-empty string)"
     for name in required:
         value = params.get(name)
         if value is None or value == "":
             return f"{action} requires params.{name}"
     return None
+
+
+def site_refusal(action: str, verdict: Verdict) -> Rejected:
+    """Why the site refuses an action it denies or keeps for proven customers."""
+    if verdict.denied:
+        return Rejected(DENIED, f"{action} is not taken by this site")
+    return Rejected(UNAUTHORIZED, f"{action} needs an authenticated customer")
+
+
+def too_old(time: int, limits: Limits) -> Rejected:
+    """The rejection of an event whose time is further back than ``max_event_age``."""
+    days = limits.max_event_age_ms / 86_400_000
+    return Rejected(TOO_OLD, f"time {time} is more than {days:g} days before receipt")
+
+
+def encode_stored(stored: StoredEvent, max_event_bytes: int) -> bytes | Rejected:
+    """The JSON of a stored event, or why it cannot be stored (no JSON form, too large)."""
+    try:
+        encoded = record_encoder.encode(stored)
+    except (TypeError, ValueError) as exc:
+        # MessagePack extension types and array or nil map keys have no JSON form.
+        return Rejected(INVALID, f"params hold a value JSON cannot carry: {exc}")
+    except RecursionError:
+        # Decoded a few stack frames up, params nested at the recursion limit
+        # can fail to encode here.
+        return Rejected(INVALID, "params are nested too deeply to store")
+    if len(encoded) > max_event_bytes:
+        return Rejected(
+            TOO_LARGE,
+            f"event encodes to {len(encoded)} bytes; max_event_bytes is {max_event_bytes}",
+        )
+    return encoded
 
 
 def judge_event(
@@ -115,6 +153,12 @@ def judge_event(
     verdict: Verdict | Callable[[str], Verdict] | None = None,
 ) -> bytes | Rejected:
     """Validate one event and encode it as stored (PROTOCOL.md sections 2 and 7).
+
+    The steps, each rejecting with the first problem it finds: the action's
+    form (:func:`action_problem`), the site's verdict (:func:`site_refusal`),
+    required params (:func:`missing_params`), the time (corrected when ahead,
+    :func:`too_old` when far behind), and the encoding (:func:`encode_stored`).
+    It runs once per event: each step is called only where it has work to do.
 
     Args:
         event: the decoded wire event.
@@ -133,26 +177,19 @@ def judge_event(
     if problem is not None:
         return Rejected(INVALID_ACTION, problem)
     required: tuple[str, ...] = ()
-    if callable(verdict):
-        # Asked only now: the site caches a verdict per action name, and a
-        # malformed name may be as long as a frame.
-        verdict = verdict(action)
     if verdict is not None:
-        if verdict.denied:
-            return Rejected(DENIED, f"{action} is not taken by this site")
-        if verdict.needs_auth and not who.authenticated:
-            return Rejected(UNAUTHORIZED, f"{action} needs an authenticated customer")
+        if callable(verdict):
+            # Asked only now: the site caches a verdict per action name, and a
+            # malformed name may be as long as a frame.
+            verdict = verdict(action)
+        if verdict.denied or (verdict.needs_auth and not who.authenticated):
+            return site_refusal(action, verdict)
         required = verdict.required
     params = event.params if event.params is not None else {}
-    builtin = BUILTIN_REQUIRED.get(action)
-    if builtin is not None:
-        url = params.get("url")
-        if not isinstance(url, str) or not url:
-            return Rejected(MISSING_PARAM, f"{action} requires params.url (a non-empty string)")
-    if required:
-        missing = missing_params(action, params, required)
-        if missing is not None:
-            return Rejected(MISSING_PARAM, missing)
+    if required or action in BUILTIN_REQUIRED:
+        problem = missing_params(action, params, required)
+        if problem is not None:
+            return Rejected(MISSING_PARAM, problem)
     time = event.time
     original_time = None
     if time is None:
@@ -161,36 +198,19 @@ def judge_event(
         # A client clock far ahead is corrected, not punished; the original is kept.
         original_time, time = time, received
     elif time < received - limits.max_event_age_ms:
-        days = limits.max_event_age_ms / 86_400_000
-        return Rejected(TOO_OLD, f"time {time} is more than {days:g} days before receipt")
-    label = event.label if event.label is not None else default_label(action, params)
-    try:
-        encoded = record_encoder.encode(
-            StoredEvent(
-                site=who.site,
-                uuid=who.uuid,
-                session=who.session,
-                producer=who.producer,
-                seq=event.seq,
-                action=action,
-                label=label,
-                time=time,
-                received=received,
-                params=params,
-                original_time=original_time,
-                authenticated=who.authenticated,
-            )
-        )
-    except (TypeError, ValueError) as exc:
-        # MessagePack extension types and array or nil map keys have no JSON form.
-        return Rejected(INVALID, f"params hold a value JSON cannot carry: {exc}")
-    except RecursionError:
-        # Decoded a few stack frames up, params nested at the recursion limit
-        # can fail to encode here.
-        return Rejected(INVALID, "params are nested too deeply to store")
-    if len(encoded) > limits.max_event_bytes:
-        return Rejected(
-            TOO_LARGE,
-            f"event encodes to {len(encoded)} bytes; max_event_bytes is {limits.max_event_bytes}",
-        )
-    return encoded
+        return too_old(time, limits)
+    stored = StoredEvent(
+        site=who.site,
+        uuid=who.uuid,
+        session=who.session,
+        producer=who.producer,
+        seq=event.seq,
+        action=action,
+        label=event.label if event.label is not None else default_label(action, params),
+        time=time,
+        received=received,
+        params=params,
+        original_time=original_time,
+        authenticated=who.authenticated,
+    )
+    return encode_stored(stored, limits.max_event_bytes)
