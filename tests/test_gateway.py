@@ -1,4 +1,4 @@
-"""server/gateway.py: handshake checks, close codes, Redis faults, graceful drain."""
+"""eventwire.gateway: handshake checks, close codes, Redis faults, graceful drain."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 from websockets.typing import Subprotocol
 
 from eventwire.gateway import EventwireServer
@@ -42,10 +42,17 @@ async def test_refused_before_upgrade(
 
 
 async def test_allowed_origin(server: EventwireServer, redis: aioredis.Redis) -> None:
-    """An allowed browser origin connects (exact and port pattern)."""
-    for origin in ("https://shop.example", "http://localhost:5173"):
+    """An allowed browser origin connects (exact and port pattern) and its events are stored."""
+    origins = ("https://shop.example", "http://localhost:5173")
+    for i, origin in enumerate(origins):
         async with peer(server.url, site="shop", origin=origin) as p:
-            await p.hello()
+            assert p.ws.response is not None
+            assert p.ws.response.status_code == 101
+            welcome = await p.hello(f"u-origin-{i}")
+            assert welcome["session"]
+            assert (await p.track(event(1)))["accepted"] == 1
+    stored = await client_events(redis, "shop")
+    assert [e["uuid"] for e in stored] == ["u-origin-0", "u-origin-1"]
 
 
 async def test_unknown_subprotocol_refused(server: EventwireServer) -> None:
@@ -194,11 +201,17 @@ async def test_stop_drains_in_flight_frames(make_server: MakeServer, redis: aior
         await asyncio.sleep(0.05)
         stopping = asyncio.create_task(srv.stop())
         answers = []
-        try:
+
+        async def read_answers() -> None:
             while True:
                 answers.append(await p.recv())
-        except Exception:
-            pass
+
+        # The answers, then the close 1001 ends them (PROTOCOL.md section 3);
+        # a timeout or any other close fails the test.
+        with pytest.raises(ConnectionClosedOK) as closed:
+            await read_answers()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1001
         await stopping
         assert p.ws.close_code == 1001
     acked = sum(a["accepted"] for a in answers if a["type"] == "ack")

@@ -1,4 +1,4 @@
-"""server/ingest.py through a real server and Redis: hello, track, ack, reject, dedup."""
+"""eventwire.ingest through a real server and Redis: hello, track, ack, reject, dedup."""
 
 from __future__ import annotations
 
@@ -230,11 +230,11 @@ async def test_drain_with_several_waiters(
         try:
             for f in range(5):
                 await p.send({"type": "track", "events": [event(f + 1)]})
-            while ingest.frames < 5:  # noqa: ASYNC110 - the server's state, not ours
+            while ingest.protocol.frames < 5:  # noqa: ASYNC110 - the server's state, not ours
                 await asyncio.sleep(0.01)
             drains = asyncio.gather(*(ingest.drain() for _ in range(3)))
             await asyncio.sleep(0.05)
         finally:
             redis_proc.resume()
         await asyncio.wait_for(drains, 5)
-        assert not ingest._pending
+        assert not ingest.protocol.unanswered

@@ -3,13 +3,10 @@
 :class:`EventwireServer` owns the process' listeners and the store. For each
 connection it checks the route (``/v1/track/{site}``, else 404), the site
 (404), the ``Origin`` (403), the connection limit (503) and the subprotocol
-before the upgrade, then feeds frames to an :class:`~eventwire.ingest.IngestConnection`
-and turns the errors it raises into the protocol's answers:
-
-- no hello within ``hello_timeout``, or a bad hello: ``error``, close 1008;
-- a frame that does not decode: ``error``, raw bytes recorded, close 1007;
-- a frame over ``max_frame_bytes``: close 1009 (websockets enforces it);
-- Redis unavailable at hello: ``error unavailable``, close 1013.
+before the upgrade, then hands the socket to an :class:`~eventwire.ingest.IngestConnection`
+driving the connection's protocol (:class:`~eventwire.core.connection.Connection`),
+which chooses every answer and close code. A frame over ``max_frame_bytes``
+is closed 1009 by websockets itself (``max_size``).
 
 Plain GET requests for :data:`PUBLIC_FILES` (the browser tracker and the demo
 shop) are answered before any upgrade, by :class:`~eventwire.pages.StaticFiles`.
@@ -31,7 +28,7 @@ from typing import Final
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, NegotiationError
+from websockets.exceptions import NegotiationError
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 from websockets.typing import Subprotocol
@@ -39,12 +36,13 @@ from websockets.typing import Subprotocol
 from eventwire import metrics
 from eventwire.admin import AdminListener
 from eventwire.core.config import Settings, mask_url
-from eventwire.core.errors import ConfigError, ProtocolViolation, StoreUnavailable, UndecodableFrame
-from eventwire.core.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS, Error
+from eventwire.core.connection import Connection
+from eventwire.core.errors import ConfigError
+from eventwire.core.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS
 from eventwire.core.rules import SiteRules, SitesBook
-from eventwire.ingest import IngestConnection, undecodable_record
+from eventwire.ingest import IngestConnection
 from eventwire.pages import StaticFiles
-from eventwire.sessions import Sessions, now_ms
+from eventwire.sessions import Sessions
 from eventwire.store import Store, connect_redis
 from eventwire.tasks import cancel_and_wait
 
@@ -281,73 +279,29 @@ class EventwireServer:
 
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(connection_id=next(_ids), site=site)
-        ingest = IngestConnection(
-            self.book, site, self.settings, self.store, self.sessions, codec, send
-        )
+        protocol = Connection(self.book, site, self.settings, codec, metrics.site_counts(site))
+        ingest = IngestConnection(protocol, ws, send, self.store, self.sessions, self._is_draining)
         self._connections[ws] = ingest
         opened = time.monotonic()
         open_gauge = metrics.CONNECTIONS_OPEN.labels(site)
         open_gauge.inc()
-        error: ProtocolViolation | None = None
-        data: bytes | str = b""
         try:
-            try:
-                async with asyncio.timeout(self.settings.hello_timeout):
-                    data = await ws.recv(decode=False)
-            except TimeoutError:
-                raise ProtocolViolation(
-                    "hello_timeout", f"no hello within {self.settings.hello_timeout:g} s"
-                ) from None
-            try:
-                await ingest.hello(data)
-            except StoreUnavailable as exc:
-                raise ProtocolViolation("unavailable", str(exc), 1013) from None
-            metrics.CONNECTIONS.labels(site).inc()
-            while not self._draining:
-                data = await ws.recv(decode=False)
-                await ingest.receive(data)
-                if ws.paused:  # the client does not read its answers: wait for it
-                    await ws.drain()
-            # Draining: read no more, so a busy client cannot hold the drain
-            # open; what it sent meanwhile is unacked and will be resent.
-            await ingest.drain()
-            await ws.close(1001, "server shutting down")
-        except ConnectionClosed:
-            pass
-        except ProtocolViolation as exc:
-            error = exc
-            metrics.PROTOCOL_ERRORS.labels(site, exc.code).inc()
-            if isinstance(exc, UndecodableFrame):
-                await self.store.record_rejected(
-                    site,
-                    ingest.who.uuid if ingest.who else None,
-                    undecodable_record(site, ingest.who, exc.detail, data, now_ms()),
-                )
-            # Answers already due go first, so the error is the last message.
-            await ingest.drain()
-            try:
-                await ws.send(codec.encode(Error(code=exc.code, detail=exc.detail)), text=text)
-                await ws.close(exc.close_code, _reason(exc.detail))
-            except ConnectionClosed:
-                pass
+            await ingest.run()
         finally:
             del self._connections[ws]
             open_gauge.dec()
-            await ingest.close()
             code = ws.close_code if ws.close_code is not None else 1006
             log.info(
                 "connection_closed",
                 close_code=code,
-                close_reason=ws.close_reason or (error.detail if error else ""),
+                close_reason=ws.close_reason or ingest.close_detail,
                 duration_ms=int((time.monotonic() - opened) * 1000),
                 subprotocol=codec.name,
                 **ingest.stats(),
             )
 
-
-def _reason(detail: str) -> str:
-    # A close reason must fit a control frame: 123 bytes of UTF-8.
-    return detail.encode()[:120].decode("utf-8", "ignore")
+    def _is_draining(self) -> bool:
+        return self._draining
 
 
 def _refuse(connection: ServerConnection, status: HTTPStatus, text: str) -> Response:

@@ -1,619 +1,366 @@
-"""One tracking connection's state machine: hello -> welcome, track -> ack/nack.
+"""The async driver of one tracking connection: socket, store and sessions around its protocol.
 
-This room turns decoded messages into store calls and answers; it never
-touches a socket. ``gateway`` feeds it frames and gives it a ``send``
-function. It applies the site's rules (``rules``) and the customer's proof
-(``auth``) to every frame. Errors map to protocol answers here:
+Every decision is made by :class:`~eventwire.core.connection.Connection`
+(sans I/O, in ``core``); this room only feeds it what happens and carries out
+the commands it returns:
 
-- a bad event -> a rejection inside the ack (final; in the rejected stream
-  too, except ``denied`` events, which are stored nowhere);
-- Redis down or slow -> ``nack unavailable``; over the site's rate ->
-  ``nack rate_limited`` (nothing of the frame stored);
-- a broken protocol -> :class:`~eventwire.core.errors.ProtocolViolation`, which the
-  gateway turns into an ``error`` message and a close code.
+- frames read from the socket go to :meth:`Connection.receive`, with the time;
+- :class:`~eventwire.core.commands.Send` and ``SubmitFrame`` are carried out
+  at once, without a wait or a task: a frame goes to :meth:`Store.submit`,
+  whose publisher task reports its end to this object (a
+  :class:`~eventwire.store.FrameSink`), and the answers that are then due go
+  out from there;
+- session steps (hello, identify), the undecodable record and the close are
+  awaited by the receive loop, which reads no frame meanwhile; a session
+  renewed under frames on their way is the one step run in a task of its own
+  (owned, cancelled when the connection ends), as the loop may be waiting for
+  a frame then.
 
-Frames are answered in the order they arrived. Up to ``max_inflight_frames``
-of them may wait for Redis at once, so a client that pipelines frames keeps
-the server busy. The store reports each frame's end from its publisher task
-(:class:`~eventwire.store.FrameSink`), and the answers that are due go out then,
-without a task or a wait per frame; ``gateway`` applies backpressure when the
-client does not read them.
+The loop reads no more frames while ``max_inflight_frames`` are unanswered,
+and waits for the client when it does not read its answers (backpressure).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
 
-import msgspec
 import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 
 from eventwire import metrics
-from eventwire.core.auth import LEEWAY, Proof, TokenRefused, verify_token
-from eventwire.core.config import Settings
-from eventwire.core.errors import ProtocolViolation, StoreUnavailable, UndecodableFrame
-from eventwire.core.ordering import FrameOwner, TokenBucket
-from eventwire.core.protocol import (
-    Ack,
-    Codec,
-    Hello,
-    Identify,
-    Nack,
-    NackCode,
-    RejectedRecord,
-    Rejection,
-    Track,
-    Welcome,
-    WireEvent,
-    event_text,
-    record_encoder,
+from eventwire.core.commands import (
+    Close,
+    Command,
+    LeaveSession,
+    OpenSession,
+    RecordUndecodable,
+    ResubmitFrame,
+    Send,
+    SubmitFrame,
+    SwitchCustomer,
 )
-from eventwire.core.rules import SiteRules, SitesBook
-from eventwire.core.validation import (
-    DENIED,
-    INVALID,
-    UNAUTHORIZED,
-    Identity,
-    Limits,
-    Rejected,
-    judge_event,
-)
+from eventwire.core.connection import Connection
+from eventwire.core.errors import StoreUnavailable
+from eventwire.core.frames import undecodable_record
+from eventwire.core.validation import Identity
 from eventwire.sessions import Sessions, now_ms
-from eventwire.store import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS, Frame, Store
+from eventwire.store import Frame, Store
 from eventwire.tasks import cancel_and_wait
 
-#: ``raw`` in the rejected stream is cut to this many characters (PROTOCOL.md section 7).
-RAW_LIMIT: Final = 4096
+# ``undecodable_record`` is imported from here by the fuzzers.
+__all__ = ["IngestConnection", "undecodable_record"]
 
 log = structlog.get_logger("eventwire.ingest")
 
 #: Writes one encoded message to the client now, without waiting; never raises.
-Send = Callable[[bytes], None]
-
-
-class _Pending:
-    """A frame waiting for its answer, in arrival order."""
-
-    __slots__ = ("rejections", "reply", "seq")
-
-    def __init__(self, seq: int, rejections: list[Rejection], reply: bytes | None = None) -> None:
-        self.seq = seq
-        self.rejections = rejections
-        self.reply = reply
+SendNow = Callable[[bytes], None]
 
 
 class IngestConnection:
-    """The state of one tracking connection.
+    """Carries out one tracking connection's protocol over its socket.
 
     Args:
-        book: the sites' current rules; each frame uses the rules current when it arrives.
-        site: the connection's site.
-        settings: server settings.
+        protocol: the connection's protocol state (sans I/O).
+        ws: the socket.
+        send: writes one encoded message to the client without waiting.
         store: the Redis room.
         sessions: the session room.
-        codec: the negotiated subprotocol.
-        send: writes one encoded message to the client without waiting.
+        draining: whether the server is shutting down (asked before each frame).
     """
 
     def __init__(
         self,
-        book: SitesBook,
-        site: str,
-        settings: Settings,
+        protocol: Connection,
+        ws: ServerConnection,
+        send: SendNow,
         store: Store,
         sessions: Sessions,
-        codec: Codec,
-        send: Send,
+        draining: Callable[[], bool],
     ) -> None:
-        self.book = book
-        self.site = site
-        self.settings = settings
+        self.protocol = protocol
+        self.site = protocol.site
+        self.ws = ws
+        self._send = send
         self.store = store
         self.sessions = sessions
-        self.codec = codec
-        self._send = send
-        self.limits = Limits(
-            max_event_bytes=settings.max_event_bytes,
-            max_clock_skew_ms=int(settings.max_clock_skew * 1000),
-            max_event_age_ms=int(settings.max_event_age * 1000),
-        )
-        self.who: Identity | None = None
-        self._keys_for: Identity | None = None
+        self._draining = draining
+        self.settings = protocol.settings
+        #: The connection's member in its customer's session, while registered.
+        self.member = ""
+        #: The detail of the error the connection was closed for, if any.
+        self.close_detail = ""
+        #: Session steps and the close, awaited by the receive loop in order.
+        self._steps: deque[Command] = deque()
+        self._renewal: asyncio.Task[None] | None = None
+        #: Frames whose session ended, until they are sent again.
+        self._held: dict[SubmitFrame, Frame] = {}
+        #: Set whenever answers went out or a step was queued; every waiter
+        #: (room for a frame, a drain, several at once) wakes and looks again.
+        self._answered = asyncio.Event()
+        #: The customer the log lines name now.
+        self._bound: Identity | None = None
+        self._keys_uuid = ""
         self._tag = ""
         self._producer_key = ""
         self._session_key = ""
-        #: The verified token of the current customer, and why the last one was refused.
-        self.proof: Proof | None = None
-        self.token_problem = "no token was given"
-        self.bucket: TokenBucket | None = None
-        self.member = ""
-        self.producer = ""
-        self.context: dict[str, Any] | None = None
-        self.owner = FrameOwner()
-        #: Frames whose session ended while they were on their way, in order.
-        self._gone: list[Frame] = []
-        self._renewal: asyncio.Task[None] | None = None
-        self._pending: deque[_Pending] = deque()
-        #: Set whenever answers went out; every waiter (room for a frame, a
-        #: drain, several at once) wakes and looks again.
-        self._answered = asyncio.Event()
-        self._closed = False
-        self.frames = 0
-        self.accepted = 0
-        self.duplicate = 0
-        self.rejected = 0
-        self.nacked = 0
-        self._counts = metrics.site_counts(site)
 
-    def rules(self) -> SiteRules:
-        """The site's current rules.
+    # -- the receive loop ---------------------------------------------------------
 
-        Raises:
-            ProtocolViolation: the site was removed from the sites file (1008).
-        """
-        rules = self.book.get(self.site)
-        if rules is None:
-            raise ProtocolViolation("unknown_site", f"site {self.site!r} is no longer configured")
-        return rules
-
-    def _prove(self, rules: SiteRules, uuid: str, token: str | None) -> None:
-        """Verify the token of a hello or identify, as the site's ``auth`` asks.
-
-        Raises:
-            ProtocolViolation: the site needs a valid token and this is none (1008).
-        """
-        self.proof = None
-        if token is None:
-            self.token_problem = "no token was given"
-        else:
+    async def run(self) -> None:
+        """Serve the connection until it closes, then leave its session."""
+        protocol = self.protocol
+        ws = self.ws
+        try:
             try:
-                self.proof = verify_token(token, rules.keys, self.site, uuid)
-            except TokenRefused as exc:
-                self.token_problem = str(exc)
-        if self.proof is None and rules.config.auth == "token":
-            raise ProtocolViolation(
-                "unauthorized", f"this site needs a valid token: {self.token_problem}"
-            )
-
-    # -- hello ------------------------------------------------------------------
-
-    async def hello(self, data: bytes | str) -> None:
-        """Handle the first frame: it must be a hello; answer with a welcome.
-
-        Raises:
-            ProtocolViolation: the frame is not a valid hello (1008) or not
-                decodable (1007).
-            StoreUnavailable: Redis could not open the session.
-        """
-        try:
-            msg = self.codec.decode(data)
-        except msgspec.ValidationError as exc:
-            raise ProtocolViolation("bad_hello", f"invalid hello: {exc}") from None
-        if not isinstance(msg, Hello):
-            raise ProtocolViolation("bad_hello", "the first message must be a hello")
-        rules = self.rules()
-        self._prove(rules, msg.uuid, msg.token)
-        member = self.sessions.member(msg.uuid)
-        opened = await self.sessions.open(self.site, msg.uuid, member, msg.producer, msg.context)
-        self.member, self.producer, self.context = member, msg.producer, msg.context
-        self._become(msg.uuid, opened.session)
-        welcome = Welcome(
-            session=opened.session,
-            resumed=opened.resumed,
-            acked=opened.acked,
-            server_time=now_ms(),
-            max_batch=self.settings.max_batch,
-        )
-        self._send(self.codec.encode(welcome))
-
-    # -- frames after hello -----------------------------------------------------
-
-    async def receive(self, data: bytes | str) -> None:
-        """Handle one frame after the hello.
-
-        Returns once the frame is queued; its answer follows in order. Waits
-        first while ``max_inflight_frames`` frames are unanswered.
-
-        Raises:
-            ProtocolViolation: the frame breaks the protocol.
-        """
-        limit = self.settings.max_inflight_frames
-        await self._wait_answers(lambda: len(self._pending) < limit)
-        try:
-            msg: Any = self.codec.decode(data)
-        except msgspec.ValidationError:
-            msg = self.codec.split_track(data)
-        if isinstance(msg, Track):
-            self._track(msg.events)
-        elif isinstance(msg, list):
-            self._track(msg)
-        elif isinstance(msg, Identify):
-            await self._identify(msg)
-        else:
-            raise ProtocolViolation("bad_message", "hello was already received")
-
-    def _track(self, events: list[WireEvent] | list[WireEvent | tuple[int, str, bytes]]) -> None:
-        assert self.who is not None
-        if not 1 <= len(events) <= self.settings.max_batch:
-            raise UndecodableFrame(
-                f"track holds {len(events)} events; it must hold 1 to {self.settings.max_batch}"
-            )
-        rules = self.rules()
-        self.frames += 1
-        self._counts.frames += 1
-        received = now_ms()
-        who = self._identity(received)
-        if len(events) == 1:
-            only = events[0]
-            low = high = only.seq if isinstance(only, WireEvent) else only[0]
-        else:
-            seqs = [e.seq if isinstance(e, WireEvent) else e[0] for e in events]
-            low, high = min(seqs), max(seqs)
-        if not self.owner.admit(low):
-            if self.owner.code == "rate_limited":
-                self._check_flood(rules, received)
-            self._answer_now(self._nack(high, self.owner.code))
-            return
-        wait_ms = self._rate_limited(rules, len(events), received)
-        if wait_ms is not None:
-            # Like a failed store: nothing stored, and the frames after it wait
-            # for the resend (see FrameOwner), so the client's order holds.
-            # A new epoch keeps the frames before it, already admitted, alive.
-            self.owner.epoch += 1
-            self.owner.fail(self.owner.epoch, low, "rate_limited")
-            self._answer_now(self._nack(high, "rate_limited", wait_ms))
-            return
-        limits = self.limits
-        items: list[Any] = []
-        rejections: list[Rejection] = []
-        denied = 0
-        top = 0
-        for event in events:
-            if isinstance(event, WireEvent):
-                seq = event.seq
-                outcome: bytes | Rejected = (
-                    # The verdict is looked up only for a well-formed action: a
-                    # frame of long junk actions must not fill the verdict cache.
-                    judge_event(event, who, received, limits, rules.verdict)
-                    if seq > top
-                    else Rejected(INVALID, f"seq {seq} is not above the seq before it ({top})")
-                )
+                async with asyncio.timeout(self.settings.hello_timeout):
+                    data = await ws.recv(decode=False)
+            except TimeoutError:
+                self._run(protocol.hello_timed_out())
             else:
-                seq, detail, raw = event
-                outcome = Rejected(INVALID, detail)
-            if isinstance(outcome, bytes):
-                items += (seq, EVENT, outcome)
-                top = seq
-                continue
-            detail = outcome.detail
-            if outcome.code == UNAUTHORIZED and self.proof is None:
-                detail = f"{detail}; {self.token_problem}"
-            rejections.append(Rejection(seq=seq, code=outcome.code, detail=detail))
-            if outcome.code == DENIED:
-                # A deny list exists to keep that data out: counted, stored nowhere.
-                denied += 1
-                items += (seq, COUNT_ONLY, b"")
-                top = max(top, seq)
-                continue
-            raw_text = (
-                self.codec.to_json_text(raw)
-                if not isinstance(event, WireEvent)
-                else event_text(event)
-            )
-            record = record_encoder.encode(
-                RejectedRecord(
-                    site=self.site,
-                    uuid=who.uuid,
-                    producer=who.producer,
-                    seq=seq,
-                    code=outcome.code,
-                    detail=detail,
-                    received=received,
-                    raw=raw_text[:RAW_LIMIT],
-                )
-            )
-            if seq > top:
-                items += (seq, REJECT, record)
-                top = seq
-            else:
-                items += (seq, REJECT_ALWAYS, record)
-        if rejections:
-            self._count_rejections(rejections, denied)
-        pending = _Pending(high, rejections)
-        self._pending.append(pending)
-        keys = self.store.keys
-        if self._keys_for is not who:
-            # Key names change only with the customer: built once, not per frame.
-            self._keys_for = who
-            self._tag = self.store.tag(self.site, who.uuid)
-            self._producer_key = keys.producer(self._tag, who.producer)
-            self._session_key = keys.session(self._tag, who.uuid)
-        self.store.submit(
-            self.site,
-            self._tag,
-            self._producer_key,
-            self._session_key,
-            who.uuid,
-            who.session,
-            items,
-            self,
-            pending,
-            self.owner,
-            low,
-        )
-
-    def _identity(self, now: int) -> Identity:
-        """The sender as of now: a token that expired no longer proves the customer."""
-        who = self.who
-        assert who is not None
-        if self.proof is not None and now > (self.proof.exp + LEEWAY) * 1000:
-            self.proof = None
-            self.token_problem = "the token expired; send identify with a fresh one"
-            who = self._become(who.uuid, who.session)
-        return who
-
-    def _become(self, uuid: str, session: str) -> Identity:
-        """Set who sends from now on: customer, session, and whether a token proves them."""
-        self.who = Identity(
-            site=self.site,
-            uuid=uuid,
-            session=session,
-            producer=self.producer,
-            authenticated=self.proof is not None,
-        )
-        structlog.contextvars.bind_contextvars(
-            uuid=uuid, session=session, authenticated=self.proof is not None
-        )
-        return self.who
-
-    def _rate_limited(self, rules: SiteRules, n: int, now: int) -> int | None:
-        """Take ``n`` events from the connection's bucket; None, or how long to wait (ms).
-
-        Raises:
-            ProtocolViolation: the client kept sending for ``close_after``
-                seconds without waiting as told (1008).
-        """
-        rate = rules.config.rate
-        if rate is None:
-            return None
-        bucket = self.bucket
-        if bucket is None or bucket.rate != rate:
-            bucket = self.bucket = TokenBucket(rate, now)
-        wait_ms = bucket.take(n, now)
-        if wait_ms is not None:
-            self._check_flood(rules, now)
-        return wait_ms
-
-    def _check_flood(self, rules: SiteRules, now: int) -> None:
-        """Close a client whose frames have all been refused for ``close_after`` seconds.
-
-        Raises:
-            ProtocolViolation: the client kept sending without waiting as told (1008).
-        """
-        rate, bucket = rules.config.rate, self.bucket
-        if rate is None or bucket is None:
-            return
-        if bucket.refused(now) > rate.close_after * 1000:
-            raise ProtocolViolation(
-                "rate_limited",
-                f"over {rate.events_per_second:g} events/s for {rate.close_after:g} s "
-                "without waiting retry_after_ms",
-            )
-
-    async def _identify(self, msg: Identify) -> None:
-        """Switch the connection to another customer (PROTOCOL.md section 2).
-
-        The old customer's session gets ``client.identify`` and ends (reason
-        ``identify``) if this was its last connection; the connection then
-        joins or opens the new customer's session. Frames already received
-        are stored first, for the customer they were sent for.
-
-        On a partitioned site the new customer may live in another partition,
-        whose copy of the producer's stored seq is behind. Once every earlier
-        frame is answered (the drain), the old partition's seq is the
-        producer's high-water mark; it is carried into the new partition, so
-        ``welcome.acked`` and de-duplication go on as with one key.
-        """
-        assert self.who is not None
-        if msg.uuid == self.who.uuid and msg.token is None:
-            return
-        rules = self.rules()
-        self._prove(rules, msg.uuid, msg.token)
-        if msg.uuid == self.who.uuid:
-            # A fresh token for the same customer: authenticated again, same session.
-            self._become(msg.uuid, self.who.session)
-            return
-        await self.drain()
-        old = self.who
-        member = self.sessions.member(msg.uuid)
-        moves = self.store.tag(self.site, old.uuid) != self.store.tag(self.site, msg.uuid)
-        try:
-            stored = await self.sessions.leave(
-                self.site,
-                old.uuid,
-                self.member,
-                identify_to=msg.uuid,
-                producer=self.producer if moves else "",
-            )
-            self.member = ""
-            opened = await self.sessions.open(
-                self.site, msg.uuid, member, self.producer, self.context, carry=stored
-            )
-        except StoreUnavailable as exc:
-            raise ProtocolViolation("unavailable", f"identify failed: {exc}", 1013) from None
-        self.member = member
-        self._become(msg.uuid, opened.session)
-
-    def _count_rejections(self, rejections: list[Rejection], denied: int) -> None:
-        self.rejected += len(rejections) - denied
-        self._counts.rejected += len(rejections) - denied
-        self._counts.denied += denied
-        for r in rejections:
-            metrics.REJECTS.labels(self.site, r.code).inc()
-
-    def _nack(self, seq: int, code: NackCode = "unavailable", wait_ms: int | None = None) -> bytes:
-        self.nacked += 1
-        metrics.NACKS.labels(self.site, code).inc()
-        if wait_ms is None:
-            wait_ms = self.settings.retry_after_ms
-        return self.codec.encode(Nack(seq=seq, code=code, retry_after_ms=wait_ms))
-
-    def _answer_now(self, reply: bytes) -> None:
-        """Queue an answer that needs no store step, behind those still due."""
-        self._pending.append(_Pending(0, [], reply))
-        self._flush()
-
-    # -- answers, in order ------------------------------------------------------
-
-    def frame_stored(self, frame: Frame, added: int, duplicate: int) -> None:
-        """FrameSink: the frame's events are in Redis; its ack may go."""
-        self.accepted += added
-        self.duplicate += duplicate
-        self._counts.accepted += added
-        self._counts.duplicate += duplicate
-        token: _Pending = frame.token
-        token.reply = self.codec.encode(
-            Ack(seq=token.seq, accepted=added, duplicate=duplicate, rejected=token.rejections)
-        )
-        self._flush()
-
-    def frame_failed(self, frame: Frame, why: str) -> None:
-        """FrameSink: nothing of the frame is stored; it is nacked."""
-        token: _Pending = frame.token
-        token.reply = self._nack(token.seq, self.owner.code)
-        self._flush()
-
-    def frame_gone(self, frame: Frame) -> None:
-        """FrameSink: the session ended (idle or max) before the frame was stored.
-
-        The customer's next events open a new session on this connection: the
-        frame is re-encoded for the current session and sent again, behind the
-        frames that came back before it, so the producer's order holds.
-        """
-        assert self.who is not None
-        if self._gone or frame.session == self.who.session:
-            self._gone.append(frame)
-            if self._renewal is None:
-                self._renewal = asyncio.create_task(self._renew())
-        else:
-            self._resend(frame)
-
-    async def _renew(self) -> None:
-        assert self.who is not None
-        who = self.who
-        opened = None
-        why = "connection closed"
-        try:
-            # A closed connection has left (or is leaving) its session: opening
-            # one now would register a connection that nobody ever closes.
-            if not self._closed:
-                opened = await self.sessions.open(
-                    self.site, who.uuid, self.member, self.producer, self.context
-                )
-        except StoreUnavailable as exc:
-            why = str(exc)
+                self._run(protocol.receive(data, now_ms()))
+            await self._settle()
+            while protocol.state != "closed":
+                if self._draining():
+                    # Read no more, so a busy client cannot hold the drain
+                    # open; what it sent meanwhile is unacked and will be resent.
+                    self._run(protocol.shutdown())
+                    await self._settle()
+                    break
+                data = await ws.recv(decode=False)
+                self._run(protocol.receive(data, now_ms()))
+                if protocol.who is not self._bound:
+                    self._bind()
+                if self._steps or not protocol.readable:
+                    await self._settle()
+                if ws.paused:  # the client does not read its answers: wait for it
+                    await ws.drain()
+        except ConnectionClosed:
+            pass
         finally:
-            self._renewal = None
-        gone, self._gone = self._gone, []
-        if opened is None:
-            for frame in gone:
-                frame.fail(why)
-            return
-        if opened.session != who.session:
-            self._become(who.uuid, opened.session)
-        for frame in gone:
-            self._resend(frame)
+            await self._finish()
 
-    def _resend(self, frame: Frame) -> None:
-        """Re-encode a frame's events for the current session and queue it again."""
-        assert self.who is not None
-        old = f'"session":"{frame.session}"'.encode()
-        new = f'"session":"{self.who.session}"'.encode()
-        args = frame.args
-        for i in range(0, len(args), 3):
-            if args[i + 1] == EVENT:
-                # The session is the third field of every stored event, and the
-                # site and uuid before it cannot hold a quote: the first match is it.
-                args[i + 2] = args[i + 2].replace(old, new, 1)
-        frame.session = self.who.session
-        self.store.resubmit(frame)
-
-    def _flush(self) -> None:
-        """Send every answer that is due, in frame order."""
-        pending = self._pending
-        while pending and pending[0].reply is not None:
-            reply = pending.popleft().reply
-            assert reply is not None
-            if not self._closed:
-                self._send(reply)
-        self._answered.set()
-
-    async def _wait_answers(self, enough: Callable[[], bool]) -> None:
-        while not enough():
+    async def _settle(self) -> None:
+        """Carry out the queued steps and wait for answers until a frame may be read."""
+        protocol = self.protocol
+        while True:
+            if self._steps:
+                await self._carry_out(self._steps.popleft())
+                continue
+            if protocol.readable or protocol.state == "closed":
+                break
             self._answered.clear()
             await self._answered.wait()
+        if protocol.who is not self._bound:
+            self._bind()
+
+    def _bind(self) -> None:
+        """Name the current customer in the connection's log lines."""
+        who = self._bound = self.protocol.who
+        if who is not None:
+            structlog.contextvars.bind_contextvars(
+                uuid=who.uuid, session=who.session, authenticated=who.authenticated
+            )
 
     async def drain(self) -> None:
         """Wait until every received frame has been answered (any number may wait)."""
-        await self._wait_answers(lambda: not self._pending)
+        while self.protocol.unanswered:
+            self._answered.clear()
+            await self._answered.wait()
 
-    async def close(self) -> None:
+    async def _finish(self) -> None:
         """Stop answering and leave the customer's session.
 
         Frames still in the store are waited for (up to two store timeouts),
         so that the session counts their events before its grace starts.
         """
-        self._closed = True
-        if self._pending:
+        self.protocol.connection_lost()
+        if self.protocol.unanswered:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.store_timeout * 2):
                     await self.drain()
         if self._renewal is not None:
             await cancel_and_wait([self._renewal])
-        if self.who is None or not self.member:
-            return
+        for command in self.protocol.finish():
+            await self._carry_out(command)
+
+    def stats(self) -> dict[str, int]:
+        """Counts for the connection's closing log line."""
+        return self.protocol.stats()
+
+    # -- commands -------------------------------------------------------------------
+
+    def _run(self, commands: list[Command]) -> None:
+        """Carry out what needs no wait now; queue the rest for the receive loop.
+
+        Once one command of ``commands`` is queued, the ones after it are
+        queued too, so they are carried out in the order given.
+        """
+        queued = False
+        for command in commands:
+            # The commonest first: this runs for every frame and every answer.
+            if queued:
+                self._steps.append(command)
+            elif isinstance(command, Send):
+                self._send(command.data)
+                if command.nack is not None:
+                    metrics.NACKS.labels(self.site, command.nack).inc()
+            elif isinstance(command, SubmitFrame):
+                self._submit(command)
+            elif isinstance(command, ResubmitFrame):
+                frame = command.frame
+                held = self._held.pop(frame)
+                held.args = frame.items
+                held.session = frame.session
+                self.store.resubmit(held)
+            elif isinstance(command, OpenSession) and command.renew:
+                self._renewal = asyncio.create_task(self._renew(command))
+            else:
+                self._steps.append(command)
+                self._answered.set()
+                queued = True
+
+    def _submit(self, frame: SubmitFrame) -> None:
+        uuid = frame.uuid
+        if uuid != self._keys_uuid:
+            # Key names change only with the customer: built once, not per frame.
+            keys = self.store.keys
+            self._keys_uuid = uuid
+            self._tag = self.store.tag(self.site, uuid)
+            self._producer_key = keys.producer(self._tag, self.protocol.producer)
+            self._session_key = keys.session(self._tag, uuid)
+        if frame.rejections:
+            for r in frame.rejections:
+                metrics.REJECTS.labels(self.site, r.code).inc()
+        self.store.submit(
+            self.site,
+            self._tag,
+            self._producer_key,
+            self._session_key,
+            uuid,
+            frame.session,
+            frame.items,
+            self,
+            frame,
+            self.protocol.owner,
+            frame.low,
+        )
+
+    async def _carry_out(self, command: Command) -> None:
+        """Carry out one step that waits (a session step, a record, the close)."""
+        match command:
+            case OpenSession(renew=False):
+                await self._open(command)
+            case SwitchCustomer():
+                await self._switch(command)
+            case RecordUndecodable(uuid=uuid, record=record):
+                await self.store.record_rejected(self.site, uuid, record)
+            case Close():
+                await self._close(command)
+            case LeaveSession(uuid=uuid):
+                await self._leave(uuid)
+            case _:
+                self._run([command])
+
+    async def _open(self, command: OpenSession) -> None:
+        member = self.sessions.member(command.uuid)
         try:
-            await self.sessions.leave(self.site, self.who.uuid, self.member)
+            opened = await self.sessions.open(
+                self.site, command.uuid, member, command.producer, command.context
+            )
+        except StoreUnavailable as exc:
+            self._run(self.protocol.session_unavailable(str(exc)))
+            return
+        self.member = member
+        self._run(
+            self.protocol.session_opened(opened.session, opened.resumed, opened.acked, now_ms())
+        )
+        metrics.CONNECTIONS.labels(self.site).inc()
+
+    async def _renew(self, command: OpenSession) -> None:
+        """Open a session again for frames whose session ended on their way."""
+        try:
+            opened = await self.sessions.open(
+                self.site, command.uuid, self.member, command.producer, command.context
+            )
+        except StoreUnavailable as exc:
+            commands = self.protocol.session_unavailable(str(exc))
+        else:
+            commands = self.protocol.session_opened(
+                opened.session, opened.resumed, opened.acked, now_ms()
+            )
+        finally:
+            self._renewal = None
+        self._run(commands)
+        self._forget_answered()
+        self._answered.set()
+
+    async def _switch(self, command: SwitchCustomer) -> None:
+        """Identify: leave the old customer's session, join or open the new one's.
+
+        On a partitioned site the new customer may live in another partition,
+        whose copy of the producer's stored seq is behind. Every earlier frame
+        is answered by now, so the old partition's seq is the producer's
+        high-water mark; it is carried into the new partition, so
+        ``welcome.acked`` and de-duplication go on as with one key.
+        """
+        site, old, new = self.site, command.old_uuid, command.new_uuid
+        moves = self.store.tag(site, old) != self.store.tag(site, new)
+        member = self.sessions.member(new)
+        try:
+            stored = await self.sessions.leave(
+                site, old, self.member, identify_to=new, producer=command.producer if moves else ""
+            )
+            self.member = ""
+            opened = await self.sessions.open(
+                site, new, member, command.producer, command.context, carry=stored
+            )
+        except StoreUnavailable as exc:
+            self._run(self.protocol.identify_failed(str(exc)))
+            return
+        self.member = member
+        self._run(self.protocol.identified(opened.session))
+
+    async def _close(self, command: Close) -> None:
+        if command.error is not None:
+            metrics.PROTOCOL_ERRORS.labels(self.site, command.error).inc()
+            self.close_detail = command.detail
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.close(command.code, command.reason)
+
+    async def _leave(self, uuid: str) -> None:
+        if not self.member:
+            return
+        member, self.member = self.member, ""
+        try:
+            await self.sessions.leave(self.site, uuid, member)
         except StoreUnavailable as exc:
             # The heartbeat lapses instead, and a reaper counts it as closed.
             log.warning("leave_failed", error=str(exc))
 
-    def stats(self) -> dict[str, int]:
-        """Counts for the connection's closing log line."""
-        return {
-            "frames": self.frames,
-            "accepted": self.accepted,
-            "duplicate": self.duplicate,
-            "rejected": self.rejected,
-            "nacked": self.nacked,
-        }
+    # -- FrameSink: called from the store's publisher task ----------------------------
 
+    def frame_stored(self, frame: Frame, added: int, duplicate: int) -> None:
+        """The frame's events are in Redis; its ack may go."""
+        self._run(self.protocol.frame_stored(frame.token, added, duplicate))
+        self._answered.set()
 
-def undecodable_record(
-    site: str, who: Identity | None, detail: str, data: bytes | str, received: int
-) -> bytes:
-    """The rejected-stream record of a frame that could not be decoded."""
-    if isinstance(data, str):
-        raw, b64 = data[:RAW_LIMIT], False
-    else:
-        try:
-            raw, b64 = data.decode("utf-8")[:RAW_LIMIT], False
-        except UnicodeDecodeError:
-            raw, b64 = base64.b64encode(data[:3072]).decode(), True
-    return record_encoder.encode(
-        RejectedRecord(
-            site=site,
-            uuid=who.uuid if who else None,
-            producer=who.producer if who else None,
-            seq=None,
-            code="undecodable",
-            detail=detail,
-            received=received,
-            raw=raw,
-            raw_base64=b64,
-        )
-    )
+    def frame_failed(self, frame: Frame, why: str) -> None:
+        """Nothing of the frame is stored; it is nacked."""
+        self._run(self.protocol.frame_failed(frame.token))
+        self._answered.set()
+
+    def frame_gone(self, frame: Frame) -> None:
+        """The session ended before the frame was stored; it is sent again in a new one."""
+        self._held[frame.token] = frame
+        self._run(self.protocol.frame_gone(frame.token))
+        self._forget_answered()
+        self._answered.set()
+
+    def _forget_answered(self) -> None:
+        """Drop the held frames that were nacked instead of sent again."""
+        for token in [token for token in self._held if token.reply is not None]:
+            del self._held[token]

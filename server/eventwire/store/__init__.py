@@ -44,14 +44,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from eventwire import metrics
 from eventwire.core.config import SessionTimings, Settings, cluster_nodes
 from eventwire.core.errors import StoreUnavailable
+from eventwire.core.frames import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS  # item kinds
 from eventwire.core.ordering import FrameOwner
 from eventwire.core.rules import SitesBook
-
-#: Kinds of item in one frame, as the Lua step reads them.
-EVENT: Final = b"e"  # stored in the events stream once (seq above the stored seq)
-REJECT: Final = b"r"  # recorded in the rejected stream once
-REJECT_ALWAYS: Final = b"R"  # out-of-order seq: recorded, does not move the stored seq
-COUNT_ONLY: Final = b"n"  # denied: moves the stored seq, stored nowhere
 
 _LIBRARY_TEXT: Final = (Path(__file__).parent / "store.lua").read_text()
 #: A hash of the library's text: its functions carry it in their names, so
