@@ -1,4 +1,4 @@
-"""server/admin.py: health, metrics, the dashboard's routes and access on the admin listener."""
+"""eventwire/admin.py: health, metrics, the dashboard's routes and access on the admin listener."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""server/eventwire/log.py: our lines and our dependencies' stdlib lines share one format."""
+"""eventwire/log.py: our lines and our dependencies' stdlib lines share one format."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""server/tasks.py: owned tasks stop for certain, even when one cancellation is lost."""
+"""eventwire/tasks.py: owned tasks stop for certain, even when one cancellation is lost."""
 
 from __future__ import annotations
 

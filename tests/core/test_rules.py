@@ -1,4 +1,4 @@
-"""server/rules.py: the sites file and origin matching."""
+"""eventwire/core/rules.py: the sites file and origin matching."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def test_shipped_sites_and_example(tmp_path: Path) -> None:
     """config/sites.toml loads, and its commented shop example is a valid site too."""
     from tests.keys import SECRET, write_public_pem
 
-    shipped = Path(__file__).resolve().parents[1] / "config" / "sites.toml"
+    shipped = Path(__file__).resolve().parents[2] / "config" / "sites.toml"
     assert "demo" in load_sites(shipped)
     example = "\n".join(
         line[2:] for line in shipped.read_text().splitlines() if line.startswith("# ")

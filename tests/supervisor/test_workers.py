@@ -37,7 +37,7 @@ from tests.conftest import SITES_TOML
 from tests.procs import UNIT, RedisProcess, ServerProcess
 from tests.wire import client_events, event, peer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: The admin token of the ``workers2`` server.
 TOKEN = "t0ken-for-the-admin-routes"
 

@@ -1,4 +1,4 @@
-"""The live dashboard (server/static/dashboard.*) in headless Chromium, against a real server."""
+"""The live dashboard (eventwire/static/dashboard.*) in headless Chromium, against a real server."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""server/cli.py: the eventwire command as a user runs it."""
+"""eventwire/commands/cli.py: the eventwire command as a user runs it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from eventwire.gateway import EventwireServer
 from tests.wire import client_events
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def eventwire(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""server/eventwire/core/validation.py: per-event rules, without I/O."""
+"""eventwire/core/validation.py: per-event rules, without I/O."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The demo shop (/demo, server/static/demo.*) in headless Chromium: its events reach the stream.
+"""The demo shop (/demo, eventwire/static/demo.*) in headless Chromium: its events reach the stream.
 
 The server runs with the project's own config/sites.toml, so the test also
 shows that the shipped demo site accepts what the shipped demo page sends.
@@ -18,7 +18,7 @@ from tests.conftest import MakeServer
 from tests.procs import UNIT
 from tests.wire import stream
 
-SITES_FILE = Path(__file__).parent.parent / "config" / "sites.toml"
+SITES_FILE = Path(__file__).resolve().parents[2] / "config" / "sites.toml"
 TITLE = " · eventwire demo shop"
 
 Events = list[dict[str, Any]]

@@ -1,4 +1,4 @@
-"""server/static/tracker.js in headless Chromium against a real server and Redis.
+"""eventwire/static/tracker.js in headless Chromium against a real server and Redis.
 
 Pages live at ``https://shop.example`` (fulfilled by Playwright's routing, so
 the browser sends that Origin); their script tag loads the real server's

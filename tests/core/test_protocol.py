@@ -1,4 +1,4 @@
-"""server/protocol.py: messages and codecs of both subprotocols."""
+"""eventwire/core/protocol.py: messages and codecs of both subprotocols."""
 
 from __future__ import annotations
 

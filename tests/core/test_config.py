@@ -1,4 +1,4 @@
-"""server/config.py: file, environment and flags, in that order."""
+"""eventwire/core/config.py: file, environment and flags, in that order."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from eventwire.core.config import describe, load_settings, mask_url
 from eventwire.core.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_config_is_valid_and_complete() -> None:

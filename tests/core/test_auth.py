@@ -1,4 +1,4 @@
-"""server/auth.py: token verification with pinned algorithms."""
+"""eventwire/core/auth.py: token verification with pinned algorithms."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from eventwire.live import viewer as live_viewer
 from eventwire.store import StreamEntry, StreamsReader, stream_id
 from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisClusterProcess, RedisProcess, free_port
-from tests.test_dashboard import MS, open_dashboard, wait_rows
+from tests.static.test_dashboard import MS, open_dashboard, wait_rows
 
 EVENTS = "ew:{shop}:events"
 

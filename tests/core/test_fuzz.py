@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of server/protocol.py and server/validation.py, without I/O.
+"""Property tests (hypothesis) of eventwire.core.protocol and .validation, without I/O.
 
 For arbitrary bytes, for byte mutations of valid frames and for frames whose
 fields hold arbitrary values, in both subprotocols: decoding gives a message,
@@ -51,7 +51,7 @@ from eventwire.core.validation import Identity, Limits, Rejected, action_problem
 from eventwire.ingest import undecodable_record
 from scripts.fuzz import SPECIAL_BYTES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: Reject codes of PROTOCOL.md section 3.
 REJECT_CODES = frozenset(
     {"invalid", "invalid_action", "missing_param", "too_large", "too_old", "denied", "unauthorized"}
@@ -66,7 +66,7 @@ CODECS = [JSON_CODEC, MSGPACK_CODEC]
 BOTH = pytest.mark.parametrize("codec", CODECS, ids=["json", "msgpack"])
 
 #: Few examples per test: the suite runs these on every change. For a deeper
-#: run: EVENTWIRE_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py
+#: run: EVENTWIRE_FUZZ_EXAMPLES=5000 pytest tests/core/test_fuzz.py
 FUZZ = settings(
     max_examples=int(os.environ.get("EVENTWIRE_FUZZ_EXAMPLES", "80")),
     deadline=None,
