@@ -25,25 +25,25 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
-import redis.exceptions
-from redis.exceptions import ResponseError
-
 from eventwire.commands.tail import operator_command
 from eventwire.core.config import add_source_flags, load_settings
 from eventwire.core.errors import ConfigError
 from eventwire.core.rules import load_sites
 from eventwire.store import (
+    OUTAGE,
     Keys,
     RedisClient,
+    ResponseError,
+    parse_groups,
+    parse_pending_summary,
     redis_client,
     redis_time_ms,
-    reply_field,
     reply_text,
     stream_id,
 )
 
 #: The consumer group whose progress is shown.
-GROUP: Final = "persist"
+GROUP: Final = Keys.PERSIST_GROUP
 #: The window of the rates (ms).
 WINDOW_MS: Final = 60_000
 #: Entries fetched per XREVRANGE while counting a window, and the most counted:
@@ -56,8 +56,6 @@ PARTITION_READS: Final = 8
 #: ``--watch`` refresh period (s).
 WATCH_EVERY: Final = 2.0
 CLEAR: Final = "\x1b[H\x1b[2J"
-
-_REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,15 +73,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def id_ms(entry_id: Any) -> int:
     """The millisecond part of a stream id."""
     return stream_id(entry_id)[0]
-
-
-def _int_or_none(value: Any) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 async def rate(redis: RedisClient, key: str, now_ms: int) -> float:
@@ -132,15 +121,13 @@ async def group_state(redis: RedisClient, key: str) -> GroupState:
         groups = await redis.xinfo_groups(key)
     except ResponseError:  # no such stream
         return GroupState(False, False, None, 0, None)
-    group = next((g for g in groups if reply_text(reply_field(g, "name")) == GROUP), None)
+    group = next((g for g in parse_groups(groups) if g.name == GROUP), None)
     if group is None:
         return GroupState(True, False, None, 0, None)
-    lag = _int_or_none(reply_field(group, "lag"))
-    pending = _int_or_none(reply_field(group, "pending")) or 0
+    lag, pending = group.lag, group.pending
     oldest: int | None = None
     if pending:
-        summary = await redis.xpending(key, GROUP)
-        smallest = reply_field(summary, "min") if isinstance(summary, Mapping) else summary[1]
+        smallest = parse_pending_summary(await redis.xpending(key, GROUP)).min_id
         if smallest is not None:
             oldest = id_ms(smallest)
     return GroupState(True, True, lag, pending, oldest)
@@ -343,7 +330,7 @@ async def run(args: argparse.Namespace) -> int:
         while not stopped():
             try:
                 snap = await snapshot(client, keys, sites)
-            except _REDIS_ERRORS as exc:
+            except OUTAGE as exc:
                 if not args.watch:
                     print(f"eventwire stats: Redis unavailable: {exc}", file=sys.stderr)
                     code = 1

@@ -38,13 +38,13 @@ from datetime import datetime
 from typing import Any, Final, TextIO
 
 import msgspec
-import redis.exceptions
 
 from eventwire.core.config import add_source_flags, load_settings
 from eventwire.core.errors import ConfigError
 from eventwire.core.positions import start_id
 from eventwire.core.rules import load_sites
 from eventwire.store import (
+    OUTAGE,
     Keys,
     RedisClient,
     StreamsReader,
@@ -298,13 +298,7 @@ async def follow(
             try:
                 await _resolve_ends(client, positions)
                 replies = await reader.read(positions)
-            except (
-                redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError,
-                # Not a RedisError: a cluster client that reaches no node to learn the slots.
-                redis.exceptions.RedisClusterException,
-                OSError,
-            ) as exc:
+            except OUTAGE as exc:
                 if not down:
                     print(f"eventwire tail: Redis unavailable ({exc}); retrying", file=sys.stderr)
                     down = True

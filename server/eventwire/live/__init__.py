@@ -101,17 +101,17 @@ from typing import Final, Literal
 from urllib.parse import parse_qsl
 
 import msgspec
-import redis.exceptions
 import structlog
 from msgspec import Struct
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from eventwire import metrics
-from eventwire.core.errors import StoreUnavailable
 from eventwire.core.positions import start_id
 from eventwire.store import (
+    OUTAGE,
     RedisClient,
+    RedisError,
     Store,
     StreamEntry,
     StreamInfo,
@@ -157,14 +157,8 @@ _GLOB_RE: Final = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,64}$")
 _UUID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _ID_RE: Final = re.compile(r"\d{1,20}(-\d{1,20})?")
 _QUERY_KEYS: Final = frozenset({"site", "stream", "action", "uuid", "since"})
-_REDIS_ERRORS: Final = (
-    redis.exceptions.RedisError,
-    # Not a RedisError: a cluster client that cannot reach any node to learn the slots.
-    redis.exceptions.RedisClusterException,
-    OSError,
-    StoreUnavailable,
-    TimeoutError,
-)
+#: Redis away, or an error answer: a reader retries, a viewer is told to come back later.
+_REDIS_ERRORS: Final = (*OUTAGE, RedisError)
 
 
 # ---- messages ------------------------------------------------------------------
