@@ -249,6 +249,14 @@ def persist_worker(redis_url: str, sites_path: Path, db: Path) -> Worker:
     )
 
 
+async def pending(cluster: RedisCluster) -> int:
+    """Entries of the sites' streams delivered to the ``persist`` group and not acked."""
+    total = 0
+    for site in SITES:
+        total += int((await cluster.xpending(f"ew:{{{site}}}:events", "persist"))["pending"])
+    return total
+
+
 async def test_persist_worker_over_cluster(
     make_server: MakeServer,
     redis_cluster_proc: RedisClusterProcess,
@@ -258,7 +266,8 @@ async def test_persist_worker_over_cluster(
 ) -> None:
     """The persistence worker reads every site's stream on its node and stores each event once."""
     srv = await start(make_server, redis_cluster_proc)
-    worker = persist_worker(redis_cluster_proc.url, sites_path, tmp_path / "events.db")
+    db = tmp_path / "events.db"
+    worker = persist_worker(redis_cluster_proc.url, sites_path, db)
     sink = worker.sink
     await worker.start()
     try:
@@ -266,14 +275,21 @@ async def test_persist_worker_over_cluster(
             async with peer(srv.url, site=site) as p:
                 await p.hello(f"u-{site}")
                 await p.track(event(1), event(2))
-        want = 0
+        # Once every session has ended, nothing more comes to the streams.
         for site in SITES:
-            want += len(await events(cluster, site))
+            await wait_until(cluster, site, "session.end")
+        want = [(s, e["producer"], e["seq"]) for s in SITES for e in await events(cluster, s)]
+        assert len(want) == len(SITES) * 4  # start, two events, end
         async with asyncio.timeout(10 * UNIT):
-            while await sink.count() < want:  # noqa: ASYNC110 - the store's state
+            while await sink.count() < len(want) or await pending(cluster):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
     finally:
         await worker.stop()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT site, producer, seq FROM events").fetchall()
+    assert sorted(rows) == sorted(want)  # every event, none twice
+    assert worker.rows_written == len(want)
+    assert worker.dead_lettered == 0
 
 
 async def test_connect_redis_gives_a_cluster_client(

@@ -686,7 +686,7 @@ async def test_partitions_lag_gauge_and_trimming(
         idle._use(idle._layout())  # the worker's streams, without starting its loop
         await idle._check_streams()
     finally:
-        await idle.redis.aclose()
+        await idle.groups.aclose()
     assert REGISTRY.get_sample_value("eventwire_persist_lag", {"site": "big"}) == 7
     server = await make_server(sites=SPLIT_SITES)
     for uuid in ("cust-1", "cust-2", "cust-3", "cust-4", "cust-5"):

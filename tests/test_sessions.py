@@ -20,7 +20,8 @@ from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisProcess, ServerProcess
 from tests.wire import client_events, event, peer, producer_id, stream
 
-GRACE = 0.3
+#: The session grace of these tests (s); every other timing is scaled like it.
+GRACE = 0.3 * UNIT
 FAST = {"session_grace": GRACE, "reap_interval": 0.05}
 
 
@@ -112,7 +113,7 @@ async def test_two_tabs_share_a_session(make_server: MakeServer, redis: aioredis
 
 async def test_idle_ends_while_connected(make_server: MakeServer, redis: aioredis.Redis) -> None:
     """No event for session_idle ends the session (idle); the next event starts a new one."""
-    srv = await make_server(session_idle=0.3, **FAST)
+    srv = await make_server(session_idle=0.3 * UNIT, **FAST)
     async with peer(srv.url) as p:
         welcome = await p.hello("u-idle")
         assert (await p.track(event(1)))["accepted"] == 1
@@ -131,11 +132,11 @@ async def test_idle_found_by_the_event_itself(
     make_server: MakeServer, redis: aioredis.Redis
 ) -> None:
     """An event after session_idle, before any reaper ran, ends the old session and opens one."""
-    srv = await make_server(session_idle=0.2, session_grace=GRACE, reap_interval=60)
+    srv = await make_server(session_idle=0.2 * UNIT, session_grace=GRACE, reap_interval=60)
     async with peer(srv.url) as p:
         welcome = await p.hello("u-late")
         await p.track(event(1))
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.4 * UNIT)
         for f in range(2, 6):  # pipelined: every frame comes back to the new session
             await p.send({"type": "track", "events": [event(f)]})
         acks = [await p.recv() for _ in range(4)]
@@ -150,12 +151,12 @@ async def test_idle_found_by_the_event_itself(
 
 async def test_max_ends_a_busy_session(make_server: MakeServer, redis: aioredis.Redis) -> None:
     """A session ends at session_max even while events flow; the next events start another."""
-    srv = await make_server(session_max=0.4, **FAST)
+    srv = await make_server(session_max=0.4 * UNIT, **FAST)
     async with peer(srv.url) as p:
         await p.hello("u-max")
         for seq in range(1, 9):
             assert (await p.track(event(seq)))["accepted"] == 1
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1 * UNIT)
     ends = await wait_for(redis, "session.end", 1)
     assert ends[0]["params"]["reason"] == "max"
     assert len({e["session"] for e in await client_events(redis)}) >= 2
@@ -171,8 +172,8 @@ def sessions_by_id(events: list[dict[str, Any]]) -> dict[str, Counter[str]]:
 
 
 FAST_ENV = {
-    "EVENTWIRE_SESSION_GRACE": "0.5",
-    "EVENTWIRE_HEARTBEAT_TTL": "0.6",
+    "EVENTWIRE_SESSION_GRACE": str(0.5 * UNIT),
+    "EVENTWIRE_HEARTBEAT_TTL": str(0.6 * UNIT),
     "EVENTWIRE_REAP_INTERVAL": "0.05",
 }
 
@@ -196,9 +197,9 @@ async def test_two_processes(
                 async with peer(rng.choice(urls)) as p:
                     await p.hello(f"c-{i}")
                     await p.track(event(rng.randint(1, 1000)))
-                    await asyncio.sleep(rng.random() * 0.05)
+                    await asyncio.sleep(rng.random() * 0.05 * UNIT)
                 # Sometimes back within the grace, sometimes long after it.
-                await asyncio.sleep(rng.choice([0.05, 0.8]))
+                await asyncio.sleep(rng.choice([0.05, 0.8]) * UNIT)
 
         await asyncio.gather(*(customer(i) for i in range(200)))
         await asyncio.sleep(1.5 * UNIT)

@@ -1,4 +1,4 @@
-"""server/store.py: key names, the function library, ordering after failures."""
+"""eventwire/store: key names, the function library, packing, ordering after failures."""
 
 from __future__ import annotations
 
@@ -31,8 +31,11 @@ def test_keys_share_the_site_hash_tag() -> None:
         keys.conns("shop", "u:1"),
         keys.live("shop"),
         keys.due("shop"),
+        keys.dead("shop"),
     ]
     assert all(name.startswith("ew:{shop}:") for name in names)
+    assert keys.dead("shop:2") == "ew:{shop:2}:dead"
+    assert Keys.PERSIST_GROUP == "persist"
     assert keys.events("shop") == "ew:{shop}:events"
     assert keys.rejected("shop") == "ew:{shop}:rejected"
 

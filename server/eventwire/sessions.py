@@ -28,17 +28,36 @@ import time
 from collections.abc import Coroutine
 from typing import Any, Final
 
-import msgspec
 import structlog
 
 from eventwire.core.config import Settings
 from eventwire.core.errors import StoreUnavailable
-from eventwire.core.protocol import StoredEvent, record_encoder
-from eventwire.core.validation import default_label
-from eventwire.store import FN_HEARTBEAT, FN_LEAVE, FN_OPEN, FN_REAP, Store
+from eventwire.store import (
+    FN_HEARTBEAT,
+    FN_LEAVE,
+    FN_OPEN,
+    FN_REAP,
+    CustomerKeys,
+    HeartbeatArgs,
+    HeartbeatKeys,
+    LeaveArgs,
+    OpenArgs,
+    ReapArgs,
+    ReapKeys,
+    Store,
+    call_keys,
+    identify_record,
+    parse_leave,
+    parse_open,
+    parse_reap,
+    session_end_record,
+    session_start_record,
+)
+from eventwire.store import OpenReply as Opened
 from eventwire.tasks import cancel_and_wait
 
-START: Final = "session.start"
+__all__ = ["CHUNK", "Opened", "Sessions", "new_session_id", "now_ms"]
+
 #: Connections renewed, and customers reaped, per function call.
 CHUNK: Final = 500
 
@@ -53,14 +72,6 @@ def now_ms() -> int:
 def new_session_id() -> str:
     """A random session id: 16 URL-safe characters, 96 bits."""
     return secrets.token_urlsafe(12)
-
-
-class Opened(msgspec.Struct, frozen=True):
-    """What a hello learns: its session, whether it joined one, the producer's acked seq."""
-
-    session: str
-    resumed: bool
-    acked: int
 
 
 class Sessions:
@@ -88,16 +99,17 @@ class Sessions:
 
     # -- steps --------------------------------------------------------------------
 
-    def _customer_keys(self, tag: str, uuid: str) -> list[str]:
-        """The keys ``open`` and ``leave`` take, in their order."""
+    def _customer_keys(self, tag: str, uuid: str, producer: str | None) -> CustomerKeys:
+        """The keys ``open`` and ``leave`` take (``leave``'s producer key is optional)."""
         keys = self.keys
-        return [
-            keys.session(tag, uuid),
-            keys.conns(tag, uuid),
-            keys.live(tag),
-            keys.due(tag),
-            keys.events(tag),
-        ]
+        return CustomerKeys(
+            session=keys.session(tag, uuid),
+            conns=keys.conns(tag, uuid),
+            live=keys.live(tag),
+            due=keys.due(tag),
+            events=keys.events(tag),
+            producer=keys.producer(tag, producer) if producer is not None else None,
+        )
 
     async def open(
         self,
@@ -122,45 +134,29 @@ class Sessions:
         Raises:
             StoreUnavailable: Redis did not answer; the connection is not registered.
         """
-        keys = self.keys
         tag = self.store.tag(site, uuid)
         timing, taken = self.store.site_params(site)
         candidate = new_session_id()
-        received = now_ms()
-        start = record_encoder.encode(
-            StoredEvent(
-                site=site,
-                uuid=uuid,
-                session=candidate,
-                producer=f"srv:{candidate}",
-                seq=1,
-                action=START,
-                label=default_label(START, {}),
-                time=received,
-                received=received,
-                params={"session": candidate, "producer": producer, "context": context or {}},
-            )
+        start = session_start_record(site, uuid, candidate, producer, context or {}, now_ms())
+        args = OpenArgs(
+            uuid=uuid,
+            member=member,
+            session_id=candidate,
+            start_record=start,
+            heartbeat_ms=int(self.settings.heartbeat_ttl * 1000),
+            grace_ms=timing.grace_ms,
+            idle_ms=timing.idle_ms,
+            max_ms=timing.max_ms,
+            events_maxlen=self.settings.stream_maxlen,
+            taken=taken,
+            end_record=session_end_record(site),
+            carry=carry,
+            producer_ttl_ms=int(self.settings.producer_ttl * 1000),
         )
-        session, resumed, acked = await self.store.call(
-            FN_OPEN,
-            [*self._customer_keys(tag, uuid), keys.producer(tag, producer)],
-            [
-                site,
-                uuid,
-                member,
-                candidate,
-                start,
-                int(self.settings.heartbeat_ttl * 1000),
-                timing.grace_ms,
-                timing.idle_ms,
-                timing.max_ms,
-                self.settings.stream_maxlen,
-                taken,
-                *((carry, int(self.settings.producer_ttl * 1000)) if carry else ()),
-            ],
-        )
+        keys = self._customer_keys(tag, uuid, producer)
+        opened = parse_open(await self.store.call(FN_OPEN, call_keys(keys), args))
         self._members.setdefault(tag, set()).add(member)
-        return Opened(session.decode(), bool(resumed), int(acked))
+        return opened
 
     async def leave(
         self, site: str, uuid: str, member: str, identify_to: str = "", producer: str = ""
@@ -188,15 +184,17 @@ class Sessions:
         tag = self.store.tag(site, uuid)
         self._members.get(tag, set()).discard(member)
         timing, taken = self.store.site_params(site)
-        keys = self._customer_keys(tag, uuid)
-        if producer:
-            keys.append(self.keys.producer(tag, producer))
-        _, stored = await self.store.call(
-            FN_LEAVE,
-            keys,
-            [site, uuid, member, timing.grace_ms, self.settings.stream_maxlen, identify_to, taken],
+        keys = self._customer_keys(tag, uuid, producer or None)
+        args = LeaveArgs(
+            uuid=uuid,
+            member=member,
+            grace_ms=timing.grace_ms,
+            events_maxlen=self.settings.stream_maxlen,
+            taken=taken,
+            end_record=session_end_record(site),
+            identify_record=identify_record(site, identify_to, uuid) if identify_to else b"",
         )
-        return int(stored)
+        return parse_leave(await self.store.call(FN_LEAVE, call_keys(keys), args)).stored
 
     # -- background -----------------------------------------------------------------
 
@@ -219,8 +217,11 @@ class Sessions:
             for i in range(0, len(batch), CHUNK):
                 back = await self.store.call(
                     FN_HEARTBEAT,
-                    [self.keys.live(tag)],
-                    [ttl, self.keys.site_prefix(tag), *batch[i : i + CHUNK]],
+                    HeartbeatKeys(live=self.keys.live(tag)),
+                    [
+                        *HeartbeatArgs(heartbeat_ms=ttl, site_prefix=self.keys.site_prefix(tag)),
+                        *batch[i : i + CHUNK],  # the members
+                    ],
                 )
                 if back:
                     log.warning("connections_reregistered", tag=tag, count=back)
@@ -232,20 +233,22 @@ class Sessions:
             timing, taken = self.store.site_params(site)
             for tag in self.store.tags(site):
                 while True:
-                    dead, n = await self.store.call(
-                        FN_REAP,
-                        [self.keys.live(tag), self.keys.due(tag), self.keys.events(tag)],
-                        [
-                            site,
-                            self.keys.site_prefix(tag),
-                            timing.grace_ms,
-                            timing.idle_ms,
-                            timing.max_ms,
-                            CHUNK,
-                            self.settings.stream_maxlen,
-                            taken,
-                        ],
+                    keys = ReapKeys(
+                        live=self.keys.live(tag),
+                        due=self.keys.due(tag),
+                        events=self.keys.events(tag),
                     )
+                    args = ReapArgs(
+                        site_prefix=self.keys.site_prefix(tag),
+                        grace_ms=timing.grace_ms,
+                        idle_ms=timing.idle_ms,
+                        max_ms=timing.max_ms,
+                        limit=CHUNK,
+                        events_maxlen=self.settings.stream_maxlen,
+                        taken=taken,
+                        end_record=session_end_record(site),
+                    )
+                    dead, n = parse_reap(await self.store.call(FN_REAP, keys, args))
                     ended += n
                     if dead:
                         log.info("dead_connections_reaped", tag=tag, count=dead)

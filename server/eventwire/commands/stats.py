@@ -45,7 +45,7 @@ from eventwire.store.survey import (
 )
 
 #: The consumer group whose progress is shown.
-GROUP: Final = "persist"
+GROUP: Final = Keys.PERSIST_GROUP
 #: Partitions of one site read at once; each read holds one Redis connection,
 #: so this bounds the connections ``stats`` opens (per node on a cluster).
 PARTITION_READS: Final = 8

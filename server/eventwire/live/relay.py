@@ -21,13 +21,11 @@ import socket
 from collections.abc import Sequence
 from typing import Final
 
-import redis.exceptions
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from eventwire import metrics
-from eventwire.core.errors import StoreUnavailable
 from eventwire.core.positions import cursor, id_text, resolve_since
 from eventwire.live.messages import (
     Entry,
@@ -49,7 +47,9 @@ from eventwire.live.viewer import (
     send_queued,
 )
 from eventwire.store import (
+    OUTAGE,
     RedisClient,
+    RedisError,
     Store,
     StreamEntry,
     StreamInfo,
@@ -75,14 +75,8 @@ RETRY_MAX: Final = 2.0
 #: Close code and reason for a viewer refused after the handshake.
 TRY_AGAIN_LATER: Final = 1013
 
-_REDIS_ERRORS: Final = (
-    redis.exceptions.RedisError,
-    # Not a RedisError: a cluster client that cannot reach any node to learn the slots.
-    redis.exceptions.RedisClusterException,
-    OSError,
-    StoreUnavailable,
-    TimeoutError,
-)
+#: Redis away, or an error answer: a reader retries, a viewer is told to come back later.
+_REDIS_ERRORS: Final = (*OUTAGE, RedisError)
 
 #: What one read of one partition gave: its index, its entries, and the
 #: stream's info when it was a page read (None after an XREAD).

@@ -1,8 +1,10 @@
 """Persistence: the ``persist`` worker (Redis events streams into SQLite or PostgreSQL)
 and the ``activity`` feed read from that store.
 
-``worker`` owns the Redis side (consumer group, acks, reclaim, dead letters),
-``sinks`` the SQL (schema, migrations, idempotent writes, queries),
+``worker`` owns the read loop (read, write a batch, ack), ``upkeep`` the care of
+the streams (reclaim, dead letters, lag, trimming), both through
+:class:`eventwire.store.ConsumerGroup`; ``sinks`` the SQL (schema, migrations,
+idempotent writes, queries),
 ``commands`` the two command-line commands, which ``eventwire.commands.cli`` wires in with
 :func:`add_parsers` and :func:`run`.
 """

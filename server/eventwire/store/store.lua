@@ -1,6 +1,7 @@
 #!lua name=eventwire_VERSION
 -- The Redis side of eventwire: every step that must be atomic, as one Redis
--- function library (loaded by server/store.py with FUNCTION LOAD REPLACE).
+-- function library (loaded by eventwire/store/functions.py with FUNCTION LOAD
+-- REPLACE).
 --
 -- All keys of one call share one hash tag, so a call never crosses a Redis
 -- Cluster slot: the site's ({site}), or with partitions = P one partition's
@@ -18,9 +19,24 @@
 --   ew:{site}:conns:<uuid>    the customer's live connections (members)
 --   ew:{site}:live            every live connection -> heartbeat deadline (ms)
 --   ew:{site}:due             customer -> when its session must be looked at
+--   ew:{site}:dead            entries the persist worker gave up on (not here)
 --
 -- A connection member is "<process>:<n>:<uuid>". Times are Redis' own clock
 -- (TIME), so server processes on machines with skewed clocks agree.
+--
+-- The arguments: each function names its KEYS and ARGV once, in the first
+-- lines of its body (`local a, b = unpack(keys)`, `local c, d =
+-- unpack(args, 1, 2)`, then one such line per repeated part). Those names
+-- are the fields of the typed argument builders in functions.py, in the same
+-- order; tests/store/test_functions.py reads these lines and holds them to
+-- the builders.
+--
+-- Server-made records (session.end, client.identify) are encoded in Python
+-- by the msgspec Struct that is the author of every stored event; they come
+-- here as templates, JSON text in which a byte 1 to 8 (which JSON text never
+-- holds raw) marks each value only this code knows. fill() puts a JSON value
+-- there: strings through cjson.encode, integers through %d, so a template
+-- filled is JSON whatever the values are.
 --
 -- VERSION is replaced by a hash of this text when loaded: each version of the
 -- code calls its own functions, so old and new server processes can share a
@@ -29,6 +45,19 @@
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The holes of a record template (see functions.py, RecordHole).
+local HOLE_UUID, HOLE_SESSION, HOLE_PRODUCER, HOLE_SEQ = '\1', '\2', '\3', '\4'
+local HOLE_TIME, HOLE_REASON, HOLE_DURATION, HOLE_EVENTS = '\5', '\6', '\7', '\8'
+
+-- A template with its holes filled; values maps a hole to its JSON text.
+local function fill(template, values)
+  return (string.gsub(template, '[\1-\8]', values))
+end
+
+local function int(n)
+  return string.format('%d', n)
 end
 
 -- The earliest moment the session must end, and why.
@@ -49,24 +78,26 @@ local function takes(taken, letter)
   return string.find(taken, letter, 1, true) ~= nil
 end
 
--- Publish a server-made event of the session: producer srv:<session>, the next
--- seq of the session's own counter.
-local function server_event(events_key, skey, maxlen, site, uuid, sid, action, label, now, params)
-  local seq = redis.call('HINCRBY', skey, 'seq', 1)
-  local ev = cjson.encode({
-    site = site, uuid = uuid, session = sid, producer = 'srv:' .. sid, seq = seq,
-    action = action, label = label, time = now, received = now, params = params,
-  })
-  redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, '*', 'event', ev)
+-- Publish a server-made event of the session: producer srv:<session>, the
+-- next seq of the session's own counter, the record's template filled.
+local function server_event(events_key, skey, maxlen, sid, now, template, values)
+  values[HOLE_SESSION] = cjson.encode(sid)
+  values[HOLE_PRODUCER] = cjson.encode('srv:' .. sid)
+  values[HOLE_SEQ] = int(redis.call('HINCRBY', skey, 'seq', 1))
+  values[HOLE_TIME] = int(now)
+  redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, '*', 'event', fill(template, values))
 end
 
 -- End a session: its one session.end, then forget it. Callers decided inside
 -- the same function call that it must end, so two processes can never both
 -- end one session.
-local function end_session(events_key, due_key, skey, maxlen, site, uuid, s, reason, now, taken)
+local function end_session(events_key, due_key, skey, maxlen, uuid, s, reason, now, taken, record)
   if takes(taken, 'e') then
-    server_event(events_key, skey, maxlen, site, uuid, s.id, 'session.end', 'Session end', now, {
-      session = s.id, reason = reason, duration_ms = s.last - s.first, events = s.events,
+    server_event(events_key, skey, maxlen, s.id, now, record, {
+      [HOLE_UUID] = cjson.encode(uuid),
+      [HOLE_REASON] = cjson.encode(reason),
+      [HOLE_DURATION] = int(s.last - s.first),
+      [HOLE_EVENTS] = int(s.events),
     })
   end
   redis.call('DEL', skey)
@@ -84,39 +115,42 @@ local function load_session(skey)
   }
 end
 
--- Store frames of one site. KEYS: events, rejected, due, then per frame the
--- producer key and the customer's session key. ARGV: events MAXLEN, rejected
--- MAXLEN, producer ttl (ms), site, session_idle (ms), session_max (ms), the
--- server-made events taken (see server_event), then per frame: session id ('' for server-made frames: no session check), uuid,
--- item count n, and n (seq, kind, payload) triples in seq order.
--- Kinds: e = event (stored once), r = rejected (recorded once), R = rejected
--- out of order (recorded, does not move the stored seq), n = counted only.
--- Returns per frame {added, duplicate, gone}; gone = 1 means the session the
--- frame was encoded for has ended (now, or before): nothing was stored and
--- the producer's seq did not move.
+-- Store frames of one site. KEYS: the site's streams and due set, then per
+-- frame the producer's seq key and the customer's session key. ARGV: the
+-- fixed arguments, then per frame its session id ('' for server-made frames:
+-- no session check), uuid, item count n, and n (seq, kind, payload) items in
+-- seq order. Kinds: e = event (stored once), r = rejected (recorded once),
+-- R = rejected out of order (recorded, does not move the stored seq), n =
+-- counted only. Returns per frame {added, duplicate, gone}; gone = 1 means
+-- the session the frame was encoded for has ended (now, or before): nothing
+-- was stored and the producer's seq did not move.
 local function publish(keys, args)
+  local events, rejected, due = unpack(keys, 1, 3)
+  local events_maxlen, rejected_maxlen, producer_ttl_ms, idle_ms, max_ms, taken, end_record =
+    unpack(args, 1, 7)
   local out = {}
   local now
-  local a, k = 8, 4
+  local k, a = 4, 8 -- the first frame's keys and arguments
   while k <= #keys do
-    local pkey, skey = keys[k], keys[k + 1]
-    local sid, uuid, n = args[a], args[a + 1], tonumber(args[a + 2])
+    local producer, session = unpack(keys, k, k + 1)
+    local session_id, uuid, n = unpack(args, a, a + 2)
+    n = tonumber(n)
     k, a = k + 2, a + 3
     local gone = 0
-    if sid ~= '' then
+    if session_id ~= '' then
       now = now or now_ms()
-      local s = load_session(skey)
-      if not s or s.id ~= sid then
+      local s = load_session(session)
+      if not s or s.id ~= session_id then
         gone = 1
       else
         local why
-        if now >= s.last + tonumber(args[5]) then
+        if now >= s.last + tonumber(idle_ms) then
           why = 'idle'
-        elseif now >= s.first + tonumber(args[6]) then
+        elseif now >= s.first + tonumber(max_ms) then
           why = 'max'
         end
         if why then
-          end_session(keys[1], keys[3], skey, args[1], args[4], uuid, s, why, now, args[7])
+          end_session(events, due, session, events_maxlen, uuid, s, why, now, taken, end_record)
           gone = 1
         end
       end
@@ -127,21 +161,21 @@ local function publish(keys, args)
       out[#out + 1] = 0
       out[#out + 1] = 1
     else
-      local top = redis.call('GET', pkey)
+      local top = redis.call('GET', producer)
       local cur = tonumber(top or '0')
       local added, dup = 0, 0
       for _ = 1, n do
-        local seq, kind = args[a], args[a + 1]
+        local seq, kind, payload = unpack(args, a, a + 2)
         local s = tonumber(seq)
         if kind == 'R' then
-          redis.call('XADD', keys[2], 'MAXLEN', '~', args[2], '*', 'event', args[a + 2])
+          redis.call('XADD', rejected, 'MAXLEN', '~', rejected_maxlen, '*', 'event', payload)
         elseif s > cur then
           cur, top = s, seq
           if kind == 'e' then
-            redis.call('XADD', keys[1], 'MAXLEN', '~', args[1], '*', 'event', args[a + 2])
+            redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', 'event', payload)
             added = added + 1
           elseif kind == 'r' then
-            redis.call('XADD', keys[2], 'MAXLEN', '~', args[2], '*', 'event', args[a + 2])
+            redis.call('XADD', rejected, 'MAXLEN', '~', rejected_maxlen, '*', 'event', payload)
           end
         elseif kind == 'e' then
           dup = dup + 1
@@ -149,11 +183,11 @@ local function publish(keys, args)
         a = a + 3
       end
       if top then
-        redis.call('SET', pkey, top, 'PX', args[3])
+        redis.call('SET', producer, top, 'PX', producer_ttl_ms)
       end
-      if sid ~= '' and added > 0 then
-        redis.call('HINCRBY', skey, 'events', added)
-        redis.call('HSET', skey, 'last', now)
+      if session_id ~= '' and added > 0 then
+        redis.call('HINCRBY', session, 'events', added)
+        redis.call('HSET', session, 'last', now)
       end
       out[#out + 1] = added
       out[#out + 1] = dup
@@ -164,152 +198,151 @@ local function publish(keys, args)
 end
 
 -- A connection says hello (or renews its session after an idle or max end):
--- join the customer's open session, or open one and publish session.start.
--- KEYS: sess, conns, live, due, events, producer. ARGV: site, uuid, member,
--- candidate session id, session.start JSON for that id, heartbeat ttl,
--- grace, idle, max (ms), events MAXLEN, server-made events taken, and
--- optionally a carried seq with the producer ttl (ms): identify moved the
--- producer here from another partition, whose stored seq it brings, so the
--- producer's high-water mark follows it as if there were one key.
--- Returns {session id, resumed, acked}.
+-- join the customer's open session, or open one with session_id and publish
+-- start_record (its session.start). A carry above 0 is a stored seq
+-- identify brings from another partition: the producer's high-water mark
+-- here is raised to it, as if there were one key. Returns {session id,
+-- resumed, acked}.
 local function open(keys, args)
+  local session, conns, live, due, events, producer = unpack(keys)
+  local uuid, member, session_id, start_record, heartbeat_ms, grace_ms, idle_ms, max_ms,
+    events_maxlen, taken, end_record, carry, producer_ttl_ms = unpack(args)
   local now = now_ms()
-  local site, uuid, member, maxlen = args[1], args[2], args[3], args[10]
-  local grace, idle, maxd = tonumber(args[7]), tonumber(args[8]), tonumber(args[9])
-  local s = load_session(keys[1])
+  local grace, idle, maxd = tonumber(grace_ms), tonumber(idle_ms), tonumber(max_ms)
+  local s = load_session(session)
   if s then
-    local nconns = redis.call('SCARD', keys[2])
+    local nconns = redis.call('SCARD', conns)
     local at, why = due_at(s.first, s.last, s.closed, nconns, grace, idle, maxd)
     if at <= now then
       -- Its end was due and no reaper has got to it yet: end it first.
-      end_session(keys[5], keys[4], keys[1], maxlen, site, uuid, s, why, now, args[11])
+      end_session(events, due, session, events_maxlen, uuid, s, why, now, taken, end_record)
       s = nil
     end
   end
-  redis.call('SADD', keys[2], member)
-  redis.call('ZADD', keys[3], now + tonumber(args[6]), member)
-  local sid, resumed = args[4], 0
+  redis.call('SADD', conns, member)
+  redis.call('ZADD', live, now + tonumber(heartbeat_ms), member)
+  local sid, resumed = session_id, 0
   if s then
     sid, resumed = s.id, 1
-    redis.call('HSET', keys[1], 'closed', 0)
+    redis.call('HSET', session, 'closed', 0)
   else
-    redis.call('HSET', keys[1], 'id', sid, 'first', now, 'last', now, 'events', 0, 'seq', 1,
+    redis.call('HSET', session, 'id', sid, 'first', now, 'last', now, 'events', 0, 'seq', 1,
       'closed', 0)
-    if takes(args[11], 's') then
-      redis.call('XADD', keys[5], 'MAXLEN', '~', maxlen, '*', 'event', args[5])
+    if takes(taken, 's') then
+      redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', 'event', start_record)
     end
-    redis.call('ZADD', keys[4], math.min(now + idle, now + maxd), uuid)
+    redis.call('ZADD', due, math.min(now + idle, now + maxd), uuid)
   end
-  local acked = redis.call('GET', keys[6]) or '0'
-  if args[12] and tonumber(args[12]) > tonumber(acked) then
-    acked = args[12]
-    redis.call('SET', keys[6], acked, 'PX', args[13])
+  local acked = redis.call('GET', producer) or '0'
+  if tonumber(carry) > tonumber(acked) then
+    acked = carry
+    redis.call('SET', producer, acked, 'PX', producer_ttl_ms)
   end
   return {sid, resumed, acked}
 end
 
--- A connection ends (or leaves its customer for another with identify).
--- KEYS: sess, conns, live, due, events, and optionally the producer's key
--- (its stored seq is returned, for identify to carry to another partition).
--- ARGV: site, uuid, member, grace (ms),
--- events MAXLEN, identify_to (the new uuid, or ''), server-made events
--- taken. With identify_to, the
--- session gets a client.identify event, and ends now (reason identify) if
--- this was the customer's last connection; otherwise the last connection's
--- close starts the grace period. Returns {1 if the session ended, the
--- producer's stored seq (0 without its key)}.
+-- A connection ends (or leaves its customer for another with identify). The
+-- producer key is optional: with it, its stored seq is returned, for
+-- identify to carry to another partition. With an identify_record (the
+-- client.identify of a move to another customer; '' for a close), the
+-- session gets that event, and ends now (reason identify) if this was the
+-- customer's last connection;
+-- otherwise the last connection's close starts the grace period. Returns {1
+-- if the session ended, the producer's stored seq (0 without its key)}.
 local function leave(keys, args)
+  local session, conns, live, due, events, producer = unpack(keys)
+  local uuid, member, grace_ms, events_maxlen, taken, end_record, identify_record = unpack(args)
   local now = now_ms()
-  local site, uuid, member, maxlen, to = args[1], args[2], args[3], args[5], args[6]
-  local stored = keys[6] and (redis.call('GET', keys[6]) or '0') or '0'
-  redis.call('ZREM', keys[3], member)
-  redis.call('SREM', keys[2], member)
-  local s = load_session(keys[1])
+  local stored = producer and (redis.call('GET', producer) or '0') or '0'
+  redis.call('ZREM', live, member)
+  redis.call('SREM', conns, member)
+  local s = load_session(session)
   if not s then
     return {0, stored}
   end
-  if to ~= '' and takes(args[7], 'i') then
-    server_event(keys[5], keys[1], maxlen, site, to, s.id, 'client.identify', 'client.identify',
-      now, {previous_uuid = uuid})
+  local identify = identify_record ~= ''
+  if identify and takes(taken, 'i') then
+    server_event(events, session, events_maxlen, s.id, now, identify_record, {})
   end
-  if redis.call('SCARD', keys[2]) > 0 then
+  if redis.call('SCARD', conns) > 0 then
     return {0, stored}
   end
-  if to ~= '' then
-    end_session(keys[5], keys[4], keys[1], maxlen, site, uuid, s, 'identify', now, args[7])
+  if identify then
+    end_session(events, due, session, events_maxlen, uuid, s, 'identify', now, taken, end_record)
     return {1, stored}
   end
-  redis.call('HSET', keys[1], 'closed', now)
-  redis.call('ZADD', keys[4], 'LT', now + tonumber(args[4]), uuid)
+  redis.call('HSET', session, 'closed', now)
+  redis.call('ZADD', due, 'LT', now + tonumber(grace_ms), uuid)
   return {0, stored}
 end
 
 -- Refresh the heartbeat deadlines of one process' connections of a site.
--- KEYS: live. ARGV: heartbeat ttl (ms), key prefix of the site
--- ("ew:{site}:"), then the members. A member that a reaper already took for
--- dead (Redis was unreachable longer than the ttl) is registered again.
+-- ARGV: the fixed arguments, then the members. A member that a reaper
+-- already took for dead (Redis was unreachable longer than the ttl) is
+-- registered again.
 local function heartbeat(keys, args)
-  local deadline = now_ms() + tonumber(args[1])
-  local kp = args[2]
+  local live = unpack(keys)
+  local heartbeat_ms, site_prefix = unpack(args, 1, 2)
+  local deadline = now_ms() + tonumber(heartbeat_ms)
   local back = 0
-  for i = 3, #args do
+  for i = 3, #args do -- the members
     local m = args[i]
-    if not redis.call('ZSCORE', keys[1], m) then
+    if not redis.call('ZSCORE', live, m) then
       local uuid = string.match(m, '^[^:]*:[^:]*:(.*)$')
       if uuid then
-        redis.call('SADD', kp .. 'conns:' .. uuid, m)
-        local skey = kp .. 'sess:' .. uuid
+        redis.call('SADD', site_prefix .. 'conns:' .. uuid, m)
+        local skey = site_prefix .. 'sess:' .. uuid
         if redis.call('EXISTS', skey) == 1 then
           redis.call('HSET', skey, 'closed', 0)
         end
         back = back + 1
       end
     end
-    redis.call('ZADD', keys[1], deadline, m)
+    redis.call('ZADD', live, deadline, m)
   end
   return back
 end
 
 -- Reap one site: connections whose heartbeat lapsed (their process died)
 -- count as closed at their deadline; sessions whose end is due get their one
--- session.end. KEYS: live, due, events. ARGV: site, key prefix, grace, idle,
--- max (ms), how many of each to handle, events MAXLEN, server-made events taken.
--- Returns {dead connections, sessions ended}.
+-- session.end. At most limit of each per call. Returns {dead connections,
+-- sessions ended}.
 local function reap(keys, args)
+  local live, due, events = unpack(keys)
+  local site_prefix, grace_ms, idle_ms, max_ms, limit, events_maxlen, taken, end_record =
+    unpack(args)
   local now = now_ms()
-  local site, kp, maxlen = args[1], args[2], args[7]
-  local grace, idle, maxd = tonumber(args[3]), tonumber(args[4]), tonumber(args[5])
-  local limit = tonumber(args[6])
-  local dead = redis.call('ZRANGEBYSCORE', keys[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+  local grace, idle, maxd = tonumber(grace_ms), tonumber(idle_ms), tonumber(max_ms)
+  local dead = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
   for i = 1, #dead, 2 do
     local m, deadline = dead[i], tonumber(dead[i + 1])
-    redis.call('ZREM', keys[1], m)
+    redis.call('ZREM', live, m)
     local uuid = string.match(m, '^[^:]*:[^:]*:(.*)$')
     if uuid then
-      local ckey = kp .. 'conns:' .. uuid
+      local ckey = site_prefix .. 'conns:' .. uuid
       redis.call('SREM', ckey, m)
-      local skey = kp .. 'sess:' .. uuid
+      local skey = site_prefix .. 'sess:' .. uuid
       if redis.call('SCARD', ckey) == 0 and redis.call('EXISTS', skey) == 1 then
         redis.call('HSET', skey, 'closed', deadline)
-        redis.call('ZADD', keys[2], 'LT', deadline + grace, uuid)
+        redis.call('ZADD', due, 'LT', deadline + grace, uuid)
       end
     end
   end
   local ended = 0
-  local due = redis.call('ZRANGEBYSCORE', keys[2], '-inf', now, 'LIMIT', 0, limit)
-  for _, uuid in ipairs(due) do
-    local skey = kp .. 'sess:' .. uuid
+  local found = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
+  for _, uuid in ipairs(found) do
+    local skey = site_prefix .. 'sess:' .. uuid
     local s = load_session(skey)
     if not s then
-      redis.call('ZREM', keys[2], uuid)
+      redis.call('ZREM', due, uuid)
     else
-      local nconns = redis.call('SCARD', kp .. 'conns:' .. uuid)
+      local nconns = redis.call('SCARD', site_prefix .. 'conns:' .. uuid)
       local at, why = due_at(s.first, s.last, s.closed, nconns, grace, idle, maxd)
       if at <= now then
-        end_session(keys[3], keys[2], skey, maxlen, site, uuid, s, why, now, args[8])
+        end_session(events, due, skey, events_maxlen, uuid, s, why, now, taken, end_record)
         ended = ended + 1
       else
-        redis.call('ZADD', keys[2], at, uuid)
+        redis.call('ZADD', due, at, uuid)
       end
     end
   end

@@ -22,21 +22,20 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Final, NamedTuple, ParamSpec, TypeVar
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventwire.core.errors import StoreUnavailable
 from eventwire.core.rules import MAX_PARTITIONS, SITE_ID_RE
 from eventwire.store import (
+    OUTAGE,
     Keys,
     RedisClient,
+    ResponseError,
     StreamsReader,
+    parse_groups,
+    parse_pending_summary,
     redis_time_ms,
-    reply_field,
     reply_text,
     stream_end,
     stream_id,
@@ -55,16 +54,13 @@ RATE_MAX_COUNTED: Final = 5000
 #: The streams that make a site (PROTOCOL.md section 7); its dead-letter stream
 #: only follows them.
 _SITE_STREAMS: Final = ("events", "rejected")
-#: What an unreachable Redis raises. RedisClusterException is no RedisError: a
-#: cluster client raises it when it reaches no node to learn the slots from.
-_UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError)
 _GLOB_SPECIAL: Final = re.compile(r"([*?\[\]\\])")
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
-def _unreachable_is_unavailable(
+def _outage_is_unavailable(
     read: Callable[_P, Awaitable[_T]],
 ) -> Callable[_P, Coroutine[Any, Any, _T]]:
     """``read``, raising StoreUnavailable (with redis-py's message) where Redis is unreachable."""
@@ -73,7 +69,7 @@ def _unreachable_is_unavailable(
     async def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return await read(*args, **kwargs)
-        except _UNREACHABLE as exc:
+        except OUTAGE as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     return guarded
@@ -130,7 +126,7 @@ def _glob_literal(text: str) -> str:
     return _GLOB_SPECIAL.sub(r"\\\1", text)
 
 
-@_unreachable_is_unavailable
+@_outage_is_unavailable
 async def find_sites(client: RedisClient, keys: Keys) -> dict[str, int]:
     """Every site that has a stream in Redis, with its partitions, sorted by site.
 
@@ -156,7 +152,7 @@ async def find_sites(client: RedisClient, keys: Keys) -> dict[str, int]:
     return {site: partitions_found(found[site]) for site in sorted(found)}
 
 
-@_unreachable_is_unavailable
+@_outage_is_unavailable
 async def find_site(client: RedisClient, keys: Keys, site: str) -> int | None:
     """One site's partitions as Redis holds them (None: it has no stream there).
 
@@ -213,47 +209,26 @@ class PartitionNumbers(NamedTuple):
     group: GroupState
 
 
-def _int_or_none(value: Any) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def group_entry(groups: Sequence[Mapping[Any, Any]], group: str) -> Mapping[Any, Any] | None:
-    """``XINFO GROUPS``'s entry of ``group`` (RESP2 or RESP3 shape), or None."""
-    return next((g for g in groups if reply_text(reply_field(g, "name")) == group), None)
-
-
-def oldest_pending_id(summary: Any) -> str | None:
-    """The smallest id of ``XPENDING key group``'s summary (a dict or a list by protocol)."""
-    smallest = reply_field(summary, "min") if isinstance(summary, Mapping) else summary[1]
-    return None if smallest is None else reply_text(smallest)
-
-
-@_unreachable_is_unavailable
+@_outage_is_unavailable
 async def group_state(client: RedisClient, key: str, group: str) -> GroupState:
     """A consumer group's progress on one stream (``XINFO GROUPS``, then ``XPENDING``)."""
     try:
         groups = await client.xinfo_groups(key)
     except ResponseError:  # no such stream
         return GroupState(False, False, None, 0, None)
-    entry = group_entry(groups, group)
+    entry = next((g for g in parse_groups(groups) if g.name == group), None)
     if entry is None:
         return GroupState(True, False, None, 0, None)
-    lag = _int_or_none(reply_field(entry, "lag"))
-    pending = _int_or_none(reply_field(entry, "pending")) or 0
+    lag, pending = entry.lag, entry.pending
     oldest: int | None = None
     if pending:
-        smallest = oldest_pending_id(await client.xpending(key, group))
+        smallest = parse_pending_summary(await client.xpending(key, group)).min_id
         if smallest is not None:
             oldest = stream_id(smallest)[0]
     return GroupState(True, True, lag, pending, oldest)
 
 
-@_unreachable_is_unavailable
+@_outage_is_unavailable
 async def stream_rate(client: RedisClient, key: str, now_ms: int) -> float:
     """Entries per second added to ``key`` over the :data:`RATE_WINDOW_MS` before ``now_ms``.
 
@@ -279,7 +254,7 @@ async def stream_rate(client: RedisClient, key: str, now_ms: int) -> float:
     return counted / max((now_ms - oldest) / 1000, 0.001)
 
 
-@_unreachable_is_unavailable
+@_outage_is_unavailable
 async def partition_numbers(
     client: RedisClient, keys: Keys, tag: str, now_ms: int, group: str
 ) -> PartitionNumbers:
@@ -303,7 +278,7 @@ async def partition_numbers(
     )
 
 
-@_unreachable_is_unavailable
+@_outage_is_unavailable
 async def clock_ms(client: RedisClient) -> int:
     """Redis' clock in milliseconds (``TIME``): the clock stream ids come from."""
     return await redis_time_ms(client)
@@ -312,7 +287,7 @@ async def clock_ms(client: RedisClient) -> int:
 # -- following streams ------------------------------------------------------------------
 
 
-@_unreachable_is_unavailable
+@_outage_is_unavailable
 async def read_streams(
     reader: StreamsReader, positions: dict[str, str]
 ) -> list[tuple[str, list[tuple[Any, Any]]]]:

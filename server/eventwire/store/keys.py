@@ -1,0 +1,94 @@
+"""Every Redis key name eventwire uses, and the consumer group name, in one place.
+
+A key's hash tag is the site's *tag*: the site id, or ``site:p`` for
+partition ``p`` of a site with ``partitions`` above 1 (PROTOCOL.md section
+7). Everything of one customer (its session, connections, producer seqs and
+events) lives under the tag of its partition, so each atomic step stays
+within one Redis Cluster slot. ``store.lua``'s header draws the same map from
+the Redis side; the keys only known inside a function call (a customer's
+``sess:`` and ``conns:``) are built there from :meth:`Keys.site_prefix`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Final
+
+
+class Keys:
+    """The key names under one ``key_prefix``.
+
+    Args:
+        prefix: the ``key_prefix`` setting.
+    """
+
+    #: The consumer group every persistence worker shares, on every events
+    #: stream (``eventwire stats`` shows its progress).
+    PERSIST_GROUP: Final = "persist"
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    @staticmethod
+    def tag(site: str, uuid: str, partitions: int) -> str:
+        """The tag of a customer's partition: ``crc32(uuid) mod partitions``.
+
+        CRC-32 (as zlib and most languages compute it) of the uuid's UTF-8
+        bytes: stable across processes, versions and languages, so a reader
+        elsewhere can find a customer's stream.
+        """
+        if partitions <= 1:
+            return site
+        return f"{site}:{zlib.crc32(uuid.encode()) % partitions}"
+
+    @staticmethod
+    def tags(site: str, partitions: int) -> list[str]:
+        """Every tag of a site: ``[site]``, or ``site:0`` to ``site:P-1``."""
+        if partitions <= 1:
+            return [site]
+        return [f"{site}:{p}" for p in range(partitions)]
+
+    def streams(self, site: str, partitions: int, rejected: bool = False) -> list[str]:
+        """A site's events (or rejected) stream in each partition, in partition order."""
+        name = "rejected" if rejected else "events"
+        return [f"{self.prefix}:{{{tag}}}:{name}" for tag in self.tags(site, partitions)]
+
+    def site_prefix(self, tag: str) -> str:
+        """The prefix of every key of a tag, for keys built inside Redis functions."""
+        return f"{self.prefix}:{{{tag}}}:"
+
+    def events(self, tag: str) -> str:
+        """The stream of accepted events of a site (or of one partition)."""
+        return f"{self.prefix}:{{{tag}}}:events"
+
+    def rejected(self, tag: str) -> str:
+        """The stream of rejected events and undecodable frames of a site (or partition)."""
+        return f"{self.prefix}:{{{tag}}}:rejected"
+
+    def dead(self, tag: str) -> str:
+        """The dead-letter stream of a site (or partition): entries the persist worker gave up on.
+
+        It shares the events stream's tag, so the worker moves an entry there
+        and acknowledges it in one MULTI, on a cluster too.
+        """
+        return f"{self.prefix}:{{{tag}}}:dead"
+
+    def producer(self, tag: str, producer: str) -> str:
+        """The key holding a producer's highest stored seq (in one partition)."""
+        return f"{self.prefix}:{{{tag}}}:producer:{producer}"
+
+    def session(self, tag: str, uuid: str) -> str:
+        """The hash of a customer's open session."""
+        return f"{self.prefix}:{{{tag}}}:sess:{uuid}"
+
+    def conns(self, tag: str, uuid: str) -> str:
+        """The set of a customer's live connections."""
+        return f"{self.prefix}:{{{tag}}}:conns:{uuid}"
+
+    def live(self, tag: str) -> str:
+        """Every live connection of a tag, scored by its heartbeat deadline."""
+        return f"{self.prefix}:{{{tag}}}:live"
+
+    def due(self, tag: str) -> str:
+        """Customers (of a tag) whose session must be looked at, scored by when."""
+        return f"{self.prefix}:{{{tag}}}:due"

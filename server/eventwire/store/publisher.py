@@ -1,0 +1,513 @@
+"""The server's Redis access: the publish pipeline (lanes of group-committed frames) and look-ups.
+
+Frames reach Redis through :meth:`Store.submit`: frames from all connections
+are gathered into one pipeline of one ``FCALL`` of ``publish`` per site (or
+partition). Each of ``publish_lanes`` publisher lanes has one pipeline in
+flight at a time; while it is, the lane's next frames gather (group commit),
+so a busy server makes few, large round trips and an idle one answers in
+one round trip. A producer always uses the same lane, which keeps its frames
+in the order they arrived, as the per-producer de-duplication needs: a later
+frame must never be stored before an earlier one that failed (see
+:class:`~eventwire.core.ordering.FrameOwner`).
+
+On a cluster the pipeline goes node by node (:class:`ClusterCalls`); the
+other calls (:meth:`Store.call` for the session steps, the look-ups) use
+the shared client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import structlog
+from redis.asyncio.cluster import RedisCluster
+
+from eventwire import metrics
+from eventwire.core.config import SessionTimings, Settings
+from eventwire.core.errors import StoreUnavailable
+from eventwire.core.ordering import FrameOwner
+from eventwire.core.rules import SitesBook
+from eventwire.store.client import OUTAGE, RedisClient, RedisError, exchange
+from eventwire.store.cluster import ClusterCalls
+from eventwire.store.functions import (
+    FN_PUBLISH,
+    LOAD_LIBRARY,
+    PublishArgs,
+    PublishFrameArgs,
+    PublishFrameKeys,
+    PublishKeys,
+    session_end_record,
+)
+from eventwire.store.keys import Keys
+from eventwire.store.replies import SiteSnapshot, missing_function, parse_publish
+from eventwire.store.resp import bulk, pack_args, pack_fcall, pack_items
+from eventwire.store.streams import read_site_summary
+
+log = structlog.get_logger("eventwire.store")
+
+
+class FrameSink(Protocol):
+    """Who hears how a frame ended. Called from the publisher task; must not block."""
+
+    def frame_stored(self, frame: Frame, added: int, duplicate: int) -> None:
+        """The frame's step ran: ``added`` events stored, ``duplicate`` skipped."""
+
+    def frame_failed(self, frame: Frame, why: str) -> None:
+        """Nothing of the frame may be taken as stored."""
+
+    def frame_gone(self, frame: Frame) -> None:
+        """The session the frame was encoded for has ended; nothing was stored."""
+
+
+class Frame:
+    """One producer's items on their way into the publish step.
+
+    Args:
+        site: the site id.
+        tag: the tag of the customer's partition (:meth:`Keys.tag`).
+        producer_key: the producer's seq key.
+        session_key: the customer's session key.
+        session: the session id the events were encoded for.
+        uuid: the customer.
+        args: flat ``[seq, kind, payload, ...]`` in seq order.
+        sink: told how the frame ended.
+        token: the sink's own reference.
+        owner: the sending connection's ordering state.
+        first_seq: the frame's lowest seq.
+    """
+
+    __slots__ = (
+        "args",
+        "epoch",
+        "first_seq",
+        "n",
+        "owner",
+        "producer_key",
+        "session",
+        "session_key",
+        "sink",
+        "site",
+        "tag",
+        "token",
+        "uuid",
+    )
+
+    def __init__(
+        self,
+        site: str,
+        tag: str,
+        producer_key: str,
+        session_key: str,
+        session: str,
+        uuid: str,
+        args: list[Any],
+        sink: FrameSink,
+        token: Any,
+        owner: FrameOwner,
+        first_seq: int,
+    ) -> None:
+        self.site = site
+        self.tag = tag
+        self.producer_key = producer_key
+        self.session_key = session_key
+        self.session = session
+        self.uuid = uuid
+        self.n = len(args) // 3
+        self.args = args
+        self.sink = sink
+        self.token = token
+        self.owner = owner
+        self.epoch = owner.epoch
+        self.first_seq = first_seq
+
+    def fail(self, why: str) -> None:
+        """Tell the sink, and poison the owner's epoch (see :class:`FrameOwner`)."""
+        self.owner.fail(self.epoch, self.first_seq)
+        self.sink.frame_failed(self, why)
+
+
+class _Lane:
+    """One publisher: a queue of frames and the task that sends them, one batch at a time.
+
+    A lane keeps its own Redis connection: taking one from the pool for each
+    batch costs more than a small batch's whole Redis step.
+    """
+
+    __slots__ = ("conn", "queue", "task", "wakeup")
+
+    def __init__(self) -> None:
+        self.queue: deque[Frame] = deque()
+        self.wakeup: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.conn: Any = None
+
+    def wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+
+class Store:
+    """Redis access for the server: the publish pipeline and small look-ups.
+
+    Args:
+        client: a redis.asyncio client (see :func:`connect_redis`).
+        settings: limits and key prefix.
+        book: the sites' current rules (session timings, server-made events taken).
+
+    Use as ``async with Store(...) as store``: the publisher tasks run inside.
+    """
+
+    def __init__(self, client: RedisClient, settings: Settings, book: SitesBook) -> None:
+        self.redis = client
+        #: Calls node by node on a cluster, or None for one Redis (the single-node path).
+        self._cluster = (
+            ClusterCalls(client, settings.store_timeout, settings.retry_after_ms)
+            if isinstance(client, RedisCluster)
+            else None
+        )
+        self._pool: Any = getattr(client, "connection_pool", None)
+        self.settings = settings
+        self.book = book
+        self.keys = Keys(settings.key_prefix)
+        self._lanes = [_Lane() for _ in range(settings.publish_lanes)]
+        self._started = False
+        self._closing = False
+        # After a failed round trip, frames are nacked at once until this
+        # monotonic time, so that an outage answers clients quickly instead of
+        # making every queued batch wait store_timeout again.
+        self._down_until = 0.0
+
+    async def __aenter__(self) -> Store:
+        for i, lane in enumerate(self._lanes):
+            lane.task = asyncio.create_task(self._run(lane), name=f"eventwire-publisher-{i}")
+        self._started = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Publish what is queued, stop the publisher and close the client."""
+        self._closing = True
+        tasks = [lane.task for lane in self._lanes if lane.task is not None]
+        for lane in self._lanes:
+            lane.wake()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._started = False
+        for lane in self._lanes:
+            if lane.conn is not None:
+                await self._pool.release(lane.conn)
+                lane.conn = None
+        await self.redis.aclose()
+
+    # -- the sites' rules -------------------------------------------------------
+
+    def partitions(self, site: str) -> int:
+        """How many partitions a site's events are split over (see :meth:`SitesBook.partitions`)."""
+        return self.book.partitions(site)
+
+    def tag(self, site: str, uuid: str) -> str:
+        """The tag of a customer's partition (see :meth:`Keys.tag`)."""
+        return self.keys.tag(site, uuid, self.partitions(site))
+
+    def tags(self, site: str) -> list[str]:
+        """Every tag of a site, one per partition."""
+        return self.keys.tags(site, self.partitions(site))
+
+    def site_params(self, site: str) -> tuple[SessionTimings, str]:
+        """A site's session timings and the server-made events it takes (all, if unknown)."""
+        rules = self.book.get(site)
+        if rules is None:  # removed by a reload while its frames were on their way
+            return SessionTimings.of(self.settings), "sei"
+        return rules.timings(self.settings), rules.server_events
+
+    # -- publishing -------------------------------------------------------------
+
+    def submit(
+        self,
+        site: str,
+        tag: str,
+        producer_key: str,
+        session_key: str,
+        uuid: str,
+        session: str,
+        items: list[Any],
+        sink: FrameSink,
+        token: Any,
+        owner: FrameOwner,
+        first_seq: int,
+    ) -> Frame:
+        """Queue one frame's items for the next pipeline of its lane.
+
+        Args:
+            site: the site id.
+            tag: the tag of the customer's partition (:meth:`tag`).
+            producer_key: ``keys.producer(tag, producer)``.
+            session_key: ``keys.session(tag, uuid)``.
+            uuid: the customer the events were encoded for.
+            session: the session id the events were encoded for.
+            items: flat ``[seq, kind, payload, ...]`` in seq order.
+            sink: told how the frame ended, from the publisher task.
+            token: the sink's own reference, kept on the frame.
+            owner: the sending connection's ordering state.
+            first_seq: the frame's lowest seq.
+
+        Returns:
+            The queued frame (its ``args`` may be patched and it may be
+            :meth:`resubmit` after ``frame_gone``).
+        """
+        frame = Frame(
+            site,
+            tag,
+            producer_key,
+            session_key,
+            session,
+            uuid,
+            items,
+            sink,
+            token,
+            owner,
+            first_seq,
+        )
+        self.resubmit(frame)
+        return frame
+
+    def resubmit(self, frame: Frame) -> None:
+        """Queue a frame (again) on its producer's lane."""
+        if not self._started:
+            frame.fail("store closed")
+            return
+        # A producer always takes the same lane, so its frames reach Redis in
+        # the order they were sent; lanes let one batch be packed while
+        # another runs in Redis.
+        lane = self._lanes[hash(frame.producer_key) % len(self._lanes)]
+        lane.queue.append(frame)
+        lane.wake()
+
+    async def call(self, function: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Call one function of the library, in its own round trip.
+
+        Args:
+            function: an ``FN_*`` name.
+            keys: its KEYS (a typed layout of :mod:`eventwire.store.functions`).
+            args: its ARGV (likewise, and any repeated part after it).
+
+        Raises:
+            StoreUnavailable: Redis is unreachable, slow, or answered an error.
+        """
+        (result,) = await self._fcall([pack_fcall(function, keys, args)], routes=[keys[0]])
+        if isinstance(result, Exception):
+            raise StoreUnavailable(f"redis error: {result}")
+        return result
+
+    def _publish_args(self, site: str) -> PublishArgs:
+        settings = self.settings
+        timing, taken = self.site_params(site)
+        return PublishArgs(
+            events_maxlen=settings.stream_maxlen,
+            rejected_maxlen=settings.rejected_maxlen,
+            producer_ttl_ms=int(settings.producer_ttl * 1000),
+            idle_ms=timing.idle_ms,
+            max_ms=timing.max_ms,
+            taken=taken,
+            end_record=session_end_record(site),
+        )
+
+    async def _run(self, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self.settings.publish_batch_events
+        queue = lane.queue
+        while True:
+            if not queue:
+                if self._closing:
+                    return
+                lane.wakeup = loop.create_future()
+                await lane.wakeup
+                continue
+            batch: list[Frame] = []
+            events = 0
+            while queue and (not batch or events + queue[0].n <= limit):
+                frame = queue.popleft()
+                owner = frame.owner
+                if owner is not None and frame.epoch <= owner.failed_epoch:
+                    # An earlier frame of this connection failed: see FrameOwner.
+                    frame.fail("an earlier frame of this connection was not stored")
+                    continue
+                batch.append(frame)
+                events += frame.n
+            if not batch:
+                continue
+            if time.monotonic() < self._down_until:
+                for frame in batch:
+                    frame.fail("redis unavailable")
+                continue
+            await self._flush(batch, lane)
+
+    def _pack_batch(self, by_tag: dict[str, list[Frame]]) -> tuple[list[list[bytes]], list[str]]:
+        """One packed ``publish`` call per tag (all its keys share one slot), and its route key."""
+        calls: list[list[bytes]] = []
+        routes: list[str] = []
+        keys = self.keys
+        # The arguments of a site, the same for each of its partitions.
+        site_args: dict[str, PublishArgs] = {}
+        for tag, frames in by_tag.items():
+            site = frames[0].site
+            fargs = site_args.get(site)
+            if fargs is None:
+                fargs = site_args[site] = self._publish_args(site)
+            head = PublishKeys(keys.events(tag), keys.rejected(tag), keys.due(tag))
+            fkeys: list[str] = [*head]
+            routes.append(head.events)
+            # Each frame's keys, then its arguments and its n items, packed now.
+            tail: list[bytes] = []
+            count = 0
+            for frame in frames:
+                fkeys += PublishFrameKeys(frame.producer_key, frame.session_key)
+                tail += map(bulk, PublishFrameArgs(frame.session, frame.uuid, frame.n))
+                tail.append(pack_items(frame.args))
+                count += 3 + 3 * frame.n
+            calls.append(pack_fcall(FN_PUBLISH, fkeys, fargs, tail, count))
+        return calls, routes
+
+    async def _flush(self, batch: list[Frame], lane: _Lane) -> None:
+        by_tag: dict[str, list[Frame]] = {}
+        for frame in batch:
+            by_tag.setdefault(frame.tag, []).append(frame)
+        calls, routes = self._pack_batch(by_tag)
+        started = time.perf_counter()
+        try:
+            results = await self._fcall(calls, lane, routes)
+        except Exception as exc:
+            # Whatever went wrong, the publisher must live on: the frames are
+            # nacked and their clients resend them.
+            metrics.STORE_ERRORS.inc()
+            self._down_until = time.monotonic() + self.settings.retry_after_ms / 1000
+            if not isinstance(exc, StoreUnavailable):
+                log.exception("publish_failed")
+            for frame in batch:
+                frame.fail(str(exc))
+            return
+        metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+        for frames, result in zip(by_tag.values(), results, strict=True):
+            if isinstance(result, Exception):
+                metrics.STORE_ERRORS.inc()
+                if not isinstance(result, StoreUnavailable):  # a node down is logged once
+                    log.error("publish_refused", error=str(result), frames=len(frames))
+                for frame in frames:
+                    frame.fail(f"redis error: {result}")
+                continue
+            for frame, done in zip(frames, parse_publish(result, len(frames)), strict=True):
+                if done.gone:
+                    frame.sink.frame_gone(frame)
+                else:
+                    frame.sink.frame_stored(frame, done.added, done.duplicate)
+
+    async def _fcall(
+        self,
+        commands: Sequence[list[bytes]],
+        lane: _Lane | None = None,
+        routes: Sequence[str] = (),
+    ) -> list[Any]:
+        """Run packed FCALLs in one round trip; load the library first if Redis lost it.
+
+        ``routes`` holds one key of each command: on a cluster, the command
+        goes to the node serving that key's slot (all its keys share it).
+        """
+        if self._cluster is not None:
+            return await self._cluster.fcall(commands, routes)
+        results = await self._pipeline(commands, lane)
+        again = [i for i, r in enumerate(results) if missing_function(r)]
+        if again:
+            # Redis restarted without persistence, or was flushed. A call to a
+            # missing function did nothing, so those calls are sent again.
+            load = pack_args(LOAD_LIBRARY)
+            retried = await self._pipeline([load, *(commands[i] for i in again)], lane)
+            if isinstance(retried[0], Exception):
+                raise StoreUnavailable(f"cannot load the function library: {retried[0]}")
+            for i, r in zip(again, retried[1:], strict=True):
+                results[i] = r
+        return results
+
+    async def _pipeline(
+        self, commands: Sequence[list[bytes]], lane: _Lane | None = None
+    ) -> list[Any]:
+        """Send packed commands in one write and read their replies; error replies are returned.
+
+        redis-py's Pipeline object costs more per command than the whole Lua
+        step at small frames, so commands come packed and this talks to one
+        connection directly: the lane's own, or one from the pool. Any
+        failure drops that connection: a reply that arrives late must never
+        be read as another command's.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable or did not answer in time.
+        """
+        pool = self._pool
+        conn: Any = lane.conn if lane is not None else None
+        try:
+            async with asyncio.timeout(self.settings.store_timeout):
+                if conn is None:
+                    conn = await pool.get_connection()
+                    if lane is not None:
+                        lane.conn = conn
+                results = await exchange(conn, commands)
+        except OUTAGE as exc:
+            if conn is not None:
+                await conn.disconnect()
+            raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+        except BaseException:
+            if conn is not None:
+                await conn.disconnect()
+            raise
+        finally:
+            # A lane keeps its connection (disconnected after a failure, it
+            # connects again on next use); others go back to the pool.
+            if conn is not None and lane is None:
+                await pool.release(conn)
+        return results
+
+    # -- look-ups ---------------------------------------------------------------
+
+    async def record_rejected(self, site: str, uuid: str | None, record: bytes) -> bool:
+        """Append one record to a customer's partition's rejected stream; False if Redis is away.
+
+        Used for undecodable frames, which have no producer seq to de-duplicate
+        by. Before a hello (no customer yet) the record goes to partition 0.
+        """
+        try:
+            await self.redis.xadd(
+                self.keys.rejected(self.tag(site, uuid or "")),
+                {"event": record},
+                maxlen=self.settings.rejected_maxlen,
+                approximate=True,
+            )
+        except OUTAGE:
+            # On a cluster, a slot moving (MOVED, ASK) is an outage of this call too.
+            return False
+        return True
+
+    async def ping(self) -> bool:
+        """Whether Redis answers PING within ``store_timeout``."""
+        try:
+            async with asyncio.timeout(self.settings.store_timeout):
+                return bool(await self.redis.ping())
+        except (*OUTAGE, RedisError):
+            # A health check: an error answer (LOADING, MASTERDOWN) is not healthy either.
+            return False
+
+    async def site_summary(self, site: str) -> SiteSnapshot:
+        """A site's open sessions and both streams' ends, read in one round trip.
+
+        See :func:`~eventwire.store.streams.read_site_summary`.
+
+        Raises:
+            StoreUnavailable: Redis is unreachable or slow.
+        """
+        return await read_site_summary(
+            self.redis, self.keys, self.tags(site), self.settings.store_timeout
+        )

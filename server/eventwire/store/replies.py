@@ -1,0 +1,371 @@
+"""Every Redis reply eventwire reads, parsed here and only here.
+
+redis-py's reply shapes differ by version and protocol (RESP2 or RESP3: a
+list or a dict, str or bytes keys, entries one level deeper), so each reply
+is turned into a small typed value once, in this module, and the rooms read
+only those: stream entries (XREAD, XREADGROUP, XRANGE, XAUTOCLAIM), XINFO
+STREAM, GROUPS and CONSUMERS, XPENDING (summary and range), TIME, the error
+answers that mean something (no such key, NOGROUP, BUSYGROUP, a function
+missing), and the replies of the functions of ``store.lua``. The shapes are
+pinned by the redis-py version in ``pyproject.toml`` and tested against a
+real Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+__all__ = [
+    "Claimed",
+    "ConsumerInfo",
+    "FrameResult",
+    "GroupInfo",
+    "LeaveReply",
+    "OpenReply",
+    "PendingSummary",
+    "ReapReply",
+    "SiteSnapshot",
+    "StreamEntry",
+    "StreamInfo",
+    "busy_group",
+    "merge_stream_info",
+    "missing_function",
+    "missing_group",
+    "no_such_key",
+    "parse_autoclaim",
+    "parse_consumers",
+    "parse_groups",
+    "parse_leave",
+    "parse_open",
+    "parse_pending_range",
+    "parse_pending_summary",
+    "parse_publish",
+    "parse_reap",
+    "parse_stream_info",
+    "reply_field",
+    "reply_text",
+    "stream_entries",
+    "stream_id",
+    "time_ms",
+    "trimmed_after",
+    "xread_entries",
+]
+
+
+# -- values ---------------------------------------------------------------------------
+
+
+def reply_text(value: Any) -> str:
+    """A Redis reply value as text (redis-py gives bytes or str by version and protocol)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def stream_id(value: Any) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``, bytes or str) as a comparable pair."""
+    ms, _, seq = reply_text(value).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def reply_field(reply: Mapping[Any, Any], name: str) -> Any:
+    """A field of a redis-py reply dict, whose keys are str or bytes by version and protocol."""
+    if name in reply:
+        return reply[name]
+    return reply.get(name.encode())
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def time_ms(reply: Sequence[Any]) -> int:
+    """``TIME``'s reply (seconds, microseconds) in milliseconds."""
+    return int(reply[0]) * 1000 + int(reply[1]) // 1000
+
+
+# -- error answers ----------------------------------------------------------------------
+
+
+def no_such_key(error: BaseException | Any) -> bool:
+    """Whether an error answer says the key does not exist (XINFO of a missing stream)."""
+    return isinstance(error, Exception) and "no such key" in str(error).lower()
+
+
+def missing_group(error: BaseException | Any) -> bool:
+    """Whether an error answer says the stream or its consumer group is gone (NOGROUP)."""
+    return isinstance(error, Exception) and "NOGROUP" in str(error)
+
+
+def busy_group(error: BaseException | Any) -> bool:
+    """Whether an error answer says the consumer group exists already (BUSYGROUP)."""
+    return isinstance(error, Exception) and "BUSYGROUP" in str(error)
+
+
+def missing_function(error: BaseException | Any) -> bool:
+    """Whether an FCALL's answer says the function is not loaded (Redis lost the library)."""
+    return isinstance(error, Exception) and "Function not found" in str(error)
+
+
+# -- stream entries ---------------------------------------------------------------------
+
+
+class StreamEntry(NamedTuple):
+    """One stream entry: its id and its ``event`` field (None if it has none)."""
+
+    id: str
+    event: bytes | None
+
+
+def stream_entries(raw: Any) -> list[StreamEntry]:
+    """Entries of XRANGE, or one key's of :func:`xread_entries`, as :class:`StreamEntry` values."""
+    out: list[StreamEntry] = []
+    for entry_id, fields in raw or ():
+        value = reply_field(fields, "event") if fields else None
+        if isinstance(value, str):
+            value = value.encode()
+        out.append(StreamEntry(reply_text(entry_id), value))
+    return out
+
+
+def xread_entries(reply: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
+    """XREAD's (or XREADGROUP's) reply as ``[(key, [(id, fields), ...]), ...]``.
+
+    RESP2 answers a list of ``[key, entries]``, RESP3 a dict whose entries
+    sit one level deeper (a list holding the list of entries); both come out
+    the same. An entry's first element is its id, never a list.
+    """
+    if not reply:
+        return []
+    items: list[Any] = list(reply.items()) if isinstance(reply, Mapping) else list(reply)
+    out: list[tuple[str, list[tuple[Any, Any]]]] = []
+    for key, entries in items:
+        if entries and entries[0] and isinstance(entries[0][0], list | tuple):
+            entries = entries[0]
+        out.append((reply_text(key), [(e[0], e[1] or {}) for e in entries or ()]))
+    return out
+
+
+class Claimed(NamedTuple):
+    """What one ``XAUTOCLAIM`` took over."""
+
+    #: Where the next call starts; ``0-0`` once the whole pending list was scanned.
+    cursor: str
+    #: The entries taken over, oldest first.
+    entries: list[StreamEntry]
+    #: Pending entries that were trimmed from the stream (Redis dropped them
+    #: from the pending list; Redis 6.2 gives them as entries without fields).
+    deleted: int
+
+
+def parse_autoclaim(reply: Sequence[Any]) -> Claimed:
+    """``XAUTOCLAIM``'s reply as :class:`Claimed`."""
+    gone = list(reply[2]) if len(reply) > 2 and reply[2] else []
+    kept = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+    return Claimed(reply_text(reply[0]), stream_entries(kept), len(gone))
+
+
+# -- XINFO ------------------------------------------------------------------------------
+
+
+class StreamInfo(NamedTuple):
+    """The parts of ``XINFO STREAM`` a reader needs."""
+
+    length: int
+    entries_added: int
+    first_id: str | None
+    last_generated_id: str
+    #: The highest id deleted (XDEL); Redis 7.0 does not move it on trimming.
+    max_deleted_id: str = "0-0"
+
+
+def parse_stream_info(reply: Mapping[Any, Any]) -> StreamInfo:
+    """``XINFO STREAM``'s reply (RESP2 or RESP3 shape) as a :class:`StreamInfo`."""
+    first = reply_field(reply, "first-entry")
+    return StreamInfo(
+        length=int(reply_field(reply, "length")),
+        entries_added=int(reply_field(reply, "entries-added") or 0),
+        first_id=reply_text(first[0]) if first else None,
+        last_generated_id=reply_text(reply_field(reply, "last-generated-id") or "0-0"),
+        max_deleted_id=reply_text(reply_field(reply, "max-deleted-entry-id") or "0-0"),
+    )
+
+
+def merge_stream_info(infos: Sequence[StreamInfo | None]) -> StreamInfo | None:
+    """The streams of a partitioned site summed as one: lengths and counts added,
+    the oldest first entry and the newest ids (None when no stream exists)."""
+    found = [i for i in infos if i is not None]
+    if len(found) <= 1:
+        return found[0] if found else None
+    firsts = [i.first_id for i in found if i.first_id is not None]
+    return StreamInfo(
+        length=sum(i.length for i in found),
+        entries_added=sum(i.entries_added for i in found),
+        first_id=min(firsts, key=stream_id) if firsts else None,
+        last_generated_id=max((i.last_generated_id for i in found), key=stream_id),
+        max_deleted_id=max((i.max_deleted_id for i in found), key=stream_id),
+    )
+
+
+def trimmed_after(position: str, info: StreamInfo | None) -> bool:
+    """Whether the stream lost entries at or after ``position`` (exclusive) by trimming.
+
+    XREAD and XRANGE from an id older than the stream's first entry start at
+    that first entry without a word, so a reader must ask. Trimming (``MAXLEN
+    ~``, ``XTRIM MINID``) removes a prefix of the stream, and Redis 7.0 does
+    not move ``max-deleted-entry-id`` when it does: what is left to compare
+    is the first entry. The answer is True when entries were removed
+    (``entries-added`` above ``length``) and ``position`` is older than the
+    first entry still there. It may be True when every removed entry was older
+    than ``position`` (Redis keeps no record of the last trimmed id), never
+    False when entries after ``position`` were trimmed.
+
+    Args:
+        position: an entry id; the reader has seen everything up to it.
+        info: the stream's info read together with the entries (None: no stream).
+    """
+    if info is None or info.entries_added <= info.length:
+        return False
+    if info.first_id is None:  # everything was trimmed
+        return stream_id(info.last_generated_id) > stream_id(position)
+    return stream_id(position) < stream_id(info.first_id)
+
+
+class GroupInfo(NamedTuple):
+    """One consumer group of ``XINFO GROUPS``."""
+
+    name: str
+    #: Entries delivered and not acknowledged.
+    pending: int
+    last_delivered_id: str
+    #: Entries the group has read (None: Redis cannot tell, after some deletions).
+    entries_read: int | None
+    #: Entries not yet read (None: Redis cannot tell).
+    lag: int | None
+
+
+def parse_groups(reply: Sequence[Mapping[Any, Any]]) -> list[GroupInfo]:
+    """``XINFO GROUPS``'s reply as :class:`GroupInfo` values."""
+    return [
+        GroupInfo(
+            name=reply_text(reply_field(g, "name")),
+            pending=int(reply_field(g, "pending") or 0),
+            last_delivered_id=reply_text(reply_field(g, "last-delivered-id") or "0-0"),
+            entries_read=_int_or_none(reply_field(g, "entries-read")),
+            lag=_int_or_none(reply_field(g, "lag")),
+        )
+        for g in reply
+    ]
+
+
+class ConsumerInfo(NamedTuple):
+    """One consumer of ``XINFO CONSUMERS``."""
+
+    name: str
+    pending: int
+
+
+def parse_consumers(reply: Sequence[Mapping[Any, Any]]) -> list[ConsumerInfo]:
+    """``XINFO CONSUMERS``'s reply as :class:`ConsumerInfo` values."""
+    return [
+        ConsumerInfo(reply_text(reply_field(c, "name")), int(reply_field(c, "pending") or 0))
+        for c in reply
+    ]
+
+
+# -- XPENDING ---------------------------------------------------------------------------
+
+
+class PendingSummary(NamedTuple):
+    """``XPENDING key group``: how many entries are pending, and the oldest one's id."""
+
+    pending: int
+    #: The oldest pending entry's id (None: nothing pending).
+    min_id: str | None
+
+
+def parse_pending_summary(reply: Any) -> PendingSummary:
+    """``XPENDING``'s summary reply (a dict, or a ``[count, min, max, consumers]`` list)."""
+    if isinstance(reply, Mapping):
+        count, smallest = reply_field(reply, "pending"), reply_field(reply, "min")
+    else:
+        count, smallest = reply[0], reply[1]
+    return PendingSummary(int(count or 0), reply_text(smallest) if smallest else None)
+
+
+def parse_pending_range(reply: Sequence[Mapping[Any, Any]]) -> dict[str, int]:
+    """``XPENDING key group min max count``'s reply: times delivered, by entry id."""
+    return {
+        reply_text(reply_field(p, "message_id")): int(reply_field(p, "times_delivered"))
+        for p in reply
+    }
+
+
+# -- the functions of store.lua -----------------------------------------------------
+
+
+class FrameResult(NamedTuple):
+    """How ``publish`` ended for one frame."""
+
+    added: int
+    duplicate: int
+    #: The session the frame was encoded for has ended; nothing was stored.
+    gone: bool
+
+
+def parse_publish(reply: Sequence[Any], frames: int) -> list[FrameResult]:
+    """``publish``'s reply: ``{added, duplicate, gone}`` per frame, in call order."""
+    return [
+        FrameResult(int(reply[i]), int(reply[i + 1]), bool(reply[i + 2]))
+        for i in range(0, 3 * frames, 3)
+    ]
+
+
+class OpenReply(NamedTuple):
+    """What ``open`` answers a hello: its session, whether it joined one, the acked seq."""
+
+    session: str
+    resumed: bool
+    acked: int
+
+
+def parse_open(reply: Sequence[Any]) -> OpenReply:
+    """``open``'s reply ``{session id, resumed, acked}``."""
+    session, resumed, acked = reply
+    return OpenReply(reply_text(session), bool(resumed), int(acked))
+
+
+class LeaveReply(NamedTuple):
+    """What ``leave`` answers."""
+
+    #: The session ended now (identify from its last connection).
+    ended: bool
+    #: The producer's stored seq in the customer's partition (0 without its key).
+    stored: int
+
+
+def parse_leave(reply: Sequence[Any]) -> LeaveReply:
+    """``leave``'s reply ``{ended, stored seq}``."""
+    ended, stored = reply
+    return LeaveReply(bool(ended), int(stored))
+
+
+class ReapReply(NamedTuple):
+    """What one ``reap`` call did."""
+
+    dead_connections: int
+    sessions_ended: int
+
+
+def parse_reap(reply: Sequence[Any]) -> ReapReply:
+    """``reap``'s reply ``{dead connections, sessions ended}``."""
+    dead, ended = reply
+    return ReapReply(int(dead), int(ended))
+
+
+class SiteSnapshot(NamedTuple):
+    """A site's numbers at one moment of Redis' clock (see :meth:`Store.site_summary`)."""
+
+    now_ms: int
+    open_sessions: int
+    events: StreamInfo | None
+    rejected: StreamInfo | None

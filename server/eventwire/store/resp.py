@@ -1,0 +1,71 @@
+"""Commands packed in RESP by hand, for the publish path.
+
+hiredis' ``pack_command`` costs ~0.4 µs per event in a 100-event call and
+grows to ~1.7 µs in a 2,000-event call (it is not linear); packing here is
+linear at ~0.3 µs per event, and a frame's items are packed in one
+formatting step. A packed command is a list of parts that are written to
+the socket as they are (``writelines``), so a large call is never copied
+whole. ``tests/test_store.py`` checks the bytes against hiredis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from eventwire.core.frames import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS
+
+#: Each item kind, packed once (an unknown kind is a KeyError, never a bad length).
+_KIND_BULK: Final = {
+    kind: b"$1\r\n" + kind + b"\r\n" for kind in (EVENT, REJECT, REJECT_ALWAYS, COUNT_ONLY)
+}
+
+
+def bulk(value: Any) -> bytes:
+    """One argument (bytes, str or int) as a RESP bulk string."""
+    if isinstance(value, bytes):
+        data = value
+    elif isinstance(value, str):
+        data = value.encode()
+    elif isinstance(value, int):
+        data = b"%d" % value
+    else:
+        raise TypeError(f"cannot send {type(value).__name__} to Redis")
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def pack_args(args: Sequence[Any]) -> list[bytes]:
+    """One Redis command (str, bytes and int arguments) in RESP, in parts."""
+    return [b"*%d\r\n" % len(args), *(bulk(a) for a in args)]
+
+
+def pack_items(items: Sequence[Any]) -> bytes:
+    """A frame's flat ``[seq, kind, payload, ...]`` as RESP bulk strings (no header).
+
+    Each item is a :class:`~eventwire.store.functions.PublishItem`'s fields
+    in a row.
+    """
+    out = []
+    for i in range(0, len(items), 3):
+        seq = b"%d" % items[i]
+        payload = items[i + 2]
+        out.append(
+            b"$%d\r\n%b\r\n%b$%d\r\n%b\r\n"
+            % (len(seq), seq, _KIND_BULK[items[i + 1]], len(payload), payload)
+        )
+    return b"".join(out)
+
+
+def pack_fcall(
+    function: str,
+    keys: Sequence[Any],
+    args: Sequence[Any],
+    tail: Sequence[bytes] = (),
+    tail_count: int = 0,
+) -> list[bytes]:
+    """``FCALL function len(keys) *keys *args`` in RESP parts, then ``tail_count`` packed ones.
+
+    ``tail`` holds arguments packed already (:func:`bulk`, :func:`pack_items`).
+    """
+    head = ("FCALL", function, len(keys), *keys, *args)
+    return [b"*%d\r\n" % (len(head) + tail_count), *(bulk(a) for a in head), *tail]

@@ -1,0 +1,281 @@
+"""eventwire/store/functions.py and store.lua: one argument layout, server-made records.
+
+The typed layouts are the only place Python knows a position; these tests
+hold them to the names ``store.lua`` unpacks, then call every function in a
+real Redis with builder output, and decode the records Lua completes with
+the strict :class:`StoredEvent` decoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+import eventwire.store as store
+from eventwire.core.protocol import StoredEvent
+from eventwire.store import (
+    EVENT,
+    FN_HEARTBEAT,
+    FN_LEAVE,
+    FN_OPEN,
+    FN_PUBLISH,
+    FN_REAP,
+    LAYOUTS,
+    LIBRARY,
+    LIBRARY_VERSION,
+    CustomerKeys,
+    HeartbeatArgs,
+    HeartbeatKeys,
+    Keys,
+    LeaveArgs,
+    OpenArgs,
+    PublishArgs,
+    PublishFrameArgs,
+    PublishFrameKeys,
+    PublishItem,
+    PublishKeys,
+    ReapArgs,
+    ReapKeys,
+    RecordHole,
+    call_keys,
+    fill_template,
+    identify_record,
+    parse_leave,
+    parse_open,
+    parse_publish,
+    parse_reap,
+    session_end_record,
+    session_start_record,
+)
+from eventwire.store.functions import record_template
+from tests.procs import UNIT
+
+LUA = (Path(store.__file__).parent / "store.lua").read_text()
+#: ``local a, b, c = unpack(keys)`` or ``= unpack(args, 1, 3)``, over one or more lines.
+UNPACK = re.compile(r"local\s+([\w\s,]+?)\s*=\s*unpack\((keys|args)(?:,\s*([^,)]+),\s*([^)]+))?\)")
+#: The fields every stored event of the old hand-written Lua records had.
+RECORD_FIELDS = {
+    "site", "uuid", "session", "producer", "seq", "action", "label", "time", "received", "params",
+}  # fmt: skip
+strict = msgspec.json.Decoder(StoredEvent)
+
+
+def lua_functions() -> dict[str, str]:
+    """The body of each ``local function name(keys, args)`` of store.lua."""
+    parts = re.split(r"^local function (\w+)\(keys, args\)$", LUA, flags=re.M)
+    return {
+        name: body.split("\nend\n")[0] for name, body in zip(parts[1::2], parts[2::2], strict=True)
+    }
+
+
+def test_lua_unpacks_the_layouts_fields_in_order() -> None:
+    """Each function's unpack lines name the fields of its typed layouts, in the same order."""
+    bodies = lua_functions()
+    assert set(bodies) == set(LAYOUTS)
+    for name, layouts in LAYOUTS.items():
+        found = UNPACK.findall(bodies[name])
+        assert len(found) == len(layouts), name
+        for (names, source, first, last), layout in zip(found, layouts, strict=True):
+            fields = [n.strip() for n in names.split(",")]
+            assert fields == list(layout._fields), f"{name}: {layout.__name__}"
+            assert source == ("keys" if layout.__name__.endswith("Keys") else "args")
+            if first == "1":  # a fixed part: exactly its fields
+                assert int(last) == len(fields), f"{name}: {layout.__name__}"
+
+
+def test_every_layout_function_is_registered_under_its_name() -> None:
+    """The FN_* names are the functions store.lua registers, with this library's version."""
+    names = {"publish": FN_PUBLISH, "open": FN_OPEN, "leave": FN_LEAVE}
+    names |= {"heartbeat": FN_HEARTBEAT, "reap": FN_REAP}
+    assert set(names) == set(LAYOUTS)
+    for name, fn in names.items():
+        assert fn == f"ew_{LIBRARY_VERSION}_{name}"
+        assert f"redis.register_function('ew_VERSION_{name}', {name})" in LUA
+        assert f"redis.register_function('{fn}', {name})" in LIBRARY
+
+
+def test_the_header_names_every_key_of_keys() -> None:
+    """store.lua's key map shows every key Keys makes, dead streams included."""
+    keys = Keys("ew")
+    made = [
+        keys.events("site"),
+        keys.rejected("site"),
+        keys.producer("site", "<p>"),
+        keys.session("site", "<uuid>"),
+        keys.conns("site", "<uuid>"),
+        keys.live("site"),
+        keys.due("site"),
+        keys.dead("site"),
+    ]
+    header = LUA.split("local function")[0]
+    for key in made:
+        assert f"--   {key}" in header, key
+
+
+def test_a_placeholder_out_of_a_value_place_is_refused() -> None:
+    """A hole inside a list is not a whole value: the template is refused."""
+    bad = StoredEvent(
+        site="x", uuid="u", session="s", producer="p", seq=1, action="a", label="a",
+        time=1, received=1, params={"list": ["\x00eventwire-hole-1"]},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="placeholder"):
+        record_template(bad)
+
+
+def test_templates_filled_are_the_structs_records() -> None:
+    """Filled, a template decodes strictly to the record the Struct would have written."""
+    values: dict[RecordHole, str | int] = {
+        RecordHole.UUID: 'odd "uuid" \\ é',
+        RecordHole.SESSION: "s-1",
+        RecordHole.PRODUCER: "srv:s-1",
+        RecordHole.SEQ: 7,
+        RecordHole.TIME: 1_796_230_019_306,
+        RecordHole.REASON: "closed",
+        RecordHole.DURATION_MS: 1234,
+        RecordHole.EVENTS: 5,
+    }
+    end = strict.decode(fill_template(session_end_record("shop"), values))
+    assert end == StoredEvent(
+        site="shop", uuid='odd "uuid" \\ é', session="s-1", producer="srv:s-1", seq=7,
+        action="session.end", label="Session end", time=1_796_230_019_306,
+        received=1_796_230_019_306,
+        params={"session": "s-1", "reason": "closed", "duration_ms": 1234, "events": 5},
+    )  # fmt: skip
+    moved = strict.decode(fill_template(identify_record("shop", "new", "old"), values))
+    assert (moved.uuid, moved.session, moved.seq, moved.params) == (
+        "new",
+        "s-1",
+        7,
+        {"previous_uuid": "old"},
+    )
+    assert (moved.action, moved.label) == ("client.identify", "client.identify")
+
+
+# -- through a real Redis ---------------------------------------------------------------
+
+
+KEYS = Keys("ew")
+TAG = "fn"
+
+
+async def call(redis: aioredis.Redis, fn: str, keys: Any, args: Any) -> Any:
+    """FCALL with builder output, as Store.call sends it."""
+    return await redis.fcall(fn, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+
+def customer(uuid: str, producer: str | None = "p-1") -> CustomerKeys:
+    """The customer keys of ``uuid`` under the test tag."""
+    return CustomerKeys(
+        session=KEYS.session(TAG, uuid),
+        conns=KEYS.conns(TAG, uuid),
+        live=KEYS.live(TAG),
+        due=KEYS.due(TAG),
+        events=KEYS.events(TAG),
+        producer=KEYS.producer(TAG, producer) if producer else None,
+    )
+
+
+def open_args(uuid: str, member: str, session: str, idle_ms: int = 60_000) -> OpenArgs:
+    """``open`` arguments for a session of the test site."""
+    return OpenArgs(
+        uuid=uuid,
+        member=member,
+        session_id=session,
+        start_record=session_start_record(TAG, uuid, session, "p-1", {"title": "t"}, 1),
+        heartbeat_ms=60_000,
+        grace_ms=60_000,
+        idle_ms=idle_ms,
+        max_ms=3_600_000,
+        events_maxlen=1000,
+        taken="sei",
+        end_record=session_end_record(TAG),
+        carry=0,
+        producer_ttl_ms=60_000,
+    )
+
+
+async def made(redis: aioredis.Redis) -> list[StoredEvent]:
+    """The server-made records of the test tag's events stream, decoded strictly."""
+    raw = [f[b"event"] for _, f in await redis.xrange(KEYS.events(TAG))]
+    return [strict.decode(r) for r in raw if b'"srv:' in r]
+
+
+@pytest.fixture
+async def lib(redis: aioredis.Redis) -> aioredis.Redis:
+    """The test Redis with this version's library loaded."""
+    await redis.function_load(LIBRARY, replace=True)
+    return redis
+
+
+async def test_open_publish_leave_with_identify(lib: aioredis.Redis) -> None:
+    """open, publish (two frames), heartbeat and leave with identify, all from builders."""
+    first = open_args("u-1", "m:1:u-1", "s-1")
+    opened = parse_open(await call(lib, FN_OPEN, call_keys(customer("u-1")), first))
+    assert (opened.session, opened.resumed, opened.acked) == ("s-1", False, 0)
+    head = PublishKeys(KEYS.events(TAG), KEYS.rejected(TAG), KEYS.due(TAG))
+    args = PublishArgs(1000, 1000, 60_000, 60_000, 3_600_000, "sei", session_end_record(TAG))
+    frames = [("p-1", "s-1", [1, 2]), ("p-2", "gone", [1])]
+    keys: list[Any] = [*head]
+    argv: list[Any] = [*args]
+    for producer, session, seqs in frames:
+        keys += PublishFrameKeys(KEYS.producer(TAG, producer), KEYS.session(TAG, "u-1"))
+        argv += PublishFrameArgs(session, "u-1", len(seqs))
+        for seq in seqs:
+            argv += PublishItem(seq, EVENT, b'{"seq":%d}' % seq)
+    done = parse_publish(await call(lib, FN_PUBLISH, keys, argv), len(frames))
+    assert [(d.added, d.duplicate, d.gone) for d in done] == [(2, 0, False), (0, 0, True)]
+    back = await call(lib, FN_HEARTBEAT, HeartbeatKeys(KEYS.live(TAG)), [
+        *HeartbeatArgs(60_000, KEYS.site_prefix(TAG)), "m:1:u-1", "m:2:u-1",
+    ])  # fmt: skip
+    assert back == 1  # m:2 was not registered: it is now
+    await lib.zrem(KEYS.live(TAG), "m:2:u-1")
+    await lib.srem(KEYS.conns(TAG, "u-1"), "m:2:u-1")
+    leave = LeaveArgs(
+        uuid="u-1",
+        member="m:1:u-1",
+        grace_ms=60_000,
+        events_maxlen=1000,
+        taken="sei",
+        end_record=session_end_record(TAG),
+        identify_record=identify_record(TAG, "c-42", "u-1"),
+    )
+    left = parse_leave(await call(lib, FN_LEAVE, call_keys(customer("u-1")), leave))
+    assert (left.ended, left.stored) == (True, 2)
+    start, moved, end = [r for r in await made(lib) if r.producer == "srv:s-1"]
+    assert start.action == "session.start"
+    assert moved == StoredEvent(
+        site=TAG, uuid="c-42", session="s-1", producer="srv:s-1", seq=2,
+        action="client.identify", label="client.identify", time=moved.time,
+        received=moved.time, params={"previous_uuid": "u-1"},
+    )  # fmt: skip
+    assert end == StoredEvent(
+        site=TAG, uuid="u-1", session="s-1", producer="srv:s-1", seq=3,
+        action="session.end", label="Session end", time=moved.time, received=moved.time,
+        params={"session": "s-1", "reason": "identify", "duration_ms": end.params["duration_ms"],
+                "events": 2},
+    )  # fmt: skip
+    assert 0 <= end.params["duration_ms"] < 10_000 * UNIT
+    raw = [f[b"event"] for _, f in await lib.xrange(KEYS.events(TAG))]
+    assert all(set(msgspec.json.decode(r)) == RECORD_FIELDS for r in raw if b"srv:" in r)
+
+
+async def test_reap_writes_one_session_end_whatever_the_uuid(lib: aioredis.Redis) -> None:
+    """reap ends an idle session; a uuid with quotes and backslashes still makes valid JSON."""
+    uuid = 'we"ird\\uuid'
+    await call(lib, FN_OPEN, call_keys(customer(uuid)), open_args(uuid, f"m:1:{uuid}", "s-2", 1))
+    await asyncio.sleep(0.01)
+    end_record = session_end_record(TAG)
+    reap = ReapArgs(KEYS.site_prefix(TAG), 60_000, 1, 3_600_000, 500, 1000, "sei", end_record)
+    keys = ReapKeys(KEYS.live(TAG), KEYS.due(TAG), KEYS.events(TAG))
+    assert parse_reap(await call(lib, FN_REAP, keys, reap)).sessions_ended == 1
+    assert parse_reap(await call(lib, FN_REAP, keys, reap)).sessions_ended == 0
+    (end,) = [r for r in await made(lib) if r.action == "session.end"]
+    assert (end.uuid, end.session, end.seq, end.params["reason"]) == (uuid, "s-2", 2, "idle")
+    assert end.params["events"] == 0
+    assert end.time == end.received
