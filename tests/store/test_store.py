@@ -5,7 +5,6 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from hiredis import pack_command
 
-from eventwire.core.ordering import FrameOwner
 from eventwire.gateway import EventwireServer
 from eventwire.store import (
     COUNT_ONLY,
@@ -68,21 +67,6 @@ async def test_library_reloaded_when_redis_lost_it(
         await redis.function_flush()
         assert (await p.track(event(2)))["accepted"] == 1
     assert [e["seq"] for e in await client_events(redis)] == [1, 2]
-
-
-def test_frame_owner_barrier() -> None:
-    """After a failure, later frames are refused until the client resends from the failed seq."""
-    owner = FrameOwner()
-    assert owner.admit(1)
-    epoch = owner.epoch
-    owner.fail(epoch, 5)
-    assert not owner.admit(9)  # sent before the client saw the nack
-    assert owner.code == "unavailable"
-    assert owner.admit(5)  # the resend starts a new epoch
-    assert owner.epoch == epoch + 1
-    assert owner.admit(12)
-    owner.fail(epoch, 1)  # a late failure of the old epoch changes nothing
-    assert owner.admit(13)
 
 
 def test_packing_matches_hiredis() -> None:

@@ -34,7 +34,7 @@ from tests.procs import UNIT, RedisProcess
 from tests.wire import now_ms
 
 PG_URL = os.environ.get("EVENTWIRE_TEST_PG", "postgresql://postgres@127.0.0.1/test")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: The test sites plus ``big``, whose events are split over four partitions.
 P = 4
 SPLIT_SITES = SITES_TOML + f"\n[sites.big]\nallow_no_origin = true\npartitions = {P}\n"
