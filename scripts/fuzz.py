@@ -11,7 +11,7 @@ it, without a socket: strict decoding, then event by event
 (``eventwire.core.protocol``), the rules of every event (``eventwire.core.validation`` with a
 site's verdicts from ``eventwire.core.rules``), and the records written for bad
 frames. A finding is any other exception, or an answer the protocol does not
-allow (a reject code outside PROTOCOL.md, a stored event that is not what was
+allow (a reject code outside docs/protocol.md, a stored event that is not what was
 sent, a decoded uuid outside its form, ...).
 
 ``--wire`` sends the frames over real WebSocket connections to an eventwire
@@ -77,11 +77,11 @@ from eventwire.core.rules import SiteConfig, SiteRules  # noqa: E402
 from eventwire.core.validation import Identity, Limits, Rejected, action_problem, judge_event  # noqa: E402
 from eventwire.ingest import undecodable_record  # noqa: E402
 
-#: Reject codes of PROTOCOL.md section 3.
+#: Reject codes of docs/protocol.md section 3.
 REJECT_CODES: Final = frozenset(
     {"invalid", "invalid_action", "missing_param", "too_large", "too_old", "denied", "unauthorized"}
 )
-#: The customer reference and producer id as PROTOCOL.md section 2 words them.
+#: The customer reference and producer id as docs/protocol.md section 2 words them.
 UUID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 PRODUCER_RE: Final = re.compile(r"[!-~]{8,64}")
 #: The server's defaults (config/eventwire.toml): frames are judged against them.
@@ -101,7 +101,7 @@ required = { "product.*" = ["sku"], "cart.add" = ["sku", "qty"] }
 """
 SITE_CONFIG: Final = msgspec.toml.decode(SITE_TOML.encode())["sites"]["fuzz"]
 
-#: Close codes a bad frame may get (PROTOCOL.md section 3).
+#: Close codes a bad frame may get (docs/protocol.md section 3).
 BAD_FRAME_CLOSES: Final = {1007: "undecodable", 1008: "policy", 1009: "too large"}
 
 
@@ -548,7 +548,7 @@ def check_hello(codec: Codec, data: bytes) -> str:
 
 
 def check_stored(raw: bytes, event: WireEvent, who: Identity, received: int) -> None:
-    """An accepted event's JSON is what was sent, as PROTOCOL.md section 7 stores it.
+    """An accepted event's JSON is what was sent, as docs/protocol.md section 7 stores it.
 
     Raises:
         Finding: it is not.
@@ -869,7 +869,7 @@ class WireFuzzer:
                 f"ack {_brief(answer)} does not count the frame's {len(seqs)} events", codec, data
             )
         if any(c not in REJECT_CODES for c in codes):
-            report.find(f"ack with codes outside PROTOCOL.md: {codes}", codec, data)
+            report.find(f"ack with codes outside docs/protocol.md: {codes}", codec, data)
         self.ledger.accepted[producer] += answer["accepted"]
         for event in judged.events:
             self.ledger.sent.setdefault((producer, event.seq), []).append(event)

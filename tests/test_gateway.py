@@ -206,7 +206,7 @@ async def test_stop_drains_in_flight_frames(make_server: MakeServer, redis: aior
             while True:
                 answers.append(await p.recv())
 
-        # The answers, then the close 1001 ends them (PROTOCOL.md section 3);
+        # The answers, then the close 1001 ends them (docs/protocol.md section 3);
         # a timeout or any other close fails the test.
         with pytest.raises(ConnectionClosedOK) as closed:
             await read_answers()

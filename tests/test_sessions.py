@@ -1,4 +1,4 @@
-"""eventwire/sessions.py: sessions from connection lifecycles (PROTOCOL.md section 6).
+"""eventwire/sessions.py: sessions from connection lifecycles (docs/protocol.md section 6).
 
 Timings are short here (a grace of a few tenths of a second); every wait is
 a multiple of tests.procs.UNIT.

@@ -1,4 +1,4 @@
-"""Site rules and customer authentication through a real server and Redis (PROTOCOL.md 1, 2, 5)."""
+"""Site rules and customer authentication through a real server and Redis (protocol 1, 2, 5)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Clients stream events over a WebSocket (``/v1/track/{site}``); the server
 validates them, tracks sessions and publishes them into Redis Streams. The
-wire and Redis contract is ``PROTOCOL.md``; the map of this package is
-``DESIGN.md``.
+wire and Redis contract is ``docs/protocol.md``; the map of this package, its
+rooms and their import rules, is ``docs/design.md``.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""``python -m server`` runs the ``eventwire`` command."""
+"""``python -m eventwire`` runs the ``eventwire`` command (the only importer of ``commands``)."""
 
 from eventwire.commands.cli import main
 

@@ -313,7 +313,7 @@ def _select_subprotocol(
     connection: ServerConnection, offered: Sequence[Subprotocol]
 ) -> Subprotocol | None:
     # websockets' stock negotiation refuses a client that offers none with
-    # HTTP 400; PROTOCOL.md says no subprotocol means JSON.
+    # HTTP 400; docs/protocol.md says no subprotocol means JSON.
     if not offered:
         return None
     for name in offered:

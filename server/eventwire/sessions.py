@@ -1,4 +1,4 @@
-"""Sessions from connection lifecycles (PROTOCOL.md section 6), on top of ``store``.
+"""Sessions from connection lifecycles (docs/protocol.md section 6), on top of ``store``.
 
 A session belongs to a customer (site and uuid), not to a connection. Its
 state lives in Redis under the site's hash tag, so any server process can

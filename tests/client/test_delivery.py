@@ -34,7 +34,7 @@ from eventwire.core.protocol import (
 URL = "ws://127.0.0.1:9/v1/track/app"
 NOW_MS = 1_764_160_000_123
 
-#: Reject codes of PROTOCOL.md section 3; every one is final.
+#: Reject codes of docs/protocol.md section 3; every one is final.
 REJECT_CODES = (
     "invalid",
     "invalid_action",

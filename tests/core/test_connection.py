@@ -1,4 +1,4 @@
-"""eventwire.core.connection: every answer of PROTOCOL.md, without a socket, Redis or event loop.
+"""eventwire.core.connection: every answer of the protocol, without a socket, Redis or loop.
 
 Each test feeds a :class:`Connection` frames, store and session results and
 the time, and checks the commands it returns, as the driver (``ingest``)

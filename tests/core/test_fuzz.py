@@ -4,7 +4,7 @@ For arbitrary bytes, for byte mutations of valid frames and for frames whose
 fields hold arbitrary values, in both subprotocols: decoding gives a message,
 a schema error with a path, or ``UndecodableFrame`` with a detail, never
 another exception; every decoded event judged gives the stored JSON or a
-reject code of PROTOCOL.md; encoding and decoding round trip. The examples
+reject code of docs/protocol.md; encoding and decoding round trip. The examples
 are few per test (``FUZZ``) so the suite stays quick; ``scripts/fuzz`` runs
 the same kind of input for as long as you like.
 """
@@ -52,11 +52,11 @@ from eventwire.ingest import undecodable_record
 from scripts.fuzz import SPECIAL_BYTES
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Reject codes of PROTOCOL.md section 3.
+#: Reject codes of docs/protocol.md section 3.
 REJECT_CODES = frozenset(
     {"invalid", "invalid_action", "missing_param", "too_large", "too_old", "denied", "unauthorized"}
 )
-#: The customer reference and producer id as PROTOCOL.md section 2 words them.
+#: The customer reference and producer id as docs/protocol.md section 2 words them.
 UUID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 PRODUCER_RE = re.compile(r"[!-~]{8,64}")
 NOW = 1_764_160_000_000
@@ -254,7 +254,7 @@ def decode_after_hello(codec: Codec, data: bytes) -> Any:
 
 
 def check_stored(raw: bytes, event: WireEvent, who: Identity, verdict: Verdict | None) -> None:
-    """An accepted event's stored JSON is what PROTOCOL.md section 7 says."""
+    """An accepted event's stored JSON is what docs/protocol.md section 7 says."""
     stored = msgspec.json.decode(raw, type=StoredEvent)
     assert len(raw) <= LIMITS.max_event_bytes
     assert (stored.site, stored.uuid, stored.session, stored.producer) == (

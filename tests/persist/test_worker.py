@@ -152,7 +152,7 @@ def add_site(sites_file: Path, site: str) -> None:
 
 
 def stored_event(seq: int, uuid: str = "cust-1", site: str = "app", **extra: Any) -> bytes:
-    """The JSON of a stored event as the server writes it (PROTOCOL.md section 7)."""
+    """The JSON of a stored event as the server writes it (docs/protocol.md section 7)."""
     t = now_ms()
     return json.dumps(
         {

@@ -1,4 +1,4 @@
-"""The async Python client of the tracking protocol (PROTOCOL.md sections 2-4).
+"""The async Python client of the tracking protocol (docs/protocol.md sections 2-4).
 
 The client's public face; its rooms are:
 

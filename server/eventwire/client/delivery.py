@@ -1,4 +1,4 @@
-"""The client half of the delivery guarantee, without I/O (docs: PROTOCOL.md sections 3-4).
+"""The client half of the delivery guarantee, without I/O (docs: docs/protocol.md sections 3-4).
 
 :class:`Delivery` is the whole delivery state of one producer, synchronous:
 it numbers events (``seq`` 1, 2, 3...), holds every event until the server

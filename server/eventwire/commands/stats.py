@@ -9,7 +9,7 @@ ids come from. Output is a table on a terminal, one JSON object otherwise (or
 with ``--json``); ``--watch`` refreshes every 2 s until Ctrl-C.
 
 A site with ``partitions = P`` above 1 has P of each stream and of each
-``due`` set (PROTOCOL.md section 7): its numbers are the sums over them (the
+``due`` set (docs/protocol.md section 7): its numbers are the sums over them (the
 oldest pending entry is the oldest of all), and the JSON gets a
 ``partitions`` list with each partition's own numbers, to show skew; the
 table gets a ``partitions`` column (P and the busiest partition's share of

@@ -10,7 +10,7 @@ bounded by one reply per stream), survives Redis going away (one line on
 stderr, short backoff, it resumes after the last entry it printed), and exits
 0 on Ctrl-C or when the reader of its output goes away.
 
-A site with ``partitions = P`` above 1 has P streams (PROTOCOL.md section 7);
+A site with ``partitions = P`` above 1 has P streams (docs/protocol.md section 7);
 tail follows all of them, keeping one position per stream, since the ids of
 different streams are independent. ``--since`` means the same on every
 stream: ``now`` is each stream's own end, a duration is that long ago on each

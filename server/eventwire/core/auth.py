@@ -1,4 +1,4 @@
-"""Customer authentication: JWT verification with pinned algorithms (PROTOCOL.md section 5).
+"""Customer authentication: JWT verification with pinned algorithms (docs/protocol.md section 5).
 
 A token proves a customer when its signature checks against one of the
 site's keys with that key's own algorithm (HS256 for a shared secret, RS256

@@ -93,7 +93,7 @@ class OpenSession(msgspec.Struct, gc=False):
 
 
 class SwitchCustomer(msgspec.Struct, gc=False):
-    """Move the connection from one customer to another (PROTOCOL.md section 2, identify).
+    """Move the connection from one customer to another (docs/protocol.md section 2, identify).
 
     Every earlier frame is answered before this is asked for.
     """

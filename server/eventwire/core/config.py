@@ -77,7 +77,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: ~40 MiB plus its connections, and its own Redis connections and ``max_connections``.
     workers: Annotated[int, Meta(ge=1, le=256)] = 1
 
-    # -- PROTOCOL.md limits
+    # -- docs/protocol.md limits
     #: Largest frame read; a larger one closes 1009. Memory: one frame per connection at most.
     max_frame_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024
     max_batch: Annotated[int, Meta(ge=1, le=10_000)] = 500
@@ -118,7 +118,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: On SIGTERM, how long in-flight frames may take to be acked before connections close.
     drain_timeout: Seconds = 10.0
 
-    # -- sessions (PROTOCOL.md section 6); the first three may be set per site
+    # -- sessions (docs/protocol.md section 6); the first three may be set per site
     #: After a customer's last connection closes, how long until the session ends.
     session_grace: Seconds = 30.0
     #: Without a stored event for this long, the session ends even while connected.

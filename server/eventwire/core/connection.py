@@ -1,6 +1,6 @@
 """One tracking connection's protocol, without I/O: frames and results in, commands out.
 
-:class:`Connection` is the state machine of PROTOCOL.md sections 2, 3 and 6
+:class:`Connection` is the state machine of docs/protocol.md sections 2, 3 and 6
 for one socket. It never awaits, never reads a clock and never touches a
 socket or Redis: the driver (``ingest``) feeds it the client's frames, the
 store's and the sessions' results and the time, and carries out the commands
@@ -461,7 +461,7 @@ class Connection:
     # -- identify -------------------------------------------------------------------
 
     def _identify(self, msg: Identify, now: int) -> list[Command]:
-        """Switch the connection to another customer (PROTOCOL.md section 2).
+        """Switch the connection to another customer (docs/protocol.md section 2).
 
         The old customer's session gets ``client.identify`` and ends (reason
         ``identify``) if this was its last connection; the connection then

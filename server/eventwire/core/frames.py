@@ -2,7 +2,7 @@
 
 :func:`judge_events` turns the events of one ``track`` frame into the flat
 ``[seq, kind, payload, ...]`` items that the publish step of ``store.lua``
-takes, and the rejections its ack carries (PROTOCOL.md sections 3 and 7). The
+takes, and the rejections its ack carries (docs/protocol.md sections 3 and 7). The
 item kinds are defined here, where items are made; the store reads them.
 
 A frame whose session ended before it was stored is sent again for the new
@@ -45,7 +45,7 @@ REJECT: Final = b"r"  # recorded in the rejected stream once
 REJECT_ALWAYS: Final = b"R"  # out-of-order seq: recorded, does not move the stored seq
 COUNT_ONLY: Final = b"n"  # denied: moves the stored seq, stored nowhere
 
-#: ``raw`` in the rejected stream is cut to this many characters (PROTOCOL.md section 7).
+#: ``raw`` in the rejected stream is cut to this many characters (docs/protocol.md section 7).
 RAW_LIMIT: Final = 4096
 #: Bytes of an undecodable binary frame kept, before base64 (4 KiB of text once encoded).
 RAW_BINARY_LIMIT: Final = 3072

@@ -21,7 +21,7 @@ class FrameOwner:
     above the failed frame's events, and their resend would then count as
     duplicate and be lost. Frames carry the ``epoch`` current when they were
     sent; a failure poisons its epoch; the connection starts a new epoch when
-    the client resends from ``barrier_seq`` or below (PROTOCOL.md's client
+    the client resends from ``barrier_seq`` or below (docs/protocol.md's client
     resends everything unacked, in order).
     """
 

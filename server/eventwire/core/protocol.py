@@ -1,4 +1,4 @@
-"""Wire messages of PROTOCOL.md v1 and the records written to Redis.
+"""Wire messages of docs/protocol.md (v1 and its extensions) and the records written to Redis.
 
 This module owns the schema: every message is a msgspec ``Struct``, client
 messages form a tagged union on ``type``, and each subprotocol has one
@@ -62,7 +62,7 @@ class Hello(Struct, tag="hello", tag_field="type", kw_only=True):
 
     def __post_init__(self) -> None:
         # The context is copied into the session.start event, which is JSON
-        # (PROTOCOL.md section 7). MessagePack can carry what JSON cannot
+        # (docs/protocol.md section 7). MessagePack can carry what JSON cannot
         # (extension types, array or nil map keys): such a hello is not a
         # message of the protocol, and msgspec turns this ValueError into a
         # ValidationError, so the client hears ``bad_hello``. Cost: one
@@ -164,7 +164,7 @@ class Error(Struct, tag="error", tag_field="type", kw_only=True):
 ServerMessage = Welcome | Ack | Nack | Error
 
 
-# ---- Redis records (PROTOCOL.md section 7) ----------------------------------
+# ---- Redis records (docs/protocol.md section 7) ----------------------------------
 
 
 class StoredEvent(Struct, kw_only=True, omit_defaults=True):
@@ -215,7 +215,7 @@ def json_problem(value: Any) -> str | None:
     """Say why a decoded value has no JSON form, or None when it has one.
 
     MessagePack values may hold extension types or map keys that are arrays or
-    nil; PROTOCOL.md stores every message part as JSON.
+    nil; docs/protocol.md stores every message part as JSON.
     """
     try:
         record_encoder.encode(value)
@@ -380,5 +380,5 @@ JSON_CODEC: Final = Codec(JSON_SUBPROTOCOL, binary=False)
 MSGPACK_CODEC: Final = Codec(MSGPACK_SUBPROTOCOL, binary=True)
 CODECS: Final = {JSON_SUBPROTOCOL: JSON_CODEC, MSGPACK_SUBPROTOCOL: MSGPACK_CODEC}
 
-#: Stored records are JSON whatever the subprotocol (PROTOCOL.md section 7).
+#: Stored records are JSON whatever the subprotocol (docs/protocol.md section 7).
 record_encoder: Final = msgspec.json.Encoder()

@@ -89,7 +89,7 @@ class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     session_idle: Seconds | None = None
     session_max: Seconds | None = None
     #: Streams the site's events are split over, by a stable hash of the uuid
-    #: (PROTOCOL.md section 7). Each partition is its own hash tag, so on a
+    #: (docs/protocol.md section 7). Each partition is its own hash tag, so on a
     #: Redis Cluster the site's load spreads over up to this many masters; each
     #: costs every reader one more stream to follow and each server one more
     #: reaper call per ``reap_interval``. It cannot change while servers run.

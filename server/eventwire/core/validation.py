@@ -1,4 +1,4 @@
-"""Event rules of PROTOCOL.md section 2: action form, sizes, time, required params.
+"""Event rules of docs/protocol.md section 2: action form, sizes, time, required params.
 
 Pure functions, no I/O. :func:`judge_event` turns one :class:`WireEvent` into
 the JSON stored in Redis, or a reject code with a detail a client developer
@@ -21,7 +21,7 @@ ACTION_MIN: Final = 3
 ACTION_MAX: Final = 32
 ACTION_RE: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)+")
 
-#: Reject codes of PROTOCOL.md section 3.
+#: Reject codes of docs/protocol.md section 3.
 INVALID: Final = "invalid"
 INVALID_ACTION: Final = "invalid_action"
 MISSING_PARAM: Final = "missing_param"
@@ -84,7 +84,7 @@ def action_problem(action: str) -> str | None:
 
 
 def default_label(action: str, params: dict[str, Any]) -> str:
-    """The label an event gets when the client sent none (PROTOCOL.md section 2)."""
+    """The label an event gets when the client sent none (docs/protocol.md section 2)."""
     if action == "page.visit":
         title = params.get("title")
         return f"Visited page {title if isinstance(title, str) and title else params.get('url')}"
@@ -152,7 +152,7 @@ def judge_event(
     limits: Limits,
     verdict: Verdict | Callable[[str], Verdict] | None = None,
 ) -> bytes | Rejected:
-    """Validate one event and encode it as stored (PROTOCOL.md sections 2 and 7).
+    """Validate one event and encode it as stored (docs/protocol.md sections 2 and 7).
 
     The steps, each rejecting with the first problem it finds: the action's
     form (:func:`action_problem`), the site's verdict (:func:`site_refusal`),

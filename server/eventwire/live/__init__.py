@@ -29,7 +29,7 @@ viewer keeps to pass back as ``since`` and resume right after it:
   queue bound.
 - ``event`` / ``rejected`` ``{id, event}``: one entry of the events or
   rejected stream, ``event`` being the stored JSON as it is
-  (PROTOCOL.md section 7).
+  (docs/protocol.md section 7).
 - ``trimmed`` ``{from, first, id}``: the stream no longer holds ``from``;
   entries between it and ``first`` (the oldest one left) may have been
   trimmed (``stream_maxlen``, ``persist_retain``) and are not sent.

@@ -10,7 +10,7 @@ the event's own ``(site, producer, seq)``, never its stream entry id: the
 streams of a partitioned site number their entries independently (equal ids
 in two partitions are two events), while ``(producer, seq)`` names one event
 wherever it is stored (a producer's seqs rise over its whole lifetime,
-PROTOCOL.md section 2), so no migration was needed for partitions.
+docs/protocol.md section 2), so no migration was needed for partitions.
 
 DSNs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (the
 SQLAlchemy convention) or a plain file path for SQLite; ``postgresql://`` or

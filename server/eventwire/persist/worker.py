@@ -9,7 +9,7 @@ and the SQL, is :mod:`eventwire.persist.sinks`'; every Redis call is
 :class:`eventwire.store.ConsumerGroup`'s.
 
 A site with ``partitions = P`` above 1 has P events streams, ``{site:0}`` to
-``{site:P-1}`` (PROTOCOL.md section 7). Each stream is a unit of its own here:
+``{site:P-1}`` (docs/protocol.md section 7). Each stream is a unit of its own here:
 it has its own ``persist`` group, its entries are acked, reclaimed and
 trimmed by their own stream's ids (ids of different streams are independent
 and may be equal), and its dead letters go to its own tag's dead stream

@@ -3,7 +3,7 @@
  * Install with one tag:
  *   <script src="https://HOST/tracker.js" data-site="shop" async></script>
  *
- * What this file owns: the browser half of PROTOCOL.md sections 1-4. It keeps
+ * What this file owns: the browser half of docs/protocol.md sections 1-4. It keeps
  * every event in localStorage until the server has acked it, numbers events per
  * producer (one producer per tab, kept in sessionStorage), sends them in
  * batches over one lazily opened WebSocket, resends the unacked ones after

@@ -1,7 +1,7 @@
 """Every Redis key name eventwire uses, and the consumer group name, in one place.
 
 A key's hash tag is the site's *tag*: the site id, or ``site:p`` for
-partition ``p`` of a site with ``partitions`` above 1 (PROTOCOL.md section
+partition ``p`` of a site with ``partitions`` above 1 (docs/protocol.md section
 7). Everything of one customer (its session, connections, producer seqs and
 events) lives under the tag of its partition, so each atomic step stays
 within one Redis Cluster slot. ``store.lua``'s header draws the same map from

@@ -5,7 +5,7 @@ and of any reader that must find sites the local sites file does not name:
 
 - which sites Redis holds, with their partitions (:func:`find_sites` for all
   of them, :func:`find_site` for one): a site is there when it has an events
-  or a rejected stream (PROTOCOL.md section 7);
+  or a rejected stream (docs/protocol.md section 7);
 - one stream set's numbers (:func:`partition_numbers`): stream lengths, the
   rate over the last minute, open sessions (the ``due`` set), and a consumer
   group's lag, pending count and oldest pending entry;
@@ -51,7 +51,7 @@ RATE_WINDOW_MS: Final = 60_000
 RATE_CHUNK: Final = 500
 RATE_MAX_COUNTED: Final = 5000
 
-#: The streams that make a site (PROTOCOL.md section 7); its dead-letter stream
+#: The streams that make a site (docs/protocol.md section 7); its dead-letter stream
 #: only follows them.
 _SITE_STREAMS: Final = ("events", "rejected")
 _GLOB_SPECIAL: Final = re.compile(r"([*?\[\]\\])")
