@@ -18,7 +18,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from eventwire.core.config import Settings
-from eventwire.core.protocol import StoredEvent
+from eventwire.core.records import StoredEvent
 from eventwire.core.rules import SiteConfig, SiteRules, SitesBook
 from eventwire.persist.sinks import open_sink
 from eventwire.persist.worker import PersistOptions, Worker

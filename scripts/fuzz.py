@@ -67,12 +67,10 @@ from eventwire.core.protocol import (  # noqa: E402
     Codec,
     Hello,
     Identify,
-    RejectedRecord,
-    StoredEvent,
     Track,
     WireEvent,
-    record_encoder,
 )
+from eventwire.core.records import RejectedRecord, StoredEvent, record_encoder  # noqa: E402
 from eventwire.core.rules import SiteConfig, SiteRules  # noqa: E402
 from eventwire.core.validation import Identity, Limits, Rejected, action_problem, judge_event  # noqa: E402
 from eventwire.ingest import undecodable_record  # noqa: E402

@@ -29,7 +29,8 @@ from eventwire.core.commands import (
 from eventwire.core.config import Settings
 from eventwire.core.connection import Connection, Counts, close_reason
 from eventwire.core.frames import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS
-from eventwire.core.protocol import JSON_CODEC, MSGPACK_CODEC, RejectedRecord, StoredEvent
+from eventwire.core.protocol import JSON_CODEC, MSGPACK_CODEC
+from eventwire.core.records import RejectedRecord, StoredEvent
 from eventwire.core.rules import SiteConfig, SiteRules, SitesBook
 from tests.keys import SECRET, SECRET_ENV, token
 

@@ -16,7 +16,8 @@ from eventwire.core.frames import (
     judge_events,
     undecodable_record,
 )
-from eventwire.core.protocol import JSON_CODEC, MSGPACK_CODEC, RejectedRecord, WireEvent
+from eventwire.core.protocol import JSON_CODEC, MSGPACK_CODEC, WireEvent
+from eventwire.core.records import RejectedRecord
 from eventwire.core.rules import Verdict
 from eventwire.core.validation import Identity, Limits
 

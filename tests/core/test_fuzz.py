@@ -38,14 +38,12 @@ from eventwire.core.protocol import (
     Hello,
     Identify,
     Nack,
-    RejectedRecord,
     Rejection,
-    StoredEvent,
     Track,
     Welcome,
     WireEvent,
-    event_text,
 )
+from eventwire.core.records import RejectedRecord, StoredEvent, event_text
 from eventwire.core.rules import Verdict
 from eventwire.core.validation import Identity, Limits, Rejected, action_problem, judge_event
 from eventwire.ingest import undecodable_record

@@ -42,16 +42,8 @@ import pytest
 from eventwire.admin import _Sites, _Summary  # the bodies of /v1/sites and .../summary
 from eventwire.commands.tail import decode_entry
 from eventwire.core.errors import UndecodableFrame
-from eventwire.core.protocol import (
-    JSON_CODEC,
-    MSGPACK_CODEC,
-    Ack,
-    ClientMessage,
-    RejectedRecord,
-    ServerMessage,
-    StoredEvent,
-    record_encoder,
-)
+from eventwire.core.protocol import JSON_CODEC, MSGPACK_CODEC, Ack, ClientMessage, ServerMessage
+from eventwire.core.records import RejectedRecord, StoredEvent, record_encoder
 from eventwire.core.rules import SERVER_ACTIONS
 from eventwire.core.validation import (
     DENIED,

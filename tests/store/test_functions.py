@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import eventwire.store as store
-from eventwire.core.protocol import StoredEvent
+from eventwire.core.records import StoredEvent
 from eventwire.store import (
     EVENT,
     FN_HEARTBEAT,

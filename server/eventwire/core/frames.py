@@ -7,7 +7,7 @@ item kinds are defined here, where items are made; the store reads them.
 
 A frame whose session ended before it was stored is sent again for the new
 session: :func:`encode_for_session` builds its events' records again from
-their schema (:class:`~eventwire.core.protocol.StoredEvent`), never by editing
+their schema (:class:`~eventwire.core.records.StoredEvent`), never by editing
 stored JSON as text.
 """
 
@@ -19,15 +19,8 @@ from typing import Any, Final
 
 import msgspec
 
-from eventwire.core.protocol import (
-    Codec,
-    RejectedRecord,
-    Rejection,
-    StoredEvent,
-    WireEvent,
-    event_text,
-    record_encoder,
-)
+from eventwire.core.protocol import Codec, Rejection, WireEvent
+from eventwire.core.records import RejectedRecord, StoredEvent, event_text, record_encoder
 from eventwire.core.rules import Verdict
 from eventwire.core.validation import (
     DENIED,

@@ -1,4 +1,4 @@
-"""Wire messages of docs/protocol.md (v1 and its extensions) and the records written to Redis.
+"""Wire messages of docs/protocol.md (v1 and its extensions), and their codecs.
 
 This module owns the schema: every message is a msgspec ``Struct``, client
 messages form a tagged union on ``type``, and each subprotocol has one
@@ -18,7 +18,6 @@ and ``scripts/fuzz`` hold it to that.
 
 from __future__ import annotations
 
-import reprlib
 import sys
 from typing import Annotated, Any, Final, Literal
 
@@ -164,44 +163,6 @@ class Error(Struct, tag="error", tag_field="type", kw_only=True):
 ServerMessage = Welcome | Ack | Nack | Error
 
 
-# ---- Redis records (docs/protocol.md section 7) ----------------------------------
-
-
-class StoredEvent(Struct, kw_only=True, omit_defaults=True):
-    """The JSON in the ``event`` field of ``ew:{site}:events``."""
-
-    site: str
-    uuid: str
-    session: str
-    producer: str
-    seq: int
-    action: str
-    label: str
-    time: int
-    received: int
-    params: dict[str, Any]
-    original_time: int | None = None
-    authenticated: bool = False
-
-
-class RejectedRecord(Struct, kw_only=True, omit_defaults=True):
-    """The JSON in the ``event`` field of ``ew:{site}:rejected``.
-
-    ``raw_base64`` is an extension: true when ``raw`` holds base64 of a binary
-    frame that was not decodable.
-    """
-
-    site: str
-    uuid: str | None
-    producer: str | None
-    seq: int | None
-    code: str
-    detail: str
-    received: int
-    raw: str
-    raw_base64: bool = False
-
-
 # ---- codecs -----------------------------------------------------------------
 
 #: msgspec recurses once per level of nesting, inside Python's recursion limit
@@ -209,6 +170,8 @@ class RejectedRecord(Struct, kw_only=True, omit_defaults=True):
 #: stack): a frame nested deeper raises RecursionError, which is the frame's
 #: fault, not the server's. Each level costs one C stack frame while decoding.
 _TOO_DEEP: Final = f"nested deeper than about {sys.getrecursionlimit()} levels"
+#: Tries a value's JSON form: records are JSON whatever the subprotocol.
+_JSON_FORM: Final = msgspec.json.Encoder()
 
 
 def json_problem(value: Any) -> str | None:
@@ -218,42 +181,12 @@ def json_problem(value: Any) -> str | None:
     nil; docs/protocol.md stores every message part as JSON.
     """
     try:
-        record_encoder.encode(value)
+        _JSON_FORM.encode(value)
     except RecursionError:
         return f"is {_TOO_DEEP}"
     except (TypeError, ValueError) as exc:
         return f"has no JSON form: {exc}"
     return None
-
-
-class _ShortRepr(reprlib.Repr):
-    """A repr a few levels and items deep: cheap even for params nested to the recursion limit."""
-
-    def __init__(self) -> None:
-        super().__init__()  # Python 3.11's Repr takes its limits as attributes only
-        self.maxlevel, self.maxdict, self.maxlist = 4, 16, 16
-        self.maxstring, self.maxother = 256, 64
-
-    # reprlib looks up repr_<type name>.
-    def repr_Ext(self, obj: msgspec.msgpack.Ext, level: int) -> str:
-        return f"Ext({obj.code}, {self.repr1(obj.data, level - 1)})"
-
-
-#: Renders params that have no JSON form for the rejected stream.
-_params_repr: Final = _ShortRepr()
-
-
-def event_text(event: WireEvent) -> str:
-    """A decoded event as JSON text, for the rejected stream; never raises.
-
-    Params JSON cannot hold (MessagePack extension types, array or nil map
-    keys, nesting at the recursion limit) are kept as a short ``repr``.
-    """
-    try:
-        return record_encoder.encode(event).decode()
-    except (TypeError, ValueError, RecursionError):
-        shown = msgspec.structs.replace(event, params={"repr": _params_repr.repr(event.params)})
-        return record_encoder.encode(shown).decode()
 
 
 def _undecodable(exc: BaseException) -> UndecodableFrame:
@@ -379,6 +312,3 @@ class Codec:
 JSON_CODEC: Final = Codec(JSON_SUBPROTOCOL, binary=False)
 MSGPACK_CODEC: Final = Codec(MSGPACK_SUBPROTOCOL, binary=True)
 CODECS: Final = {JSON_SUBPROTOCOL: JSON_CODEC, MSGPACK_SUBPROTOCOL: MSGPACK_CODEC}
-
-#: Stored records are JSON whatever the subprotocol (docs/protocol.md section 7).
-record_encoder: Final = msgspec.json.Encoder()

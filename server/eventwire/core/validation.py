@@ -14,7 +14,8 @@ from typing import Any, Final
 
 import msgspec
 
-from eventwire.core.protocol import StoredEvent, WireEvent, record_encoder
+from eventwire.core.protocol import WireEvent
+from eventwire.core.records import StoredEvent, record_encoder
 from eventwire.core.rules import Verdict
 
 ACTION_MIN: Final = 3

@@ -28,7 +28,7 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
-from eventwire.core.protocol import StoredEvent
+from eventwire.core.records import StoredEvent
 
 #: The default store, relative to where the worker runs.
 DEFAULT_DSN: Final = "sqlite:///data/events.db"

@@ -11,7 +11,7 @@ have a class of their own and follow the fixed arguments.
 
 The server-made events whose values only Redis knows (``session.end``:
 which session ends, when and why; ``client.identify``: the session's seq
-and time) are still written by :class:`~eventwire.core.protocol.StoredEvent`:
+and time) are still written by :class:`~eventwire.core.records.StoredEvent`:
 it encodes them here as templates, JSON text in which a :class:`RecordHole`
 byte marks each value Lua fills in (see :func:`record_template`).
 """
@@ -27,7 +27,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from eventwire.core.protocol import StoredEvent, record_encoder
+from eventwire.core.records import StoredEvent, record_encoder
 from eventwire.core.validation import default_label
 
 # -- the library ----------------------------------------------------------------------
