@@ -6,8 +6,8 @@ decisions take the time as an argument (only a token's own ``exp``/``nbf``
 check at hello and identify is PyJWT's, on the wall clock). The async rooms
 (``gateway``, ``ingest``, ``store``, ``live``, ``persist``) build on it.
 
-    protocol     wire messages and stored records as msgspec Structs, one codec
-                 per subprotocol
+    protocol     wire messages as msgspec Structs, one codec per subprotocol
+    records      the records written to Redis: StoredEvent, RejectedRecord
     validation   one event's rules: action form, sizes, time, required params
     rules        the sites file: origins, allow/deny, authenticated actions,
                  rate limits, partitions; reload
