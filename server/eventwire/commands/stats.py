@@ -31,10 +31,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from eventwire.commands.tail import every_site, operator_command
-from eventwire.core.config import add_source_flags, load_settings
+from eventwire.commands.tail import every_site, operator_command, operator_config
+from eventwire.core.config import add_source_flags
 from eventwire.core.errors import ConfigError, StoreUnavailable
-from eventwire.core.rules import load_sites
 from eventwire.store import Keys, RedisClient, redis_client
 from eventwire.store.survey import (
     GroupState,
@@ -218,12 +217,7 @@ def table(snap: Mapping[str, Any]) -> str:
 async def run(args: argparse.Namespace) -> int:
     """Run ``stats``: 0 on success or Ctrl-C, 1 when Redis is unreachable, 2 on a config error."""
     try:
-        loaded = load_settings(
-            args.config, overrides={"redis_url": args.redis_url, "sites": args.sites}
-        )
-        named = {
-            site: rules.config.partitions for site, rules in load_sites(loaded.sites_path).items()
-        }
+        loaded, named = operator_config(args)
     except ConfigError as exc:
         print(f"eventwire stats: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -46,7 +46,7 @@ from typing import Any, Final, TextIO
 
 import msgspec
 
-from eventwire.core.config import add_source_flags, load_settings
+from eventwire.core.config import LoadedConfig, add_source_flags, load_settings
 from eventwire.core.errors import ConfigError, StoreUnavailable
 from eventwire.core.positions import start_id
 from eventwire.core.rules import load_sites
@@ -248,6 +248,19 @@ class _Outage:
         """Redis answered: the next outage is reported again, from the first pause."""
         self.down = False
         self.pause = BACKOFF_FIRST
+
+
+def operator_config(args: argparse.Namespace) -> tuple[LoadedConfig, dict[str, int]]:
+    """The settings and the sites file's sites (with their partitions) of ``tail`` and ``stats``.
+
+    Raises:
+        ConfigError: the config or the sites file is wrong.
+    """
+    loaded = load_settings(
+        args.config, overrides={"redis_url": args.redis_url, "sites": args.sites}
+    )
+    named = {site: rules.config.partitions for site, rules in load_sites(loaded.sites_path).items()}
+    return loaded, named
 
 
 def every_site(named: Mapping[str, int], found: Mapping[str, int]) -> dict[str, int]:
@@ -460,12 +473,7 @@ def quiet_stdout() -> None:
 async def run(args: argparse.Namespace) -> int:
     """Run ``tail``: 0 on Ctrl-C, SIGTERM or a closed pipe, 2 on a configuration error."""
     try:
-        loaded = load_settings(
-            args.config, overrides={"redis_url": args.redis_url, "sites": args.sites}
-        )
-        named = {
-            site: rules.config.partitions for site, rules in load_sites(loaded.sites_path).items()
-        }
+        loaded, named = operator_config(args)
         first = start_id(args.since)
     except (ConfigError, ValueError) as exc:
         print(f"eventwire tail: configuration error: {exc}", file=sys.stderr)
