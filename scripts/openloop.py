@@ -5,7 +5,7 @@ does not wait for the server, the latency of each frame measured from the
 time it was *scheduled* (not sent) to its ack, and the check that Redis holds
 exactly the acked events. It speaks v1 JSON with the plain ``websockets``
 client and imports nothing from ``server/``, so it drives any v1 server
-(eventwire or the shared harness' Node peers).
+(eventwire or the reference peers in ``bench/peers/``).
 
 A closed-loop generator (W frames in flight, the next one sent when an ack
 comes back) slows down with the server, so a slow ack delays the frames that
@@ -38,7 +38,7 @@ nacks, errors, and CPU% of the generator, of ``--server-pid`` /
 what the processes measured here do not explain, i.e. other jobs competing
 for the cores). ``--json`` adds one JSON line.
 
-With ``--redis-url`` it then verifies, like the shared harness: the entries
+With ``--redis-url`` it then verifies, like ``bench/loadgen.py``: the entries
 added to ``{prefix}:{site}:events`` during the run hold, for this run's
 producers, exactly the acked (accepted) seqs, none twice, each entry one field
 ``event`` with the section 7 JSON and the right site, uuid and session.
@@ -70,15 +70,16 @@ from typing import Any, Final
 
 import msgspec
 import redis
-from bench import (  # scripts/bench.py, beside this file
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.typing import Origin, Subprotocol
+
+from bench import (  # scripts/bench.py beside this file, not the bench/ folder
     Verdict,
     cpu_seconds,
     site_of,
     stream_position,
 )
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
-from websockets.typing import Origin, Subprotocol
 
 SUBPROTOCOL: Final = Subprotocol("eventwire.v1.json")
 
