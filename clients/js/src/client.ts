@@ -10,7 +10,7 @@
  *   rejection is final and reported once on "rejected");
  * - `nack`: send nothing new until every frame in flight is answered (the
  *   server nacks them all), then resend from the oldest unanswered event
- *   after the longest `retry_after_ms`;
+ *   after the first nack's `retry_after_ms` (the later ones only hold the order);
  * - a lost connection: everything unanswered is resent after the next
  *   welcome; reconnects wait a random delay below a bound that doubles per
  *   failed attempt (reset by a welcome, except after a close a reconnect
@@ -126,6 +126,7 @@ interface Connection {
   sent: number; // events[0..sent) are in flight
   inflight: Frame[];
   nacked: boolean;
+  window: number; // frames that may be in flight: 1 after a nack, doubled per ack
   retryAfterMs: number;
   resumeAt: number;
   timer: ReturnType<typeof setTimeout> | null;
@@ -282,11 +283,16 @@ export class Eventwire extends Emitter<Events> {
   async identify(uuid: string, token?: string): Promise<void> {
     checkUuid(uuid);
     if (token !== undefined && typeof token !== "string") throw new TypeError("token must be a string");
-    await this.loaded;
-    if (token) this.tokens.set(uuid, token);
-    else this.tokens.delete(uuid);
-    this.setUuid(uuid);
-    this.pump();
+    // The switch happens now, in the order of the calls: an event tracked
+    // right after identify() is the new customer's.
+    const change = () => {
+      if (token) this.tokens.set(uuid, token);
+      else this.tokens.delete(uuid);
+      this.setUuid(uuid);
+      this.pump();
+    };
+    if (this.ready) change();
+    else this.early.push(change);
     await this.flush();
   }
 
@@ -593,6 +599,7 @@ export class Eventwire extends Emitter<Events> {
       sent: 0,
       inflight: [],
       nacked: false,
+      window: this.maxInflight,
       retryAfterMs: 0,
       resumeAt: 0,
       timer: null,
@@ -677,6 +684,7 @@ export class Eventwire extends Emitter<Events> {
     const frame = conn.inflight.shift();
     if (!frame) return;
     conn.sent -= frame.events.length;
+    conn.window = Math.min(this.maxInflight, conn.window * 2);
     this.counts.accepted += Number(msg.accepted) || 0;
     this.counts.duplicate += Number(msg.duplicate) || 0;
     const rejected = Array.isArray(msg.rejected) ? (msg.rejected as { seq: number; code: string; detail: string }[]) : [];
@@ -697,13 +705,17 @@ export class Eventwire extends Emitter<Events> {
     const frame = conn.inflight.shift();
     if (!frame) return;
     this.counts.nacks++;
+    // The first nack of a round names the real wait (a rate limit's refill, Redis' retry);
+    // the frames after it are nacked only to hold the order, with the server's default delay.
+    if (!conn.nacked) conn.retryAfterMs = Math.max(0, Number(msg.retry_after_ms) || 0);
     conn.nacked = true;
-    conn.retryAfterMs = Math.max(conn.retryAfterMs, Number(msg.retry_after_ms) || 0);
     if (conn.inflight.length) return;
     // Every frame is answered: resend everything unanswered, in seq order, after the delay.
     for (const e of this.queue.events) e.sent = false;
     conn.sent = 0;
     conn.nacked = false;
+    // Probe with one frame: a full window would only be nacked again behind it.
+    conn.window = 1;
     conn.resumeAt = Date.now() + conn.retryAfterMs;
     conn.retryAfterMs = 0;
     this.pump();
@@ -735,7 +747,7 @@ export class Eventwire extends Emitter<Events> {
     const saved = this.queue.savedSeq;
     const budget = this.maxFrameBytes - FRAME_OVERHEAD;
     let i = conn.sent;
-    while (conn.inflight.length < this.maxInflight && i < events.length && events[i].s <= saved) {
+    while (conn.inflight.length < conn.window && i < events.length && events[i].s <= saved) {
       const u = events[i].u;
       if (u !== conn.uuid) this.sendIdentify(conn, u);
       const batch: QueuedEvent[] = [];
