@@ -98,6 +98,7 @@ type Events = {
 const REPEATING_CLOSES = new Set([1007, 1008, 1009]);
 const FRAME_OVERHEAD = 64;
 const PER_EVENT_OVERHEAD = 16;
+const EVENT_OVERHEAD = 128;
 const UUID_RE = /^[A-Za-z0-9._:-]{1,64}$/;
 
 interface SocketLike {
@@ -171,7 +172,14 @@ async function socketClass(given: unknown): Promise<SocketClass> {
   if (global) return global as SocketClass;
   try {
     const mod = (await import(wsPackage)) as { default?: unknown; WebSocket?: unknown };
-    return (mod.WebSocket ?? mod.default) as SocketClass;
+    const Ws = (mod.WebSocket ?? mod.default) as new (url: string, protocols: string[], options: object) => SocketLike;
+    // Frames are small and many: compressing each costs both ends more CPU than it saves
+    // on a server link (the Python client turns it off too).
+    // A constructor that returns its object: `new` hands back the ws socket.
+    const noDeflate = function (url: string, protocols: string[]) {
+      return new Ws(url, protocols, { perMessageDeflate: false });
+    };
+    return noDeflate as unknown as SocketClass;
   } catch {
     throw new Error("no WebSocket: this runtime has no global WebSocket; install the ws package (npm install ws)");
   }
@@ -253,15 +261,18 @@ export class Eventwire extends Emitter<Events> {
     const e: QueuedEvent = { s: 0, u: "", a: action, t: time, size: 0 };
     if (label !== undefined) e.l = label;
     if (params !== undefined) e.p = params;
-    let text: string;
-    try {
-      text = JSON.stringify({ s: 2 ** 53 - 1, u: "x".repeat(64), a: action, l: label, t: time, p: params });
-    } catch (err) {
-      throw new TypeError(`params cannot be encoded: ${(err as Error).message}`);
+    let text = "";
+    if (params !== undefined) {
+      try {
+        text = JSON.stringify(params);
+      } catch (err) {
+        throw new TypeError(`params cannot be encoded: ${(err as Error).message}`);
+      }
+      // A copy now: later changes by the app to its object do not change the event.
+      e.p = JSON.parse(text) as Record<string, unknown>;
     }
-    // A copy now: later changes by the app to its object do not change the event.
-    if (params !== undefined) e.p = JSON.parse(JSON.stringify(params)) as Record<string, unknown>;
-    e.size = utf8Length(text);
+    // The stored form: seq, uuid, time and keys take at most EVENT_OVERHEAD bytes beside these.
+    e.size = utf8Length(text) + utf8Length(action) + (label === undefined ? 0 : utf8Length(JSON.stringify(label))) + EVENT_OVERHEAD;
     if (e.size + FRAME_OVERHEAD > this.maxFrameBytes) {
       throw new RangeError(`event encodes to ${e.size} bytes; it cannot fit a frame of ${this.maxFrameBytes}`);
     }

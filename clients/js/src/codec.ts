@@ -3,7 +3,7 @@
  * frames (`eventwire.v1.json`) and MessagePack in binary frames
  * (`eventwire.v1.msgpack`). Both carry exactly the same messages.
  */
-import { decode as mpDecode, encode as mpEncode } from "@msgpack/msgpack";
+import { Decoder, Encoder } from "@msgpack/msgpack";
 
 export type Encoding = "json" | "msgpack";
 
@@ -58,15 +58,19 @@ export const jsonCodec: Codec = {
   },
 };
 
+// Made once: a new Encoder per frame allocates and grows a buffer each time.
+let mpEncoder: Encoder | null = null;
+let mpDecoder: Decoder | null = null;
+
 export const msgpackCodec: Codec = {
   subprotocol: "eventwire.v1.msgpack",
   // undefined fields are left out, as JSON.stringify does, so both encodings carry the same message.
-  encode: (message) => mpEncode(message, { ignoreUndefined: true }),
+  encode: (message) => (mpEncoder ??= new Encoder({ ignoreUndefined: true })).encode(message),
   decode(data) {
     const bytes = bytesOf(data);
     if (!bytes) return null;
     try {
-      return asObject(mpDecode(bytes));
+      return asObject((mpDecoder ??= new Decoder()).decode(bytes));
     } catch {
       return null;
     }

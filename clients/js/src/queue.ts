@@ -7,7 +7,9 @@
  *   not answered yet (`answered` is every seq below it that is done), the
  *   drop count, the ranges of dropped seqs above `answered`, the app version
  *   last seen, and the first chunk's number.
- * - `chunk.N`: up to {@link CHUNK_EVENTS} events in seq order. Chunks are
+ * - `chunk.N`: up to {@link CHUNK_EVENTS} events in seq order; a chunk
+ *   written with {@link SEAL_EVENTS} or more is not appended to again, so a
+ *   write costs about what is new, not the whole chunk. Chunks are
  *   written before the meta that counts on them and removed after it: a kill
  *   between two writes leaves a queue that loads (a chunk past the meta's
  *   view is found by reading on until one is missing).
@@ -46,9 +48,14 @@ export interface Meta {
   app?: { version?: string; build?: string };
 }
 
+/** A chunk written with this many events is not rewritten again: new events start the next one. */
+export const SEAL_EVENTS = 16;
+
 interface Chunk {
   id: number;
   events: QueuedEvent[];
+  // Written with SEAL_EVENTS or more: appending would rewrite them on every pass.
+  sealed?: boolean;
 }
 
 /** Bytes of a string in UTF-8 without encoding it into a buffer. */
@@ -145,7 +152,7 @@ export class WriteAheadQueue {
     this.events.push(e);
     this.bytes += e.size;
     let tail = this.chunks[this.chunks.length - 1];
-    if (!tail || tail.events.length >= CHUNK_EVENTS) {
+    if (!tail || tail.sealed || tail.events.length >= CHUNK_EVENTS) {
       tail = { id: tail ? tail.id + 1 : this.meta.first, events: [] };
       this.chunks.push(tail);
     }
@@ -231,7 +238,10 @@ export class WriteAheadQueue {
     const writes = ids
       .map((id) => this.chunks.find((c) => c.id === id))
       .filter((c): c is Chunk => c !== undefined)
-      .map((c) => [`chunk.${c.id}`, JSON.stringify(c.events.map(stored))] as const);
+      .map((c) => {
+        if (c.events.length >= SEAL_EVENTS) c.sealed = true;
+        return [`chunk.${c.id}`, JSON.stringify(c.events.map(stored))] as const;
+      });
     // Chunks fully answered go; the meta that no longer counts on them is written first.
     const gone: number[] = [];
     while (this.chunks.length && this.chunks[0].events[this.chunks[0].events.length - 1].s <= answered) {
