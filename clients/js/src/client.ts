@@ -63,8 +63,11 @@ export interface EventwireOptions {
   encoding?: Encoding;
   /** The customer; else the uuid kept in the storage, else a new random one. */
   uuid?: string;
-  /** Asked for a JWT before each connect; its answer goes in the hello. */
-  token?: () => string | undefined | null | Promise<string | undefined | null>;
+  /**
+   * Asked for a JWT before each connect, with the uuid the hello is for; its
+   * answer goes in the hello. A token that expired is so asked for again.
+   */
+  token?: (uuid: string) => string | undefined | null | Promise<string | undefined | null>;
   /** The app: sent in the hello context; with it, app.start and app.update are tracked on launch. */
   app?: AppInfo;
   /** React Native's Platform module, for the os and device of the context. */
@@ -583,8 +586,8 @@ export class Eventwire extends Emitter<Events> {
     const uuid = first ? first.u : this.uuid;
     let token: string | undefined;
     try {
-      if (this.opts.token && uuid === this.uuid) {
-        const asked = await this.opts.token();
+      if (this.opts.token) {
+        const asked = await this.opts.token(uuid);
         if (asked) this.tokens.set(uuid, asked);
       }
       token = this.tokens.get(uuid);

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { Eventwire, memoryStorage } from "../dist/esm/index.js";
-import { UNIT, startStack, until } from "./harness.mjs";
+import { UNIT, jwt, startStack, until } from "./harness.mjs";
 
 let stack;
 before(async () => {
@@ -135,4 +135,33 @@ test("flush with a timeout rejects while the server is unreachable; the events s
   assert.equal(ew.stats().queued, 1);
   await ew.close({ timeout: 10 });
   assert.equal(ew.stats().status, "offline");
+});
+
+test("a token site: token() is asked again after an expired token is refused; identify's token proves the new customer", async () => {
+  const asked = [];
+  const ew = new Eventwire({
+    url: stack.server.url("secure"),
+    storage: memoryStorage(),
+    uuid: "cust-a",
+    backoff: { baseMs: 20, maxMs: 100 },
+    // The first token has expired: the server closes 1008 and the SDK asks again.
+    token: (uuid) => (asked.push(uuid), jwt(uuid, "secure", asked.length === 1 ? -3600 : 600)),
+  });
+  const errors = [];
+  ew.on("error", (e) => errors.push(e.code));
+  ew.track("form.submit", { form: "login" });
+  await ew.flush(FLUSH);
+  assert.ok(asked.length >= 2, `token() asked ${asked.length} times`);
+  assert.ok(asked.every((u) => u === "cust-a"));
+  assert.ok(errors.includes("unauthorized"), `errors: ${errors}`);
+  await ew.identify("cust-b", jwt("cust-b"));
+  ew.track("form.submit", { form: "checkout" });
+  await ew.flush(FLUSH);
+  assert.equal(ew.stats().rejected, 0);
+  await ew.close();
+  const events = stack.redis.producerEvents(ew.stats().producer, "secure");
+  assert.deepEqual(
+    events.map((e) => [e.uuid, e.params.form, e.authenticated]),
+    [["cust-a", "login", true], ["cust-b", "checkout", true]],
+  );
 });

@@ -1,6 +1,7 @@
 // The test harness: a private redis-server and real `eventwire serve` processes on free loopback ports.
 // Every timeout is a multiple of EVENTWIRE_TEST_UNIT (as in the Python tests).
 import { spawn, spawnSync } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, connect } from "node:net";
 import { tmpdir } from "node:os";
@@ -26,7 +27,25 @@ rate = { events_per_second = 1500, burst = 100 }
 origins = []
 allow_no_origin = true
 allow = ["product.*", "app.*", "screen.*"]
+
+[sites.secure]
+origins = []
+allow_no_origin = true
+auth = "token"
+authenticated = ["form.submit"]
+keys = [{ alg = "HS256", secret_env = "EW_JS_TEST_SECRET" }]
 `;
+
+/** The HS256 secret of the site "secure" (the server gets it in its environment). */
+export const SECRET = "js-sdk-test-secret-0123456789abcdef";
+
+/** A JWT for the site "secure": sub = uuid, exp `expiresIn` seconds from now (negative: expired). */
+export function jwt(uuid, site = "secure", expiresIn = 600) {
+  const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
+  const now = Math.floor(Date.now() / 1000);
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub: uuid, aud: site, iat: now, exp: now + expiresIn })}`;
+  return `${body}.${createHmac("sha256", SECRET).update(body).digest("base64url")}`;
+}
 
 export function tempDir(prefix) {
   return mkdtempSync(join(tmpdir(), prefix));
@@ -122,7 +141,7 @@ export class Server {
       PYTHON,
       ["-m", "eventwire", "serve", "--listen", `127.0.0.1:${port}`, "--admin", "127.0.0.1:0",
         "--redis", this.redis.url, "--sites", this.sites],
-      { cwd: ROOT, env: { ...process.env, ...this.env, EVENTWIRE_CONFIG: "/dev/null" }, stdio: ["ignore", "pipe", "inherit"] },
+      { cwd: ROOT, env: { ...process.env, EW_JS_TEST_SECRET: SECRET, ...this.env, EVENTWIRE_CONFIG: "/dev/null" }, stdio: ["ignore", "pipe", "inherit"] },
     );
     const lines = createInterface({ input: this.proc.stdout });
     const exited = new Promise((_, fail) => this.proc.once("exit", (code) => fail(new Error(`server exited ${code}`))));

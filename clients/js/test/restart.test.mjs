@@ -1,7 +1,7 @@
 // Delivery through a killed app and a restarted server, against a real eventwire serve and Redis.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { rmSync } from "node:fs";
+import { readdirSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { after, before, test } from "node:test";
@@ -65,6 +65,7 @@ test("an app SIGKILLed mid-stream and started again delivers every seq exactly o
       range(1, 1000),
       "each seq carries its own event",
     );
+    assert.deepEqual(readdirSync(dir), ["meta"], "acked chunks are removed from the storage");
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
