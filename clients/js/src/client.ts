@@ -623,7 +623,8 @@ export class Eventwire extends Emitter<Events> {
     const helloTimer = setTimeout(() => ws.close(4000, "no welcome in time"), this.opts.connectTimeoutMs ?? 10_000);
     await new Promise<void>((resolve) => {
       ws.onopen = () => {
-        if (ws.protocol !== this.codec.subprotocol) {
+        // An empty protocol is a runtime that does not report it; another name is a refusal.
+        if (ws.protocol && ws.protocol !== this.codec.subprotocol) {
           repeats = true;
           this.emit("error", { code: "subprotocol", detail: `the server refused ${this.codec.subprotocol}` });
           ws.close(1000, "subprotocol refused");
