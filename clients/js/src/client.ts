@@ -325,6 +325,7 @@ export class Eventwire extends Emitter<Events> {
     await this.loaded;
     const seq = this.queue.meta.next - 1;
     if (!this.pendingAtOrBelow(seq)) return;
+    if (this.closing) throw new Error("eventwire: closed; the queued events wait in the storage for the next start");
     await new Promise<void>((resolve, reject) => {
       const w: Waiter = { seq, resolve, reject, timer: null };
       if (options.timeout !== undefined) {

@@ -135,6 +135,8 @@ test("flush with a timeout rejects while the server is unreachable; the events s
   assert.equal(ew.stats().queued, 1);
   await ew.close({ timeout: 10 });
   assert.equal(ew.stats().status, "offline");
+  await assert.rejects(ew.flush(), /closed/);
+  assert.throws(() => ew.track("product.view"), /after close/);
 });
 
 test("a token site: token() is asked again after an expired token is refused; identify's token proves the new customer", async () => {
