@@ -1,5 +1,6 @@
 /**
- * The Eventwire client: numbers events, keeps them in the write-ahead queue,
+ * The Eventwire client: numbers events, keeps them in the write-ahead queue
+ * (queue.ts), lets the sans-I/O delivery state (delivery.ts) decide what to send,
  * keeps one WebSocket open and delivers as docs/protocol.md section 4 says.
  *
  * Delivery rules (the same as the Python client's eventwire.client.delivery):
@@ -18,6 +19,7 @@
  */
 import { type Codec, type Encoding, type ServerMessage, codecFor } from "./codec.js";
 import { type AppInfo, type PlatformLike, SDK_NAME, SDK_VERSION, buildContext } from "./context.js";
+import { Delivery, FRAME_OVERHEAD, type WireRejection } from "./delivery.js";
 import { Emitter } from "./emitter.js";
 import { type Meta, type QueuedEvent, WriteAheadQueue, utf8Length } from "./queue.js";
 import { type Storage, memoryStorage } from "./storage.js";
@@ -99,8 +101,6 @@ type Events = {
 
 /** Close codes that a reconnect will meet again (policy, undecodable, too large). */
 const REPEATING_CLOSES = new Set([1007, 1008, 1009]);
-const FRAME_OVERHEAD = 64;
-const PER_EVENT_OVERHEAD = 16;
 const EVENT_OVERHEAD = 128;
 const UUID_RE = /^[A-Za-z0-9._:-]{1,64}$/;
 
@@ -117,22 +117,9 @@ interface SocketLike {
 }
 type SocketClass = new (url: string, protocols: string[]) => SocketLike;
 
-interface Frame {
-  events: QueuedEvent[];
-}
-
 interface Connection {
   ws: SocketLike;
-  welcomed: boolean;
-  uuid: string;
-  token: string | undefined;
-  limit: number;
-  sent: number; // events[0..sent) are in flight
-  inflight: Frame[];
-  nacked: boolean;
-  window: number; // frames that may be in flight: 1 after a nack, doubled per ack
-  retryAfterMs: number;
-  resumeAt: number;
+  delivery: Delivery;
   timer: ReturnType<typeof setTimeout> | null;
 }
 
@@ -487,7 +474,7 @@ export class Eventwire extends Emitter<Events> {
     while (q.events.length > this.maxEvents || q.bytes > this.maxBytes) {
       // Events in flight (or nacked, waiting) are not dropped: the server may
       // hold them, and a nack's resend must start at its first seq.
-      const index = this.conn ? this.conn.sent : 0;
+      const index = this.conn ? this.conn.delivery.sent : 0;
       if (index >= q.events.length - 1) break;
       q.dropAt(index);
       dropped++;
@@ -605,20 +592,14 @@ export class Eventwire extends Emitter<Events> {
       return { welcomed: false, repeats: true };
     }
     ws.binaryType = "arraybuffer";
-    const conn: Connection = {
-      ws,
-      welcomed: false,
+    const delivery = new Delivery(
+      this.queue,
+      { batchSize: this.batchSize, maxInflight: this.maxInflight, maxFrameBytes: this.maxFrameBytes },
       uuid,
       token,
-      limit: 0,
-      sent: 0,
-      inflight: [],
-      nacked: false,
-      window: this.maxInflight,
-      retryAfterMs: 0,
-      resumeAt: 0,
-      timer: null,
-    };
+      this.tokens,
+    );
+    const conn: Connection = { ws, delivery, timer: null };
     this.conn = conn;
     let repeats = false;
     const helloTimer = setTimeout(() => ws.close(4000, "no welcome in time"), this.opts.connectTimeoutMs ?? 10_000);
@@ -657,9 +638,8 @@ export class Eventwire extends Emitter<Events> {
     });
     clearTimeout(helloTimer);
     if (conn.timer) clearTimeout(conn.timer);
-    for (const e of this.queue.events) e.sent = false;
     this.conn = null;
-    return { welcomed: conn.welcomed, repeats };
+    return { welcomed: delivery.welcomed, repeats };
   }
 
   private onMessage(conn: Connection, msg: ServerMessage): void {
@@ -680,113 +660,43 @@ export class Eventwire extends Emitter<Events> {
   }
 
   private onWelcome(conn: Connection, msg: ServerMessage): void {
-    const acked = Number(msg.acked) || 0;
-    conn.welcomed = true;
-    conn.limit = Math.max(1, Math.min(this.batchSize, Number(msg.max_batch) || this.batchSize));
     this.counts.connects++;
-    const covered = new Set<QueuedEvent>();
-    for (const e of this.queue.events) {
-      if (e.s > acked) break;
-      covered.add(e);
-    }
-    this.counts.skipped += covered.size;
-    this.queue.remove(covered);
+    this.counts.skipped += conn.delivery.onWelcome(Number(msg.acked) || 0, Number(msg.max_batch) || 0);
     this.checkWaiters();
     this.setStatus("open");
     this.pump();
   }
 
   private onAck(conn: Connection, msg: ServerMessage): void {
-    const frame = conn.inflight.shift();
-    if (!frame) return;
-    conn.sent -= frame.events.length;
-    conn.window = Math.min(this.maxInflight, conn.window * 2);
-    this.counts.accepted += Number(msg.accepted) || 0;
-    this.counts.duplicate += Number(msg.duplicate) || 0;
-    const rejected = Array.isArray(msg.rejected) ? (msg.rejected as { seq: number; code: string; detail: string }[]) : [];
-    if (rejected.length) {
-      const bySeq = new Map(frame.events.map((e) => [e.s, e]));
-      this.counts.rejected += rejected.length;
-      this.emit(
-        "rejected",
-        rejected.map((r) => ({ seq: r.seq, code: r.code, detail: r.detail, action: bySeq.get(r.seq)?.a ?? "" })),
-      );
+    const rejected = Array.isArray(msg.rejected) ? (msg.rejected as WireRejection[]) : [];
+    const result = conn.delivery.onAck(Number(msg.accepted) || 0, Number(msg.duplicate) || 0, rejected);
+    if (!result) return;
+    this.counts.accepted += result.accepted;
+    this.counts.duplicate += result.duplicate;
+    if (result.rejected.length) {
+      this.counts.rejected += result.rejected.length;
+      this.emit("rejected", result.rejected);
     }
-    this.queue.remove(new Set(frame.events));
     this.checkWaiters();
     this.pump();
   }
 
   private onNack(conn: Connection, msg: ServerMessage): void {
-    const frame = conn.inflight.shift();
-    if (!frame) return;
+    if (!conn.delivery.onNack(Number(msg.retry_after_ms) || 0, Date.now())) return;
     this.counts.nacks++;
-    // The first nack of a round names the real wait (a rate limit's refill, Redis' retry);
-    // the frames after it are nacked only to hold the order, with the server's default delay.
-    if (!conn.nacked) conn.retryAfterMs = Math.max(0, Number(msg.retry_after_ms) || 0);
-    conn.nacked = true;
-    if (conn.inflight.length) return;
-    // Every frame is answered: resend everything unanswered, in seq order, after the delay.
-    for (const e of this.queue.events) e.sent = false;
-    conn.sent = 0;
-    conn.nacked = false;
-    // Probe with one frame: a full window would only be nacked again behind it.
-    conn.window = 1;
-    conn.resumeAt = Date.now() + conn.retryAfterMs;
-    conn.retryAfterMs = 0;
     this.pump();
-  }
-
-  private sendIdentify(conn: Connection, uuid: string): void {
-    const token = this.tokens.get(uuid);
-    const msg: Record<string, unknown> = { type: "identify", uuid };
-    if (token) msg.token = token;
-    conn.ws.send(this.codec.encode(msg));
-    conn.uuid = uuid;
-    conn.token = token;
   }
 
   private pump(): void {
     const conn = this.conn;
-    if (!conn || !conn.welcomed || conn.nacked || conn.ws.readyState !== 1) return;
-    const wait = conn.resumeAt - Date.now();
-    if (wait > 0) {
-      if (!conn.timer) {
-        conn.timer = setTimeout(() => {
-          conn.timer = null;
-          this.pump();
-        }, wait);
-      }
-      return;
-    }
-    const events = this.queue.events;
-    const saved = this.queue.savedSeq;
-    const budget = this.maxFrameBytes - FRAME_OVERHEAD;
-    let i = conn.sent;
-    while (conn.inflight.length < conn.window && i < events.length && events[i].s <= saved) {
-      const u = events[i].u;
-      if (u !== conn.uuid) this.sendIdentify(conn, u);
-      const batch: QueuedEvent[] = [];
-      let size = 0;
-      while (i < events.length && batch.length < conn.limit && events[i].u === u && events[i].s <= saved) {
-        const e = events[i];
-        size += e.size + PER_EVENT_OVERHEAD;
-        if (batch.length && size > budget) break;
-        batch.push(e);
-        i++;
-      }
-      for (const e of batch) e.sent = true;
-      conn.inflight.push({ events: batch });
-      conn.sent = i;
-      conn.ws.send(
-        this.codec.encode({
-          type: "track",
-          events: batch.map((e) => ({ seq: e.s, action: e.a, label: e.l, time: e.t, params: e.p })),
-        }),
-      );
-    }
-    if (i >= events.length && (conn.uuid !== this.uuid || conn.token !== this.tokens.get(this.uuid))) {
-      this.sendIdentify(conn, this.uuid);
+    if (!conn || conn.ws.readyState !== 1 || conn.timer) return;
+    const { messages, waitMs } = conn.delivery.next(Date.now(), this.uuid);
+    for (const m of messages) conn.ws.send(this.codec.encode(m));
+    if (waitMs !== null) {
+      conn.timer = setTimeout(() => {
+        conn.timer = null;
+        this.pump();
+      }, waitMs);
     }
   }
 }

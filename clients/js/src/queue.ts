@@ -32,8 +32,6 @@ export interface QueuedEvent {
   p?: Record<string, unknown>; // params
   /** Encoded size in bytes (JSON), for maxQueue.bytes and frame budgets; not stored. */
   size: number;
-  /** Sent on the current connection and not answered; not stored. */
-  sent?: boolean;
 }
 
 export interface Meta {
