@@ -26,6 +26,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Final
 
+import msgspec
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import NegotiationError
@@ -55,6 +56,8 @@ PUBLIC_FILES: Final = {
     "/demo/demo.css": "demo.css",
     "/demo/demo.js": "demo.js",
 }
+#: Where tracker.js takes the HTTP listener's URL (its beacon endpoint), filled in at start.
+TRACKER_HTTP_MARKER: Final = b'/*ew:http_url*/ ""'
 #: How often the sites file's modification time is looked at.
 SITES_POLL: Final = 1.0
 
@@ -157,6 +160,10 @@ class EventwireServer:
         if settings.http_addr is not None:
             self.http = HttpListener(settings, self.book, store, self.sessions, self._is_draining)
             await self.http.start(*settings.http_addr)
+            # The tracker beacons to this listener without an attribute of its own.
+            url = msgspec.json.encode(self.http_url)
+            self.files = StaticFiles(PUBLIC_FILES)
+            self.files.substitute("/tracker.js", TRACKER_HTTP_MARKER, url)
         log.info(
             "listening",
             track=self.url,
