@@ -41,7 +41,7 @@ from eventwire.core.connection import Connection
 from eventwire.core.errors import ConfigError
 from eventwire.core.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS
 from eventwire.core.rules import SiteRules, SitesBook
-from eventwire.http import HttpListener
+from eventwire.http import HttpListener, SegmentApi
 from eventwire.ingest import IngestConnection
 from eventwire.pages import StaticFiles
 from eventwire.sessions import Sessions
@@ -159,6 +159,7 @@ class EventwireServer:
         self.admin = await self.admin_routes.start(*settings.admin_addr)
         if settings.http_addr is not None:
             self.http = HttpListener(settings, self.book, store, self.sessions, self._is_draining)
+            SegmentApi(self.http)
             await self.http.start(*settings.http_addr)
             # The tracker beacons to this listener without an attribute of its own.
             url = msgspec.json.encode(self.http_url)

@@ -147,7 +147,8 @@ class HttpListener:
         self.book = book
         self.store = store
         self.sessions = sessions
-        self._draining = draining
+        #: Whether the server is shutting down (new batches get 503).
+        self.draining = draining
         self.buckets = Buckets()
         self._runner: web.ServerRunner | None = None
         self.port = 0
@@ -216,7 +217,7 @@ class HttpListener:
             return web.Response(status=204, headers={**cors, **_PREFLIGHT})
         if request.method != "POST":
             raise Refusal(405, "method_not_allowed", "POST a batch here")
-        if self._draining():
+        if self.draining():
             raise Refusal(503, "shutting_down", "server shutting down")
         body = await read_body(request, self.settings.max_frame_bytes)
         content_type = request.content_type if "Content-Type" in request.headers else ""
