@@ -116,7 +116,7 @@ def as_json(body: bytes, content_type: str) -> bytes:
     if content_type in MSGPACK_TYPES:
         try:
             return msgspec.json.encode(msgspec.msgpack.decode(body))
-        except (msgspec.DecodeError, TypeError, ValueError) as exc:
+        except (msgspec.DecodeError, TypeError, ValueError, RecursionError) as exc:
             detail = f"the MessagePack body does not decode: {exc}"
             raise Refusal(400, "undecodable", detail) from None
     raise Refusal(
@@ -236,7 +236,8 @@ class HttpListener:
         now = now_ms()
         try:
             envelope = msgspec.json.decode(body, type=Envelope)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
+            # msgspec raises RecursionError for nesting deeper than it recurses.
             detail = f"the body is not a batch: {exc}"
             await self.store.record_rejected(
                 site, None, undecodable_record(site, None, detail, body, now)

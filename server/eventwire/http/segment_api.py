@@ -105,7 +105,7 @@ class SegmentApi:
         body = await read_body(request, MAX_BATCH_BYTES)
         try:
             doc = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise Refusal(400, "undecodable", f"the body is not JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise Refusal(400, "bad_batch", "a Segment body is a JSON object")
