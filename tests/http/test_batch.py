@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
@@ -235,3 +236,36 @@ async def test_metrics_by_route_and_status(
         text = await r.text()
     assert 'eventwire_http_requests_total{route="/v1/track/{site}",status="200"}' in text
     assert 'eventwire_http_requests_total{route="/v1/track/{site}",status="404"}' in text
+
+
+async def test_http_sessions(
+    make_server: MakeServer, http: aiohttp.ClientSession, redis: aioredis.Redis
+) -> None:
+    """Batches join one session within the grace; it ends once, reason closed, after the last."""
+    srv = await make_server(session_grace=0.3, reap_interval=0.05)
+    producer = producer_id()
+    _, first, _ = await post(http, srv, "app", batch("u-s1", producer, event(1)))
+    _, second, _ = await post(http, srv, "app", batch("u-s1", producer, event(2)))
+    assert (first["accepted"], second["accepted"]) == (1, 1)
+    stored = await client_events(redis)
+    assert len({e["session"] for e in stored}) == 1
+    deadline = asyncio.get_running_loop().time() + 5 * UNIT
+    while True:
+        made = await stream(redis, "ew:{app}:events")
+        ends = [e for e in made if e["action"] == "session.end"]
+        if ends or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # a second end would have come by now
+    made = await stream(redis, "ew:{app}:events")
+    actions = [e["action"] for e in made]
+    assert actions == ["session.start", "product.view", "product.view", "session.end"]
+    assert made[-1]["params"]["reason"] == "closed"
+    assert made[-1]["session"] == stored[0]["session"]
+
+
+async def test_deep_nesting_is_400(server: EventwireServer, http: aiohttp.ClientSession) -> None:
+    """A body nested deeper than the decoder recurses is undecodable (400), never a 500."""
+    deep = b'{"uuid": "u", "producer": "p-deep-01", "events": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, err, _ = await post(http, server, "app", deep)
+    assert (status, err["code"]) == (400, "undecodable")

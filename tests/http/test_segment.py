@@ -191,6 +191,9 @@ async def test_answers(shop: EventwireServer, redis: aioredis.Redis) -> None:
         assert (await post("/batch", {"batch": [big]}))[0] == 413
         status, answer = await post("/track", {"event": "No User"})
         assert (status, answer["success"], answer["rejected"]) == (200, True, 1)
+        # Write keys authenticate the sender, never a customer: authenticated actions fail.
+        status, answer = await post("/track", {"userId": "u-8", "event": "form.submit"})
+        assert (status, answer["accepted"], answer["rejected"]) == (200, 0, 1)
         status, answer = await post(
             "/track",
             gzip.compress(json.dumps({"userId": "u-9", "event": "Gz Sent"}).encode()),
@@ -198,7 +201,7 @@ async def test_answers(shop: EventwireServer, redis: aioredis.Redis) -> None:
         )
         assert (status, answer["accepted"]) == (200, 1)
     rejected = await stream(redis, "ew:{shop}:rejected")
-    assert [r["code"] for r in rejected] == ["undecodable"]
+    assert [r["code"] for r in rejected] == ["undecodable", "unauthorized"]
     assert "userId or an anonymousId" in rejected[0]["detail"]
 
 
