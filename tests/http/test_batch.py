@@ -269,3 +269,20 @@ async def test_deep_nesting_is_400(server: EventwireServer, http: aiohttp.Client
     deep = b'{"uuid": "u", "producer": "p-deep-01", "events": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     status, err, _ = await post(http, server, "app", deep)
     assert (status, err["code"]) == (400, "undecodable")
+
+
+async def test_tracker_knows_the_http_url(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
+    """tracker.js is served with the listener's URL, or public_http_url behind a proxy."""
+    for overrides, want in (
+        ({}, None),
+        ({"public_http_url": "https://collect.example/"}, "https://collect.example"),
+    ):
+        srv = await make_server(**overrides)
+        base = srv.url.replace("ws://", "http://")
+        async with http.get(f"{base}/tracker.js") as r:
+            text = await r.text()
+        expected = want or srv.http_url
+        assert srv.http_url == expected
+        assert f'var HTTP_URL = "{expected}";' in text
