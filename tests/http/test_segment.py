@@ -191,6 +191,15 @@ async def test_answers(shop: EventwireServer, redis: aioredis.Redis) -> None:
         assert (await post("/batch", {"batch": [big]}))[0] == 413
         status, answer = await post("/track", {"event": "No User"})
         assert (status, answer["success"], answer["rejected"]) == (200, True, 1)
+        # Browser SDKs: the write key in a text/plain body, no preflight needed; CORS answered.
+        body = {"writeKey": KEY, "anonymousId": "anon-1", "event": "Tab Opened"}
+        headers = {"Content-Type": "text/plain", "Origin": "https://any.example"}
+        async with http.post(url + "/track", data=json.dumps(body), headers=headers) as r:
+            assert (r.status, (await r.json())["accepted"]) == (200, 1)
+            assert r.headers["Access-Control-Allow-Origin"] == "https://any.example"
+        async with http.options(url + "/batch", headers={"Origin": "https://any.example"}) as r:
+            assert r.status == 204
+            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
         # Write keys authenticate the sender, never a customer: authenticated actions fail.
         status, answer = await post("/track", {"userId": "u-8", "event": "form.submit"})
         assert (status, answer["accepted"], answer["rejected"]) == (200, 0, 1)

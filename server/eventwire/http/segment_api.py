@@ -38,6 +38,12 @@ from eventwire.sessions import now_ms
 
 #: Calls of one request judged at once (each is a session step and a frame).
 CONCURRENCY: Final = 32
+#: A CORS preflight's answer for the browser SDKs.
+SEGMENT_PREFLIGHT: Final = {
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type, Content-Encoding, Authorization",
+    "Access-Control-Max-Age": "86400",
+}
 
 
 class SegmentApi:
@@ -53,20 +59,29 @@ class SegmentApi:
         for kind in TYPES:
             listener.routes[f"/v1/{kind}"] = self._single
 
-    def site_of(self, request: web.BaseRequest) -> tuple[str, SiteRules, int]:
+    def site_of(self, request: web.BaseRequest, body_key: Any = None) -> tuple[str, SiteRules, int]:
         """The site and key number the request's write key chooses.
+
+        The key is the Basic auth user name; without an ``Authorization``
+        header, the body's ``writeKey`` (what browser SDKs send to avoid a
+        CORS preflight).
 
         Raises:
             Refusal: 401 for a missing, malformed or unknown write key.
         """
-        header = request.headers.get("Authorization", "")
-        scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic" or not encoded:
-            raise Refusal(401, "unauthorized", "send the write key as the Basic auth user name")
-        try:
-            user = base64.b64decode(encoded.strip(), validate=True).split(b":", 1)[0]
-        except (binascii.Error, ValueError):
-            raise Refusal(401, "unauthorized", "the Basic auth header does not decode") from None
+        header = request.headers.get("Authorization")
+        if header is None and isinstance(body_key, str) and body_key:
+            user = body_key.encode()
+        else:
+            scheme, _, encoded = (header or "").partition(" ")
+            if scheme.lower() != "basic" or not encoded:
+                raise Refusal(401, "unauthorized", "send the write key as the Basic auth user name")
+            try:
+                user = base64.b64decode(encoded.strip(), validate=True).split(b":", 1)[0]
+            except (binascii.Error, ValueError):
+                raise Refusal(
+                    401, "unauthorized", "the Basic auth header does not decode"
+                ) from None
         for site, rules in self.listener.book.sites.items():
             for i, key in enumerate(rules.write_keys):
                 if hmac.compare_digest(user, key):
@@ -80,8 +95,14 @@ class SegmentApi:
         return await self._serve(request, None)
 
     async def _serve(self, request: web.BaseRequest, kind: str | None) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        # Browser SDKs: any page may send with the site's (public) write key,
+        # which is what authenticates a Segment call, not its Origin.
+        cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin else {}
+        if request.method == "OPTIONS":
+            return web.Response(status=204, headers={**cors, **SEGMENT_PREFLIGHT})
         try:
-            return await self._calls(request, kind)
+            response = await self._calls(request, kind)
         except Refusal as exc:
             # The SDKs read "code" and "message" from an error answer.
             body = {"type": "error", "code": exc.code, "detail": exc.detail, "message": exc.detail}
@@ -89,17 +110,20 @@ class SegmentApi:
             if exc.status == 503:
                 wait = self.listener.settings.retry_after_ms / 1000
                 headers["Retry-After"] = retry_after_header(wait)
-            return web.Response(
+            response = web.Response(
                 status=exc.status,
                 body=msgspec.json.encode(body),
                 content_type="application/json",
                 headers=headers,
             )
+        response.headers.update(cors)
+        return response
 
     async def _calls(self, request: web.BaseRequest, kind: str | None) -> web.StreamResponse:
         if request.method != "POST":
             raise Refusal(405, "method_not_allowed", "POST Segment calls here")
-        site, rules, key = self.site_of(request)
+        if "Authorization" in request.headers:
+            self.site_of(request)  # a wrong key is refused before the body is read
         if self.listener.draining():
             raise Refusal(503, "shutting_down", "server shutting down")
         body = await read_body(request, MAX_BATCH_BYTES)
@@ -109,6 +133,7 @@ class SegmentApi:
             raise Refusal(400, "undecodable", f"the body is not JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise Refusal(400, "bad_batch", "a Segment body is a JSON object")
+        site, rules, key = self.site_of(request, doc.get("writeKey"))
         if kind is None:
             calls = doc.get("batch")
             if not isinstance(calls, list):
