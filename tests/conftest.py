@@ -97,7 +97,12 @@ async def make_server(
 
     async def make(sites: str | None = None, **overrides: Any) -> EventwireServer:
         settings = msgspec.convert(
-            {"listen": "127.0.0.1:0", "admin": "127.0.0.1:0", "redis_url": redis_proc.url}
+            {
+                "listen": "127.0.0.1:0",
+                "admin": "127.0.0.1:0",
+                "http_listen": "127.0.0.1:0",
+                "redis_url": redis_proc.url,
+            }
             | overrides,
             Settings,
         )

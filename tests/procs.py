@@ -279,11 +279,13 @@ class ServerProcess:
         self.workers = workers
         self.port = 0
         self.admin_port = 0
+        #: The HTTP ingest listener's port, once listening.
+        self.http_port = 0
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[dict[str, Any]] = []
         self._reader: threading.Thread | None = None
 
-    def start(self, port: int = 0) -> ServerProcess:
+    def start(self, port: int = 0, http_port: int = 0) -> ServerProcess:
         """Start the process and wait until it listens (port 0: any free port)."""
         env = {**os.environ, **self.env, "EVENTWIRE_CONFIG": os.devnull}
         self.proc = subprocess.Popen(
@@ -296,6 +298,8 @@ class ServerProcess:
                 f"127.0.0.1:{port}",
                 "--admin",
                 "127.0.0.1:0",
+                "--http",
+                f"127.0.0.1:{http_port}",
                 "--redis",
                 self.redis_url,
                 "--sites",
@@ -319,6 +323,7 @@ class ServerProcess:
             if record.get("event") == ready:
                 self.port = int(record["track"].rsplit(":", 1)[1])
                 self.admin_port = int(record["admin"].rsplit(":", 1)[1])
+                self.http_port = int(record["http"].rsplit(":", 1)[1])
                 # Keep reading: a full pipe would block the server's logging.
                 self._reader = threading.Thread(target=self._read, daemon=True)
                 self._reader.start()

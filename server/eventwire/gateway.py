@@ -26,6 +26,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Final
 
+import msgspec
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import NegotiationError
@@ -40,6 +41,7 @@ from eventwire.core.connection import Connection
 from eventwire.core.errors import ConfigError
 from eventwire.core.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS
 from eventwire.core.rules import SiteRules, SitesBook
+from eventwire.http import HttpListener, SegmentApi
 from eventwire.ingest import IngestConnection
 from eventwire.pages import StaticFiles
 from eventwire.sessions import Sessions
@@ -54,6 +56,8 @@ PUBLIC_FILES: Final = {
     "/demo/demo.css": "demo.css",
     "/demo/demo.js": "demo.js",
 }
+#: Where tracker.js takes the HTTP listener's URL (its beacon endpoint), filled in at start.
+TRACKER_HTTP_MARKER: Final = b'/*ew:http_url*/ ""'
 #: How often the sites file's modification time is looked at.
 SITES_POLL: Final = 1.0
 
@@ -107,6 +111,8 @@ class EventwireServer:
         self.sessions: Sessions | None = None
         self.public: Server | None = None
         self.admin: Server | None = None
+        #: The HTTP ingest listener (``http_listen``), once started; None when not served.
+        self.http: HttpListener | None = None
         #: The admin routes (health, metrics, dashboard, live relay), once started.
         self.admin_routes: AdminListener | None = None
         self._connections: dict[TrackConnection, IngestConnection] = {}
@@ -151,8 +157,20 @@ class EventwireServer:
         )
         self.admin_routes = AdminListener(self.ready, store)
         self.admin = await self.admin_routes.start(*settings.admin_addr)
+        if settings.http_addr is not None:
+            self.http = HttpListener(settings, self.book, store, self.sessions, self._is_draining)
+            SegmentApi(self.http)
+            await self.http.start(*settings.http_addr)
+            # The tracker beacons to this listener without an attribute of its own.
+            url = msgspec.json.encode(self.http_url)
+            self.files = StaticFiles(PUBLIC_FILES)
+            self.files.substitute("/tracker.js", TRACKER_HTTP_MARKER, url)
         log.info(
-            "listening", track=self.url, admin=self.admin_url, redis=mask_url(settings.redis_url)
+            "listening",
+            track=self.url,
+            http=self.http_url,
+            admin=self.admin_url,
+            redis=mask_url(settings.redis_url),
         )
 
     async def stop(self) -> None:
@@ -174,6 +192,9 @@ class EventwireServer:
             )
         if self.public is not None:
             await self.public.wait_closed()
+        if self.http is not None:
+            # Batches in flight finish (up to drain_timeout) before the store closes.
+            await self.http.stop()
         if self.admin is not None:
             self.admin.close()
             await self.admin.wait_closed()
@@ -236,6 +257,15 @@ class EventwireServer:
     def url(self) -> str:
         """Base URL of the public listener."""
         return f"ws://{_urlhost(self.settings.listen_addr[0])}:{self.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """Base URL of the HTTP ingest listener (``public_http_url`` when set), or None."""
+        if self.http is None or self.settings.http_addr is None:
+            return None
+        if self.settings.public_http_url:
+            return self.settings.public_http_url.rstrip("/")
+        return f"http://{_urlhost(self.settings.http_addr[0])}:{self.http.port}"
 
     @property
     def admin_url(self) -> str:

@@ -25,6 +25,11 @@ CONNECTIONS_OPEN: Final = Gauge(
 CONNECTIONS: Final = Counter(
     "eventwire_connections", "Tracking connections that completed the hello.", ["site"]
 )
+HTTP_REQUESTS: Final = Counter(
+    "eventwire_http_requests",
+    "Requests to the HTTP ingest listener, by route (a template) and status.",
+    ["route", "status"],
+)
 HANDSHAKES_REFUSED: Final = Counter(
     "eventwire_handshakes_refused", "Opening handshakes refused, by HTTP status.", ["status"]
 )

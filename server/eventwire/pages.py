@@ -65,6 +65,24 @@ class StaticFiles:
                 content_type=CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream"),
             )
 
+    def substitute(self, path: str, marker: bytes, value: bytes) -> None:
+        """Serve ``path`` with its one ``marker`` replaced by ``value`` (a setting known at start).
+
+        Raises:
+            KeyError: ``path`` is not one of the routes.
+            ValueError: the file does not hold ``marker`` exactly once.
+        """
+        body = self._files[path].body
+        if body.count(marker) != 1:
+            raise ValueError(f"{path} must hold {marker!r} once")
+        body = body.replace(marker, value)
+        self._files[path] = msgspec.structs.replace(
+            self._files[path],
+            body=body,
+            gzipped=gzip.compress(body, 9, mtime=0),
+            etag='"' + hashlib.sha256(body).hexdigest()[:20] + '"',
+        )
+
     def __contains__(self, path: str) -> bool:
         return path in self._files
 

@@ -185,7 +185,10 @@ def test_shipped_sites_and_example(tmp_path: Path) -> None:
     write_public_pem(tmp_path / "keys").rename(tmp_path / "keys" / "shop.pem")
     path = tmp_path / "sites.toml"
     path.write_text(example)
-    rules = load_sites(path, env={"SHOP_JWT_SECRET": SECRET})["shop"]
+    env = {"SHOP_JWT_SECRET": SECRET, "SHOP_WRITE_KEY": "shop-write-key-0123456789"}
+    rules = load_sites(path, env=env)["shop"]
+    assert rules.write_keys == [b"shop-write-key-0123456789"]
+    assert rules.config.segment_actions == {"Order Completed": "order.purchase"}
     assert rules.verdict("cart.add").required == ("sku", "quantity")
     assert rules.verdict("debug.x").denied
     assert rules.config.rate is not None

@@ -41,6 +41,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", help="public listener HOST:PORT")
     parser.add_argument("--admin", help="admin listener HOST:PORT")
     parser.add_argument(
+        "--http", dest="http_listen", help="HTTP ingest listener HOST:PORT ('' for none)"
+    )
+    parser.add_argument(
         "--workers", help="server processes sharing the listen port under one supervisor (1)"
     )
 
@@ -74,6 +77,7 @@ def _load(args: argparse.Namespace) -> tuple[LoadedConfig, dict[str, SiteRules]]
         "sites": args.sites,
         "listen": args.listen,
         "admin": args.admin,
+        "http_listen": args.http_listen,
         "redis_url": args.redis_url,
         "workers": args.workers,
     }

@@ -67,6 +67,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # -- listeners and Redis
     listen: str = "127.0.0.1:8780"
     admin: str = "127.0.0.1:8781"
+    #: The HTTP ingest listener (batch endpoint, beacons, Segment API); "" serves none.
+    #: Each keep-alive connection costs a few KiB; a body at most ``max_frame_bytes``.
+    http_listen: str = "127.0.0.1:8782"
+    #: The HTTP listener's URL as browsers reach it (behind a proxy); "" derives it.
+    public_http_url: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     #: Path of the sites file; relative paths are resolved from the config file's folder.
     sites: str = "sites.toml"
@@ -158,7 +163,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     live_max_viewers: Annotated[int, Meta(ge=1, le=100_000)] = 200
 
     def __post_init__(self) -> None:
-        for key in ("listen", "admin"):
+        for key in ("listen", "admin", "http_listen"):
+            if key == "http_listen" and not self.http_listen:
+                continue
             try:
                 parse_hostport(getattr(self, key))
             except ValueError as exc:
@@ -185,6 +192,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def listen_addr(self) -> tuple[str, int]:
         """``listen`` as (host, port)."""
         return parse_hostport(self.listen)
+
+    @property
+    def http_addr(self) -> tuple[str, int] | None:
+        """``http_listen`` as (host, port), or None when no HTTP listener is served."""
+        return parse_hostport(self.http_listen) if self.http_listen else None
 
     @property
     def admin_addr(self) -> tuple[str, int]:

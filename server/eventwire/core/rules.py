@@ -60,6 +60,12 @@ class KeyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("an RS256 key takes public_key, the path of a PEM file")
 
 
+class WriteKeyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One Segment write key of a site, read from an environment variable (docs/protocol.md 15)."""
+
+    secret_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
 class RateConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A token bucket per connection: ``burst`` events at once, ``events_per_second`` refill."""
 
@@ -94,6 +100,10 @@ class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: costs every reader one more stream to follow and each server one more
     #: reaper call per ``reap_interval``. It cannot change while servers run.
     partitions: Annotated[int, Meta(ge=1, le=MAX_PARTITIONS)] = 1
+    #: Segment write keys choosing this site on the HTTP listener (several for rotation).
+    write_keys: list[WriteKeyConfig] = []
+    #: Segment event names mapped to actions explicitly (wins over the derived name).
+    segment_actions: dict[str, str] = {}
 
 
 class SitesFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -178,6 +188,7 @@ class SiteRules:
         self.keys = [
             self._load_key(i, k, base or Path.cwd(), env) for i, k in enumerate(config.keys)
         ]
+        self.write_keys = [self._load_write_key(i, k, env) for i, k in enumerate(config.write_keys)]
         if config.auth == "token" and not self.keys:
             raise ConfigError(f"site {site!r}, key 'auth': \"token\" needs at least one key")
         self._verdicts: dict[str, Verdict] = {}
@@ -218,6 +229,15 @@ class SiteRules:
         """The site's session timings: its own where set, else the settings'."""
         c = self.config
         return SessionTimings.of(settings, c.session_grace, c.session_idle, c.session_max)
+
+    def _load_write_key(self, i: int, key: WriteKeyConfig, env: dict[str, str] | None) -> bytes:
+        secret = (os.environ if env is None else env).get(key.secret_env, "")
+        if len(secret) < 16:
+            raise ConfigError(
+                f"site {self.site!r}, key 'write_keys[{i}]': environment variable "
+                f"{key.secret_env} must hold the write key, at least 16 characters"
+            )
+        return secret.encode()
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a handshake with this ``Origin`` header (or none) may connect."""

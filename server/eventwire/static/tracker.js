@@ -9,7 +9,10 @@
  * batches over one lazily opened WebSocket, resends the unacked ones after
  * `welcome.acked`, and resends the queues that closed or crashed tabs left
  * behind, under their own producer ids, so the server's de-duplication keeps
- * delivery exactly-once in the stream.
+ * delivery exactly-once in the stream. When the page is hidden or goes away,
+ * the unacked events also go by navigator.sendBeacon to the server's HTTP
+ * listener (protocol section 14), same producer and seqs, and stay queued
+ * until acked: a tab closed before its socket opened still delivers them.
  *
  * Storage layout (prefix `ew.{site}.`):
  *   localStorage   q.{producer}  {s: last seq given, t: heartbeat ms, c: 1 once
@@ -49,6 +52,11 @@
   // its tab said goodbye on pagehide.
   var HEARTBEAT_MS = 20000;
   var STALE_MS = 180000;
+  // One beacon's body: sendBeacon refuses more than 64 KiB in flight per page.
+  var BEACON_BYTES = 60 * 1024;
+  // The server's HTTP listener, filled in when the server serves this file
+  // (its public_http_url); data-http overrides it, data-http="" turns beacons off.
+  var HTTP_URL = /*ew:http_url*/ "";
   var ACTION = /^(?=.{3,32}$)[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+$/;
   var UUID = /^[A-Za-z0-9._:-]{1,64}$/;
 
@@ -98,6 +106,8 @@
 
   var endpoint = data.endpoint || new URL("/v1/track/" + site, script.src).href;
   endpoint = endpoint.replace(/^http/, "ws");
+  var httpBase = data.http != null ? data.http : HTTP_URL;
+  var beaconEndpoint = httpBase ? httpBase.replace(/\/+$/, "") + "/v1/track/" + site : "";
   var LS = storage("localStorage");
   var SS = storage("sessionStorage");
   // Identifies this page instance as the holder of the queues it works on.
@@ -441,6 +451,44 @@
     if (i < e.length) return;
     if (q.mine) q.identify(uuid());
     else if (!e.length && !q.frames.length) q.finish();
+  };
+
+  /**
+   * The page goes away (or is hidden, and may never come back): send the
+   * unacked events by beacon to the HTTP listener, under the same producer
+   * and seqs. Only the first run of one customer's events, from the lowest
+   * unacked seq, within BEACON_BYTES: beacons may arrive in any order, and the
+   * server stores by seq, so a beacon must never carry seqs above ones it
+   * leaves out. The events stay queued until an ack or a welcome covers them:
+   * what the beacon stored counts as duplicate when the socket sends it again.
+   */
+  Queue.prototype.beacon = function () {
+    if (!beaconEndpoint || !navigator.sendBeacon) return;
+    var r = this.read();
+    if (!r || !r.e.length) return;
+    var u = r.e[0].u;
+    var batch = [];
+    var size = 0;
+    for (var i = 0; i < r.e.length && r.e[i].u === u && batch.length < BATCH_MAX; i++) {
+      size += r.e[i].b || 300;
+      if (batch.length && size > BEACON_BYTES - 1024) break;
+      batch.push(r.e[i]);
+    }
+    var body = JSON.stringify({
+      uuid: u,
+      producer: this.id,
+      token: tokens[u],
+      context: { url: location.href, referrer: document.referrer, title: document.title },
+      events: batch.map(function (x) {
+        return { seq: x.s, action: x.a, label: x.l, time: x.t, params: x.p };
+      }),
+    });
+    try {
+      // A string goes as text/plain: no CORS preflight, which an unloading page cannot wait for.
+      if (bytes(body) <= BEACON_BYTES) navigator.sendBeacon(beaconEndpoint, body);
+    } catch (e) {
+      // A refused beacon changes nothing: the events are still queued.
+    }
   };
 
   /** Switch the connection to customer u (log-in, log-out, or a fresh token). */
@@ -790,6 +838,7 @@
   addEventListener("pagehide", function () {
     held().forEach(function (q) {
       q.pump(true);
+      q.beacon();
       // Said goodbye: another tab may adopt what is left at once; a reload
       // of this tab takes it back first if nobody did.
       q.edit(function (r) {
@@ -818,6 +867,12 @@
   addEventListener("online", retryAll);
   document.addEventListener("visibilitychange", function () {
     if (document.visibilityState === "visible") retryAll();
+    else if (!optedOut()) {
+      // A hidden tab may be closed or discarded without another event.
+      held().forEach(function (q) {
+        q.beacon();
+      });
+    }
   });
   addEventListener("storage", function (e) {
     if (e.key === P + "optout" && e.newValue === "1") stopAll();

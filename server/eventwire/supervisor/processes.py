@@ -2,7 +2,7 @@
 
 :class:`Supervisor` keeps ``settings.workers`` child slots (:class:`Worker`)
 filled. A child is ``python -m eventwire`` with the supervisor's command line
-plus ``--workers 1``, the concrete ``--listen`` and ``--admin 127.0.0.1:0``;
+plus ``--workers 1``, the concrete ``--listen`` and ``--http`` and ``--admin 127.0.0.1:0``;
 it counts as started once it reports on its lifeline
 (:mod:`eventwire.supervisor.lifeline`) that it listens on the shared port.
 A child that exits while the supervisor is not stopping is restarted after
@@ -144,6 +144,9 @@ class Supervisor:
             settings.admin_token.encode(),
         )
         self._reserved: socket.socket | None = None
+        #: The HTTP ingest port the children share (0: none is served), and its reservation.
+        self.http_port = 0
+        self._reserved_http: socket.socket | None = None
         self._watchers: set[asyncio.Task[None]] = set()
         self._stop_requested = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -171,6 +174,10 @@ class Supervisor:
         host, port = self.settings.listen_addr
         self._reserved = reserve_port(host, port)
         self.port = self._reserved.getsockname()[1]
+        http = self.settings.http_addr
+        if http is not None:
+            self._reserved_http = reserve_port(*http)
+            self.http_port = self._reserved_http.getsockname()[1]
         await self.admin.start(*self.settings.admin_addr)
         started = await asyncio.gather(*(self._start_child(w) for w in self.workers))
         for w in self.workers:
@@ -183,6 +190,7 @@ class Supervisor:
         log.info(
             "workers_ready",
             track=f"ws://{_urlhost(host)}:{self.port}",
+            http=f"http://{_urlhost(http[0])}:{self.http_port}" if http is not None else None,
             admin=self.admin_url,
             workers=len(self.workers),
             pids=[w.pid for w in self.workers],
@@ -234,8 +242,9 @@ class Supervisor:
                 # -SIGTERM: a child still starting, stopped before its handler existed.
                 self._exit_code = max(self._exit_code, EXIT_FAILED)
         await self.admin.close()
-        if self._reserved is not None:
-            self._reserved.close()
+        for reserved in (self._reserved, self._reserved_http):
+            if reserved is not None:
+                reserved.close()
         log.info("stopped", exit_code=self._exit_code)
         self._stopped.set_result(self._exit_code)
         return self._exit_code
@@ -258,6 +267,12 @@ class Supervisor:
         """Start the child of a slot and wait until it listens; False if it did not."""
         host = self.settings.listen_addr[0]
         listen = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        http = self.settings.http_addr
+        http_flag = ""
+        if http is not None:
+            http_flag = (
+                f"[{http[0]}]:{self.http_port}" if ":" in http[0] else f"{http[0]}:{self.http_port}"
+            )
         lifeline = SupervisorEnd()
         w.ready = False
         w.admin_port = 0
@@ -265,6 +280,7 @@ class Supervisor:
             w.proc = await asyncio.create_subprocess_exec(
                 *self.command,
                 *("--workers", "1", "--listen", listen, "--admin", CHILD_ADMIN),
+                *("--http", http_flag),
                 stdin=asyncio.subprocess.DEVNULL,
                 env={**self.env, **lifeline.child_env(), WORKER_ENV: str(w.index)},
                 pass_fds=(lifeline.child_sock.fileno(),),
