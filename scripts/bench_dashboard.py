@@ -3,17 +3,18 @@
 Starts a private ``redis-server`` and ``eventwire serve`` (free ports, site
 ``bench``), then:
 
-1. load: scripts/openloop.py at ``--rate`` events/s for ``--duration`` s
-   (the stream verified by openloop itself);
-2. first load: Debian's Chromium (Playwright) opens ``/dashboard#site=bench``;
+1. relay memory: the server's RSS with no viewer, then its peak with
+   ``--viewers`` summary viewers (a tenth of them never reading) while
+   scripts/openloop.py loads it at ``--rate`` events/s for 30 s;
+2. a fresh server and an empty Redis; the load at ``--rate`` for
+   ``--duration`` s (the stream verified by openloop itself);
+3. first load: Debian's Chromium (Playwright) opens ``/dashboard#site=bench``;
    bytes received (HTTP bodies and WebSocket frames) until the counters show,
    and the time from navigation to that, once cold (the server's first
    summary viewer: it counts the window from the streams) and once warm (a
-   reload: the tally is kept);
-3. counters checked against the stream: the page's 5-minute total and its
-   per-second bars equal the events stream's own counts (XRANGE), exactly;
-4. relay memory: the server's RSS with no viewer, then with ``--viewers``
-   summary viewers (a tenth of them never reading) while load runs again.
+   second page: the tally is kept);
+4. counters checked against the stream: the page's 5-minute total and its
+   per-second bars equal the events stream's own counts (XRANGE), exactly.
 
 Printed: one line per measure and a markdown row; the machine's load
 (``/proc/loadavg``, and the CPU% other processes took during the run).
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -182,22 +184,56 @@ async def run(args: argparse.Namespace) -> int:
     port, admin_port = free_port(), free_port()
     admin = f"http://127.0.0.1:{admin_port}"
     log = (work / "server.log").open("wb")
-    server = subprocess.Popen(  # noqa: ASYNC220 - started once, before the loop has work
-        [str(ROOT / ".venv/bin/eventwire"), "serve", "--listen", f"127.0.0.1:{port}",
-         "--admin", f"127.0.0.1:{admin_port}", "--redis", redis_proc.url,
-         "--sites", str(work / "sites.toml")],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     redis = aioredis.Redis.from_url(redis_proc.url)
-    try:
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [str(ROOT / ".venv/bin/eventwire"), "serve", "--listen", f"127.0.0.1:{port}",
+             "--admin", f"127.0.0.1:{admin_port}", "--redis", redis_proc.url,
+             "--sites", str(work / "sites.toml")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    async def wait_ready() -> None:
         for _ in range(100):
             try:
                 await redis.ping()
-                with __import__("socket").create_connection(("127.0.0.1", admin_port), 0.2):
-                    break
+                with socket.create_connection(("127.0.0.1", admin_port), 0.2):
+                    return
             except OSError:
                 await asyncio.sleep(0.1)
+
+    server = start()
+    try:
+        await wait_ready()
         print(f"loadavg before: {loadavg()}")
+        base = rss_kb(server.pid)
+        conns = await viewers_memory(admin, args.viewers)
+        stop = asyncio.Event()
+        reader = asyncio.create_task(drain(conns, stop))
+        peak = base
+        loading = asyncio.create_task(
+            asyncio.to_thread(load, args, port, redis_proc.url, server.pid, redis_proc.proc.pid, 30)
+        )
+        while not loading.done():
+            peak = max(peak, rss_kb(server.pid))
+            await asyncio.sleep(0.5)
+        stop.set()
+        await reader
+        for ws in conns:
+            await ws.close()
+        print("load beside the viewers: " + loading.result().splitlines()[0][:220])
+        print(
+            f"relay memory: RSS {base / 1024:.0f} MiB before {args.viewers} summary viewers, "
+            f"peak {peak / 1024:.0f} MiB with them under {args.rate:g} events/s for 30 s "
+            f"(+{(peak - base) / 1024:.0f} MiB, {(peak - base) / args.viewers:.0f} KiB a viewer)"
+        )
+        # A fresh server and Redis for the first-load measure.
+        server.terminate()
+        server.wait()
+        await redis.flushall()
+        server = start()
+        await wait_ready()
         busy0, all0 = cpu_ticks()
         mine0 = proc_ticks(server.pid) + proc_ticks(redis_proc.proc.pid)
         t0 = time.monotonic()
@@ -235,27 +271,6 @@ async def run(args: argparse.Namespace) -> int:
                 f"exact={total == stream_total}, bars per second equal the stream's: {bars_ok}"
             )
             await browser.close()
-        base = rss_kb(server.pid)
-        await asyncio.sleep(1)  # the page's viewers leave the relay
-        conns = await viewers_memory(admin, args.viewers)
-        stop = asyncio.Event()
-        reader = asyncio.create_task(drain(conns, stop))
-        peak = base
-        loading = asyncio.create_task(
-            asyncio.to_thread(load, args, port, redis_proc.url, server.pid, redis_proc.proc.pid, 30)
-        )
-        while not loading.done():
-            peak = max(peak, rss_kb(server.pid))
-            await asyncio.sleep(0.5)
-        stop.set()
-        await reader
-        for ws in conns:
-            await ws.close()
-        print(
-            f"relay memory: RSS {base / 1024:.0f} MiB before {args.viewers} summary viewers, "
-            f"peak {peak / 1024:.0f} MiB with them under {args.rate:g} events/s for 30 s "
-            f"(+{(peak - base) / 1024:.0f} MiB, {(peak - base) / args.viewers:.0f} KiB a viewer)"
-        )
         print(f"loadavg after: {loadavg()}")
         ok = total == stream_total and bars_ok
         return 0 if ok else 1

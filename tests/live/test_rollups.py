@@ -180,3 +180,16 @@ def test_summary_queries() -> None:
     assert ok.summary
     bad = parse_query("site=shop&stream=summary&since=5m", lambda s: s == "shop")
     assert bad[0] == 400  # type: ignore[index]
+
+
+async def test_summary_says_where_trimmed_counts_start(
+    server: EventwireServer, redis: aioredis.Redis
+) -> None:
+    """A window whose start was trimmed away: the snapshot's since is the oldest entry left."""
+    await _known_stream(redis)
+    await redis.xtrim(EVENTS, maxlen=100, approximate=False)
+    first = (await redis.xrange(EVENTS, count=1))[0][0].decode()
+    async with viewer(server, "site=shop&stream=summary") as v:
+        await v.until(lambda m: m["type"] == "ready")
+    assert v.of("snapshot")[0]["since"] == int(first.split("-")[0])
+    assert totals(v.messages)[0] == 100

@@ -214,7 +214,7 @@ def merge_order(entry: Entry) -> tuple[tuple[int, int], int]:
 
 
 def decode_entries(
-    raw: Sequence[StreamEntry], stream: StreamName, part: int | None = None
+    raw: Sequence[StreamEntry], stream: StreamName, part: int | None = None, frames: bool = True
 ) -> list[Entry]:
     """Stream entries as relay entries; entries that are not eventwire records are skipped.
 
@@ -223,6 +223,8 @@ def decode_entries(
         stream: which of the site's streams they come from.
         part: the partition of a partitioned site (written in each frame as
             ``p``); None for a site of one partition.
+        frames: encode each entry's frame; False for counting only (the
+            frame is then empty), which costs about half as much.
     """
     out: list[Entry] = []
     message = Rejected if stream == "rejected" else Event
@@ -234,7 +236,11 @@ def decode_entries(
             head = _head_decoder.decode(entry.event)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
-        frame = _encoder.encode(message(id=entry.id, event=msgspec.Raw(entry.event), p=part))
+        frame = (
+            _encoder.encode(message(id=entry.id, event=msgspec.Raw(entry.event), p=part))
+            if frames
+            else b""
+        )
         code = head.code if isinstance(head.code, str) else None
         out.append(Entry(entry.id, head.action, head.uuid, frame, part or 0, code, _page(head)))
     return out

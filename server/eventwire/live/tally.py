@@ -36,7 +36,7 @@ from eventwire.core.positions import cursor, resolve_since
 from eventwire.live.messages import Entry, Snapshot, StreamName, Tick, decode_entries, encode
 from eventwire.live.rollup import FEED_KEEP, WINDOW_S, FeedSampler, Rollup
 from eventwire.live.viewer import Filter, Viewer
-from eventwire.store import Store, read_page
+from eventwire.store import Store, StreamEntry, read_page, stream_id, trimmed_after
 
 if TYPE_CHECKING:
     from eventwire.live.relay import _Reader
@@ -159,21 +159,26 @@ class SiteTally:
         """Count one partition's stream in pages from ``after`` to ``until``; its newest entries."""
         settings = self.store.settings
         part_of = part if self.partitions > 1 else None
-        newest: deque[Entry] = deque(maxlen=FEED_KEEP)
+        # The raw newest entries: only these are encoded as frames, for the feed.
+        newest: deque[StreamEntry] = deque(maxlen=FEED_KEEP)
         while True:
             async with asyncio.timeout(settings.store_timeout):
-                raw, _ = await read_page(self.store.redis, key, after, BACKFILL_PAGE, until)
+                raw, info = await read_page(self.store.redis, key, after, BACKFILL_PAGE, until)
+            if info is not None and info.first_id and trimmed_after(after, info):
+                # Trimming (stream_maxlen) took the window's start: the counts begin here.
+                self.since_ms = max(self.since_ms, stream_id(info.first_id)[0])
             if not raw:
-                return list(newest)
-            decoded = decode_entries(raw, stream, part_of)
+                break
+            decoded = decode_entries(raw, stream, part_of, frames=False)
             if stream == "events":
                 self.rollup.add_events(decoded, feed=False)
             else:
                 self.rollup.add_rejected(decoded, feed=False)
-            newest.extend(decoded)
+            newest.extend(raw)
             after = raw[-1].id
             if len(raw) < BACKFILL_PAGE:
-                return list(newest)
+                break
+        return decode_entries(list(newest), stream, part_of)
 
     def snapshot(self) -> bytes:
         """The snapshot frame of now."""

@@ -266,6 +266,12 @@
         view.top = msg.top;
         view.feedEvery = msg.feed_every;
         view.dirty.numbers = true;
+        if (msg.since > msg.now - msg.window * 1000 + 1000) {
+          notice(
+            "since",
+            `The streams hold entries from ${clock(msg.since)} only (retention): the counts start there.`,
+          );
+        }
         break;
       case "tick":
         // The whole counts of each second that changed: they replace what the page had.
