@@ -8,10 +8,12 @@ from collections import Counter
 from contextlib import AsyncExitStack
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from eventwire.gateway import EventwireServer
-from eventwire.live import Entry
+from eventwire.live import Entry, tally
+from eventwire.live import relay as live_relay
 from eventwire.live.rollup import FEED_RATE, FeedSampler, Rollup, TopCounter, merge_top
 from tests.conftest import MakeServer
 from tests.live.test_live import eventually, send, viewer
@@ -193,3 +195,17 @@ async def test_summary_says_where_trimmed_counts_start(
         await v.until(lambda m: m["type"] == "ready")
     assert v.of("snapshot")[0]["since"] == int(first.split("-")[0])
     assert totals(v.messages)[0] == 100
+
+
+async def test_snapshot_during_a_long_backfill(
+    server: EventwireServer, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A viewer need not wait for a long backfill: ticks bring the past; the totals end exact."""
+    accepted, _, codes = await _known_stream(redis)
+    monkeypatch.setattr(live_relay, "WARM_WAIT", 0)
+    monkeypatch.setattr(tally, "BACKFILL_PAGE", 5)  # ~70 pages: the snapshot comes first
+    async with viewer(server, "site=shop&stream=summary") as v:
+        await v.until(lambda m: m["type"] == "ready")
+        assert v.of("snapshot")[0]["backfilling"] is True
+        await v.until(lambda m: m["type"] == "tick" and "backfilling" not in m)
+    assert totals(v.messages) == (accepted, codes, 6)

@@ -99,12 +99,14 @@ class Top(Struct, kw_only=True):
     rows: list[Count]
 
 
-class Snapshot(Struct, tag="snapshot", tag_field="type", kw_only=True):
+class Snapshot(Struct, tag="snapshot", tag_field="type", kw_only=True, omit_defaults=True):
     """[ext] A summary viewer's first load: the window's exact counts and the top tables.
 
     ``id`` is the events stream's position counted up to (a cursor), ``now``
     Redis' clock (ms), ``window`` the seconds covered, ``since`` the first
-    stream id time (ms) counted, ``feed_every`` the feed's current sampling.
+    stream id time (ms) counted, ``feed_every`` the feed's current sampling;
+    ``backfilling``: the window's past is still being counted (ticks bring
+    its seconds as they are counted).
     """
 
     id: str
@@ -114,9 +116,10 @@ class Snapshot(Struct, tag="snapshot", tag_field="type", kw_only=True):
     seconds: list[Second]
     top: dict[str, Top]
     feed_every: int
+    backfilling: bool = False
 
 
-class Tick(Struct, tag="tick", tag_field="type", kw_only=True):
+class Tick(Struct, tag="tick", tag_field="type", kw_only=True, omit_defaults=True):
     """[ext] Once a second: the whole counts of each second that changed, and the top tables."""
 
     id: str
@@ -124,6 +127,7 @@ class Tick(Struct, tag="tick", tag_field="type", kw_only=True):
     seconds: list[Second]
     top: dict[str, Top]
     feed_every: int
+    backfilling: bool = False
 
 
 LiveMessage = Hello | Event | Rejected | Trimmed | Ready | Lagged | Snapshot | Tick

@@ -17,6 +17,7 @@ stream's info, to tell whether trimming overtook the reader.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Sequence
 from typing import Final
@@ -38,7 +39,7 @@ from eventwire.live.messages import (
     trimmed,
 )
 from eventwire.live.query import LiveQuery
-from eventwire.live.tally import LINGER_S, TICK_S, SiteTally, SummaryViewer
+from eventwire.live.tally import LINGER_S, TICK_S, WARM_WAIT, SiteTally, SummaryViewer
 from eventwire.live.viewer import (
     VIEWER_SEND_BUFFER,
     Filter,
@@ -74,9 +75,6 @@ READ_BLOCK_MS: Final = 1000
 #: A reader's pause after Redis failed: first and longest (s).
 RETRY_FIRST: Final = 0.2
 RETRY_MAX: Final = 2.0
-#: How long a summary viewer waits for a new tally's backfill (s): a window of
-#: ``stream_maxlen`` (1,000,000) entries takes ~10 s to count on one core.
-WARM_TIMEOUT: Final = 30.0
 #: Close code and reason for a viewer refused after the handshake.
 TRY_AGAIN_LATER: Final = 1013
 
@@ -346,12 +344,10 @@ class Relay:
     ) -> None:
         """Hello, the snapshot, the newest feed, ready, then ticks and the sampled feed."""
         tally = await self._tally(query.site, query.partitions)
-        try:
-            async with asyncio.timeout(WARM_TIMEOUT):
-                await tally.warm.wait()
-        except TimeoutError:
-            await ws.close(TRY_AGAIN_LATER, "still counting the window; try again")
-            return
+        # A short backfill is waited for (a complete snapshot); a long one is
+        # not: the snapshot says backfilling and the ticks bring the past.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tally.warm.wait(), WARM_WAIT)
         if tally.failed:
             await self._drop_tally(tally)
             await ws.close(TRY_AGAIN_LATER, "redis unavailable; try again later")
@@ -372,7 +368,10 @@ class Relay:
         tally.idle_since = None
         await send_frames(ws, frames)
         await send_queued(ws, viewer)
-        if viewer.stale:
+        if self._tallies.get((query.site, query.partitions)) is not tally:
+            # Dropped under the viewer (its backfill failed): a new one starts on reconnect.
+            await ws.close(TRY_AGAIN_LATER, "the site's counts restart; reconnect")
+        elif viewer.stale:
             await ws.close(TRY_AGAIN_LATER, "fell behind the summary's ticks; reconnect")
 
     async def _tally(self, site: str, partitions: int) -> SiteTally:
@@ -410,6 +409,8 @@ class Relay:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TICK_S)
+            if tally.failed:  # the backfill failed: its viewers reconnect to a new tally
+                break
             tally.tick()
             if tally.viewers:
                 tally.idle_since = None

@@ -20,7 +20,10 @@ feed sampled to about :data:`~eventwire.live.rollup.FEED_RATE` a second
 (through its bounded queue: a full one drops feed entries, with ``lagged``).
 A viewer that leaves ticks unread for :data:`TICKS_BEHIND` seconds is closed
 (1013): reconnecting gives it a fresh snapshot. The last viewer to leave
-starts :data:`LINGER_S`; a viewer within it gets the counts at once.
+starts :data:`LINGER_S`; a viewer within it gets the counts at once. A
+viewer that comes while the backfill runs waits for it at most
+:data:`WARM_WAIT`, then gets a snapshot marked ``backfilling``: the ticks
+bring the past's seconds as they are counted.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ log = structlog.get_logger("eventwire.live")
 TICK_S: Final = 1.0
 #: Ticks a viewer may leave unread before it is closed (it reconnects to a snapshot).
 TICKS_BEHIND: Final = 60
+#: How long a summary viewer waits for a running backfill before its snapshot (s).
+WARM_WAIT: Final = 0.3
 #: Entries of one backfill page (XRANGE COUNT): ~2 MB of reply at most.
 BACKFILL_PAGE: Final = 5000
 #: How long a tally outlives its last viewer (s): a reload within it is instant.
@@ -193,6 +198,7 @@ class SiteTally:
                 seconds=self.rollup.window(),
                 top=self.rollup.tops(),
                 feed_every=self.sampler.every,
+                backfilling=not self.warm.is_set(),
             )
         )
 
@@ -207,6 +213,7 @@ class SiteTally:
                 seconds=self.rollup.changed(),
                 top=self.rollup.tops(),
                 feed_every=self.sampler.every,
+                backfilling=not self.warm.is_set(),
             )
         )
         behind = []

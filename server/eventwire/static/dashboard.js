@@ -266,6 +266,7 @@
         view.top = msg.top;
         view.feedEvery = msg.feed_every;
         view.dirty.numbers = true;
+        backfilling(msg.backfilling === true);
         if (msg.since > msg.now - msg.window * 1000 + 1000) {
           notice(
             "since",
@@ -279,6 +280,7 @@
         view.top = msg.top;
         view.feedEvery = msg.feed_every;
         view.dirty.numbers = true;
+        backfilling(msg.backfilling === true);
         break;
       case "event":
         addEvent(msg.id, msg.event);
@@ -306,6 +308,14 @@
       default:
         break;
     }
+  }
+
+  // The server is still counting the window's past: its seconds come with the ticks.
+  function backfilling(on) {
+    $("total").dataset.complete = String(!on);
+    const el = document.querySelector('.notice[data-key="backfill"]');
+    if (on) notice("backfill", "Counting the last 5 minutes from the streams: older seconds fill in as they are counted.");
+    else if (el) el.remove();
   }
 
   function addEvent(id, ev) {
