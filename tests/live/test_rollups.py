@@ -209,3 +209,15 @@ async def test_snapshot_during_a_long_backfill(
         assert v.of("snapshot")[0]["backfilling"] is True
         await v.until(lambda m: m["type"] == "tick" and "backfilling" not in m)
     assert totals(v.messages) == (accepted, codes, 6)
+
+
+def test_top_counter_exact_up_to_twice_its_capacity() -> None:
+    """Until 2 x capacity keys are held, nothing is evicted and every count is exact."""
+    c = TopCounter(capacity=10)
+    for i in range(20):
+        c.add(f"k{i}", i + 1)
+    assert c.floor == 0
+    assert all(error == 0 for _, error in c.counts.values())
+    c.add("k20")  # the 21st key: the 10 largest stay, the new one starts above the floor
+    assert len(c.counts) == 11
+    assert c.counts["k20"] == [c.floor + 1, c.floor]
