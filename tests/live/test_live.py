@@ -28,7 +28,7 @@ from eventwire.live import viewer as live_viewer
 from eventwire.store import StreamEntry, StreamsReader, stream_id
 from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisClusterProcess, RedisProcess, free_port
-from tests.static.test_dashboard import MS, open_dashboard, wait_rows
+from tests.static.test_dashboard import MS, open_dashboard, wait_count, wait_rows
 
 EVENTS = "ew:{shop}:events"
 
@@ -1065,5 +1065,5 @@ async def test_dashboard_follows_partitions(
         "#feed tr.event", "rows => rows.map(r => [r.dataset.id, r.dataset.uuid])"
     )
     assert Counter((i, u) for i, u in rows) == Counter(stored)
-    assert int(await page.get_attribute("#total", "data-count") or -1) == len(stored)
+    await wait_count(page, "#total", len(stored))
     assert await page.locator(".notice").count() == 0

@@ -87,6 +87,15 @@ async def wait_rows(page: Page, selector: str, n: int, within: float) -> None:
     )
 
 
+async def wait_count(page: Page, selector: str, n: int) -> None:
+    """Wait until ``selector``'s data-count is ``n``: the server's counts come once a second."""
+    await page.wait_for_function(
+        "([s, n]) => document.querySelector(s).dataset.count === String(n)",
+        arg=[selector, n],
+        timeout=3 * MS,
+    )
+
+
 async def test_dashboard_shows_the_streams(
     server: EventwireServer, redis: aioredis.Redis, page: Page
 ) -> None:
@@ -109,8 +118,10 @@ async def test_dashboard_shows_the_streams(
 
         # events/s: the average of the ten complete seconds it names, by stream id time.
         last = id_ms(entries[-1][0])
+        # The server's counts of a second come with the next tick (once a second).
         await page.wait_for_function(
-            "last => Number(document.getElementById('rate').dataset.to) > last",
+            "last => Number(document.getElementById('rate').dataset.to) > last"
+            " && document.getElementById('rate').dataset.count === '11'",
             arg=last,
             timeout=3 * MS,
         )
@@ -149,6 +160,18 @@ async def test_dashboard_shows_the_streams(
         assert await row.get_attribute("data-code") == "invalid_action"
         assert await row.locator("td.reason").inner_text() == rejected[0][1]["detail"]
         assert await row.locator("button.who").inner_text() == "bob"
+
+        # The server's exact counts: rejected by code, customers by events, sessions.
+        codes = await page.eval_on_selector_all(
+            "#codes li", "ls => ls.map(l => [l.dataset.code, Number(l.dataset.count)])"
+        )
+        assert codes == [["invalid_action", 1]]
+        customers = await page.eval_on_selector_all(
+            "#top-customers tbody tr",
+            "rs => rs.map(r => [r.dataset.uuid, Number(r.dataset.count)])",
+        )
+        assert customers == [["alice", 7], ["bob", 4]]
+        assert await page.get_attribute("#sessions-flow", "data-started") == "2"
 
         # Filters narrow the feed: by action glob, then by customer.
         await page.fill("#filter-action", "cart.*")
@@ -230,7 +253,7 @@ async def test_dashboard_resumes_after_restart(
     await wait_rows(page, "#feed tr.event", len(entries), within=2 * MS)
     await asyncio.sleep(0.3)
     assert await feed_ids(page) == [i for i, _ in reversed(entries)]
-    assert int(await page.get_attribute("#total", "data-count") or -1) == len(entries)
+    await wait_count(page, "#total", len(entries))
     assert await page.locator(".notice").count() == 0
 
 

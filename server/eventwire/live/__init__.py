@@ -1,6 +1,6 @@
 """The live relay: ``WS /v1/live`` on the admin listener streams a site's events from Redis.
 
-This package owns the relay, in four modules:
+This package owns the relay, in six modules:
 
 - :mod:`~eventwire.live.messages`: the messages' Structs, and stream entries
   encoded once as relay frames.
@@ -10,10 +10,15 @@ This package owns the relay, in four modules:
   and ``lagged`` accounting, its backlog replay and handover to the reader.
 - :mod:`~eventwire.live.relay`: the fan-out: one Redis reader per (site,
   stream) per process, started by the first viewer, stopped by the last.
+- :mod:`~eventwire.live.rollup`: a site's exact per-second counts and
+  bounded top tables (sans-I/O).
+- :mod:`~eventwire.live.tally`: one site's rollups per process, fed by its
+  readers, served to ``stream=summary`` viewers (snapshot, ticks, sampled feed).
 
 What follows is the relay's wire and the guarantees the modules keep.
 
-URL: ``/v1/live?site=S[&stream=events|rejected][&action=GLOB][&uuid=U][&since=...]``.
+URL: ``/v1/live?site=S[&stream=events|rejected][&action=GLOB][&uuid=U][&since=...]``,
+or ``/v1/live?site=S&stream=summary`` (docs/protocol.md section 8, "Summary viewers").
 ``action`` is a glob over the action name matched in full (events only),
 ``uuid`` one customer, ``since`` where to start: ``now`` (the default), a
 duration back on Redis' clock (``30s``, ``5m``, ``2h``), ``0`` (the start of
@@ -97,7 +102,9 @@ from eventwire.live.messages import (
     LiveMessage,
     Ready,
     Rejected,
+    Snapshot,
     StreamName,
+    Tick,
     Trimmed,
     decode_entries,
 )
@@ -118,7 +125,9 @@ __all__ = [
     "Ready",
     "Rejected",
     "Relay",
+    "Snapshot",
     "StreamName",
+    "Tick",
     "Trimmed",
     "Viewer",
     "decode_entries",

@@ -12,7 +12,7 @@ encoded once as its frame, which the relay hands to every viewer as it is.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 from msgspec import Struct
@@ -74,7 +74,63 @@ class Lagged(Struct, tag="lagged", tag_field="type", kw_only=True, omit_defaults
     p: int | None = None
 
 
-LiveMessage = Hello | Event | Rejected | Trimmed | Ready | Lagged
+class Second(Struct, kw_only=True, omit_defaults=True):
+    """The exact counts of one second of stream id time ``t`` (s since the epoch)."""
+
+    t: int
+    accepted: int = 0
+    rejected: dict[str, int] = {}
+    started: int = 0
+    ended: int = 0
+
+
+class Count(Struct, array_like=True):
+    """One row of a top table: the key, its count, and how much the count may exceed the truth."""
+
+    key: str
+    count: int
+    error: int
+
+
+class Top(Struct, kw_only=True):
+    """A top table: the exact number of entries counted, and its leading rows."""
+
+    total: int
+    rows: list[Count]
+
+
+class Snapshot(Struct, tag="snapshot", tag_field="type", kw_only=True, omit_defaults=True):
+    """[ext] A summary viewer's first load: the window's exact counts and the top tables.
+
+    ``id`` is the events stream's position counted up to (a cursor), ``now``
+    Redis' clock (ms), ``window`` the seconds covered, ``since`` the first
+    stream id time (ms) counted, ``feed_every`` the feed's current sampling;
+    ``backfilling``: the window's past is still being counted (ticks bring
+    its seconds as they are counted).
+    """
+
+    id: str
+    now: int
+    window: int
+    since: int
+    seconds: list[Second]
+    top: dict[str, Top]
+    feed_every: int
+    backfilling: bool = False
+
+
+class Tick(Struct, tag="tick", tag_field="type", kw_only=True, omit_defaults=True):
+    """[ext] Once a second: the whole counts of each second that changed, and the top tables."""
+
+    id: str
+    now: int
+    seconds: list[Second]
+    top: dict[str, Top]
+    feed_every: int
+    backfilling: bool = False
+
+
+LiveMessage = Hello | Event | Rejected | Trimmed | Ready | Lagged | Snapshot | Tick
 
 _encoder: Final = msgspec.json.Encoder()
 
@@ -95,14 +151,35 @@ def trimmed(at: str, first: str | None, part: int | None) -> bytes:
     return _encoder.encode(Trimmed(from_=at, first=first, id=at, p=part))
 
 
+class _Params(Struct):
+    """The one param the rollups look at: a page's ``url`` (any JSON: checked where used)."""
+
+    url: Any = None
+
+
 class _Head(Struct):
-    """The fields of a stored record the filters look at; the rest is passed on as it is."""
+    """The fields of a stored record the filters and rollups look at; the rest is passed on."""
 
     action: str = ""
     uuid: str | None = None
+    #: Any JSON, so a foreign record of another shape is still relayed.
+    code: Any = None
+    params: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
 
 
 _head_decoder: Final = msgspec.json.Decoder(_Head)
+_params_decoder: Final = msgspec.json.Decoder(_Params)
+
+
+def _page(head: _Head) -> str | None:
+    """A page.visit's ``params.url`` when it is a string (params are decoded for pages only)."""
+    if head.action != "page.visit" or not head.params:
+        return None
+    try:
+        url = _params_decoder.decode(head.params).url
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return url if isinstance(url, str) else None
 
 
 class Entry:
@@ -112,12 +189,22 @@ class Entry:
     site of one partition).
     """
 
-    __slots__ = ("action", "frame", "id", "key", "part", "uuid")
+    __slots__ = ("action", "code", "frame", "id", "key", "page", "part", "uuid")
 
     def __init__(
-        self, entry_id: str, action: str, uuid: str | None, frame: bytes, part: int = 0
+        self,
+        entry_id: str,
+        action: str,
+        uuid: str | None,
+        frame: bytes,
+        part: int = 0,
+        code: str | None = None,
+        page: str | None = None,
     ) -> None:
         self.id = entry_id
+        #: A rejected entry's reject code; a page.visit's ``params.url``.
+        self.code = code
+        self.page = page
         self.key = stream_id(entry_id)
         self.action = action
         self.uuid = uuid
@@ -131,7 +218,7 @@ def merge_order(entry: Entry) -> tuple[tuple[int, int], int]:
 
 
 def decode_entries(
-    raw: Sequence[StreamEntry], stream: StreamName, part: int | None = None
+    raw: Sequence[StreamEntry], stream: StreamName, part: int | None = None, frames: bool = True
 ) -> list[Entry]:
     """Stream entries as relay entries; entries that are not eventwire records are skipped.
 
@@ -140,6 +227,8 @@ def decode_entries(
         stream: which of the site's streams they come from.
         part: the partition of a partitioned site (written in each frame as
             ``p``); None for a site of one partition.
+        frames: encode each entry's frame; False for counting only (the
+            frame is then empty), which costs about half as much.
     """
     out: list[Entry] = []
     message = Rejected if stream == "rejected" else Event
@@ -151,6 +240,11 @@ def decode_entries(
             head = _head_decoder.decode(entry.event)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
-        frame = _encoder.encode(message(id=entry.id, event=msgspec.Raw(entry.event), p=part))
-        out.append(Entry(entry.id, head.action, head.uuid, frame, part or 0))
+        frame = (
+            _encoder.encode(message(id=entry.id, event=msgspec.Raw(entry.event), p=part))
+            if frames
+            else b""
+        )
+        code = head.code if isinstance(head.code, str) else None
+        out.append(Entry(entry.id, head.action, head.uuid, frame, part or 0, code, _page(head)))
     return out

@@ -1,6 +1,7 @@
 """The query of ``/v1/live``: which site and stream a viewer watches, its filters, its start.
 
-``/v1/live?site=S[&stream=events|rejected][&action=GLOB][&uuid=U][&since=...]``
+``/v1/live?site=S[&stream=events|rejected][&action=GLOB][&uuid=U][&since=...]``,
+or ``/v1/live?site=S&stream=summary`` (the rollups, :mod:`eventwire.live.tally`),
 is checked here, before the WebSocket handshake, so a bad query is refused
 with an HTTP status and a line of text. ``since`` is checked against the
 site's partitions by :func:`eventwire.core.positions.check_since`.
@@ -21,6 +22,8 @@ from eventwire.live.messages import STREAMS, StreamName
 
 _GLOB_RE: Final = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,64}$")
 _UUID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+#: [ext] The stream value of a summary viewer.
+SUMMARY: Final = "summary"
 _QUERY_KEYS: Final = frozenset({"site", "stream", "action", "uuid", "since"})
 
 
@@ -33,6 +36,8 @@ class LiveQuery(Struct, frozen=True, kw_only=True):
     uuid: str | None = None
     since: str = "now"
     partitions: int = 1
+    #: [ext] ``stream=summary``: the site's rollups and a sampled feed of both streams.
+    summary: bool = False
 
 
 def _one_partition(_site: str) -> int:
@@ -72,8 +77,12 @@ def parse_query(
     if not known(site):
         return HTTPStatus.NOT_FOUND, f"unknown site {site[:64]!r}"
     stream = values.get("stream", "events")
+    if stream == SUMMARY:
+        if values.keys() - {"site", "stream"}:
+            return HTTPStatus.BAD_REQUEST, "stream=summary takes no action, uuid or since"
+        return LiveQuery(site=site, summary=True, partitions=partitions(site))
     if stream not in STREAMS:
-        return HTTPStatus.BAD_REQUEST, "stream must be events or rejected"
+        return HTTPStatus.BAD_REQUEST, "stream must be events, rejected or summary"
     action = values.get("action") or None
     if action is not None:
         if stream == "rejected":

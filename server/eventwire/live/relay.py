@@ -17,6 +17,7 @@ stream's info, to tell whether trimming overtook the reader.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Sequence
 from typing import Final
@@ -38,12 +39,14 @@ from eventwire.live.messages import (
     trimmed,
 )
 from eventwire.live.query import LiveQuery
+from eventwire.live.tally import LINGER_S, TICK_S, WARM_WAIT, SiteTally, SummaryViewer
 from eventwire.live.viewer import (
     VIEWER_SEND_BUFFER,
     Filter,
     Viewer,
     reader_ahead,
     replay,
+    send_frames,
     send_queued,
 )
 from eventwire.store import (
@@ -121,6 +124,8 @@ class _Reader:
         #: Per partition, the last id handed to the viewers (or where the reader started).
         self.positions = list(positions)
         self.viewers: set[Viewer] = set()
+        #: The site's tally, counting what this reader hands out (it keeps the reader running).
+        self.tally: SiteTally | None = None
         self.task: asyncio.Task[None] | None = None
         #: Set before the task is cancelled: a cancellation that redis-py
         #: swallows (see eventwire.tasks) must not keep the loop going.
@@ -211,6 +216,8 @@ class _Reader:
             return
         if self.partitioned:
             entries.sort(key=merge_order)
+        if self.tally is not None:
+            self.tally.take(self.stream, entries)
         for viewer in self.viewers:
             viewer.push(entries)
 
@@ -236,6 +243,7 @@ class Relay:
         self.settings = store.settings
         self._readers: dict[tuple[str, str, int], _Reader] = {}
         self._viewers: set[Viewer] = set()
+        self._tallies: dict[tuple[str, int], SiteTally] = {}
 
     @property
     def viewers(self) -> int:
@@ -267,15 +275,22 @@ class Relay:
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, VIEWER_SEND_BUFFER)
-        viewer = Viewer(
-            Filter(query.action, query.uuid), self.settings.live_queue, query.partitions
+        viewer = (
+            SummaryViewer(self.settings.live_queue, query.partitions)
+            if query.summary
+            else Viewer(
+                Filter(query.action, query.uuid), self.settings.live_queue, query.partitions
+            )
         )
         self._viewers.add(viewer)
-        gauge = metrics.LIVE_VIEWERS.labels(query.stream)
+        gauge = metrics.LIVE_VIEWERS.labels("summary" if query.summary else query.stream)
         gauge.inc()
         watcher = asyncio.create_task(self._watch(ws, viewer))
         reader: _Reader | None = None
         try:
+            if isinstance(viewer, SummaryViewer):
+                await self._run_summary(ws, viewer, query)
+                return
             reader = await self._run(ws, viewer, query)
         except ConnectionClosed:
             pass
@@ -286,7 +301,9 @@ class Relay:
             await cancel_and_wait([watcher])
             self._viewers.discard(viewer)
             gauge.dec()
-            if reader is None:
+            for tally in self._tallies.values():
+                tally.viewers.discard(viewer)
+            if reader is None and not isinstance(viewer, SummaryViewer):
                 reader = next((r for r in self._readers.values() if viewer in r.viewers), None)
             if reader is not None:
                 await self._leave(reader, viewer)
@@ -322,6 +339,100 @@ class Relay:
         await send_queued(ws, viewer)
         return reader
 
+    async def _run_summary(
+        self, ws: ServerConnection, viewer: SummaryViewer, query: LiveQuery
+    ) -> None:
+        """Hello, the snapshot, the newest feed, ready, then ticks and the sampled feed."""
+        tally = await self._tally(query.site, query.partitions)
+        # A short backfill is waited for (a complete snapshot); a long one is
+        # not: the snapshot says backfilling and the ticks bring the past.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tally.warm.wait(), WARM_WAIT)
+        if tally.failed:
+            await self._drop_tally(tally)
+            await ws.close(TRY_AGAIN_LATER, "redis unavailable; try again later")
+            return
+        # Built and joined with no await between: every later count is in a tick.
+        hello = Hello(
+            site=query.site,
+            stream="summary",
+            id=tally.position(),
+            now=tally.now_ms(),
+            queue=self.settings.live_queue,
+            partitions=query.partitions,
+        )
+        frames = [encode(hello), tally.snapshot(), *tally.rollup.feed]
+        frames.append(encode(Ready(id=tally.position())))
+        viewer.joined(["0-0"] * query.partitions)
+        tally.viewers.add(viewer)
+        tally.idle_since = None
+        await send_frames(ws, frames)
+        await send_queued(ws, viewer)
+        if self._tallies.get((query.site, query.partitions)) is not tally:
+            # Dropped under the viewer (its backfill failed): a new one starts on reconnect.
+            await ws.close(TRY_AGAIN_LATER, "the site's counts restart; reconnect")
+        elif viewer.stale:
+            await ws.close(TRY_AGAIN_LATER, "fell behind the summary's ticks; reconnect")
+
+    async def _tally(self, site: str, partitions: int) -> SiteTally:
+        """The site's tally, started (readers joined, backfill and ticks running) if none."""
+        ident = (site, partitions)
+        tally = self._tallies.get(ident)
+        if tally is not None:
+            return tally
+        redis = self.store.redis
+        kinds: tuple[StreamName, StreamName] = ("events", "rejected")
+        keys = {kind: self.stream_keys(site, kind, partitions) for kind in kinds}
+        async with asyncio.timeout(self.settings.store_timeout):
+            now = await redis_time_ms(redis)
+            ends = {kind: [await stream_end(redis, k) for k in keys[kind]] for kind in kinds}
+        tally = self._tallies.get(ident)
+        if tally is not None:  # another viewer started it meanwhile
+            return tally
+        tally = self._tallies[ident] = SiteTally(self.store, site, partitions, now)
+        positions: dict[StreamName, list[str]] = {}
+        for kind in kinds:
+            reader = self._reader(site, kind, keys[kind], ends[kind])
+            # Where the reader is now: it hands the tally what comes after;
+            # the backfill counts up to here.
+            positions[kind] = list(reader.positions)
+            reader.tally = tally
+            tally.readers[kind] = reader
+        for coro in (tally.backfill(positions, keys.__getitem__), self._tally_loop(tally)):
+            task = asyncio.create_task(coro, name=f"eventwire-tally-{site}")
+            tally.tasks.add(task)
+            task.add_done_callback(tally.tasks.discard)
+        return tally
+
+    async def _tally_loop(self, tally: SiteTally) -> None:
+        """Tick once a second; stop the tally after :data:`LINGER_S` without viewers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK_S)
+            if tally.failed:  # the backfill failed: its viewers reconnect to a new tally
+                break
+            tally.tick()
+            if tally.viewers:
+                tally.idle_since = None
+            elif tally.idle_since is None:
+                tally.idle_since = loop.time()
+            elif loop.time() - tally.idle_since > LINGER_S:
+                break
+        await self._drop_tally(tally, stop_loop=False)
+
+    async def _drop_tally(self, tally: SiteTally, stop_loop: bool = True) -> None:
+        """Forget a tally; its readers stop unless viewers of their own keep them."""
+        if self._tallies.get((tally.site, tally.partitions)) is tally:
+            del self._tallies[(tally.site, tally.partitions)]
+        if stop_loop:
+            await cancel_and_wait(list(tally.tasks))
+        for viewer in tally.viewers:
+            viewer.closed = True
+            viewer.wake()
+        for reader in tally.readers.values():
+            reader.tally = None
+            await self._leave(reader, None)
+
     def _join(
         self,
         site: str,
@@ -331,6 +442,15 @@ class Relay:
         positions: Sequence[str],
     ) -> _Reader:
         """Add a viewer to the reader of its stream, starting the reader if it is the first."""
+        reader = self._reader(site, stream, keys, positions)
+        viewer.joined(positions)
+        reader.viewers.add(viewer)
+        return reader
+
+    def _reader(
+        self, site: str, stream: StreamName, keys: list[str], positions: Sequence[str]
+    ) -> _Reader:
+        """The reader of a stream, started at ``positions`` if there is none."""
         ident = (site, stream, len(keys))
         reader = self._readers.get(ident)
         if reader is None:
@@ -338,14 +458,17 @@ class Relay:
             reader.task = asyncio.create_task(reader.run(), name=f"eventwire-live-{site}-{stream}")
             self._readers[ident] = reader
             metrics.LIVE_READERS.inc()
-        viewer.joined(positions)
-        reader.viewers.add(viewer)
         return reader
 
-    async def _leave(self, reader: _Reader, viewer: Viewer) -> None:
-        """Remove a viewer; the last one to leave stops the reader and waits for it."""
-        reader.viewers.discard(viewer)
-        if reader.viewers or self._readers.get(reader.ident) is not reader:
+    async def _leave(self, reader: _Reader, viewer: Viewer | None) -> None:
+        """Remove a viewer; the last one to leave (tally included) stops the reader."""
+        if viewer is not None:
+            reader.viewers.discard(viewer)
+        if (
+            reader.viewers
+            or reader.tally is not None
+            or self._readers.get(reader.ident) is not reader
+        ):
             return
         del self._readers[reader.ident]
         metrics.LIVE_READERS.dec()
@@ -366,7 +489,10 @@ class Relay:
             viewer.wake()
 
     async def close(self) -> None:
-        """Stop every reader (their viewers' handlers stop them too as they end)."""
+        """Stop every tally and reader (their viewers' handlers stop them too as they end)."""
+        tallies = list(self._tallies.values())
+        self._tallies.clear()
+        await cancel_and_wait(t for tally in tallies for t in tally.tasks)
         readers = list(self._readers.values())
         self._readers.clear()
         for reader in readers:

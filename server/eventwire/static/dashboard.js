@@ -2,15 +2,16 @@
  *
  * Reads three routes of the admin listener: /v1/sites (the chooser),
  * /v1/sites/{site}/summary (open sessions, Redis' clock) and the live relay
- * /v1/live (one WebSocket for the events stream, one for the rejected
- * stream). Each relay message carries its stream id; the page keeps the last
- * one and passes it back as `since` when it reconnects (a server restart, a
- * network drop), so it resumes with nothing missed and nothing twice. A site
- * split into partitions has one stream per partition: its messages say which
- * (`p`), and the page keeps one id per partition, passed back joined by ","
- * (hello and ready carry that whole cursor as their id).
+ * /v1/live?stream=summary (one WebSocket): the server's rollups of the last
+ * five minutes (a snapshot, then a tick a second with the seconds that
+ * changed), the newest few hundred entries of both streams, then the feed,
+ * sampled by the server above about 20 entries a second. The counts never
+ * depend on the feed, so they are exact at any rate and the first load stays
+ * small. On a reconnect (a server restart, a network drop) a new snapshot
+ * replaces the counts; feed entries the page already has are skipped (the
+ * last id per stream and partition, `p`).
  *
- * Counts (the chart, events/s, totals, top actions) go by stream id time:
+ * Counts (the chart, events/s, totals, top tables) go by stream id time:
  * the millisecond part of each entry's id, when Redis stored it, on Redis'
  * clock. The page learns Redis' clock from the relay's hello and the summary.
  *
@@ -28,7 +29,7 @@
   const WINDOW_S = 300;
   // Events/s is the average over this many complete seconds.
   const RATE_S = 10;
-  // Events kept in the page for the feed and customer timelines (~1 KiB each).
+  // Feed entries kept in the page for the feed and customer timelines (~1 KiB each).
   const HISTORY_KEEP = 20000;
   const REJECTED_KEEP = 2000;
   const FEED_ROWS = 200;
@@ -146,7 +147,7 @@
       this.position = [];
       // The last entry id seen, in all and per partition.
       this.last = null;
-      this.lastIn = [];
+      this.lastIn = new Map();
       this.onMessage = onMessage;
       this.retry = RETRY_FIRST_MS;
       this.ready = false;
@@ -161,7 +162,8 @@
       url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
       url.searchParams.set("site", this.site);
       url.searchParams.set("stream", this.kind);
-      url.searchParams.set("since", this.since);
+      // A summary viewer starts with a snapshot: it takes no since.
+      if (this.kind !== "summary") url.searchParams.set("since", this.since);
       return url.href;
     }
 
@@ -182,10 +184,12 @@
         // Ids of different partitions are not ordered against each other.
         const part = typeof msg.p === "number" ? msg.p : 0;
         if (msg.type === "event" || msg.type === "rejected") {
-          // The relay never repeats an id; this guards the counts all the same.
-          const last = this.lastIn[part];
+          // A new snapshot resends the newest entries: skip those already here.
+          // Ids are ordered within one stream's partition only.
+          const key = `${msg.type}:${part}`;
+          const last = this.lastIn.get(key);
           if (last !== undefined && !idAfter(msg.id, last)) return;
-          this.lastIn[part] = msg.id;
+          this.lastIn.set(key, msg.id);
           this.last = msg.id;
         }
         if (typeof msg.id === "string") {
@@ -229,7 +233,9 @@
   function newView(site) {
     return {
       site,
-      seconds: new Map(), // second -> {a, r, actions: Map(action -> count)}
+      seconds: new Map(), // second -> the server's counts {t, accepted, rejected: {code: n}, started, ended}
+      top: null, // the server's top tables {actions, pages, customers}: {total, rows: [key, count, error]}
+      feedEvery: 1,
       history: [], // {id, ev}: accepted events, oldest first
       rejected: [], // {id, rec}: rejected records, oldest first
       streams: [],
@@ -243,19 +249,38 @@
     };
   }
 
-  function bucket(second) {
-    let b = view.seconds.get(second);
-    if (!b) {
-      b = { a: 0, r: 0, actions: new Map() };
-      view.seconds.set(second, b);
-    }
-    return b;
+  function rejectedIn(s) {
+    let n = 0;
+    for (const code in s.rejected || {}) n += s.rejected[code];
+    return n;
   }
 
   function onMessage(msg, stream) {
     switch (msg.type) {
       case "hello":
         clockOffset = msg.now - Date.now();
+        break;
+      case "snapshot":
+        clockOffset = msg.now - Date.now();
+        view.seconds = new Map(msg.seconds.map((s) => [s.t, s]));
+        view.top = msg.top;
+        view.feedEvery = msg.feed_every;
+        view.dirty.numbers = true;
+        backfilling(msg.backfilling === true);
+        if (msg.since > msg.now - msg.window * 1000 + 1000) {
+          notice(
+            "since",
+            `The streams hold entries from ${clock(msg.since)} only (retention): the counts start there.`,
+          );
+        }
+        break;
+      case "tick":
+        // The whole counts of each second that changed: they replace what the page had.
+        for (const s of msg.seconds) view.seconds.set(s.t, s);
+        view.top = msg.top;
+        view.feedEvery = msg.feed_every;
+        view.dirty.numbers = true;
+        backfilling(msg.backfilling === true);
         break;
       case "event":
         addEvent(msg.id, msg.event);
@@ -276,8 +301,8 @@
         view.missed += msg.missed;
         notice(
           "lagged",
-          `This page fell behind and missed ${view.missed} events; the counts miss them too. ` +
-            "Reload the page to count from the stream again.",
+          `This page fell behind: the feed skipped ${view.missed} entries. ` +
+            "The counts come from the server and miss nothing.",
         );
         break;
       default:
@@ -285,11 +310,15 @@
     }
   }
 
+  // The server is still counting the window's past: its seconds come with the ticks.
+  function backfilling(on) {
+    $("total").dataset.complete = String(!on);
+    const el = document.querySelector('.notice[data-key="backfill"]');
+    if (on) notice("backfill", "Counting the last 5 minutes from the streams: older seconds fill in as they are counted.");
+    else if (el) el.remove();
+  }
+
   function addEvent(id, ev) {
-    const b = bucket(Math.floor(idMs(id) / 1000));
-    b.a += 1;
-    const action = String(ev.action);
-    b.actions.set(action, (b.actions.get(action) || 0) + 1);
     const item = { id, ev };
     view.history.push(item);
     if (view.history.length > HISTORY_KEEP) view.history.splice(0, view.history.length - HISTORY_KEEP);
@@ -303,7 +332,6 @@
   }
 
   function addRejected(id, rec) {
-    bucket(Math.floor(idMs(id) / 1000)).r += 1;
     view.rejected.push({ id, rec });
     if (view.rejected.length > REJECTED_KEEP) view.rejected.splice(0, view.rejected.length - REJECTED_KEEP);
     view.dirty.rejected = true;
@@ -479,17 +507,23 @@
     let rate = 0;
     let rateRejected = 0;
     let peak = 0;
-    const actions = new Map();
-    for (const [second, b] of view.seconds) {
+    let started = 0;
+    let ended = 0;
+    const codes = new Map();
+    for (const [second, s] of view.seconds) {
       if (second > nowSec) continue;
-      total += b.a;
-      totalRejected += b.r;
-      peak = Math.max(peak, b.a + b.r);
+      const a = s.accepted || 0;
+      const r = rejectedIn(s);
+      total += a;
+      totalRejected += r;
+      started += s.started || 0;
+      ended += s.ended || 0;
+      peak = Math.max(peak, a + r);
       if (second >= nowSec - RATE_S && second < nowSec) {
-        rate += b.a;
-        rateRejected += b.r;
+        rate += a;
+        rateRejected += r;
       }
-      for (const [action, n] of b.actions) actions.set(action, (actions.get(action) || 0) + n);
+      for (const code in s.rejected || {}) codes.set(code, (codes.get(code) || 0) + s.rejected[code]);
     }
     const from = (nowSec - RATE_S) * 1000;
     const to = nowSec * 1000;
@@ -498,8 +532,33 @@
     setFigure($("total"), total, total.toLocaleString("en"), oldest * 1000, (nowSec + 1) * 1000);
     $("total-rejected").textContent = totalRejected.toLocaleString("en");
     $("total-rejected").dataset.count = String(totalRejected);
+    $("sessions-flow").textContent = `${started.toLocaleString("en")} started · ${ended.toLocaleString("en")} ended in 5 min`;
+    $("sessions-flow").dataset.started = String(started);
+    $("sessions-flow").dataset.ended = String(ended);
+    renderCodes(codes);
     renderChart(nowSec, peak);
-    renderTop(actions, total);
+    const top = view.top || {};
+    renderTop("top", top.actions, "action", "events");
+    renderTop("top-pages", top.pages, "page", "page views");
+    renderTop("top-customers", top.customers, "uuid", "events");
+    $("feed-sampling").textContent =
+      view.feedEvery > 1 ? `The feed shows every ${view.feedEvery}th entry (the rate is above what can be read); counts are exact.` : "";
+  }
+
+  function renderCodes(codes) {
+    const sorted = [...codes].sort((x, y) => y[1] - x[1] || (x[0] < y[0] ? -1 : 1));
+    const fragment = document.createDocumentFragment();
+    for (const [code, n] of sorted) {
+      const li = document.createElement("li");
+      li.dataset.code = code;
+      li.dataset.count = String(n);
+      const name = document.createElement("span");
+      name.className = "code";
+      name.textContent = code;
+      li.append(name, ` ${n.toLocaleString("en")}`);
+      fragment.appendChild(li);
+    }
+    $("codes").replaceChildren(fragment);
   }
 
   function setFigure(el, count, text, from, to) {
@@ -533,12 +592,14 @@
       line.setAttribute("y2", String(height - y * top * scale));
       fragment.appendChild(line);
     }
-    for (const [second, b] of view.seconds) {
+    for (const [second, s] of view.seconds) {
       if (second > nowSec) continue;
       const x = (second - (nowSec - WINDOW_S + 1)) * slot;
-      const title = `${clock(second * 1000).slice(0, 8)}  ${b.a} accepted, ${b.r} rejected`;
+      const a = s.accepted || 0;
+      const r = rejectedIn(s);
+      const title = `${clock(second * 1000).slice(0, 8)}  ${a} accepted, ${r} rejected`;
       let y = height;
-      for (const [kind, n] of [["a", b.a], ["r", b.r]]) {
+      for (const [kind, n] of [["a", a], ["r", r]]) {
         if (!n) continue;
         const h = n * scale;
         y -= h;
@@ -562,27 +623,33 @@
     svg.setAttribute("aria-label", `events per second over the last five minutes; scale 0 to ${top} per second`);
   }
 
-  function renderTop(actions, total) {
-    const sorted = [...actions].sort((x, y) => y[1] - x[1] || (x[0] < y[0] ? -1 : 1));
+  // One of the server's top tables: [key, count, error] rows, the true count in [count - error, count].
+  function renderTop(id, table, attr, what) {
+    const rows = table ? table.rows : [];
+    const total = table ? table.total : 0;
     const fragment = document.createDocumentFragment();
-    const most = sorted.length ? sorted[0][1] : 1;
-    for (const [action, n] of sorted.slice(0, TOP_N)) {
+    const most = rows.length ? rows[0][1] : 1;
+    for (const [key, n, error] of rows.slice(0, TOP_N)) {
       const tr = document.createElement("tr");
-      tr.dataset.action = action;
+      tr.dataset[attr] = key;
       tr.dataset.count = String(n);
-      cell(tr, action, "action");
-      cell(tr, n.toLocaleString("en"), "num");
+      tr.dataset.error = String(error);
+      if (attr === "uuid") cell(tr, "").appendChild(whoButton(key));
+      else cell(tr, key, attr === "action" ? "action" : "key");
+      const shown = error ? `${(n - error).toLocaleString("en")}–${n.toLocaleString("en")}` : n.toLocaleString("en");
+      cell(tr, shown, "num");
       const bar = document.createElement("div");
       bar.className = "bar";
       bar.style.width = `${(100 * n) / most}%`;
-      bar.title = `${((100 * n) / Math.max(total, 1)).toFixed(1)}% of events`;
+      bar.title = `${((100 * n) / Math.max(total, 1)).toFixed(1)}% of ${total.toLocaleString("en")} ${what}`;
       cell(tr, "").appendChild(bar);
       fragment.appendChild(tr);
     }
-    $("top").tBodies[0].replaceChildren(fragment);
-    $("top-empty").hidden = sorted.length > 0;
+    $(id).tBodies[0].replaceChildren(fragment);
+    $(id + "-empty").hidden = rows.length > 0;
+    if (attr !== "action") return;
     const list = document.createDocumentFragment();
-    for (const [action] of sorted.slice(0, 50)) {
+    for (const [action] of rows) {
       const option = document.createElement("option");
       option.value = action;
       list.appendChild(option);
@@ -681,11 +748,8 @@
     document.title = `${site} · eventwire live`;
     $("sessions").textContent = "–";
     readFilters();
-    // The window is backfilled from the streams themselves: 5 minutes back on Redis' clock.
-    view.streams = [
-      new LiveStream(site, "events", `${WINDOW_S / 60}m`, onMessage),
-      new LiveStream(site, "rejected", `${WINDOW_S / 60}m`, onMessage),
-    ];
+    // The server counts the window; the page gets its rollups and the newest entries.
+    view.streams = [new LiveStream(site, "summary", "now", onMessage)];
     updateStatus();
     refreshSummary();
     view.summaryTimer = setInterval(refreshSummary, SUMMARY_EVERY_MS);
