@@ -94,6 +94,9 @@ class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: costs every reader one more stream to follow and each server one more
     #: reaper call per ``reap_interval``. It cannot change while servers run.
     partitions: Annotated[int, Meta(ge=1, le=MAX_PARTITIONS)] = 1
+    #: Backpressure (README "Persistence"); unset means the server's settings.
+    max_backlog: Annotated[int, Meta(ge=1)] | None = None
+    on_backlog: Literal["reject", "trim"] | None = None
 
 
 class SitesFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -218,6 +221,13 @@ class SiteRules:
         """The site's session timings: its own where set, else the settings'."""
         c = self.config
         return SessionTimings.of(settings, c.session_grace, c.session_idle, c.session_max)
+
+    def backlog_limit(self, settings: Settings) -> int:
+        """Unacked entries per stream at which frames are refused (0: ``on_backlog = "trim"``)."""
+        c = self.config
+        if (c.on_backlog or settings.on_backlog) == "trim":
+            return 0
+        return c.max_backlog or settings.max_backlog or settings.stream_maxlen
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a handshake with this ``Origin`` header (or none) may connect."""

@@ -240,7 +240,8 @@ class Upkeep:
             count=count,
             max_deleted_entry_id=deleted,
             last_delivered_id=delivered,
-            hint="raise stream_maxlen or add persist workers: these events never reach the store",
+            hint='on_backlog = "trim" (or the cap trimmed before the group existed): these '
+            'events never reach the store; on_backlog = "reject" refuses frames instead',
         )
 
     async def trim(self, key: str, delivered: str, now_ms: int) -> None:
