@@ -107,3 +107,10 @@ BACKLOG_ENTRIES: Final = Gauge(
     "process last saw them (sites with on_backlog = reject and a persist group).",
     ["site"],
 )
+BACKLOG_MAX: Final = Gauge(
+    "eventwire_backlog_max",
+    "The backlog at which a site's frames are refused, over all its streams (max_backlog "
+    "x partitions). Time until the cap: (eventwire_backlog_max - eventwire_backlog_entries) "
+    "/ deriv(eventwire_backlog_entries[1m]).",
+    ["site"],
+)

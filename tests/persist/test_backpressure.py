@@ -92,3 +92,6 @@ async def test_full_backlog_nacks_then_every_acked_event_is_stored_once(
     assert len(resumed) == 1
     assert resumed[0]["refused"] > 0
     assert backlog_nacks("app") - nacks_before >= client.nacks > 0
+    gauge = REGISTRY.get_sample_value
+    assert gauge("eventwire_backlog_max", {"site": "app"}) == MAX_BACKLOG
+    assert gauge("eventwire_backlog_entries", {"site": "app"}) < MAX_BACKLOG / 2

@@ -448,9 +448,9 @@ class Store:
             )
         if reply.backlog is not None:
             self._backlogs[tag] = reply.backlog
-            metrics.BACKLOG_ENTRIES.labels(site).set(
-                sum(self._backlogs.get(t, 0) for t in self.tags(site))
-            )
+            tags = self.tags(site)
+            metrics.BACKLOG_ENTRIES.labels(site).set(sum(self._backlogs.get(t, 0) for t in tags))
+            metrics.BACKLOG_MAX.labels(site).set(self._max_backlog(site) * len(tags))
 
     def _backpressured(self, tag: str, site: str, refused: int, backlog: int | None) -> None:
         """Note frames refused for a full backlog; warn at an episode's start."""
