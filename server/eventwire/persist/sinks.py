@@ -116,6 +116,57 @@ def decode_event(raw: bytes) -> StoredEvent:
     return event
 
 
+class _Entry(msgspec.Struct, kw_only=True):
+    """A stored event as the worker reads it: :class:`StoredEvent` with ``params`` left as text.
+
+    Decoding ``params`` into objects only to encode them again for the
+    ``params`` column cost more than half the worker's Python time; as
+    :class:`msgspec.Raw` they are checked to be JSON and kept as they are.
+    """
+
+    site: str
+    uuid: str
+    session: str
+    producer: str
+    seq: int
+    action: str
+    label: str
+    time: int
+    received: int
+    params: msgspec.Raw
+    original_time: int | None = None
+    authenticated: bool = False
+
+
+_entry_decoder: Final = msgspec.json.Decoder(_Entry)
+
+
+def decode_row(site: str, raw: bytes) -> EventRow:
+    """The row of one entry's ``event`` field of ``site``'s stream (what :func:`to_row`
+    of :func:`decode_event` makes, decoding the event once and ``params`` not at all).
+
+    Raises:
+        ValueError: not the JSON of a stored event (the message says why).
+    """
+    try:
+        e = _entry_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"undecodable event: {exc}") from None
+    params = bytes(e.params)
+    if not params.lstrip()[:1] == b"{":
+        raise ValueError(
+            "undecodable event: Expected `object`, got another JSON value - at `$.params`"
+        )
+    for name, value in (("seq", e.seq), ("time", e.time), ("received", e.received),
+                        ("original_time", e.original_time)):  # fmt: skip
+        if value is not None and not -_BIGINT_MAX <= value <= _BIGINT_MAX:
+            raise ValueError(f"undecodable event: {name} {value} is out of BIGINT range")
+    return EventRow(
+        site, e.producer, e.seq, e.uuid, e.session, e.action, e.label, e.time, e.received,
+        e.original_time, params.decode(), e.authenticated,
+    )  # fmt: skip
+
+
 class EventRow(msgspec.Struct, array_like=True, frozen=True):
     """An event as the ``events`` table holds it, in :data:`_EVENT_COLUMNS` order."""
 
@@ -237,6 +288,8 @@ class SqliteSink:
 
     #: How long a write waits for another process' transaction on the same file.
     BUSY_TIMEOUT_MS: Final = 10_000
+    #: SQLite's page cache of the worker's connection (KiB).
+    CACHE_KIB: Final = 65_536
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -263,6 +316,10 @@ class SqliteSink:
         db.execute(f"PRAGMA busy_timeout = {self.BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
+        # The primary key and the activity index outgrow the default 2 MiB cache
+        # at a few hundred thousand rows; inserts then wait on page reads (30 %
+        # slower measured at 400,000 rows).
+        db.execute(f"PRAGMA cache_size = -{self.CACHE_KIB}")
         self._db = db
         db.execute("BEGIN IMMEDIATE")
         try:

@@ -47,7 +47,7 @@ from prometheus_client import Counter
 from eventwire.core.config import Settings
 from eventwire.core.errors import ConfigError, StoreUnavailable
 from eventwire.core.rules import SitesBook
-from eventwire.persist.sinks import DEFAULT_DSN, EventRow, Sink, decode_event, open_sink, to_row
+from eventwire.persist.sinks import DEFAULT_DSN, EventRow, Sink, decode_row, open_sink
 from eventwire.persist.upkeep import DeadEntry, Entries, Stream, Upkeep, streams_of
 from eventwire.store import ConsumerGroup, GroupMissing, Keys
 
@@ -376,7 +376,7 @@ class Worker:
                     dead.append((stream, entry_id, raw, why))
                     continue
                 try:
-                    rows.append(to_row(stream.site, decode_event(raw)))
+                    rows.append(decode_row(stream.site, raw))
                 except ValueError as exc:
                     dead.append((stream, entry_id, raw, str(exc)))
                     continue
