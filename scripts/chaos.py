@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -307,6 +308,8 @@ async def run(args: argparse.Namespace) -> int:
         await redis.aclose()
         rig.stop()
     print("chaos: " + ("OK" if code == 0 else f"FAILED (logs in {work})"))
+    if code == 0:
+        shutil.rmtree(work, ignore_errors=True)
     return code
 
 
