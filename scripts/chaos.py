@@ -185,7 +185,10 @@ async def backlog(redis: aioredis.Redis) -> int | None:
     """The persist group's unacknowledged entries (None: Redis or the group is away)."""
     try:
         (group,) = await redis.xinfo_groups(STREAM)
-        return int(group["pending"]) + int(group["lag"] or 0)
+        last = (await redis.xinfo_stream(STREAM))["last-generated-id"]
+        # Redis' lag counter can be wrong after an AOF reload: all delivered is lag 0.
+        lag = 0 if group["last-delivered-id"] == last else int(group["lag"] or 0)
+        return int(group["pending"]) + lag
     except (aioredis.RedisError, OSError, ValueError):
         return None
 
