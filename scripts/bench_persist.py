@@ -67,11 +67,19 @@ async def main() -> None:
     worker = Worker(settings, book, PersistOptions(dsn=args.dsn), sink=sink)
     started = time.perf_counter()
     await worker.start()
-    while await sink.count(SITE) - before < args.n:  # noqa: ASYNC110 - polling the store is the point
-        await asyncio.sleep(0.05)
+    # The worker's own count: polling the store with count(*) would take the
+    # sink's lock (and SQLite's file) from the worker it measures.
+    while worker.rows_written < args.n:  # noqa: ASYNC110 - polling the worker is the point
+        await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
     await worker.stop()
     await redis.aclose()
+    check = open_sink(args.dsn)
+    await check.open()
+    stored = await check.count(SITE) - before
+    await check.close()
+    if stored != args.n:
+        raise SystemExit(f"{stored} rows stored of {args.n}")
     store = args.dsn.split(":", 1)[0]
     print(f"persist into {store}: {args.n} rows in {elapsed:.2f} s: {args.n / elapsed:,.0f} rows/s")
 

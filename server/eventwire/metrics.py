@@ -99,3 +99,23 @@ LIVE_MISSED: Final = Counter(
     "eventwire_live_missed",
     "Events dropped for live viewers that could not keep up (each was sent lagged).",
 )
+
+# -- backpressure (README "Persistence"): set by the publisher from publish's replies
+BACKLOG_NACKS: Final = Counter(
+    "eventwire_backlog_nacks",
+    "Frames nacked unavailable because a stream's persist backlog was at max_backlog.",
+    ["site"],
+)
+BACKLOG_ENTRIES: Final = Gauge(
+    "eventwire_backlog_entries",
+    "Entries of a site's events streams the persist group has not acknowledged, as this "
+    "process last saw them (sites with on_backlog = reject and a persist group).",
+    ["site"],
+)
+BACKLOG_MAX: Final = Gauge(
+    "eventwire_backlog_max",
+    "The backlog at which a site's frames are refused, over all its streams (max_backlog "
+    "x partitions). Time until the cap: (eventwire_backlog_max - eventwire_backlog_entries) "
+    "/ deriv(eventwire_backlog_entries[1m]).",
+    ["site"],
+)

@@ -12,7 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from eventwire.commands.stats import site_stats, table
+from eventwire.commands.stats import add_persist_rates, site_stats, table
 from eventwire.gateway import EventwireServer
 from eventwire.store import Keys, redis_client
 from eventwire.store.survey import find_site, find_sites, partitions_found
@@ -80,11 +80,14 @@ async def test_site_stats_persist_group(server: EventwireServer, redis: aioredis
     assert stats["persist_pending"] == 2
     assert stats["persist_lag"] == length - 2
     assert stats["oldest_pending_s"] >= 0.05
+    assert stats["backlog"] == length  # nothing acknowledged yet
+    assert stats["persist_acked"] == 0
     await redis.xack(EVENTS, "persist", *ids)
     stats = await site_stats(redis, KEYS, "app")
     assert stats["persist_pending"] == 0
     assert stats["oldest_pending_s"] is None
     assert stats["persist_lag"] == length - 2
+    assert (stats["backlog"], stats["persist_acked"]) == (length - 2, 2)
 
 
 async def test_stats_command_json(
@@ -121,8 +124,36 @@ def test_table_shows_dashes_for_unknowns() -> None:
     }
     lines = table({"sites": {"app": numbers}, "time": 0}).splitlines()
     assert lines[0].split()[:3] == ["site", "length", "events/s"]
-    assert lines[1].split() == ["app", "12", "0.20", "0.00", "1", "-", "-", "-"]
+    assert lines[1].split() == ["app", "12", "0.20", "0.00", "1", "-", "-", "-", "-", "-", "-"]
     assert len(lines[0]) == len(lines[1])
+
+
+def test_persist_rate_and_time_until_the_cap() -> None:
+    """Two looks give the persist rate; the cap (x partitions) and the rates, its time."""
+
+    def look(time: int, acked: int, backlog: int, events_per_s: float) -> dict[str, Any]:
+        numbers = {"persist_acked": acked, "backlog": backlog, "persist_lag": backlog}
+        numbers |= {"events_per_s": events_per_s, "partitions": [{}, {}]}
+        return {"sites": {"shop": numbers, "live": dict(numbers)}, "time": time}
+
+    before = look(10_000, 1_000, 500, 300.0)
+    now = look(12_000, 1_400, 900, 300.0)  # 200 acked/s while 300/s come in
+    add_persist_rates(now, before, {"shop": 1_000, "live": 0})
+    shop = now["sites"]["shop"]
+    assert shop["persist_per_s"] == 200
+    assert shop["max_backlog"] == 2_000  # per stream, two partitions
+    assert shop["cap_in_s"] == 11.0  # (2000 - 900) / (300 - 200)
+    live = now["sites"]["live"]  # on_backlog = "trim": no cap
+    assert (live["max_backlog"], live["cap_in_s"]) == (None, None)
+    caught_up = look(14_000, 2_400, 900, 300.0)  # 500 acked/s: shrinking
+    add_persist_rates(caught_up, now, {"shop": 1_000})
+    assert caught_up["sites"]["shop"]["cap_in_s"] is None
+    full = look(16_000, 2_400, 2_000, 300.0)
+    add_persist_rates(full, caught_up, {"shop": 1_000})
+    assert full["sites"]["shop"]["cap_in_s"] == 0.0
+    alone = look(0, 0, 0, 1.0)
+    add_persist_rates(alone, None, {"shop": 1_000})
+    assert alone["sites"]["shop"]["persist_per_s"] is None
 
 
 async def test_site_stats_sums_partitions(
@@ -162,7 +193,10 @@ async def test_site_stats_sums_partitions(
     assert snap["sites"]["big"]["open_sessions"] == len(uuids)
     assert [p["length"] for p in snap["sites"]["big"]["partitions"]] == lengths
     assert "partitions" not in snap["sites"]["app"]
-    assert set(snap["sites"]["app"]) == set(await site_stats(redis, KEYS, "app"))
+    # The command adds the persist rate, the cap and the time until it (two looks).
+    rates = {"persist_per_s", "max_backlog", "cap_in_s"}
+    assert set(snap["sites"]["app"]) == set(await site_stats(redis, KEYS, "app")) | rates
+    assert snap["sites"]["app"]["max_backlog"] == 1_000_000  # stream_maxlen by default
 
 
 async def test_site_stats_persist_group_over_partitions(redis: aioredis.Redis) -> None:

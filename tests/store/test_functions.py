@@ -219,7 +219,7 @@ async def test_open_publish_leave_with_identify(lib: aioredis.Redis) -> None:
     opened = parse_open(await call(lib, FN_OPEN, call_keys(customer("u-1")), first))
     assert (opened.session, opened.resumed, opened.acked) == ("s-1", False, 0)
     head = PublishKeys(KEYS.events(TAG), KEYS.rejected(TAG), KEYS.due(TAG))
-    args = PublishArgs(1000, 1000, 60_000, 60_000, 3_600_000, "sei", session_end_record(TAG))
+    args = PublishArgs(1000, 1000, 60_000, 60_000, 3_600_000, "sei", session_end_record(TAG), 10)
     frames = [("p-1", "s-1", [1, 2]), ("p-2", "gone", [1])]
     keys: list[Any] = [*head]
     argv: list[Any] = [*args]
@@ -229,7 +229,8 @@ async def test_open_publish_leave_with_identify(lib: aioredis.Redis) -> None:
         for seq in seqs:
             argv += PublishItem(seq, EVENT, b'{"seq":%d}' % seq)
     done = parse_publish(await call(lib, FN_PUBLISH, keys, argv), len(frames))
-    assert [(d.added, d.duplicate, d.gone) for d in done] == [(2, 0, False), (0, 0, True)]
+    assert [(d.added, d.duplicate, d.gone) for d in done.frames] == [(2, 0, False), (0, 0, True)]
+    assert done.backlog is None  # no persist group: not watched
     back = await call(lib, FN_HEARTBEAT, HeartbeatKeys(KEYS.live(TAG)), [
         *HeartbeatArgs(60_000, KEYS.site_prefix(TAG)), "m:1:u-1", "m:2:u-1",
     ])  # fmt: skip

@@ -3,7 +3,10 @@
 This module owns the ``stats`` subcommand and :func:`site_stats`, the
 per-site numbers: stream length, events/s and rejected/s over the last
 minute, open sessions (one ``due`` entry per open session), and the
-``persist`` consumer group's lag, pending count and oldest pending age. It
+``persist`` consumer group's lag, pending count and oldest pending age, its
+backlog (lag + pending: what ``max_backlog`` caps), the persist rate (acked
+entries/s between two looks, ``RATE_SAMPLE`` apart, or the refreshes of
+``--watch``) and the time until the cap at the current rates. It
 only reads Redis; times are Redis's own clock (``TIME``), the clock stream
 ids come from. Output is a table on a terminal, one JSON object otherwise (or
 with ``--json``); ``--watch`` refreshes every 2 s until Ctrl-C.
@@ -34,6 +37,7 @@ from typing import Any, Final
 from eventwire.commands.tail import every_site, operator_command, operator_config
 from eventwire.core.config import add_source_flags
 from eventwire.core.errors import ConfigError, StoreUnavailable
+from eventwire.core.rules import load_sites
 from eventwire.store import Keys, RedisClient, redis_client
 from eventwire.store.survey import (
     GroupState,
@@ -48,6 +52,9 @@ GROUP: Final = Keys.PERSIST_GROUP
 #: Partitions of one site read at once; each read holds one Redis connection,
 #: so this bounds the connections ``stats`` opens (per node on a cluster).
 PARTITION_READS: Final = 8
+#: Seconds between the two looks of a one-shot ``stats`` (the persist rate is
+#: their difference); ``--watch`` uses the refresh before.
+RATE_SAMPLE: Final = 1.0
 #: ``--watch`` refresh period (s).
 WATCH_EVERY: Final = 2.0
 #: How often ``--watch`` looks again for sites in Redis (s): a look walks the
@@ -77,13 +84,24 @@ def merge_groups(states: Sequence[GroupState], now_ms: int) -> dict[str, Any]:
     (its unread entries are unknown); pending is the sum; the oldest pending
     entry is the oldest of all.
     """
-    out: dict[str, Any] = {"persist_lag": None, "persist_pending": None, "oldest_pending_s": None}
+    out: dict[str, Any] = {
+        "persist_lag": None,
+        "persist_pending": None,
+        "oldest_pending_s": None,
+        "backlog": None,
+        "persist_acked": None,
+    }
     grouped = [g for g in states if g.grouped]
     if not grouped:
         return out
     if all(g.lag is not None for g in states if g.exists):
         out["persist_lag"] = sum(g.lag or 0 for g in grouped)
     out["persist_pending"] = sum(g.pending for g in grouped)
+    if out["persist_lag"] is not None:
+        # What backpressure counts: entries the group has not acknowledged.
+        out["backlog"] = out["persist_lag"] + out["persist_pending"]
+    if all(g.acked is not None for g in grouped):
+        out["persist_acked"] = sum(g.acked or 0 for g in grouped)
     oldest = [g.oldest_pending_ms for g in grouped if g.oldest_pending_ms is not None]
     if oldest:
         out["oldest_pending_s"] = round(max(0, now_ms - min(oldest)) / 1000, 3)
@@ -153,6 +171,42 @@ async def snapshot(redis: RedisClient, keys: Keys, sites: Mapping[str, int]) -> 
     }
 
 
+def add_persist_rates(
+    snap: dict[str, Any], before: Mapping[str, Any] | None, limits: Mapping[str, int]
+) -> None:
+    """Add ``persist_per_s``, ``max_backlog`` and ``cap_in_s`` to each site of ``snap``.
+
+    ``persist_per_s``: entries the group acknowledged per second between
+    ``before`` (an earlier snapshot; None: unknown) and ``snap``.
+    ``max_backlog``: the site's cap over all its streams (per stream times
+    partitions; None for ``on_backlog = "trim"`` or a site not in the sites
+    file). ``cap_in_s``: seconds until the backlog reaches it at the current
+    rates (events/s over the last minute less the persist rate); None when
+    it is not growing or a number is unknown, 0 when it is there.
+    """
+    for site, numbers in snap["sites"].items():
+        rate = None
+        old = (before or {}).get("sites", {}).get(site)
+        if old is not None and before is not None:
+            elapsed = (snap["time"] - before["time"]) / 1000
+            acked, was = numbers.get("persist_acked"), old.get("persist_acked")
+            if elapsed > 0 and acked is not None and was is not None:
+                rate = round(max(0, acked - was) / elapsed, 3)
+        numbers["persist_per_s"] = rate
+        per_stream = limits.get(site)
+        cap = per_stream * len(numbers.get("partitions") or [0]) if per_stream else None
+        numbers["max_backlog"] = cap
+        numbers["cap_in_s"] = None
+        backlog = numbers.get("backlog")
+        if cap is None or backlog is None or rate is None or numbers.get("persist_lag") is None:
+            continue
+        growth = numbers["events_per_s"] - rate
+        if backlog >= cap:
+            numbers["cap_in_s"] = 0.0
+        elif growth > 0:
+            numbers["cap_in_s"] = round((cap - backlog) / growth, 1)
+
+
 COLUMNS: Final = (
     ("site", "site"),
     ("length", "length"),
@@ -162,6 +216,9 @@ COLUMNS: Final = (
     ("persist lag", "persist_lag"),
     ("pending", "persist_pending"),
     ("oldest pending", "oldest_pending_s"),
+    ("backlog", "backlog"),
+    ("persist/s", "persist_per_s"),
+    ("cap in", "cap_in_s"),
 )
 
 
@@ -202,7 +259,8 @@ def table(snap: Mapping[str, Any]) -> str:
                 row.append(_partitions_cell(numbers))
                 continue
             cell = _cell(numbers.get(name))
-            row.append(cell + ("s" if name == "oldest_pending_s" and cell != "-" else ""))
+            timed = name in ("oldest_pending_s", "cap_in_s") and cell != "-"
+            row.append(cell + ("s" if timed else ""))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = []
@@ -222,6 +280,10 @@ async def run(args: argparse.Namespace) -> int:
         print(f"eventwire stats: configuration error: {exc}", file=sys.stderr)
         return 2
     keys = Keys(loaded.settings.key_prefix)
+    limits = {
+        site: rules.backlog_limit(loaded.settings)
+        for site, rules in load_sites(loaded.sites_path).items()
+    }
     tty = sys.stdout.isatty()
     as_json = bool(args.json) or not tty
     client = redis_client(loaded.settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
@@ -229,6 +291,7 @@ async def run(args: argparse.Namespace) -> int:
     down = False
     found: dict[str, int] = {}
     looked: float | None = None  # when Redis was last searched for sites (monotonic)
+    before: dict[str, Any] | None = None  # the look before: the persist rate's start
     async with operator_command(client) as stopped:
         # stopped() too: a cancellation can be lost inside redis-py (eventwire.tasks).
         while not stopped():
@@ -236,7 +299,13 @@ async def run(args: argparse.Namespace) -> int:
                 if looked is None or time.monotonic() - looked >= FIND_SITES_EVERY:
                     found = await find_sites(client, keys)
                     looked = time.monotonic()
-                snap = await snapshot(client, keys, every_site(named, found))
+                sites = every_site(named, found)
+                if before is None and not args.watch:
+                    before = await snapshot(client, keys, sites)
+                    await asyncio.sleep(RATE_SAMPLE)
+                snap = await snapshot(client, keys, sites)
+                add_persist_rates(snap, before, limits)
+                before = snap
             except StoreUnavailable as exc:
                 if not args.watch:
                     print(f"eventwire stats: Redis unavailable: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -98,6 +98,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rejected_maxlen: Count = 100_000
     #: How long a producer's highest stored seq is kept (de-duplication window).
     producer_ttl: Seconds = 7 * 86400.0
+
+    # -- backpressure (README "Persistence"); both may be set per site
+    #: Entries of an events stream its persist group has not acknowledged at which
+    #: new frames of the site are nacked ``unavailable``; 0: ``stream_maxlen``.
+    max_backlog: Annotated[int, Meta(ge=0)] = 0
+    #: "reject": while a stream has a persist group nothing unpersisted is trimmed
+    #: and frames wait at ``max_backlog``; "trim": ``MAXLEN ~ stream_maxlen`` trims
+    #: the oldest entries, stored or not (acked events may never reach the store).
+    on_backlog: Literal["reject", "trim"] = "reject"
 
     # -- store behaviour
     #: How long one Redis round trip may take before frames are nacked ``unavailable``.

@@ -104,6 +104,9 @@ class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     write_keys: list[WriteKeyConfig] = []
     #: Segment event names mapped to actions explicitly (wins over the derived name).
     segment_actions: dict[str, str] = {}
+    #: Backpressure (README "Persistence"); unset means the server's settings.
+    max_backlog: Annotated[int, Meta(ge=1)] | None = None
+    on_backlog: Literal["reject", "trim"] | None = None
 
 
 class SitesFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -238,6 +241,13 @@ class SiteRules:
                 f"{key.secret_env} must hold the write key, at least 16 characters"
             )
         return secret.encode()
+
+    def backlog_limit(self, settings: Settings) -> int:
+        """Unacked entries per stream at which frames are refused (0: ``on_backlog = "trim"``)."""
+        c = self.config
+        if (c.on_backlog or settings.on_backlog) == "trim":
+            return 0
+        return c.max_backlog or settings.max_backlog or settings.stream_maxlen
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a handshake with this ``Origin`` header (or none) may connect."""

@@ -240,7 +240,8 @@ class Upkeep:
             count=count,
             max_deleted_entry_id=deleted,
             last_delivered_id=delivered,
-            hint="raise stream_maxlen or add persist workers: these events never reach the store",
+            hint='on_backlog = "trim" (or the cap trimmed before the group existed): these '
+            'events never reach the store; on_backlog = "reject" refuses frames instead',
         )
 
     async def trim(self, key: str, delivered: str, now_ms: int) -> None:
@@ -248,7 +249,8 @@ class Upkeep:
 
         Below both the group's last delivered id and its oldest pending entry,
         every entry is in the store: trimming there never destroys unpersisted
-        data. The server's ``MAXLEN ~`` stays as the safety cap. Each stream is
+        data. The server's cap (``stream_maxlen``) trims only below the same
+        point while the stream has the group (``on_backlog = "reject"``). Each stream is
         judged by its own group and ids; ``now_ms`` is Redis' clock.
         """
         safe = stream_id(delivered)

@@ -70,6 +70,10 @@ class PublishArgs(NamedTuple):
     taken: str
     #: :func:`session_end_record` of the site.
     end_record: bytes
+    #: Unacknowledged entries of the persist group at which frames are refused
+    #: (status full), and below which nothing unacknowledged is trimmed; 0 for
+    #: ``on_backlog = "trim"``: ``MAXLEN ~ events_maxlen`` whatever was persisted.
+    max_backlog: int
 
 
 class PublishFrameKeys(NamedTuple):

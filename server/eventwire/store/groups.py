@@ -126,9 +126,12 @@ class ConsumerGroup:
                         raise
 
     async def read_new(
-        self, keys: Sequence[str], count: int
+        self, keys: Sequence[str], count: int, block: bool = True
     ) -> tuple[Delivered, BaseException | None]:
         """XREADGROUP of entries never delivered to the group, waiting up to ``block_ms``.
+
+        ``block=False``: answer at once, with what there is (the worker reads
+        so while it writes the batch before).
 
         A cluster cannot read keys of several slots in one call: each stream
         is read on its own node (see :meth:`_read_cluster`).
@@ -144,7 +147,11 @@ class ConsumerGroup:
             streams: dict[Any, Any] = dict.fromkeys(keys, ">")
             try:
                 reply = await client.xreadgroup(
-                    self.group, self.consumer, streams, count=count, block=self.block_ms
+                    self.group,
+                    self.consumer,
+                    streams,
+                    count=count,
+                    block=self.block_ms if block else None,
                 )
             except (*OUTAGE, RedisError) as exc:
                 return [], _failed(exc)
@@ -160,7 +167,7 @@ class ConsumerGroup:
         # A pass that does not block first: a busy stream must not wait for
         # idle ones' blocks. Only when every stream is idle do reads block.
         out, error = await self._read_cluster(client, keys, count, None)
-        if error is None and not any(entries for _, entries in out):
+        if block and error is None and not any(entries for _, entries in out):
             share = max(1, self.block_ms * CLUSTER_READS // len(keys))
             out, error = await self._read_cluster(client, keys, count, min(self.block_ms, share))
         return out, error

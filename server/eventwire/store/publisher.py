@@ -43,11 +43,15 @@ from eventwire.store.functions import (
     session_end_record,
 )
 from eventwire.store.keys import Keys
-from eventwire.store.replies import SiteSnapshot, missing_function, parse_publish
+from eventwire.store.replies import PublishReply, SiteSnapshot, missing_function, parse_publish
 from eventwire.store.resp import bulk, pack_args, pack_fcall, pack_items
 from eventwire.store.streams import read_site_summary
 
 log = structlog.get_logger("eventwire.store")
+
+#: Seconds without a refused frame after which a full backlog counts as a new
+#: episode (warned again) even if no frame came to see it drained.
+BACKLOG_QUIET = 30.0
 
 
 class FrameSink(Protocol):
@@ -176,6 +180,11 @@ class Store:
         self._lanes = [_Lane() for _ in range(settings.publish_lanes)]
         self._started = False
         self._closing = False
+        #: The backlog each tag's events stream had at its last publish call.
+        self._backlogs: dict[str, int] = {}
+        #: Streams (tags) refusing frames now -> [last refusal (monotonic), frames
+        #: refused]: one warning per episode (see :meth:`_settle`).
+        self._full: dict[str, list[float]] = {}
         # After a failed round trip, frames are nacked at once until this
         # monotonic time, so that an outage answers clients quickly instead of
         # making every queued batch wait store_timeout again.
@@ -316,7 +325,16 @@ class Store:
             max_ms=timing.max_ms,
             taken=taken,
             end_record=session_end_record(site),
+            max_backlog=self._max_backlog(site),
         )
+
+    def _max_backlog(self, site: str) -> int:
+        """The site's ``max_backlog`` for publish (0: ``on_backlog = "trim"``)."""
+        rules = self.book.get(site)
+        if rules is not None:
+            return rules.backlog_limit(self.settings)
+        s = self.settings
+        return 0 if s.on_backlog == "trim" else s.max_backlog or s.stream_maxlen
 
     async def _run(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
@@ -401,11 +419,57 @@ class Store:
                 for frame in frames:
                     frame.fail(f"redis error: {result}")
                 continue
-            for frame, done in zip(frames, parse_publish(result, len(frames)), strict=True):
-                if done.gone:
-                    frame.sink.frame_gone(frame)
-                else:
-                    frame.sink.frame_stored(frame, done.added, done.duplicate)
+            self._settle(frames, parse_publish(result, len(frames)))
+
+    def _settle(self, frames: list[Frame], reply: PublishReply) -> None:
+        """Tell each frame of one tag's call how it ended; note the stream's backlog."""
+        first = frames[0]
+        tag, site = first.tag, first.site
+        full = 0
+        for frame, done in zip(frames, reply.frames, strict=True):
+            if done.full:
+                full += 1
+                # Nothing stored: nacked unavailable, and the frames behind it
+                # on this connection wait (FrameOwner), so the order holds.
+                frame.fail("persist backlog at max_backlog")
+            elif done.gone:
+                frame.sink.frame_gone(frame)
+            else:
+                frame.sink.frame_stored(frame, done.added, done.duplicate)
+        if full:
+            metrics.BACKLOG_NACKS.labels(site).inc(full)
+            self._backpressured(tag, site, full, reply.backlog)
+        elif tag in self._full and (reply.backlog or 0) <= self._max_backlog(site) // 2:
+            # Hysteresis: a worker draining a full backlog while clients resend
+            # brings it just under the cap many times; that is one episode.
+            _, refused = self._full.pop(tag)
+            log.info(
+                "backlog_resumed", site=site, stream=self.keys.events(tag), refused=int(refused)
+            )
+        if reply.backlog is not None:
+            self._backlogs[tag] = reply.backlog
+            tags = self.tags(site)
+            metrics.BACKLOG_ENTRIES.labels(site).set(sum(self._backlogs.get(t, 0) for t in tags))
+            metrics.BACKLOG_MAX.labels(site).set(self._max_backlog(site) * len(tags))
+
+    def _backpressured(self, tag: str, site: str, refused: int, backlog: int | None) -> None:
+        """Note frames refused for a full backlog; warn at an episode's start."""
+        now = time.monotonic()
+        episode = self._full.get(tag)
+        if episode is not None and now - episode[0] < BACKLOG_QUIET:
+            episode[0] = now
+            episode[1] += refused
+            return
+        self._full[tag] = [now, float(refused)]
+        log.warning(
+            "backlog_full",
+            site=site,
+            stream=self.keys.events(tag),
+            backlog=backlog,
+            max_backlog=self._max_backlog(site),
+            hint="the persist workers are behind or stopped: frames are nacked "
+            "unavailable (clients resend) until the backlog is half drained",
+        )
 
     async def _fcall(
         self,

@@ -24,6 +24,7 @@ __all__ = [
     "LeaveReply",
     "OpenReply",
     "PendingSummary",
+    "PublishReply",
     "ReapReply",
     "SiteSnapshot",
     "StreamEntry",
@@ -310,14 +311,30 @@ class FrameResult(NamedTuple):
     duplicate: int
     #: The session the frame was encoded for has ended; nothing was stored.
     gone: bool
+    #: The persist group's backlog was at ``max_backlog``; nothing was stored.
+    full: bool = False
 
 
-def parse_publish(reply: Sequence[Any], frames: int) -> list[FrameResult]:
-    """``publish``'s reply: ``{added, duplicate, gone}`` per frame, in call order."""
-    return [
-        FrameResult(int(reply[i]), int(reply[i + 1]), bool(reply[i + 2]))
-        for i in range(0, 3 * frames, 3)
-    ]
+class PublishReply(NamedTuple):
+    """``publish``'s whole reply: each frame's result, and the stream's backlog after the call."""
+
+    frames: list[FrameResult]
+    #: Entries the persist group has not acknowledged; None when not watched
+    #: (no persist group, or ``on_backlog = "trim"``).
+    backlog: int | None
+
+
+def parse_publish(reply: Sequence[Any], frames: int) -> PublishReply:
+    """``publish``'s reply: ``{added, duplicate, status}`` per frame, then the backlog.
+
+    Status 0 is stored, 1 gone, 2 full.
+    """
+    results = []
+    for i in range(0, 3 * frames, 3):
+        status = int(reply[i + 2])
+        results.append(FrameResult(int(reply[i]), int(reply[i + 1]), status == 1, status == 2))
+    backlog = int(reply[3 * frames])
+    return PublishReply(results, None if backlog < 0 else backlog)
 
 
 class OpenReply(NamedTuple):

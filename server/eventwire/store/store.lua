@@ -11,7 +11,10 @@
 -- only known inside a call are built from the key prefix passed in, under
 -- the same tag.
 --
---   ew:{site}:events          accepted and server-made events (XADD MAXLEN ~)
+--   ew:{site}:events          accepted and server-made events (XADD; trimmed by
+--                             MAXLEN ~, or, while it has a persist group and
+--                             max_backlog is above 0, only below what the
+--                             group has acknowledged: see backlog_of)
 --   ew:{site}:rejected        rejected events
 --   ew:{site}:producer:<p>    a producer's highest stored seq (PX producer_ttl)
 --   ew:{site}:sess:<uuid>     the customer's open session: id, first, last,
@@ -78,6 +81,71 @@ local function takes(taken, letter)
   return string.find(taken, letter, 1, true) ~= nil
 end
 
+-- The persist group on an events stream: {backlog = entries the group has
+-- not acknowledged (pending with a consumer, or never delivered), floor =
+-- an id below which every entry is acknowledged}, or nil if the stream (or
+-- the group) does not exist. XINFO GROUPS costs O(groups): the check needs
+-- no round trip of its own and no key the worker must keep up to date.
+-- The most undelivered entries backlog_of counts itself (a bounded XRANGE).
+local COUNT_MAX = 2000
+
+local function backlog_of(events, cap)
+  local groups = redis.pcall('XINFO', 'GROUPS', events)
+  if type(groups) ~= 'table' or groups.err then
+    return nil
+  end
+  for _, g in ipairs(groups) do
+    local f = {}
+    for i = 1, #g, 2 do
+      f[g[i]] = g[i + 1]
+    end
+    if f['name'] == 'persist' then
+      local last, pending = f['last-delivered-id'], f['pending']
+      local lag = f['lag']
+      local need = cap - pending -- undelivered entries that make the backlog full
+      if need > 0 and (type(lag) ~= 'number' or lag >= need) then
+        -- Redis' lag is a counter that can be wrong (after an AOF reload it
+        -- was seen 14,320 too high with everything delivered) or unknown
+        -- (entries deleted past the group's position). Before refusing
+        -- frames, count the undelivered entries themselves, at most
+        -- COUNT_MAX of them: fewer than asked is the true number.
+        local want = math.min(need, COUNT_MAX)
+        local found = #redis.call('XRANGE', events, '(' .. last, '+', 'COUNT', want)
+        if found < want or type(lag) ~= 'number' then
+          lag = found
+        end
+      end
+      return {backlog = pending + (lag or 0), pending = pending, last = last}
+    end
+  end
+  return nil
+end
+
+-- Trim an events stream that has a persist group back under maxlen, but
+-- never an entry the group has not acknowledged: every entry below the
+-- group's oldest pending one (or, with none pending, its last delivered
+-- one) is acknowledged, so MINID ~ there is safe (~: whole nodes only).
+local function trim_acknowledged(events, maxlen, group)
+  if redis.call('XLEN', events) <= tonumber(maxlen) then
+    return
+  end
+  local floor = group.last
+  if group.pending > 0 then
+    floor = redis.call('XPENDING', events, 'persist')[2]
+  end
+  redis.call('XTRIM', events, 'MINID', '~', floor)
+end
+
+-- Append a server-made event: while the stream has a persist group it is
+-- never trimmed here (publish trims it safely); otherwise MAXLEN ~ maxlen.
+local function append(events, maxlen, payload)
+  if backlog_of(events, 1) then
+    redis.call('XADD', events, '*', 'event', payload)
+  else
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'event', payload)
+  end
+end
+
 -- Publish a server-made event of the session: producer srv:<session>, the
 -- next seq of the session's own counter, the record's template filled.
 local function server_event(events_key, skey, maxlen, sid, now, template, values)
@@ -85,7 +153,7 @@ local function server_event(events_key, skey, maxlen, sid, now, template, values
   values[HOLE_PRODUCER] = cjson.encode('srv:' .. sid)
   values[HOLE_SEQ] = int(redis.call('HINCRBY', skey, 'seq', 1))
   values[HOLE_TIME] = int(now)
-  redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, '*', 'event', fill(template, values))
+  append(events_key, maxlen, fill(template, values))
 end
 
 -- End a session: its one session.end, then forget it. Callers decided inside
@@ -121,27 +189,38 @@ end
 -- no session check), uuid, item count n, and n (seq, kind, payload) items in
 -- seq order. Kinds: e = event (stored once), r = rejected (recorded once),
 -- R = rejected out of order (recorded, does not move the stored seq), n =
--- counted only. Returns per frame {added, duplicate, gone}; gone = 1 means
--- the session the frame was encoded for has ended (now, or before): nothing
--- was stored and the producer's seq did not move.
+-- counted only. Returns per frame {added, duplicate, status}, then the
+-- stream's backlog (-1: not watched). Status 0: stored; 1 (gone): the
+-- session the frame was encoded for has ended (now, or before); 2 (full):
+-- the persist group's backlog is at max_backlog. Gone or full, nothing of
+-- the frame was stored and the producer's seq did not move.
+--
+-- max_backlog above 0 (on_backlog = "reject"): while the events stream has a
+-- persist group, nothing the group has not acknowledged is trimmed, and a
+-- frame that finds max_backlog entries unacknowledged is refused. 0 (on_backlog
+-- = "trim"), or no persist group: MAXLEN ~ events_maxlen, as a live-only
+-- stream needs.
 local function publish(keys, args)
   local events, rejected, due = unpack(keys, 1, 3)
-  local events_maxlen, rejected_maxlen, producer_ttl_ms, idle_ms, max_ms, taken, end_record =
-    unpack(args, 1, 7)
+  local events_maxlen, rejected_maxlen, producer_ttl_ms, idle_ms, max_ms, taken, end_record,
+    max_backlog = unpack(args, 1, 8)
   local out = {}
   local now
-  local k, a = 4, 8 -- the first frame's keys and arguments
+  local cap = tonumber(max_backlog)
+  local group = cap > 0 and backlog_of(events, cap) or nil
+  local backlog = group and group.backlog
+  local k, a = 4, 9 -- the first frame's keys and arguments
   while k <= #keys do
     local producer, session = unpack(keys, k, k + 1)
     local session_id, uuid, n = unpack(args, a, a + 2)
     n = tonumber(n)
     k, a = k + 2, a + 3
-    local gone = 0
+    local status = 0
     if session_id ~= '' then
       now = now or now_ms()
       local s = load_session(session)
       if not s or s.id ~= session_id then
-        gone = 1
+        status = 1
       else
         local why
         if now >= s.last + tonumber(idle_ms) then
@@ -151,15 +230,18 @@ local function publish(keys, args)
         end
         if why then
           end_session(events, due, session, events_maxlen, uuid, s, why, now, taken, end_record)
-          gone = 1
+          status = 1
         end
       end
     end
-    if gone == 1 then
+    if status == 0 and backlog and backlog >= cap then
+      status = 2
+    end
+    if status ~= 0 then
       a = a + 3 * n
       out[#out + 1] = 0
       out[#out + 1] = 0
-      out[#out + 1] = 1
+      out[#out + 1] = status
     else
       local top = redis.call('GET', producer)
       local cur = tonumber(top or '0')
@@ -172,7 +254,11 @@ local function publish(keys, args)
         elseif s > cur then
           cur, top = s, seq
           if kind == 'e' then
-            redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', 'event', payload)
+            if group then
+              redis.call('XADD', events, '*', 'event', payload)
+            else
+              redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', 'event', payload)
+            end
             added = added + 1
           elseif kind == 'r' then
             redis.call('XADD', rejected, 'MAXLEN', '~', rejected_maxlen, '*', 'event', payload)
@@ -189,11 +275,18 @@ local function publish(keys, args)
         redis.call('HINCRBY', session, 'events', added)
         redis.call('HSET', session, 'last', now)
       end
+      if backlog then
+        backlog = backlog + added
+      end
       out[#out + 1] = added
       out[#out + 1] = dup
       out[#out + 1] = 0
     end
   end
+  if group then
+    trim_acknowledged(events, events_maxlen, group)
+  end
+  out[#out + 1] = backlog or -1
   return out
 end
 
@@ -229,7 +322,7 @@ local function open(keys, args)
     redis.call('HSET', session, 'id', sid, 'first', now, 'last', now, 'events', 0, 'seq', 1,
       'closed', 0)
     if takes(taken, 's') then
-      redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', 'event', start_record)
+      append(events, events_maxlen, start_record)
     end
     redis.call('ZADD', due, math.min(now + idle, now + maxd), uuid)
   end

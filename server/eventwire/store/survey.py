@@ -196,6 +196,9 @@ class GroupState(NamedTuple):
     pending: int
     #: The millisecond part of the oldest pending entry's id (None: nothing pending).
     oldest_pending_ms: int | None
+    #: Entries the group has acknowledged since it was made (entries read less
+    #: pending; None: Redis cannot tell): two looks give the persist rate.
+    acked: int | None = None
 
 
 class PartitionNumbers(NamedTuple):
@@ -225,7 +228,8 @@ async def group_state(client: RedisClient, key: str, group: str) -> GroupState:
         smallest = parse_pending_summary(await client.xpending(key, group)).min_id
         if smallest is not None:
             oldest = stream_id(smallest)[0]
-    return GroupState(True, True, lag, pending, oldest)
+    acked = None if entry.entries_read is None else entry.entries_read - pending
+    return GroupState(True, True, lag, pending, oldest, acked)
 
 
 @_outage_is_unavailable

@@ -1,0 +1,219 @@
+"""Ingest peak against persist rate, on one Redis: ``scripts/bench --pipeline``.
+
+1. The ingest peak: scripts/bench.py (C=10 connections, B=100-event frames,
+   W=4 frames in flight) against the running server, DURATION s measured.
+2. The persist rate of what that left in the stream, per store: one
+   in-process worker (a fresh ``persist`` group at 0) until every entry is a
+   row, timed; printed with persist/ingest.
+3. The sustained row: Redis flushed, an ``eventwire persist`` process on the
+   first store, scripts/openloop.py at half the peak for SUSTAIN s; the
+   backlog (pending + lag) is sampled each second; at the end the worker
+   drains and the store must hold exactly the acked events.
+
+Every phase prints the machine's load (1-minute average) and the CPU% the
+other jobs took (``other``), since figures under load are noise.
+
+usage: bench_pipeline.py --url WS --redis-url URL --server-pid PID --redis-pid PID
+                         --dsn DSN [--dsn DSN ...] [--duration 8] [--sustain 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from eventwire.core.config import Settings
+from eventwire.core.rules import SiteConfig, SiteRules, SitesBook
+from eventwire.persist.sinks import open_sink
+from eventwire.persist.worker import PersistOptions, Worker
+
+SITE = "bench"
+STREAM = f"ew:{{{SITE}}}:events"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def load_note(since: tuple[float, float], own_pct: float | None) -> str:
+    """The machine's load since ``since``: 1-min average, busy %, and others' share."""
+    busy0, total0 = since
+    busy1, total1 = cpu_busy()
+    cores = os.cpu_count() or 1
+    machine = 100 * cores * (busy1 - busy0) / max(1.0, total1 - total0)
+    text = f"load {os.getloadavg()[0]:.2f}, machine {machine:.0f}% of {cores * 100}% busy"
+    if own_pct is None:
+        return text + " (this run included)"
+    return text + f", other jobs ~{max(0.0, machine - own_pct):.0f}%"
+
+
+def ingest_peak(args: argparse.Namespace) -> dict[str, Any]:
+    """Run scripts/bench.py at 10:100:4 and return its JSON result."""
+    out = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--url", args.url, "--redis-url", args.redis_url,
+         "-c", "10", "-b", "100", "-w", "4", "--duration", str(args.duration),
+         "--server-pid", str(args.server_pid), "--redis-pid", str(args.redis_pid), "--json"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if not rows:
+        raise SystemExit(f"bench.py failed:\n{out.stdout}\n{out.stderr}")
+    return rows[-1]
+
+
+async def persist_rate(redis_url: str, dsn: str) -> tuple[int, float]:
+    """Rows/s of one worker writing the whole stream (fresh group at 0) into ``dsn``."""
+    redis = aioredis.Redis.from_url(redis_url)
+    with contextlib.suppress(aioredis.ResponseError):
+        await redis.xgroup_destroy(STREAM, "persist")
+    n = await redis.xlen(STREAM)
+    settings = msgspec.convert({"redis_url": redis_url}, Settings)
+    book = SitesBook(None, {SITE: SiteRules(SITE, SiteConfig(allow_no_origin=True))})
+    sink = open_sink(dsn)
+    await sink.open()
+    worker = Worker(settings, book, PersistOptions(dsn=dsn), sink=sink)
+    started = time.perf_counter()
+    await worker.start()
+    while True:
+        (group,) = await redis.xinfo_groups(STREAM)
+        if group["lag"] == 0 and group["pending"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    await worker.stop()
+    await redis.aclose()
+    return n, elapsed
+
+
+async def sample_backlog(redis_url: str, stop: asyncio.Event, seen: list[int]) -> None:
+    """The group's backlog (pending + lag) once a second until ``stop``."""
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        while not stop.is_set():
+            try:
+                (group,) = await redis.xinfo_groups(STREAM)
+                seen.append(int(group["pending"]) + int(group["lag"] or 0))
+            except (aioredis.ResponseError, ValueError):
+                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    finally:
+        await redis.aclose()
+
+
+async def sustained(args: argparse.Namespace, rate: float, dsn: str) -> str:
+    """Half the peak for ``args.sustain`` s with a persist process: backlog and rows = acked."""
+    redis = aioredis.Redis.from_url(args.redis_url)
+    await redis.flushall()
+    sites = Path(tempfile.mkdtemp()) / "sites.toml"
+    sites.write_text(f'[sites.{SITE}]\norigins = ["http://localhost"]\nallow_no_origin = true\n')
+    sink = open_sink(dsn)
+    await sink.open()
+    before = await sink.count(SITE)
+    await sink.close()
+    worker = subprocess.Popen(  # noqa: ASYNC220 - started once, never waited on here
+        [sys.executable, "-m", "eventwire", "persist", "--sites", str(sites),
+         "--redis", args.redis_url, "--dsn", dsn],
+        cwd=ROOT, env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    while not await redis.exists(STREAM):  # noqa: ASYNC110 - the worker made its group
+        await asyncio.sleep(0.05)
+    stop, seen = asyncio.Event(), []
+    sampler = asyncio.create_task(sample_backlog(args.redis_url, stop, seen))
+    load = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "scripts/openloop.py", "--url", args.url, "-r", str(int(rate)),
+         "-c", "10", "-b", "100", "--duration", str(args.sustain), "--warmup", "1",
+         "--redis-url", args.redis_url, "--server-pid", str(args.server_pid),
+         "--redis-pid", str(args.redis_pid), "--json"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in load.stdout.splitlines() if line.startswith("{")]
+    drain_started = time.monotonic()
+    while True:
+        (group,) = await redis.xinfo_groups(STREAM)
+        if group["lag"] == 0 and group["pending"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    drain = time.monotonic() - drain_started
+    stop.set()
+    await sampler
+    worker.terminate()
+    worker.wait(30)
+    # Every entry ever added is an acked event (session events included); the
+    # stream itself was trimmed of stored ones past stream_maxlen.
+    in_stream = int((await redis.xinfo_stream(STREAM))["entries-added"])
+    await redis.aclose()
+    sink = open_sink(dsn)
+    await sink.open()
+    stored = await sink.count(SITE) - before
+    await sink.close()
+    if not rows:
+        return f"sustained: openloop failed: {load.stderr[-500:]}"
+    row = rows[-1]
+    ok = stored == in_stream
+    return (
+        f"sustained {args.sustain:g} s at {int(rate):,} ev/s (half the peak) into "
+        f"{dsn.split(':')[0]}: achieved {row['events_per_s']:,} ev/s, accepted "
+        f"{row['accepted']:,}, nacks {row['nacks']}, backlog max {max(seen, default=0):,} "
+        f"(sampled 1/s), drained {drain:.1f} s after; rows {stored:,} vs entries added "
+        f"{in_stream:,} (accepted + server-made): {'OK' if ok else 'MISMATCH'}"
+    )
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--server-pid", type=int, required=True)
+    parser.add_argument("--redis-pid", type=int, required=True)
+    parser.add_argument("--dsn", action="append", required=True)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--sustain", type=float, default=60.0)
+    args = parser.parse_args()
+    since = cpu_busy()
+    peak = await asyncio.to_thread(ingest_peak, args)
+    eps = peak["events_per_s"]
+    own = (peak["driver_cpu"] or 0) + (peak["server_cpu"] or 0) + (peak["redis_cpu"] or 0)
+    print(
+        f"ingest peak (C=10 B=100 W=4, {args.duration:g} s): {eps:,} events/s; driver "
+        f"{peak['driver_cpu']:.0f}%, server {peak['server_cpu']:.0f}%, redis "
+        f"{peak['redis_cpu']:.0f}%; verified {'OK' if peak['ok'] else 'FAILED'}; "
+        f"{load_note(since, own)}",
+        flush=True,
+    )
+    for dsn in args.dsn:
+        since = cpu_busy()
+        n, elapsed = await persist_rate(args.redis_url, dsn)
+        rate = n / elapsed
+        print(
+            f"persist into {dsn.split(':')[0]} (1 worker): {n:,} rows in {elapsed:.2f} s = "
+            f"{rate:,.0f} rows/s = {rate / eps:.2f}x ingest; {load_note(since, 100)}",
+            flush=True,
+        )
+    if args.sustain > 0:
+        since = cpu_busy()
+        line = await sustained(args, eps / 2, args.dsn[0])
+        print(f"{line}; {load_note(since, None)}", flush=True)
+    return 0 if peak["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,66 @@
+"""The sinks' batch write: idempotent, one transaction, usable again after a failed batch."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from eventwire.core.records import StoredEvent, record_encoder
+from eventwire.persist.sinks import EventRow, decode_event, decode_row, open_sink, to_row
+from tests.persist.test_worker import dsn  # noqa: F401 - the store fixture
+
+
+def row(seq: int, params: str = '{"sku": "S1"}') -> EventRow:
+    """One event row of site ``s``, producer ``p``."""
+    return EventRow("s", "p", seq, "u", "sess", "product.view", "Viewed", 1, 2, None, params, False)
+
+
+async def test_write_is_idempotent_and_survives_a_failed_batch(dsn: str) -> None:  # noqa: F811
+    """Rows twice (and twice in one batch) are stored once; after a bad batch, writes go on."""
+    sink = open_sink(dsn)
+    await sink.open()
+    try:
+        assert await sink.write([row(1), row(2), row(2)]) == 2
+        assert await sink.write([row(1), row(2), row(3)]) == 1
+        bad = [row(4), msgspec.structs.replace(row(5), params="{not json")]
+        if dsn.startswith("postgresql"):  # SQLite keeps TEXT as it comes
+            with pytest.raises(Exception, match="json"):  # asyncpg's own error type
+                await sink.write(bad)
+            assert await sink.count() == 3  # the whole batch rolled back
+        assert await sink.write([row(6)]) == 1
+        assert [a.action for a in await sink.activity("s", "u", 10)] == ["product.view"] * (
+            await sink.count()
+        )
+    finally:
+        await sink.close()
+
+
+def test_decode_row_is_to_row_of_decode_event() -> None:
+    """The worker's one-pass decoding makes the row the two-step one makes, and refuses alike."""
+    events = [
+        StoredEvent(
+            site="s", uuid="u é", session="x", producer="p", seq=2**62, action="a.b", label="L",
+            time=1, received=2, params={"n": [1, {"k": None}], "s": "é\u2028"},
+            original_time=-5, authenticated=True,
+        ),
+        StoredEvent(
+            site="s", uuid="u", session="x", producer="p", seq=1, action="a", label="a",
+            time=1, received=2, params={},
+        ),
+    ]  # fmt: skip
+    for event in events:
+        raw = record_encoder.encode(event)
+        assert decode_row("s", raw) == to_row("s", decode_event(raw))
+    bad = [
+        b"not json",
+        b'{"site":"s"}',
+        record_encoder.encode(events[1]).replace(b'"params":{}', b'"params":[1]'),
+        record_encoder.encode(events[1]).replace(b'"params":{}', b'"params":"{}"'),
+        record_encoder.encode(events[1]).replace(b'"seq":1', b'"seq":9223372036854775808'),
+        record_encoder.encode(events[1]).replace(b'"params":{}', b'"params":{"a":}'),
+    ]
+    for raw in bad:
+        with pytest.raises(ValueError, match="undecodable event"):
+            decode_event(raw)
+        with pytest.raises(ValueError, match="undecodable event"):
+            decode_row("s", raw)
