@@ -1322,8 +1322,9 @@ def rounds_table(path: Path) -> tuple[str, bool]:
 
     Per setting (C:B:W) and server: events/s, p50 and p99 as median (min-max)
     over the rounds, and the ratio of events/s and of p99 to the row of
-    ``node-dedup`` (else the first server) of the same round (its median and range: the ratio is taken
-    round by round, so both sides of each ratio shared the machine's state).
+    ``node-dedup`` (else the first server) of the same round (its median and
+    range: the ratio is taken round by round, so both sides of each ratio
+    shared the machine's state).
     Then the other jobs' CPU per round (:func:`other_cpu`), and ``ok`` only if
     every round's row passed the stream scan and the de-duplication check.
     """
