@@ -24,14 +24,15 @@ import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Protocol
 
 import msgspec
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import NegotiationError
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import OPEN
+from websockets.protocol import CLOSED, OPEN, Event
 from websockets.typing import Subprotocol
 
 from eventwire import metrics
@@ -65,20 +66,110 @@ log = structlog.get_logger("eventwire.gateway")
 _ids = itertools.count(1)
 
 
+class MessageReader(Protocol):
+    """Who reads a tracking connection's messages (its ``IngestConnection``)."""
+
+    def take(self, data: bytes) -> bool:
+        """Carry out one message now, from ``data_received``; False: it must wait in the inbox."""
+
+    def wake(self) -> None:
+        """A message waits in the inbox, or the connection closed."""
+
+
+#: Messages waiting in a connection's inbox at which its socket stops being
+#: read, and the level at which reading resumes (websockets' ``max_queue``).
+INBOX_HIGH: Final = 16
+INBOX_LOW: Final = 4
+
+
 class TrackConnection(ServerConnection):
-    """A websockets connection that remembers its site and can answer without waiting."""
+    """A websockets connection that hands its messages to a reader without a wait or a task.
+
+    websockets parses the handshake and the frames and enforces every limit
+    (``max_size`` also across fragments, control frames, ping and close); only
+    the delivery of data messages differs. The library puts each message in
+    an assembler that a ``recv()`` task awaits, which costs futures, a lock
+    and a task switch per message, more than the rest of a small frame's
+    work. Here a complete message goes from ``data_received`` straight to the
+    :class:`MessageReader` (:meth:`MessageReader.take`), and when the reader
+    cannot take it now (a session step runs, ``max_inflight_frames`` frames
+    wait for Redis, the client does not read its answers) it waits in
+    :attr:`inbox`, whose length pauses the socket's reading as the
+    assembler's queue did (:data:`INBOX_HIGH`, :data:`INBOX_LOW`).
+    """
 
     site: str = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Complete messages not yet taken, in arrival order.
+        self.inbox: list[bytes] = []
+        #: Who takes the messages, once the handler started; None before and after.
+        self.reader: MessageReader | None = None
+        self._fragments: list[bytes] | None = None
+        self._reading_paused = False
+
+    def process_event(self, event: Event) -> None:
+        if self.request is None or not isinstance(event, Frame):
+            super().process_event(event)  # the handshake request
+            return
+        opcode = event.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if not event.fin:
+                self._fragments = [bytes(event.data)]
+                return
+            data = bytes(event.data)
+        elif opcode is Opcode.CONT:
+            # The protocol checked the order of fragments, and max_size over
+            # the whole message (current_size).
+            fragments = self._fragments
+            assert fragments is not None
+            fragments.append(bytes(event.data))
+            if not event.fin:
+                return
+            self._fragments = None
+            data = b"".join(fragments)
+        else:
+            super().process_event(event)  # ping, pong, close: the library's
+            return
+        reader = self.reader
+        if reader is not None and not self.inbox and reader.take(data):
+            return
+        self.inbox.append(data)
+        if len(self.inbox) >= INBOX_HIGH and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if reader is not None:
+            reader.wake()
+
+    def next_message(self) -> bytes:
+        """The oldest message of the inbox (not empty); reading resumes below :data:`INBOX_LOW`."""
+        data = self.inbox.pop(0)
+        if self._reading_paused and len(self.inbox) <= INBOX_LOW:
+            self._reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+        return data
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closed (nothing more will arrive)."""
+        return self.protocol.state is CLOSED
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.reader is not None:
+            self.reader.wake()
 
     def send_now(self, data: bytes, text: bool) -> None:
         """Queue one message on the transport now; drop it if the connection is closing.
 
         ``send()`` is a coroutine with a context manager and a drain per call,
-        which costs more than the rest of an ack. Acks are small and the
-        receive loop reads no more frames while the transport is paused, so
-        what is written here stays bounded by ``max_inflight_frames`` answers.
-        A dropped answer is harmless: the client resends unanswered frames
-        after reconnecting.
+        which costs more than the rest of an ack. Acks are small and no
+        message is taken while the transport is paused, so what is written
+        here stays bounded by ``max_inflight_frames`` answers. A dropped
+        answer is harmless: the client resends unanswered frames after
+        reconnecting.
         """
         if self.protocol.state is not OPEN:
             return
@@ -311,6 +402,7 @@ class EventwireServer:
         structlog.contextvars.bind_contextvars(connection_id=next(_ids), site=site)
         protocol = Connection(self.book, site, self.settings, codec, metrics.site_counts(site))
         ingest = IngestConnection(protocol, ws, send, self.store, self.sessions, self._is_draining)
+        ws.reader = ingest
         self._connections[ws] = ingest
         opened = time.monotonic()
         open_gauge = metrics.CONNECTIONS_OPEN.labels(site)
@@ -318,6 +410,7 @@ class EventwireServer:
         try:
             await ingest.run()
         finally:
+            ws.reader = None
             del self._connections[ws]
             open_gauge.dec()
             code = ws.close_code if ws.close_code is not None else 1006
