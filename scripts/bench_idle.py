@@ -131,8 +131,7 @@ class IdleClient(asyncio.Protocol):
         self.sent: dict[int, int] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         transport.write(self.worker.request)
 
     def data_received(self, data: bytes) -> None:
@@ -243,7 +242,6 @@ class Worker:
                 _, client = await self.loop.create_connection(
                     lambda: IdleClient(self), self.host, self.port, local_addr=(source, 0)
                 )
-                assert isinstance(client, IdleClient)
                 assert client.opened is not None
                 await client.opened
         except (OSError, TimeoutError, ConnectionError) as exc:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -66,6 +65,39 @@ log = structlog.get_logger("eventwire.ingest")
 
 #: Writes one encoded message to the client now, without waiting; never raises.
 SendNow = Callable[[bytes], None]
+
+
+class _Signal:
+    """Wakes the tasks waiting on it: an ``asyncio.Event`` without the deque and the coroutine.
+
+    :meth:`wait` returns a future resolved by the next :meth:`set` (what
+    ``clear()`` then ``wait()`` does with an event). A connection holds two,
+    and 100,000 idle connections hold them all: an event's empty deque alone
+    is 0.6 KiB.
+    """
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def set(self) -> None:
+        """Wake every task waiting now."""
+        waiters = self._waiters
+        if waiters is not None:
+            self._waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future resolved by the next :meth:`set`."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        return waiter
 
 
 class Socket(Protocol):
@@ -102,6 +134,32 @@ class IngestConnection:
         draining: whether the server is shutting down (asked before each frame).
     """
 
+    __slots__ = (
+        "_answered",
+        "_arrived",
+        "_bound",
+        "_crash",
+        "_draining",
+        "_held",
+        "_ids",
+        "_keys_uuid",
+        "_live",
+        "_producer_key",
+        "_renewal",
+        "_send",
+        "_session_key",
+        "_steps",
+        "_tag",
+        "close_detail",
+        "member",
+        "protocol",
+        "sessions",
+        "settings",
+        "site",
+        "store",
+        "ws",
+    )
+
     def __init__(
         self,
         protocol: Connection,
@@ -124,16 +182,16 @@ class IngestConnection:
         #: The detail of the error the connection was closed for, if any.
         self.close_detail = ""
         #: Session steps and the close, awaited by the receive loop in order.
-        self._steps: deque[Command] = deque()
+        self._steps: list[Command] = []
         self._renewal: asyncio.Task[None] | None = None
         #: Frames whose session ended, until they are sent again.
         self._held: dict[SubmitFrame, Frame] = {}
         #: Set whenever answers went out or a step was queued; every waiter
         #: (room for a frame, a drain, several at once) wakes and looks again.
-        self._answered = asyncio.Event()
+        self._answered = _Signal()
         #: Set when a message waits in the inbox, a step was queued, the
         #: customer changed or the connection closed: the idle receive loop looks.
-        self._arrived = asyncio.Event()
+        self._arrived = _Signal()
         #: The customer the log lines name now.
         self._bound: Identity | None = None
         self._keys_uuid = ""
@@ -187,7 +245,6 @@ class IngestConnection:
                     continue
                 if ws.closed:
                     break
-                self._arrived.clear()
                 await self._arrived.wait()
                 if protocol.who is not self._bound:
                     self._bind()
@@ -203,7 +260,6 @@ class IngestConnection:
         while not ws.inbox:
             if ws.closed:
                 return None
-            self._arrived.clear()
             await self._arrived.wait()
         return ws.next_message()
 
@@ -270,11 +326,10 @@ class IngestConnection:
             if self._crash is not None:
                 raise self._crash
             if self._steps:
-                await self._carry_out(self._steps.popleft())
+                await self._carry_out(self._steps.pop(0))
                 continue
             if protocol.readable or protocol.state == "closed":
                 break
-            self._answered.clear()
             await self._answered.wait()
         if protocol.who is not self._bound:
             self._bind()
@@ -290,7 +345,6 @@ class IngestConnection:
     async def drain(self) -> None:
         """Wait until every received frame has been answered (any number may wait)."""
         while self.protocol.unanswered:
-            self._answered.clear()
             await self._answered.wait()
 
     async def _finish(self) -> None:
