@@ -1342,7 +1342,8 @@ def rounds_table(path: Path) -> tuple[str, bool]:
     base = "node-dedup" if "node-dedup" in servers else servers[0]
     rounds = sorted({r["round"] for r in rows})
     head = ["C:B:W", "server", "events/s", "p50 ms", "p99 ms", f"x {base} ev/s"]
-    head += [f"x {base} p99", "other jobs' CPU% per round", "rounds", "verified"]
+    head += [f"x {base} p99", "server CPU%", "Redis CPU%", "other jobs' CPU% per round"]
+    head += ["rounds", "verified"]
     body: list[list[str]] = []
     all_ok = True
     for (c, b, w), by_server in settings.items():
@@ -1369,6 +1370,14 @@ def rounds_table(path: Path) -> tuple[str, bool]:
                     _spread([float(r["lat_p99_ms"]) for r in runs.values()], ".2f"),
                     _spread(ratios, ".2f") if ratios else "-",
                     _spread(p99_ratios, ".2f") if p99_ratios else "-",
+                    _spread(
+                        [float((r.get("cpu_pct") or {}).get("server", 0)) for r in runs.values()],
+                        ".0f",
+                    ),
+                    _spread(
+                        [float((r.get("cpu_pct") or {}).get("redis", 0)) for r in runs.values()],
+                        ".0f",
+                    ),
                     " ".join("-" if o is None else f"{o:.0f}" for o in others),
                     str(len(runs)),
                     "yes" if ok else "NO" + (f" (round {', '.join(bad)})" if bad else ""),
@@ -1387,7 +1396,10 @@ def rounds_table(path: Path) -> tuple[str, bool]:
     ]
     lines += [line(cells) for cells in body]
     lines.append(
-        "\nother jobs' CPU%: the machine's busy CPU (of 200 on 2 cores) minus the server's, "
+        "\nserver CPU%: the server's processes (all of them with --workers); 100 is one core"
+    )
+    lines.append(
+        "other jobs' CPU%: the machine's busy CPU (of 200 on 2 cores) minus the server's, "
         "Redis' and the load generator's, during each round's measured row"
     )
     lines.append(
