@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from eventwire.heap import MIN_CHURN, HeapKeeper
+from eventwire.heap import MIN_CHURN, MIN_OPEN, HeapKeeper
 
 
 def test_freezes_and_thaws_after_a_quarter_turnover() -> None:
@@ -50,5 +50,20 @@ def test_small_servers_never_thaw_for_a_few_closes() -> None:
         assert not keeper.due()
         counts["closed"] = MIN_CHURN
         assert keeper.due()
+    finally:
+        gc.unfreeze()
+
+
+def test_nothing_frozen_below_min_open() -> None:
+    """With few connections open nothing is frozen, and what was frozen is thawed."""
+    counts = {"open": MIN_OPEN, "closed": 0}
+    keeper = HeapKeeper(lambda: counts["open"], lambda: counts["closed"])
+    try:
+        keeper.step()
+        assert gc.get_freeze_count() > 0
+        counts["open"] = MIN_OPEN - 1
+        keeper.step()
+        assert gc.get_freeze_count() == 0
+        assert keeper.thaws == 1
     finally:
         gc.unfreeze()

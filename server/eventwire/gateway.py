@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
+import struct
 import time
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from http import HTTPStatus
 from pathlib import Path
@@ -31,8 +34,8 @@ import msgspec
 import structlog
 from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import NegotiationError
-from websockets.frames import Frame, Opcode
+from websockets.exceptions import ConnectionClosed, NegotiationError
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import CLOSED, OPEN, Event
 from websockets.typing import Subprotocol
@@ -188,6 +191,22 @@ class TrackConnection(ServerConnection):
         if self.reader is not None:
             self.reader.wake()
 
+    def ping_now(self) -> asyncio.Future[float]:
+        """Send a ping now, without waiting: the future gets the latency when its pong comes.
+
+        What ``ping()`` does, without its wait for the write buffer to drain
+        (which would hold up :class:`Keepalive` on one client that does not
+        read). The pong is matched by the library (``pending_pings``).
+        """
+        data = struct.pack("!I", random.getrandbits(32))
+        while data in self.pending_pings:
+            data = struct.pack("!I", random.getrandbits(32))
+        pong: asyncio.Future[float] = self.loop.create_future()
+        self.pending_pings[data] = (pong, self.loop.time())
+        self.protocol.send_ping(data)
+        self.send_data()
+        return pong
+
     def send_now(self, data: bytes, text: bool) -> None:
         """Queue one message on the transport now; drop it if the connection is closing.
 
@@ -205,6 +224,83 @@ class TrackConnection(ServerConnection):
         else:
             self.protocol.send_binary(data)
         self.send_data()
+
+
+class Keepalive:
+    """Pings every tracking connection every ``interval`` seconds from one task.
+
+    websockets' own keepalive is a task per connection (a coroutine, a
+    sleep, a timer: about 1 KiB each of 100,000 idle connections). This one
+    keeps two queues in time order: connections due for a ping, and pings
+    waiting for their pong. The ping and the pong's matching are the
+    library's (``ping()``); a pong later than ``timeout`` fails the
+    connection as the library does, close code 1011 "keepalive ping timeout".
+
+    Args:
+        interval: seconds between a connection's pings (``ping_interval``).
+        timeout: seconds a pong may take (``ping_timeout``; 0: never fails).
+    """
+
+    #: Seconds between looks at the queues.
+    TICK: Final = 0.1
+
+    def __init__(self, interval: float, timeout: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        # Weak references: a closed connection is freed at once, not when its
+        # next ping would have been due.
+        self._due: deque[tuple[float, weakref.ref[TrackConnection]]] = deque()
+        self._waiting: deque[tuple[float, weakref.ref[TrackConnection], asyncio.Future[float]]] = (
+            deque()
+        )
+        #: Connections failed for a late pong, since the start.
+        self.timed_out = 0
+        self._failing: set[asyncio.Task[None]] = set()
+
+    def add(self, ws: TrackConnection) -> None:
+        """Ping ``ws`` every interval from now on, while it is open."""
+        self._due.append((ws.loop.time() + self.interval, weakref.ref(ws)))
+
+    async def run(self) -> None:
+        """Send the pings that are due and fail the connections whose pong is late."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(self.TICK, self.interval))
+            now = loop.time()
+            due, waiting = self._due, self._waiting
+            while waiting and waiting[0][0] <= now:
+                _, late, pong = waiting.popleft()
+                silent = late()
+                if not pong.done() and silent is not None and silent.state is OPEN:
+                    self.timed_out += 1
+                    task = asyncio.create_task(_fail_keepalive(silent))
+                    self._failing.add(task)
+                    task.add_done_callback(self._failing.discard)
+            while due and due[0][0] <= now:
+                _, ref = due.popleft()
+                ws = ref()
+                if ws is None or ws.state is not OPEN:
+                    continue  # closed (or closing): forgotten
+                pong = ws.ping_now()
+                pong.add_done_callback(_pong_seen)
+                if self.timeout:
+                    waiting.append((now + self.timeout, ref, pong))
+                due.append((now + self.interval, ref))
+
+
+def _pong_seen(pong: asyncio.Future[float]) -> None:
+    # A connection closed with a ping out sets ConnectionClosed on it: retrieved here.
+    if not pong.cancelled():
+        pong.exception()
+
+
+async def _fail_keepalive(ws: TrackConnection) -> None:
+    """Fail a connection whose pong is late, as websockets' keepalive does."""
+    try:
+        async with ws.send_context():
+            ws.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+    except ConnectionClosed:
+        pass
 
 
 class EventwireServer:
@@ -225,6 +321,9 @@ class EventwireServer:
         self.settings = settings
         self.book = SitesBook(sites_path, sites)
         self._watcher: asyncio.Task[None] | None = None
+        #: Pings every tracking connection (None when ``ping_interval`` is 0).
+        self.keepalive: Keepalive | None = None
+        self._pinger: asyncio.Task[None] | None = None
         self.store: Store | None = None
         self.sessions: Sessions | None = None
         self.public: Server | None = None
@@ -256,6 +355,9 @@ class EventwireServer:
         self.sessions.start()
         if self.book.path is not None:
             self._watcher = asyncio.create_task(self._watch_sites())
+        if settings.ping_interval:
+            self.keepalive = Keepalive(settings.ping_interval, settings.ping_timeout)
+            self._pinger = asyncio.create_task(self.keepalive.run())
         host, port = settings.listen_addr
         self.public = await serve(
             self._handler,
@@ -268,8 +370,9 @@ class EventwireServer:
             max_size=settings.max_frame_bytes,
             # Incoming frames queued per connection before TCP backpressure.
             max_queue=(16, 4),
-            ping_interval=settings.ping_interval,
-            ping_timeout=settings.ping_timeout,
+            # One keepalive task for every connection (Keepalive), not one each.
+            ping_interval=None,
+            ping_timeout=None,
             open_timeout=settings.hello_timeout,
             server_header=None,
             reuse_port=True,
@@ -320,6 +423,8 @@ class EventwireServer:
             await self.admin.wait_closed()
         if self._watcher is not None:
             await cancel_and_wait([self._watcher])
+        if self._pinger is not None:
+            await cancel_and_wait([self._pinger])
         if self.sessions is not None:
             await self.sessions.stop()
         if self.store is not None:
@@ -437,6 +542,8 @@ class EventwireServer:
         protocol = Connection(self.book, site, self.settings, codec, metrics.site_counts(site))
         ingest = IngestConnection(protocol, ws, send, self.store, self.sessions, self._is_draining)
         ws.reader = ingest
+        if self.keepalive is not None:
+            self.keepalive.add(ws)
         self._connections[ws] = ingest
         opened = time.monotonic()
         open_gauge = metrics.CONNECTIONS_OPEN.labels(site)

@@ -16,7 +16,8 @@ next thaw. The keeper thaws and runs one full collection when the
 connections closed since the last one reach a quarter of the open ones (at
 least :data:`MIN_CHURN`): the pause then comes with churn, once per quarter
 turnover, as CPython's own rule would have it, instead of with growth or
-idle time.
+idle time. With fewer than :data:`MIN_OPEN` connections open nothing is
+frozen.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ log = structlog.get_logger("eventwire.heap")
 
 #: Seconds between freezes.
 FREEZE_INTERVAL: Final = 5.0
-#: Closed connections below which the keeper never thaws (small servers).
+#: Closed connections below which the keeper never thaws.
 MIN_CHURN: Final = 1_000
+#: Open connections below which nothing is frozen: a full collection of a
+#: small heap is short, and frozen cycles of closed connections would only
+#: wait for a thaw.
+MIN_OPEN: Final = 2_000
 
 
 class HeapKeeper:
@@ -60,21 +65,32 @@ class HeapKeeper:
         return churn >= max(MIN_CHURN, self._open() // 4)
 
     def step(self) -> None:
-        """One round: a full collection if :meth:`due`, then young garbage out and a freeze."""
+        """One round: a full collection if :meth:`due`, then young garbage out and a freeze.
+
+        Below :data:`MIN_OPEN` open connections nothing stays frozen.
+        """
+        if self._open() < MIN_OPEN:
+            if gc.get_freeze_count():
+                self._thaw()
+            return
         if self.due():
-            started = time.perf_counter()
-            gc.unfreeze()
-            collected = gc.collect()
-            self._closed_at_thaw = self._closed()
-            self.thaws += 1
-            log.info(
-                "heap_collected",
-                collected=collected,
-                ms=round((time.perf_counter() - started) * 1000),
-                open_connections=self._open(),
-            )
+            self._thaw()
         gc.collect(1)
         gc.freeze()
+
+    def _thaw(self) -> None:
+        """Everything back to the collector, and one full collection."""
+        started = time.perf_counter()
+        gc.unfreeze()
+        collected = gc.collect()
+        self._closed_at_thaw = self._closed()
+        self.thaws += 1
+        log.info(
+            "heap_collected",
+            collected=collected,
+            ms=round((time.perf_counter() - started) * 1000),
+            open_connections=self._open(),
+        )
 
     async def run(self) -> None:
         """Step every :data:`FREEZE_INTERVAL` seconds until cancelled; thaw at the end."""
