@@ -269,7 +269,7 @@ class IngestConnection:
         member = self.sessions.member(command.uuid)
         try:
             opened = await self.sessions.open(
-                self.site, command.uuid, member, command.producer, command.context
+                self.site, command.uuid, member, command.producer, command.context, 0, command.start
             )
         except StoreUnavailable as exc:
             self._run(self.protocol.session_unavailable(str(exc)))
@@ -279,12 +279,20 @@ class IngestConnection:
             self.protocol.session_opened(opened.session, opened.resumed, opened.acked, now_ms())
         )
         metrics.CONNECTIONS.labels(self.site).inc()
+        if self.protocol.bot_outcome:
+            metrics.BOT_CONNECTIONS.labels(self.site, self.protocol.bot_outcome).inc()
 
     async def _renew(self, command: OpenSession) -> None:
         """Open a session again for frames whose session ended on their way."""
         try:
             opened = await self.sessions.open(
-                self.site, command.uuid, self.member, command.producer, command.context
+                self.site,
+                command.uuid,
+                self.member,
+                command.producer,
+                command.context,
+                0,
+                command.start,
             )
         except StoreUnavailable as exc:
             commands = self.protocol.session_unavailable(str(exc))
@@ -310,13 +318,19 @@ class IngestConnection:
         site, old, new = self.site, command.old_uuid, command.new_uuid
         moves = self.store.tag(site, old) != self.store.tag(site, new)
         member = self.sessions.member(new)
+        quiet = command.start is not None and command.start.quiet
         try:
             stored = await self.sessions.leave(
-                site, old, self.member, identify_to=new, producer=command.producer if moves else ""
+                site,
+                old,
+                self.member,
+                identify_to=new,
+                producer=command.producer if moves else "",
+                quiet=quiet,
             )
             self.member = ""
             opened = await self.sessions.open(
-                site, new, member, command.producer, command.context, carry=stored
+                site, new, member, command.producer, command.context, stored, command.start
             )
         except StoreUnavailable as exc:
             self._run(self.protocol.identify_failed(str(exc)))
@@ -336,7 +350,9 @@ class IngestConnection:
             return
         member, self.member = self.member, ""
         try:
-            await self.sessions.leave(self.site, uuid, member)
+            await self.sessions.leave(
+                self.site, uuid, member, quiet=bool(self.protocol.bot_dropped)
+            )
         except StoreUnavailable as exc:
             # The heartbeat lapses instead, and a reaper counts it as closed.
             log.warning("leave_failed", error=str(exc))

@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import structlog
 
+from eventwire.core.commands import SessionStart
 from eventwire.core.config import Settings
 from eventwire.core.errors import StoreUnavailable
 from eventwire.store import (
@@ -58,6 +59,8 @@ from eventwire.tasks import cancel_and_wait
 
 __all__ = ["CHUNK", "Opened", "Sessions", "new_session_id", "now_ms"]
 
+#: The ``taken`` of a session a dropped bot opens: no server-made event, now or at its end.
+QUIET: Final = "q"
 #: Connections renewed, and customers reaped, per function call.
 CHUNK: Final = 500
 
@@ -119,6 +122,7 @@ class Sessions:
         producer: str,
         context: dict[str, Any] | None,
         carry: int = 0,
+        start: SessionStart | None = None,
     ) -> Opened:
         """Register a connection and join or open its customer's session.
 
@@ -130,6 +134,8 @@ class Sessions:
             context: the hello's context, for ``session.start``.
             carry: a stored seq of the producer in another partition (see
                 :meth:`leave`); the producer's seq here is raised to it.
+            start: the visitor's ``client``, attribution and bot verdict for
+                the ``session.start`` (None: not enriched).
 
         Raises:
             StoreUnavailable: Redis did not answer; the connection is not registered.
@@ -137,12 +143,28 @@ class Sessions:
         tag = self.store.tag(site, uuid)
         timing, taken = self.store.site_params(site)
         candidate = new_session_id()
-        start = session_start_record(site, uuid, candidate, producer, context or {}, now_ms())
+        if start is None:
+            record = session_start_record(site, uuid, candidate, producer, context or {}, now_ms())
+        else:
+            record = session_start_record(
+                site,
+                uuid,
+                candidate,
+                producer,
+                context or {},
+                now_ms(),
+                start.client,
+                start.source,
+                start.bot,
+            )
+            if start.quiet:
+                # A dropped bot: no server-made event for a session it opens (store.lua's q).
+                taken = QUIET
         args = OpenArgs(
             uuid=uuid,
             member=member,
             session_id=candidate,
-            start_record=start,
+            start_record=record,
             heartbeat_ms=int(self.settings.heartbeat_ttl * 1000),
             grace_ms=timing.grace_ms,
             idle_ms=timing.idle_ms,
@@ -159,7 +181,13 @@ class Sessions:
         return opened
 
     async def leave(
-        self, site: str, uuid: str, member: str, identify_to: str = "", producer: str = ""
+        self,
+        site: str,
+        uuid: str,
+        member: str,
+        identify_to: str = "",
+        producer: str = "",
+        quiet: bool = False,
     ) -> int:
         """Unregister a connection; its customer's session ends after the grace if it was last.
 
@@ -173,6 +201,7 @@ class Sessions:
             identify_to: the customer the connection moves to, or ''.
             producer: the connection's producer, when its stored seq in this
                 partition must be returned (identify to another partition).
+            quiet: a dropped bot's connection: no ``client.identify`` is stored.
 
         Returns:
             The producer's stored seq in the customer's partition (0 without ``producer``).
@@ -184,6 +213,8 @@ class Sessions:
         tag = self.store.tag(site, uuid)
         self._members.get(tag, set()).discard(member)
         timing, taken = self.store.site_params(site)
+        if quiet:
+            taken = QUIET
         keys = self._customer_keys(tag, uuid, producer or None)
         args = LeaveArgs(
             uuid=uuid,

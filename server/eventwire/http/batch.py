@@ -187,7 +187,8 @@ class BatchRun:
             case LeaveSession(uuid=uuid):
                 if self.member:
                     member, self.member = self.member, ""
-                    await self.sessions.leave(self.site, uuid, member)
+                    quiet = bool(protocol.bot_dropped)
+                    await self.sessions.leave(self.site, uuid, member, quiet=quiet)
             case _:
                 raise RuntimeError(f"a batch cannot carry out {command!r}")
 
@@ -196,7 +197,7 @@ class BatchRun:
         member = self.member or self.sessions.member(command.uuid)
         try:
             opened = await self.sessions.open(
-                self.site, command.uuid, member, command.producer, command.context
+                self.site, command.uuid, member, command.producer, command.context, 0, command.start
             )
         except StoreUnavailable as exc:
             self._todo.extend(protocol.session_unavailable(str(exc)))
