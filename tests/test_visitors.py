@@ -19,10 +19,12 @@ from websockets.datastructures import HeadersLike
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
+from eventwire.commands.stats import site_stats
 from eventwire.core.config import Settings
 from eventwire.core.rules import SitesBook, load_sites
 from eventwire.gateway import EventwireServer
 from eventwire.persist.worker import PersistOptions, Worker
+from eventwire.store import Keys
 from tests.conftest import SITES_TOML, MakeServer
 from tests.procs import UNIT, RedisProcess, ServerProcess
 from tests.wire import Peer, client_events, producer_id, stream
@@ -237,6 +239,10 @@ async def test_bots_flag_drop_keep(make_server: MakeServer, redis: aioredis.Redi
         e for e in flagged if e["action"] == "session.start" and e["uuid"] == "bot-flagged"
     )
     assert start["bot"] is True
+    # eventwire stats: bots/s of the last minute, from the entries flagged bot.
+    stats = await site_stats(redis, Keys("ew"), "flagged")
+    assert stats["bots_per_s"] == round(2 / 60, 3)  # the bot's session.start and its visit
+    assert stats["events_per_s"] > stats["bots_per_s"]
     kept = await stream(redis, "ew:{kept}:events")
     assert not any(e.get("bot") for e in kept)
     assert any(e["uuid"] == "bot-kept" and e["action"] == "page.visit" for e in kept)

@@ -123,6 +123,7 @@ async def site_stats(
     Returns:
         ``length`` (XLEN of the events stream), ``rejected_length``,
         ``events_per_s`` and ``rejected_per_s`` over the last minute,
+        ``bots_per_s`` (of ``events_per_s``, the entries stored with ``"bot": true``),
         ``open_sessions``, and for the ``persist`` group ``persist_lag``,
         ``persist_pending`` and ``oldest_pending_s`` (None: no such group, no
         pending entry, or a lag Redis cannot tell). With more than one
@@ -145,6 +146,7 @@ async def site_stats(
         "rejected_length": sum(p.rejected_length for p in parts),
         "events_per_s": round(sum(p.events_per_s for p in parts), 3),
         "rejected_per_s": round(sum(p.rejected_per_s for p in parts), 3),
+        "bots_per_s": round(sum(p.bots_per_s for p in parts), 3),
         "open_sessions": sum(p.open_sessions for p in parts),
     }
     out.update(merge_groups([p.group for p in parts], now))
@@ -212,6 +214,7 @@ COLUMNS: Final = (
     ("length", "length"),
     ("events/s", "events_per_s"),
     ("rejected/s", "rejected_per_s"),
+    ("bots/s", "bots_per_s"),
     ("sessions", "open_sessions"),
     ("persist lag", "persist_lag"),
     ("pending", "persist_pending"),
