@@ -186,6 +186,7 @@ class IngestConnection:
             await cancel_and_wait([self._renewal])
         for command in self.protocol.finish():
             await self._carry_out(command)
+        self.sessions.note_dropped_bots(self.site, self.protocol.bots_dropped)
 
     def stats(self) -> dict[str, int]:
         """Counts for the connection's closing log line."""

@@ -95,6 +95,8 @@ class Sessions:
         #: This process' live connection members, by tag (site or partition).
         self._members: dict[str, set[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Dropped bot events by site not yet added to Redis' count (flushed with heartbeats).
+        self.dropped_bots: dict[str, int] = {}
 
     def member(self, uuid: str) -> str:
         """A new connection member for a customer."""
@@ -257,6 +259,19 @@ class Sessions:
                 if back:
                     log.warning("connections_reregistered", tag=tag, count=back)
 
+    def note_dropped_bots(self, site: str, n: int) -> None:
+        """A closed connection (or batch) had ``n`` bot events dropped (``bots = "drop"``)."""
+        if n:
+            self.dropped_bots[site] = self.dropped_bots.get(site, 0) + n
+
+    async def flush_dropped_bots(self) -> None:
+        """Add the dropped bot events noted since the last flush to each site's count."""
+        pending, self.dropped_bots = self.dropped_bots, {}
+        for site, n in pending.items():
+            if not await self.store.count_dropped_bots(site, n):
+                # Redis is away: kept for the next flush.
+                self.note_dropped_bots(site, n)
+
     async def reap_once(self) -> int:
         """End the sessions that are due, on every site; returns how many ended."""
         ended = 0
@@ -291,6 +306,7 @@ class Sessions:
         while True:
             await asyncio.sleep(self.settings.heartbeat_ttl / 3)
             await _guarded(self.heartbeat_once(), "heartbeat_failed")
+            await _guarded(self.flush_dropped_bots(), "bots_flush_failed")
 
     async def _reaper(self) -> None:
         while True:

@@ -126,7 +126,7 @@ def test_table_shows_dashes_for_unknowns() -> None:
     lines = table({"sites": {"app": numbers}, "time": 0}).splitlines()
     assert lines[0].split()[:5] == ["site", "length", "events/s", "rejected/s", "bots/s"]
     assert lines[1].split() == [
-        *("app", "12", "0.20", "0.00", "0.05", "1"),
+        *("app", "12", "0.20", "0.00", "0.05", "-", "1"),
         *("-", "-", "-", "-", "-", "-"),
     ]
     assert len(lines[0]) == len(lines[1])

@@ -165,6 +165,8 @@ class Connection:
         self.bot_dropped = ""
         #: Which bot count this connection's stored events go to ('' for a human).
         self.bot_outcome = ""
+        #: This connection's dropped bot events, for the site's count in Redis.
+        self.bots_dropped = 0
         self._bot_flag = False
         self._hosts: frozenset[str] | None = None
         self.bucket: TokenBucket | None = None
@@ -397,6 +399,7 @@ class Connection:
             items, rejections = deny_all(events, self.bot_dropped)
             denied = len(rejections)
             self.tally.bots["dropped"] += denied
+            self.bots_dropped += denied
         else:
             items, rejections, denied = judge_events(
                 events,

@@ -129,6 +129,7 @@ class BatchRun:
             protocol.connection_lost()
             with contextlib.suppress(StoreUnavailable):
                 await self._drive(protocol.finish())
+            self.sessions.note_dropped_bots(self.site, protocol.bots_dropped)
         return self._result()
 
     def _result(self) -> Answer:

@@ -555,6 +555,14 @@ class Store:
             return False
         return True
 
+    async def count_dropped_bots(self, site: str, n: int) -> bool:
+        """Add ``n`` to the site's count of dropped bot events; False if Redis is away."""
+        try:
+            await self.redis.incrby(self.keys.bots_dropped(self.tags(site)[0]), n)
+        except OUTAGE:
+            return False
+        return True
+
     async def ping(self) -> bool:
         """Whether Redis answers PING within ``store_timeout``."""
         try:

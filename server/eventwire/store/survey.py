@@ -304,6 +304,13 @@ async def partition_numbers(
 
 
 @_outage_is_unavailable
+async def dropped_bots(client: RedisClient, keys: Keys, site: str, partitions: int) -> int:
+    """Bot events the site dropped (``bots = "drop"``), as the servers counted them."""
+    value = await client.get(keys.bots_dropped(Keys.tags(site, partitions)[0]))
+    return int(value or 0)
+
+
+@_outage_is_unavailable
 async def clock_ms(client: RedisClient) -> int:
     """Redis' clock in milliseconds (``TIME``): the clock stream ids come from."""
     return await redis_time_ms(client)
