@@ -17,7 +17,7 @@ import msgspec
 from eventwire.core.protocol import WireEvent
 from eventwire.core.records import StoredEvent, record_encoder
 from eventwire.core.rules import Verdict
-from eventwire.core.source import Source, source_of
+from eventwire.core.source import source_json
 
 ACTION_MIN: Final = 3
 ACTION_MAX: Final = 32
@@ -198,7 +198,12 @@ def judge_event(
         if problem is not None:
             return Rejected(MISSING_PARAM, problem)
     if action == "page.visit" and who.hosts is not None:
-        params = {**params, "source": visit_source(params, who.hosts)}
+        # The decoded params are this event's own: set in place, no copy. The
+        # JSON comes from a cache per (url, referrer): a visit costs a lookup.
+        referrer = params.get("referrer")
+        params["source"] = source_json(
+            params["url"], referrer if type(referrer) is str else "", who.hosts
+        )
     time = event.time
     original_time = None
     if time is None:
@@ -226,7 +231,7 @@ def judge_event(
     return encode_stored(stored, limits.max_event_bytes)
 
 
-def visit_source(params: dict[str, Any], hosts: frozenset[str]) -> Source:
-    """The ``source`` of a page visit from its ``url`` and ``referrer`` params."""
+def visit_source(params: dict[str, Any], hosts: frozenset[str]) -> msgspec.Raw:
+    """The ``source`` of a page visit from its ``url`` and ``referrer`` params, as JSON."""
     referrer = params.get("referrer")
-    return source_of(params["url"], referrer if isinstance(referrer, str) else "", hosts)
+    return source_json(params["url"], referrer if isinstance(referrer, str) else "", hosts)
