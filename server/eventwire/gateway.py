@@ -382,6 +382,8 @@ class EventwireServer:
                 close_reason=ws.close_reason or ingest.close_detail,
                 duration_ms=int((time.monotonic() - opened) * 1000),
                 subprotocol=codec.name,
+                # flagged, dropped or kept: what the site did with a bot (never its address).
+                **({"bot": protocol.bot_outcome} if protocol.bot_outcome else {}),
                 **ingest.stats(),
             )
 
