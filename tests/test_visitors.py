@@ -262,6 +262,33 @@ async def test_bots_flag_drop_keep(make_server: MakeServer, redis: aioredis.Redi
     assert 'eventwire_bot_events_total{outcome="flagged",site="flagged"} 1.0' in text
 
 
+async def test_http_batches_are_enriched_and_bots_dropped(
+    make_server: MakeServer, redis: aioredis.Redis
+) -> None:
+    """An HTTP batch gets the request's visitor: a bot's batch on a drop site is denied."""
+    srv = await make_server(sites=SITES)
+    assert srv.http_url is not None
+    visit = {"seq": 1, "action": "page.visit", "params": {"url": "https://shop.example/"}}
+    async with aiohttp.ClientSession() as http:
+        for uuid, ua in (("http-bot", GOOGLEBOT), ("http-human", SAFARI_IPHONE)):
+            body = {"uuid": uuid, "producer": producer_id(), "events": [visit]}
+            headers = {"User-Agent": ua}
+            async with http.post(
+                f"{srv.http_url}/v1/track/dropped", json=body, headers=headers
+            ) as r:
+                ack = await r.json()
+            assert r.status == 200
+            if uuid == "http-bot":
+                assert ack["accepted"] == 0
+                assert ack["rejected"][0]["code"] == "denied"
+            else:
+                assert ack["accepted"] == 1
+    events = await stream(redis, "ew:{dropped}:events")
+    assert "http-bot" not in {e["uuid"] for e in events}
+    start = await session_start(redis, "dropped", "http-human")
+    assert start["params"]["client"]["device"] == "mobile"
+
+
 async def test_source_of_visits(server: EventwireServer, redis: aioredis.Redis) -> None:
     """page.visit gets params.source; session.start the hello page's source."""
     context = {"url": "https://shop.example/?utm_source=news&utm_medium=email", "referrer": ""}
