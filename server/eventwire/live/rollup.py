@@ -34,7 +34,7 @@ from eventwire.live.messages import Count, Entry, Second, Top
 #: Seconds the per-second counts cover: the dashboard's window.
 WINDOW_S: Final = 300
 #: Keys a minute's top counter keeps exactly before it evicts (then 2x at most:
-#: ~100 bytes a key, so ~40 KB per table per minute, ~720 KB per site at worst).
+#: ~100 bytes a key, so ~40 KB per table per minute, ~1.9 MB per site at worst: 8 tables).
 TOP_CAPACITY: Final = 200
 #: Rows of each top table sent to viewers.
 TOP_SHOWN: Final = 10
