@@ -163,3 +163,11 @@ def test_peer_limits() -> None:
     limits.closed("a")
     limits.closed("a")
     assert limits.open == {}
+    # IPv6: one /64 is one address.
+    for host in ("2001:db8:1:2::1", "2001:db8:1:2::2"):
+        assert limits.admit(host, 0) is None
+        limits.opened(host)
+    refused = limits.admit("2001:db8:1:2:ffff::3", 0)
+    assert refused is not None
+    assert limits.admit("2001:db8:1:3::1", 0) is None
+    assert limits.open == {"2001:db8:1:2::/64": 2}

@@ -130,7 +130,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: net.core.somaxconn); a few hundred bytes each. asyncio's default of 100
     #: drops handshakes in a reconnect storm after a restart.
     listen_backlog: Count = 4096
-    #: Open WebSocket connections from one client address (after ``trusted_proxies``);
+    #: Open WebSocket connections from one client address (after ``trusted_proxies``;
+    #: an IPv6 address counts as its /64);
     #: more are refused with HTTP 429 before the upgrade. HTTP requests in flight from
     #: one address count against the same number. One dict entry (~150 bytes) per address.
     max_connections_per_ip: Count = 1000

@@ -13,10 +13,15 @@ listeners carry out its answers.
 - ``handshakes_per_ip`` with ``handshake_burst``: a token bucket per
   address; buckets are kept for the :data:`MAX_TRACKED` most recent
   addresses (an address past that starts with a full bucket again).
+
+An IPv6 address counts as its /64 (:data:`IPV6_LIMIT_PREFIX`): one host
+usually holds a whole /64 and could otherwise take a new address per
+connection.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from typing import Final
 
@@ -25,6 +30,8 @@ from eventwire.core.rules import RateConfig
 
 #: Addresses whose handshake buckets are kept (~200 bytes each).
 MAX_TRACKED: Final = 100_000
+#: The prefix an IPv6 address is counted by.
+IPV6_LIMIT_PREFIX: Final = 64
 #: ``Retry-After`` (s) of a refusal for too many open connections: one closes any time.
 CONNECTIONS_RETRY_S: Final = 1.0
 
@@ -50,6 +57,7 @@ class PeerLimits:
         Returns:
             None, or why not and the seconds to wait.
         """
+        address = limit_key(address)
         if self.open.get(address, 0) >= self.max_connections:
             return (
                 f"too many connections from one address (max_connections_per_ip = "
@@ -75,12 +83,25 @@ class PeerLimits:
 
     def opened(self, address: str) -> None:
         """A connection (or request) of ``address`` is open."""
+        address = limit_key(address)
         self.open[address] = self.open.get(address, 0) + 1
 
     def closed(self, address: str) -> None:
         """A connection (or request) of ``address`` has ended."""
+        address = limit_key(address)
         left = self.open.get(address, 0) - 1
         if left > 0:
             self.open[address] = left
         else:
             self.open.pop(address, None)
+
+
+def limit_key(address: str) -> str:
+    """What an address is counted as: itself, or for IPv6 its /64."""
+    if ":" not in address:
+        return address
+    try:
+        network = ipaddress.ip_network(f"{address}/{IPV6_LIMIT_PREFIX}", strict=False)
+    except ValueError:
+        return address
+    return str(network)
