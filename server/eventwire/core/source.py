@@ -35,8 +35,10 @@ CLICK_IDS: Final = ("gclid", "gbraid", "wbraid", "fbclid", "msclkid", "ttclid", 
 UTM_FIELDS: Final = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
 #: Longest value of a campaign parameter kept.
 VALUE_MAX: Final = 200
-#: Distinct (url, referrer, hosts) classifications kept per process.
+#: Distinct (url, referrer, hosts) classifications kept per process (~1 KiB each).
 SOURCE_CACHE: Final = 4096
+#: Longest url or referrer whose classification is cached (longer: computed each time).
+CACHED_URL_MAX: Final = 2048
 
 #: Referrer hosts by medium: host (or ``name.`` for any TLD) -> source name.
 REFERRERS: Final[dict[str, dict[str, str]]] = {
@@ -135,7 +137,6 @@ def _host(url: str) -> str:
     return host[4:] if host.startswith("www.") else host
 
 
-@functools.lru_cache(maxsize=SOURCE_CACHE)
 def source_of(url: str, referrer: str, own_hosts: frozenset[str] = frozenset()) -> Source:
     """Classify one visit of ``url`` from ``referrer`` ('' for none).
 
@@ -183,9 +184,17 @@ def source_of(url: str, referrer: str, own_hosts: frozenset[str] = frozenset()) 
     )
 
 
-@functools.lru_cache(maxsize=SOURCE_CACHE)
 def source_json(url: str, referrer: str, own_hosts: frozenset[str] = frozenset()) -> msgspec.Raw:
-    """:func:`source_of` encoded once (JSON), for the hot path of page visits."""
+    """:func:`source_of` as JSON, for the hot path of page visits: cached per
+    (url, referrer, hosts) when both fit :data:`CACHED_URL_MAX` (a page's URL
+    repeats; the cache's keys stay within ~16 MiB whatever is sent)."""
+    if len(url) <= CACHED_URL_MAX and len(referrer) <= CACHED_URL_MAX:
+        return _cached_source_json(url, referrer, own_hosts)
+    return msgspec.Raw(_encoder.encode(source_of(url, referrer, own_hosts)))
+
+
+@functools.lru_cache(maxsize=SOURCE_CACHE)
+def _cached_source_json(url: str, referrer: str, own_hosts: frozenset[str]) -> msgspec.Raw:
     return msgspec.Raw(_encoder.encode(source_of(url, referrer, own_hosts)))
 
 

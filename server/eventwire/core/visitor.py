@@ -199,10 +199,17 @@ def _version(*parts: str | None) -> str | None:
     return ".".join(shown) if shown else None
 
 
-@functools.lru_cache(maxsize=USER_AGENT_CACHE)
 def user_agent_info(user_agent: str) -> UserAgentInfo:
-    """Parse one User-Agent (cached per distinct string, :data:`USER_AGENT_CACHE` kept)."""
-    text = user_agent[:USER_AGENT_MAX]
+    """Parse one User-Agent (cached per distinct string, :data:`USER_AGENT_CACHE` kept).
+
+    Only its first :data:`USER_AGENT_MAX` characters are read, and kept as the
+    cache's key: the cache holds at most ~2 MiB of keys whatever is sent.
+    """
+    return _parse_user_agent(user_agent[:USER_AGENT_MAX])
+
+
+@functools.lru_cache(maxsize=USER_AGENT_CACHE)
+def _parse_user_agent(text: str) -> UserAgentInfo:
     crawler = _crawlers.is_crawler(text)
     reason = f"user agent on the crawler list ({_crawlers.get_matches()})" if crawler else None
     parsed = ua_parser.parse(text)
