@@ -274,9 +274,11 @@ class IngestConnection:
         except StoreUnavailable as exc:
             self._run(self.protocol.session_unavailable(str(exc)))
             return
-        self.member = member
+        self.member = "" if opened.suppressed else member
         self._run(
-            self.protocol.session_opened(opened.session, opened.resumed, opened.acked, now_ms())
+            self.protocol.session_opened(
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
+            )
         )
         metrics.CONNECTIONS.labels(self.site).inc()
 
@@ -289,8 +291,12 @@ class IngestConnection:
         except StoreUnavailable as exc:
             commands = self.protocol.session_unavailable(str(exc))
         else:
+            if opened.suppressed:
+                # Forgotten and suppressed under this connection: no member any more.
+                self.sessions.drop(self.site, command.uuid, self.member)
+                self.member = ""
             commands = self.protocol.session_opened(
-                opened.session, opened.resumed, opened.acked, now_ms()
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
             )
         finally:
             self._renewal = None
@@ -311,18 +317,29 @@ class IngestConnection:
         moves = self.store.tag(site, old) != self.store.tag(site, new)
         member = self.sessions.member(new)
         try:
-            stored = await self.sessions.leave(
-                site, old, self.member, identify_to=new, producer=command.producer if moves else ""
+            left = await self.sessions.leave(
+                site,
+                old,
+                self.member,
+                identify_to=new,
+                producer=command.producer if moves else "",
+                refused=command.refused,
             )
             self.member = ""
             opened = await self.sessions.open(
-                site, new, member, command.producer, command.context, carry=stored
+                site,
+                new,
+                member,
+                command.producer,
+                command.context,
+                carry=left.stored,
+                alias=old if left.merged else "",
             )
         except StoreUnavailable as exc:
             self._run(self.protocol.identify_failed(str(exc)))
             return
-        self.member = member
-        self._run(self.protocol.identified(opened.session))
+        self.member = "" if opened.suppressed else member
+        self._run(self.protocol.identified(opened.session, opened.suppressed))
 
     async def _close(self, command: Close) -> None:
         if command.error is not None:
