@@ -149,8 +149,11 @@ class Linked(NamedTuple):
 async def linked(client: RedisClient, keys: Keys, site: str, partitions: int, uuid: str) -> Linked:
     """What Redis knows of a uuid's merges (each key in its own uuid's partition)."""
     tag = Keys.tag(site, uuid, partitions)
-    into = await client.get(keys.alias(tag, uuid))
-    members = await client.smembers(keys.aliases(tag, uuid))
+    try:
+        into = await client.get(keys.alias(tag, uuid))
+        members = await client.smembers(keys.aliases(tag, uuid))
+    except (*OUTAGE, RedisError) as exc:
+        raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
     return Linked(
         reply_text(into) if into is not None else None, sorted(reply_text(m) for m in members)
     )
@@ -378,3 +381,23 @@ async def audit(
     except (*OUTAGE, RedisError) as exc:
         raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
     return reply_text(entry)
+
+
+async def linked_subjects(client: RedisClient, keys: Keys, site: str, subject: str) -> set[str]:
+    """The aliases' keyed hashes the site's audit recorded with each forget of ``subject``."""
+    out: set[str] = set()
+    start = "-"
+    try:
+        while True:
+            page = await client.xrange(keys.audit(site), min=start, max="+", count=PAGE)
+            for _, fields in page or []:
+                f = fields or {}
+                if f.get(b"subject") == subject.encode() and f.get(b"operation") == b"forget":
+                    raw = f.get(b"counts", b"{}")
+                    recorded = msgspec.json.decode(raw if isinstance(raw, bytes) else b"{}")
+                    out |= {h for h in recorded.get("linked", []) if isinstance(h, str)}
+            if not page or len(page) < PAGE:
+                return out
+            start = "(" + reply_text(page[-1][0])
+    except (*OUTAGE, RedisError) as exc:
+        raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
