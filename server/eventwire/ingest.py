@@ -292,9 +292,12 @@ class IngestConnection:
             commands = self.protocol.session_unavailable(str(exc))
         else:
             if opened.suppressed:
-                # Forgotten and suppressed under this connection: no member any more.
-                self.sessions.drop(self.site, command.uuid, self.member)
-                self.member = ""
+                # Forgotten and suppressed under this connection: no member any more
+                # (a heartbeat may have put it back since the forget: it leaves).
+                member, self.member = self.member, ""
+                self.sessions.drop(self.site, command.uuid, member)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.sessions.leave(self.site, command.uuid, member)
             commands = self.protocol.session_opened(
                 opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
             )

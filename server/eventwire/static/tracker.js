@@ -22,6 +22,13 @@
  *                  optout        "1" after eventwire.optOut()
  *   sessionStorage producer      this tab's producer id
  *   cookie         ew_{site}     the customer (data-uuid-store="cookie", default)
+ *
+ * Consent (README "Customers: identity, forget, export, retention, consent"):
+ * with data-consent="pending" nothing is read from or written to cookies or
+ * storage and no connection opens until eventwire.consent(true); calls meanwhile
+ * are held in memory (at most HELD_CAP) and run then, in order, with their
+ * times; eventwire.consent(false) drops them. With data-cookieless="true" the
+ * queues and the customer live in sessionStorage: nothing outlives the tab.
  */
 (function () {
   "use strict";
@@ -41,6 +48,8 @@
   // One encoded event: the server stores at most max_event_bytes (32 KiB),
   // ids and times included (~300 bytes).
   var EVENT_BYTES = 32 * 1024 - 512;
+  // Calls held in memory while consent is pending; beyond it the oldest go.
+  var HELD_CAP = 100;
   // Frames sent and not answered yet, per connection.
   var INFLIGHT_MAX = 4;
   // Reconnect delay: uniformly random below min(BACKOFF_MAX, BACKOFF_BASE * 2^attempt).
@@ -76,6 +85,7 @@
     optOut: noop,
     optIn: noop,
     status: noop,
+    consent: noop,
   };
   api.push = function (cmd) {
     var f = api[cmd && cmd[0]];
@@ -108,8 +118,13 @@
   endpoint = endpoint.replace(/^http/, "ws");
   var httpBase = data.http != null ? data.http : HTTP_URL;
   var beaconEndpoint = httpBase ? httpBase.replace(/\/+$/, "") + "/v1/track/" + site : "";
-  var LS = storage("localStorage");
-  var SS = storage("sessionStorage");
+  // Consent and cookieless: see the header. Until consent, storage is memory only.
+  var COOKIELESS = data.cookieless === "true";
+  var consentState = data.consent === "pending" ? "pending" : "granted";
+  var heldCalls = [];
+  var heldDropped = 0;
+  var LS, SS;
+  openStorage();
   // Identifies this page instance as the holder of the queues it works on.
   var ME = rand(8);
   // Tokens stay in memory only: a logged-in page calls identify() on each load.
@@ -161,6 +176,23 @@
     }
   }
 
+  function openStorage() {
+    if (consentState !== "granted") {
+      LS = memory();
+      SS = memory();
+      return;
+    }
+    SS = storage("sessionStorage");
+    LS = COOKIELESS ? SS : storage("localStorage");
+  }
+
+  /** Hold a call until consent: ["t", action, params, label, time] or ["i", uuid, token]. */
+  function hold(call) {
+    heldCalls.push(call);
+    if (heldCalls.length > HELD_CAP) heldDropped += heldCalls.splice(0, 1).length;
+    return true;
+  }
+
   function memory() {
     var m = {};
     return {
@@ -202,14 +234,16 @@
   // ---- identity --------------------------------------------------------------
 
   var cookieName = "ew_" + site;
+  // Cookieless: the customer is kept in LS, which is then sessionStorage.
+  var uuidInStorage = data.uuidStore === "local" || COOKIELESS;
   function storedUuid() {
-    if (data.uuidStore === "local") return LS.getItem(P + "uuid");
+    if (uuidInStorage) return LS.getItem(P + "uuid");
     var m = document.cookie.match(new RegExp("(?:^|; )" + cookieName + "=([^;]*)"));
     return m && decodeURIComponent(m[1]);
   }
 
   function storeUuid(u) {
-    if (data.uuidStore === "local") {
+    if (uuidInStorage) {
       if (u) LS.setItem(P + "uuid", u);
       else LS.removeItem(P + "uuid");
       return;
@@ -634,8 +668,8 @@
 
   // ---- the API ---------------------------------------------------------------
 
-  function track(action, params, label) {
-    if (optedOut()) return false;
+  function track(action, params, label, at) {
+    if (optedOut() || consentState === "denied") return false;
     if (typeof action !== "string" || !ACTION.test(action)) {
       return fail(
         "not sent: invalid action " +
@@ -646,11 +680,18 @@
     if (params != null && (typeof params !== "object" || Array.isArray(params))) {
       return fail("not sent: " + action + " params must be an object");
     }
+    if (consentState === "pending") {
+      try {
+        return hold(["t", action, JSON.parse(JSON.stringify(params || {})), label, now()]);
+      } catch (err) {
+        return fail("not sent: " + action + " params are not JSON: " + err.message);
+      }
+    }
     var ev = {
       s: 0,
       a: action,
       l: label == null ? undefined : String(label).slice(0, 256),
-      t: now(),
+      t: at || now(),
       p: params || {},
       u: uuid(),
     };
@@ -680,10 +721,11 @@
   }
 
   function identify(u, token) {
-    if (optedOut()) return false;
+    if (optedOut() || consentState === "denied") return false;
     if (typeof u !== "string" || !UUID.test(u)) {
       return fail("identify: the uuid must be 1-64 chars of A-Z a-z 0-9 . _ : -");
     }
+    if (consentState === "pending") return hold(["i", u, token]);
     if (token) tokens[u] = String(token);
     else delete tokens[u];
     storeUuid(u);
@@ -715,6 +757,41 @@
     return true;
   }
 
+  /**
+   * The visitor's consent. true: storage and connections start, and the calls
+   * held meanwhile run in order (each event keeps its time). false: the held
+   * calls are dropped; after an earlier true, everything stored is removed and
+   * the connection closes, as optOut() but without remembering it.
+   */
+  function setConsent(yes) {
+    if (yes) {
+      if (consentState === "granted") return true;
+      consentState = "granted";
+      openStorage();
+      var calls = heldCalls;
+      heldCalls = [];
+      if (optedOut()) return true;
+      if (!own) start();
+      calls.forEach(function (c) {
+        if (c[0] === "t") track(c[1], c[2], c[3], c[4]);
+        else identify(c[1], c[2]);
+      });
+      return true;
+    }
+    heldCalls = [];
+    if (consentState === "granted") {
+      stopAll();
+      storeUuid(null);
+      SS.removeItem(P + "producer");
+      keys(P).forEach(function (key) {
+        if (key !== P + "optout") LS.removeItem(key);
+      });
+    }
+    consentState = "denied";
+    openStorage();
+    return true;
+  }
+
   function status() {
     var r = own && readJson(own.key);
     return {
@@ -727,6 +804,10 @@
       queued: r ? r.e.length : 0,
       dropped: r ? r.d : 0,
       adopted: orphans.length,
+      consent: consentState,
+      cookieless: COOKIELESS,
+      held: heldCalls.length,
+      heldDropped: heldDropped,
     };
   }
 
@@ -738,6 +819,7 @@
     optOut: optOut,
     optIn: optIn,
     status: status,
+    consent: setConsent,
   });
 
   // ---- declarative tracking --------------------------------------------------
@@ -881,7 +963,7 @@
     if (!optedOut()) beat();
   }, HEARTBEAT_MS);
 
-  if (!optedOut()) start();
+  if (!optedOut() && consentState === "granted") start();
   replay();
   function ready() {
     if (data.auto !== "false") pageVisit();
