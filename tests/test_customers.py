@@ -572,3 +572,19 @@ async def test_retention_deletes_only_rows_older_than_retain_days(
         assert after - before == 2
     finally:
         await w.stop()
+
+
+async def test_an_identify_that_asks_not_to_merge_never_merges(
+    srv: EventwireServer, redis: aioredis.Redis
+) -> None:
+    """identify with merge false (the tracker's reset, a log-out) on a site without keys:
+    the customer left is not merged into the fresh uuid."""
+    async with peer(srv.url, "open") as p:
+        await p.hello("cust-out")
+        assert (await p.track(event(1)))["accepted"] == 1
+        await p.send({"type": "identify", "uuid": "anon-next", "merge": False})
+        assert (await p.track(event(2)))["accepted"] == 1
+    (moved,) = await identify_events(redis, "open")
+    assert moved["params"]["merged"] is False
+    assert moved["params"]["reason"] == "the client asked not to merge (a log-out or reset)"
+    assert await redis.exists(KEYS.alias("open", "cust-out")) == 0

@@ -530,7 +530,11 @@ class Connection:
             return []
         self.state = "identifying"
         self._switch_to = msg.uuid
-        self._refused = self._merge_refused(rules, msg.uuid, was_proven)
+        self._refused = (
+            self._merge_refused(rules, msg.uuid, was_proven)
+            if msg.merge
+            else "the client asked not to merge (a log-out or reset)"
+        )
         return self._flush()
 
     def _merge_refused(self, rules: SiteRules, uuid: str, was_proven: bool) -> str:

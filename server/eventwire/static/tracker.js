@@ -129,6 +129,8 @@
   var ME = rand(8);
   // Tokens stay in memory only: a logged-in page calls identify() on each load.
   var tokens = {};
+  // uuids that reset() made: identify to them never merges the uuid left.
+  var fresh = {};
   var own = null;
   var orphans = [];
   var lastRoute = null;
@@ -532,7 +534,9 @@
     if (u === this.uuid && !t) return;
     this.uuid = u;
     this.token = t;
-    this.send({ type: "identify", uuid: u, token: t });
+    var msg = { type: "identify", uuid: u, token: t };
+    if (fresh[u]) msg.merge = false;
+    this.send(msg);
   };
 
   Queue.prototype.closed = function (code, reason) {
@@ -738,7 +742,9 @@
 
   function reset() {
     tokens = {};
-    return identify(randomUuid());
+    var u = randomUuid();
+    fresh[u] = true;
+    return identify(u);
   }
 
   function optOut() {
