@@ -23,12 +23,12 @@ import aiohttp
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client import REGISTRY
 
 from eventwire.core.connection import FORGOTTEN_DETAIL
 from eventwire.core.rules import SitesBook, load_sites
 from eventwire.gateway import EventwireServer
 from eventwire.persist.sinks import Sink, SqliteSink
+from eventwire.persist.upkeep import RETAINED_DELETED
 from eventwire.persist.worker import Worker
 from eventwire.store import Keys
 from tests.conftest import MakeServer
@@ -530,9 +530,13 @@ async def test_export_holds_exactly_the_customers_rows(
 # -- retention --------------------------------------------------------------------------
 
 
-def sample(name: str, **labels: str) -> float:
-    """A metric of this process, 0 before its first increment."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+def deleted_metric(site: str, table: str) -> float:
+    """``eventwire_persist_retention_deleted_total{site, table}`` of this process (0 before)."""
+    for family in RETAINED_DELETED.collect():
+        for s in family.samples:
+            if s.name.endswith("_total") and s.labels == {"site": site, "table": table}:
+                return s.value
+    return 0.0
 
 
 async def test_retention_deletes_only_rows_older_than_retain_days(
@@ -553,7 +557,7 @@ async def test_retention_deletes_only_rows_older_than_retain_days(
         await p.hello("cust-r1")
         ack = await p.track(event(1, time=old), event(2, time=old + 1), event(3))
         assert ack["accepted"] == 3
-    before = sample("eventwire_persist_retention_deleted_total", site="old", table="events")
+    before = deleted_metric("old", "events")
     settings = msgspec.structs.replace(settings_for(redis_proc), retain_interval=0.1)
     w = Worker(settings, SitesBook(sites_file, load_sites(sites_file)), PersistOptions(dsn=dsn))
     await w.start()
@@ -568,8 +572,8 @@ async def test_retention_deletes_only_rows_older_than_retain_days(
         left = await rows(sink, "SELECT seq, action FROM events WHERE site = 'old' ORDER BY seq")
         assert (3, "product.view") in left
         assert all(a.startswith("session.") or s == 3 for s, a in left)
-        after = sample("eventwire_persist_retention_deleted_total", site="old", table="events")
-        assert after - before == 2
+        assert deleted_metric("old", "events") - before == 2
+        assert w.retention.deleted["events"] == 2
     finally:
         await w.stop()
 

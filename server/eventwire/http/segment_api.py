@@ -176,8 +176,11 @@ class SegmentApi:
                 return Answer(200, b'{"rejected":[{"code":"not_segment"}]}')
             event = mapped["events"][0]
             previous = event["params"].get("previous_uuid")
-            if previous is not None:
-                # Trusted by the write key: merged as an identify is, in the same step.
+            verdict = rules.verdict(event["action"])
+            taken = not verdict.denied and not verdict.needs_auth and rules.config.auth != "token"
+            if previous is not None and taken:
+                # Trusted by the write key: merged as an identify is, by the same rules.
+                # (A call the site refuses merges nothing: Redis and the store agree.)
                 try:
                     done = await self.listener.sessions.alias(site, previous, mapped["uuid"])
                 except StoreUnavailable:
