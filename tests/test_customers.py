@@ -35,6 +35,7 @@ from tests.conftest import MakeServer
 from tests.keys import SECRET, SECRET_ENV, token
 from tests.persist.test_worker import dsn, settings_for  # noqa: F401 (a fixture)
 from tests.procs import UNIT, RedisProcess, eventwire_command
+from tests.store.test_cluster import cluster  # noqa: F401 (a fixture)
 from tests.wire import event, now_ms, peer
 
 WRITE_KEY = "segment-write-key-0123456789"
@@ -592,3 +593,41 @@ async def test_an_identify_that_asks_not_to_merge_never_merges(
     assert moved["params"]["merged"] is False
     assert moved["params"]["reason"] == "the client asked not to merge (a log-out or reset)"
     assert await redis.exists(KEYS.alias("open", "cust-out")) == 0
+
+
+async def test_merge_forget_and_suppress_on_a_redis_cluster(
+    make_server: MakeServer,
+    env: None,
+    redis_cluster_proc: Any,
+    cluster: Any,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+) -> None:
+    """On a 3-master Redis Cluster, a site of 4 partitions: a merge across partitions, then
+    forget with suppress over the admin route; no key of any master names the customer."""
+    sites = SITES.replace("[sites.old]", "[sites.none]")
+    srv = await make_server(sites=sites, redis_url=redis_cluster_proc.url)
+    anon, cust = "anon-p1", "cust-p2"
+    await browse_then_log_in(srv.url, "big", anon, cust)
+    ta = Keys.tag("big", anon, 4)
+    assert await cluster.get(KEYS.alias(ta, anon)) == cust.encode()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{srv.http_url}/v1/sites/big/forget", json={"uuid": cust, "suppress": True}
+        ) as r,
+    ):
+        assert r.status == 200, await r.text()
+        done = await r.json()
+    assert done["uuids"] == 2
+    assert done["redis"]["events"] >= 6
+    for node in redis_cluster_proc.nodes:
+        client = aioredis.Redis(port=node.port)
+        try:
+            if (await client.info("replication"))["role"] == "master":
+                assert await redis_traces(client, [anon, cust]) == [], node.port
+        finally:
+            await client.aclose()
+    async with peer(srv.url, "big") as p:
+        await p.hello(anon)
+        ack = await p.track(event(1))
+        assert [r["code"] for r in ack["rejected"]] == ["denied"]
