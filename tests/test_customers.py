@@ -58,6 +58,10 @@ keys = [{{ alg = "HS256", secret_env = "{SECRET_ENV}" }}]
 [sites.old]
 allow_no_origin = true
 retain_days = 1
+
+[sites.idle]
+allow_no_origin = true
+session_idle = 0.3
 """
 KEYS = Keys("ew")
 
@@ -631,3 +635,26 @@ async def test_merge_forget_and_suppress_on_a_redis_cluster(
         await p.hello(anon)
         ack = await p.track(event(1))
         assert [r["code"] for r in ack["rejected"]] == ["denied"]
+
+
+async def test_an_identify_after_the_session_ended_idle_still_merges(
+    make_server: MakeServer, env: None, redis: aioredis.Redis
+) -> None:
+    """The anonymous session ended idle under the open connection: the identify opens it
+    again and stores the merge with its client.identify."""
+    srv = await make_server(sites=SITES, reap_interval=0.05)
+    async with peer(srv.url, "idle") as p:
+        await p.hello("anon-idle")
+        assert (await p.track(event(1)))["accepted"] == 1
+        await wait_for(
+            lambda: _gone(redis, KEYS.session("idle", "anon-idle")), "the idle end", within=10
+        )
+        await p.send({"type": "identify", "uuid": "cust-idle"})
+        assert (await p.track(event(2)))["accepted"] == 1
+    (moved,) = await identify_events(redis, "idle")
+    assert moved["params"] == {"previous_uuid": "anon-idle", "merged": True}
+    assert await redis.get(KEYS.alias("idle", "anon-idle")) == b"cust-idle"
+
+
+async def _gone(redis: aioredis.Redis, key: str) -> bool:
+    return not await redis.exists(key)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from collections.abc import Callable
 
@@ -320,7 +321,8 @@ class IngestConnection:
         moves = self.store.tag(site, old) != self.store.tag(site, new)
         member = self.sessions.member(new)
         try:
-            left = await self.sessions.leave(
+            leave = functools.partial(
+                self.sessions.leave,
                 site,
                 old,
                 self.member,
@@ -328,6 +330,14 @@ class IngestConnection:
                 producer=command.producer if moves else "",
                 refused=command.refused,
             )
+            left = await leave()
+            if not left.found and not command.refused:
+                # The session ended (idle, max) under the open connection: the
+                # identify is the customer's next step, so it opens the session
+                # again (its session.start) and the merge is stored with its
+                # client.identify, as after any event. A rare, slower path.
+                await self.sessions.open(site, old, self.member, command.producer, command.context)
+                left = await leave()
             self.member = ""
             opened = await self.sessions.open(
                 site,

@@ -367,12 +367,14 @@ class LeaveReply(NamedTuple):
     stored: int
     #: The identify merged the uuid left into the new customer.
     merged: bool = False
+    #: The customer left had a session (else no client.identify was stored).
+    found: bool = True
 
 
 def parse_leave(reply: Sequence[Any]) -> LeaveReply:
-    """``leave``'s reply ``{ended, stored seq, merged}``."""
-    ended, stored, merged = reply
-    return LeaveReply(bool(ended), int(stored), bool(merged))
+    """``leave``'s reply ``{ended, stored seq, merged, found}``."""
+    ended, stored, merged, found = reply
+    return LeaveReply(bool(ended), int(stored), bool(merged), bool(found))
 
 
 class AliasReply(NamedTuple):

@@ -358,7 +358,8 @@ end
 -- identify, the anonymous uuid left merges into the new customer when
 -- may_merge allows it (identify_record then says merged); otherwise the
 -- session gets refused_record, which says why. Returns {1 if the session
--- ended, the producer's stored seq (0 without its key), 1 if merged}.
+-- ended, the producer's stored seq (0 without its key), 1 if merged, 1 if
+-- the customer had a session (0: nothing was stored, no merge decided)}.
 -- Whether an anonymous uuid may merge into a customer (identify, Segment
 -- alias), and why not. refused is the caller's reason ('' when the caller
 -- allows it: the customer was proven by a token, or the site has no keys).
@@ -398,7 +399,7 @@ local function leave(keys, args)
   redis.call('SREM', conns, member)
   local s = load_session(session)
   if not s then
-    return {0, stored, 0}
+    return {0, stored, 0, 0}
   end
   local identify = identify_record ~= ''
   local merged = 0
@@ -416,15 +417,15 @@ local function leave(keys, args)
     end
   end
   if redis.call('SCARD', conns) > 0 then
-    return {0, stored, merged}
+    return {0, stored, merged, 1}
   end
   if identify then
     end_session(events, due, session, events_maxlen, uuid, s, 'identify', now, taken, end_record)
-    return {1, stored, merged}
+    return {1, stored, merged, 1}
   end
   redis.call('HSET', session, 'closed', now)
   redis.call('ZADD', due, 'LT', now + tonumber(grace_ms), uuid)
-  return {0, stored, merged}
+  return {0, stored, merged, 1}
 end
 
 -- A merge without a connection (Segment alias, or identify with both ids):
