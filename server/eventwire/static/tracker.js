@@ -22,13 +22,8 @@
  *                  optout        "1" after eventwire.optOut()
  *   sessionStorage producer      this tab's producer id
  *   cookie         ew_{site}     the customer (data-uuid-store="cookie", default)
- *
- * Consent (README "Customers: identity, forget, export, retention, consent"):
- * with data-consent="pending" nothing is read from or written to cookies or
- * storage and no connection opens until eventwire.consent(true); calls meanwhile
- * are held in memory (at most HELD_CAP) and run then, in order, with their
- * times; eventwire.consent(false) drops them. With data-cookieless="true" the
- * queues and the customer live in sessionStorage: nothing outlives the tab.
+ * data-consent="pending": memory only, no socket, until consent(true) (README
+ * "Customers"); data-cookieless="true": everything in sessionStorage.
  */
 (function () {
   "use strict";
@@ -118,7 +113,6 @@
   endpoint = endpoint.replace(/^http/, "ws");
   var httpBase = data.http != null ? data.http : HTTP_URL;
   var beaconEndpoint = httpBase ? httpBase.replace(/\/+$/, "") + "/v1/track/" + site : "";
-  // Consent and cookieless: see the header. Until consent, storage is memory only.
   var COOKIELESS = data.cookieless === "true";
   var consentState = data.consent === "pending" ? "pending" : "granted";
   var heldCalls = [];
@@ -129,7 +123,7 @@
   var ME = rand(8);
   // Tokens stay in memory only: a logged-in page calls identify() on each load.
   var tokens = {};
-  // uuids that reset() made: identify to them never merges the uuid left.
+  // uuids reset() made: their identify says merge: false.
   var fresh = {};
   var own = null;
   var orphans = [];
@@ -188,7 +182,7 @@
     LS = COOKIELESS ? SS : storage("localStorage");
   }
 
-  /** Hold a call until consent: ["t", action, params, label, time] or ["i", uuid, token]. */
+  // ["t", action, params, label, time] or ["i", uuid, token]
   function hold(call) {
     heldCalls.push(call);
     if (heldCalls.length > HELD_CAP) heldDropped += heldCalls.splice(0, 1).length;
@@ -236,7 +230,6 @@
   // ---- identity --------------------------------------------------------------
 
   var cookieName = "ew_" + site;
-  // Cookieless: the customer is kept in LS, which is then sessionStorage.
   var uuidInStorage = data.uuidStore === "local" || COOKIELESS;
   function storedUuid() {
     if (uuidInStorage) return LS.getItem(P + "uuid");
@@ -763,12 +756,7 @@
     return true;
   }
 
-  /**
-   * The visitor's consent. true: storage and connections start, and the calls
-   * held meanwhile run in order (each event keeps its time). false: the held
-   * calls are dropped; after an earlier true, everything stored is removed and
-   * the connection closes, as optOut() but without remembering it.
-   */
+  // true: start, run the held calls in order; false: drop them (and, after a true, what is stored).
   function setConsent(yes) {
     if (yes) {
       if (consentState === "granted") return true;
