@@ -14,6 +14,10 @@ both end the same session.
 - ``session_idle`` without a stored event, or ``session_max`` in all, also
   end it (reasons ``idle``, ``max``); the customer's next event then opens a
   new session on the same connection (see ``ingest``).
+- merges (docs/protocol.md section 17): ``leave`` with an identify records
+  the anonymous uuid as an alias of the new customer in the same step as its
+  ``client.identify``; ``alias`` does it for a Segment call; ``open`` refuses
+  a suppressed customer (its keyed hash, made once per call, never per frame).
 - heartbeats: each process renews its connections' deadlines every third of
   ``heartbeat_ttl``; connections of a process that died lapse and count as
   closed, and the survivors' reapers end those sessions.

@@ -17,6 +17,8 @@ The modules, each owning one concern::
     cluster     function calls node by node on a cluster, on_key_node, CLUSTER_READS
     streams     StreamsReader, read_page, stream_end, redis_time_ms, site summaries
     groups      ConsumerGroup: every Redis call of the persist worker
+    privacy     Subjects (keyed hashes), aliases and suppressed sets, forget's
+                search of every stream, the audit stream
 
 Dependencies point one way: ``keys``, ``functions``, ``replies`` and
 ``client`` import no other module here, ``resp`` only ``functions``,
