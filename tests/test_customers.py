@@ -455,6 +455,13 @@ async def test_suppressed_customers_are_denied_and_stored_nowhere(
             assert [(r["code"], r["detail"]) for r in ack["rejected"]] == [
                 ("denied", FORGOTTEN_DETAIL)
             ] * 2
+    async with peer(srv.url, "shop") as p:  # a new visitor logs in as the forgotten one
+        await p.hello("anon-s9")
+        assert (await p.track(event(1)))["accepted"] == 1
+        await p.send({"type": "identify", "uuid": "cust-s1", "token": token("cust-s1", "shop")})
+        ack = await p.track(event(2))
+        assert [r["detail"] for r in ack["rejected"]] == [FORGOTTEN_DETAIL]
+    before = await redis.xlen("ew:{shop}:events")
     body = {"uuid": "cust-s1", "producer": "backend-1", "events": [event(1, "order.purchase")]}
     async with (
         aiohttp.ClientSession() as http,

@@ -321,17 +321,20 @@ class IngestConnection:
         moves = self.store.tag(site, old) != self.store.tag(site, new)
         member = self.sessions.member(new)
         try:
+            # A forgotten, suppressed customer gets no client.identify (it would
+            # carry its uuid) and no merge: the connection just leaves.
+            forgotten = await self.sessions.suppressed(site, new)
             leave = functools.partial(
                 self.sessions.leave,
                 site,
                 old,
                 self.member,
-                identify_to=new,
+                identify_to="" if forgotten else new,
                 producer=command.producer if moves else "",
                 refused=command.refused,
             )
             left = await leave()
-            if not left.found and not command.refused:
+            if not left.found and not command.refused and not forgotten:
                 # The session ended (idle, max) under the open connection: the
                 # identify is the customer's next step, so it opens the session
                 # again (its session.start) and the merge is stored with its

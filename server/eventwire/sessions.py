@@ -67,7 +67,7 @@ from eventwire.store import (
 )
 from eventwire.store import LeaveReply as Left
 from eventwire.store import OpenReply as Opened
-from eventwire.store.privacy import record_alias
+from eventwire.store.privacy import is_suppressed, record_alias
 from eventwire.tasks import cancel_and_wait
 
 __all__ = ["CHUNK", "Left", "Opened", "Sessions", "new_session_id", "now_ms"]
@@ -253,6 +253,20 @@ class Sessions:
         )
         return parse_leave(await self.store.call(FN_LEAVE, call_keys(call), args))
 
+    async def suppressed(self, site: str, uuid: str) -> bool:
+        """Whether a customer is forgotten and suppressed (one look-up: identify, alias only).
+
+        Raises:
+            StoreUnavailable: Redis did not answer.
+        """
+        subject = await self.store.subjects.subject(site, uuid)
+        try:
+            return await is_suppressed(
+                self.store.redis, self.keys, site, self.store.partitions(site), uuid, subject
+            )
+        except OUTAGE as exc:
+            raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+
     async def alias(self, site: str, alias: str, uuid: str, refused: str = "") -> AliasReply:
         """Merge ``alias`` into ``uuid`` without a connection (Segment ``alias``, ``identify``).
 
@@ -263,6 +277,8 @@ class Sessions:
         Raises:
             StoreUnavailable: Redis did not answer.
         """
+        if await self.suppressed(site, uuid):
+            return AliasReply(False, "the customer was forgotten")
         tag = self.store.tag(site, alias)
         keys = self.keys
         call = AliasKeys(keys.alias(tag, alias), keys.aliases(tag, alias), keys.suppressed(tag))
