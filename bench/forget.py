@@ -8,7 +8,7 @@ the Redis side of forget (the whole-stream search and the deletes) as
 the load of the machine (the other jobs' CPU). Bounded: the fill is
 pipelined, the search reads pages of 1,000.
 
-    .venv/bin/python bench/forget.py [--entries N] [--mine M]
+    PYTHONPATH=. .venv/bin/python bench/forget.py [--entries N] [--mine M]
 """
 
 from __future__ import annotations
