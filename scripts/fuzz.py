@@ -933,7 +933,7 @@ class WireFuzzer:
             seen.add(key)
             candidates = self.ledger.sent.get(key, [])
             if event.action == "page.visit":
-                # The server's own addition (docs/protocol.md section 17), not the client's.
+                # The server's own addition (docs/protocol.md section 18), not the client's.
                 event.params.pop("source", None)
             as_sent = any(
                 (c.action, msgspec.json.decode(record_encoder.encode(c.params or {})))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from collections.abc import Callable
 
@@ -270,14 +271,21 @@ class IngestConnection:
         member = self.sessions.member(command.uuid)
         try:
             opened = await self.sessions.open(
-                self.site, command.uuid, member, command.producer, command.context, 0, command.start
+                self.site,
+                command.uuid,
+                member,
+                command.producer,
+                command.context,
+                start=command.start,
             )
         except StoreUnavailable as exc:
             self._run(self.protocol.session_unavailable(str(exc)))
             return
-        self.member = member
+        self.member = "" if opened.suppressed else member
         self._run(
-            self.protocol.session_opened(opened.session, opened.resumed, opened.acked, now_ms())
+            self.protocol.session_opened(
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
+            )
         )
         metrics.CONNECTIONS.labels(self.site).inc()
         if self.protocol.bot_outcome:
@@ -292,14 +300,20 @@ class IngestConnection:
                 self.member,
                 command.producer,
                 command.context,
-                0,
-                command.start,
+                start=command.start,
             )
         except StoreUnavailable as exc:
             commands = self.protocol.session_unavailable(str(exc))
         else:
+            if opened.suppressed:
+                # Forgotten and suppressed under this connection: no member any more
+                # (a heartbeat may have put it back since the forget: it leaves).
+                member, self.member = self.member, ""
+                self.sessions.drop(self.site, command.uuid, member)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.sessions.leave(self.site, command.uuid, member)
             commands = self.protocol.session_opened(
-                opened.session, opened.resumed, opened.acked, now_ms()
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
             )
         finally:
             self._renewal = None
@@ -321,23 +335,45 @@ class IngestConnection:
         member = self.sessions.member(new)
         quiet = command.start is not None and command.start.quiet
         try:
-            stored = await self.sessions.leave(
+            # A forgotten, suppressed customer gets no client.identify (it would
+            # carry its uuid) and no merge: the connection just leaves.
+            forgotten = await self.sessions.suppressed(site, new)
+            leave = functools.partial(
+                self.sessions.leave,
                 site,
                 old,
                 self.member,
-                identify_to=new,
+                identify_to="" if forgotten else new,
                 producer=command.producer if moves else "",
+                refused=command.refused,
                 quiet=quiet,
             )
+            left = await leave()
+            if not left.found and not command.refused and not forgotten:
+                # The session ended (idle, max) under the open connection: the
+                # identify is the customer's next step, so it opens the session
+                # again (its session.start) and the merge is stored with its
+                # client.identify, as after any event. A rare, slower path.
+                await self.sessions.open(
+                    site, old, self.member, command.producer, command.context, start=command.start
+                )
+                left = await leave()
             self.member = ""
             opened = await self.sessions.open(
-                site, new, member, command.producer, command.context, stored, command.start
+                site,
+                new,
+                member,
+                command.producer,
+                command.context,
+                carry=left.stored,
+                alias=old if left.merged else "",
+                start=command.start,
             )
         except StoreUnavailable as exc:
             self._run(self.protocol.identify_failed(str(exc)))
             return
-        self.member = member
-        self._run(self.protocol.identified(opened.session))
+        self.member = "" if opened.suppressed else member
+        self._run(self.protocol.identified(opened.session, opened.suppressed))
 
     async def _close(self, command: Close) -> None:
         if command.error is not None:

@@ -79,7 +79,7 @@ class ResubmitFrame(msgspec.Struct, gc=False):
 
 
 class SessionStart(msgspec.Struct, gc=False):
-    """What a connection adds to the ``session.start`` it may open (docs/protocol.md 17).
+    """What a connection adds to the ``session.start`` it may open (docs/protocol.md 18).
 
     Args:
         client: the ``client`` object (the visitor, under the site's ``ip`` policy).
@@ -120,6 +120,9 @@ class SwitchCustomer(msgspec.Struct, gc=False):
     new_uuid: str
     producer: str
     context: dict[str, Any] | None
+    #: Why the old uuid must not merge into the new one ('' lets Redis decide;
+    #: docs/protocol.md section 17).
+    refused: str = ""
     start: SessionStart | None = None
 
 

@@ -2,7 +2,7 @@
 
 :func:`source_of` reads a page URL's campaign parameters (``utm_*``, click
 ids) and its referrer and says the visit's ``medium`` and ``name``
-(docs/protocol.md section 17):
+(docs/protocol.md section 18):
 
 1. ``utm_medium`` when the URL has one (lower-cased, as sent otherwise);
 2. else ``paid`` when it carries a known click id (:data:`CLICK_IDS`);

@@ -1,7 +1,7 @@
 """Who connects: the client address, User-Agent, language, country and bot verdict, no I/O.
 
 This module owns what a connection says about its visitor and what may be
-kept of it (README "Privacy", docs/protocol.md section 17). The gateway and
+kept of it (README "Privacy", docs/protocol.md section 18). The gateway and
 the HTTP listener read the handshake's headers and peer address once
 (:meth:`Enrichment.visitor`); the connection's protocol turns that into the
 ``client`` object of ``session.start`` at hello (:func:`client_info`),
@@ -85,7 +85,7 @@ class UserAgentInfo(msgspec.Struct, frozen=True, gc=False):
 
 
 class ClientInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """The ``client`` object of ``session.start`` (docs/protocol.md section 17).
+    """The ``client`` object of ``session.start`` (docs/protocol.md section 18).
 
     ``device`` and ``bot`` are always there; every other field is left
     out when unknown (or, for ``ip``, when the site's policy is ``drop``).

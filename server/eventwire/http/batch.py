@@ -198,14 +198,26 @@ class BatchRun:
         member = self.member or self.sessions.member(command.uuid)
         try:
             opened = await self.sessions.open(
-                self.site, command.uuid, member, command.producer, command.context, 0, command.start
+                self.site,
+                command.uuid,
+                member,
+                command.producer,
+                command.context,
+                start=command.start,
             )
         except StoreUnavailable as exc:
             self._todo.extend(protocol.session_unavailable(str(exc)))
             return
-        self.member = member
+        if opened.suppressed:
+            # Forgotten and suppressed: nothing was registered for the member.
+            self.sessions.drop(self.site, command.uuid, member)
+            self.member = ""
+        else:
+            self.member = member
         self._todo.extend(
-            protocol.session_opened(opened.session, opened.resumed, opened.acked, now_ms())
+            protocol.session_opened(
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
+            )
         )
 
     def _submit(self, frame: SubmitFrame) -> None:

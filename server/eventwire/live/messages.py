@@ -82,7 +82,7 @@ class Second(Struct, kw_only=True, omit_defaults=True):
     rejected: dict[str, int] = {}
     started: int = 0
     ended: int = 0
-    #: Of ``accepted``: entries stored with ``"bot": true`` (docs/protocol.md section 17).
+    #: Of ``accepted``: entries stored with ``"bot": true`` (docs/protocol.md section 18).
     bots: int = 0
 
 

@@ -16,7 +16,7 @@ Entries stored with ``"bot": true`` are counted apart too (``bots`` of
 each second): the dashboard shows humans by default. The "where from"
 tables (mediums, sources, countries, devices, browsers) count the
 ``session.start`` of human sessions started in the window, from its
-``client`` and ``source`` (docs/protocol.md section 17).
+``client`` and ``source`` (docs/protocol.md section 18).
 
 What the streams cannot tell, and so no rollup counts: duplicates (a resent
 event is acknowledged, never stored again), denied events (counted, never
