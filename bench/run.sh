@@ -70,8 +70,11 @@ fi
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 REDIS_PORT=${REDIS_PORT:-$(free_port)}
+# Three different ports: the kernel may hand out a port just closed again.
 SERVER_PORT=${SERVER_PORT:-$(free_port)}
+while [ "$SERVER_PORT" = "$REDIS_PORT" ]; do SERVER_PORT=$(free_port); done
 ADMIN_PORT=${ADMIN_PORT:-$(free_port)}
+while [ "$ADMIN_PORT" = "$REDIS_PORT" ] || [ "$ADMIN_PORT" = "$SERVER_PORT" ]; do ADMIN_PORT=$(free_port); done
 for p in "$REDIS_PORT" "$SERVER_PORT" "$ADMIN_PORT"; do
   if port_open "$p"; then echo "port $p is in use; set REDIS_PORT/SERVER_PORT/ADMIN_PORT" >&2; exit 1; fi
 done

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -362,6 +363,7 @@ class IngestConnection:
             await cancel_and_wait([self._renewal])
         for command in self.protocol.finish():
             await self._carry_out(command)
+        self.sessions.note_dropped_bots(self.site, self.protocol.bots_dropped)
 
     def stats(self) -> dict[str, int]:
         """Counts for the connection's closing log line."""
@@ -453,28 +455,49 @@ class IngestConnection:
         member = self.sessions.member(command.uuid)
         try:
             opened = await self.sessions.open(
-                self.site, command.uuid, member, command.producer, command.context
+                self.site,
+                command.uuid,
+                member,
+                command.producer,
+                command.context,
+                start=command.start,
             )
         except StoreUnavailable as exc:
             self._run(self.protocol.session_unavailable(str(exc)))
             return
-        self.member = member
+        self.member = "" if opened.suppressed else member
         self._run(
-            self.protocol.session_opened(opened.session, opened.resumed, opened.acked, now_ms())
+            self.protocol.session_opened(
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
+            )
         )
         metrics.CONNECTIONS.labels(self.site).inc()
+        if self.protocol.bot_outcome:
+            metrics.BOT_CONNECTIONS.labels(self.site, self.protocol.bot_outcome).inc()
 
     async def _renew(self, command: OpenSession) -> None:
         """Open a session again for frames whose session ended on their way."""
         try:
             opened = await self.sessions.open(
-                self.site, command.uuid, self.member, command.producer, command.context
+                self.site,
+                command.uuid,
+                self.member,
+                command.producer,
+                command.context,
+                start=command.start,
             )
         except StoreUnavailable as exc:
             commands = self.protocol.session_unavailable(str(exc))
         else:
+            if opened.suppressed:
+                # Forgotten and suppressed under this connection: no member any more
+                # (a heartbeat may have put it back since the forget: it leaves).
+                member, self.member = self.member, ""
+                self.sessions.drop(self.site, command.uuid, member)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.sessions.leave(self.site, command.uuid, member)
             commands = self.protocol.session_opened(
-                opened.session, opened.resumed, opened.acked, now_ms()
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
             )
         finally:
             self._renewal = None
@@ -494,19 +517,47 @@ class IngestConnection:
         site, old, new = self.site, command.old_uuid, command.new_uuid
         moves = self.store.tag(site, old) != self.store.tag(site, new)
         member = self.sessions.member(new)
+        quiet = command.start is not None and command.start.quiet
         try:
-            stored = await self.sessions.leave(
-                site, old, self.member, identify_to=new, producer=command.producer if moves else ""
+            # A forgotten, suppressed customer gets no client.identify (it would
+            # carry its uuid) and no merge: the connection just leaves.
+            forgotten = await self.sessions.suppressed(site, new)
+            leave = functools.partial(
+                self.sessions.leave,
+                site,
+                old,
+                self.member,
+                identify_to="" if forgotten else new,
+                producer=command.producer if moves else "",
+                refused=command.refused,
+                quiet=quiet,
             )
+            left = await leave()
+            if not left.found and not command.refused and not forgotten:
+                # The session ended (idle, max) under the open connection: the
+                # identify is the customer's next step, so it opens the session
+                # again (its session.start) and the merge is stored with its
+                # client.identify, as after any event. A rare, slower path.
+                await self.sessions.open(
+                    site, old, self.member, command.producer, command.context, start=command.start
+                )
+                left = await leave()
             self.member = ""
             opened = await self.sessions.open(
-                site, new, member, command.producer, command.context, carry=stored
+                site,
+                new,
+                member,
+                command.producer,
+                command.context,
+                carry=left.stored,
+                alias=old if left.merged else "",
+                start=command.start,
             )
         except StoreUnavailable as exc:
             self._run(self.protocol.identify_failed(str(exc)))
             return
-        self.member = member
-        self._run(self.protocol.identified(opened.session))
+        self.member = "" if opened.suppressed else member
+        self._run(self.protocol.identified(opened.session, opened.suppressed))
 
     async def _close(self, command: Close) -> None:
         if command.error is not None:
@@ -520,7 +571,9 @@ class IngestConnection:
             return
         member, self.member = self.member, ""
         try:
-            await self.sessions.leave(self.site, uuid, member)
+            await self.sessions.leave(
+                self.site, uuid, member, quiet=bool(self.protocol.bot_dropped)
+            )
         except StoreUnavailable as exc:
             # The heartbeat lapses instead, and a reaper counts it as closed.
             log.warning("leave_failed", error=str(exc))

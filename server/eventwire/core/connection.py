@@ -49,12 +49,13 @@ from eventwire.core.commands import (
     RecordUndecodable,
     ResubmitFrame,
     Send,
+    SessionStart,
     SubmitFrame,
     SwitchCustomer,
 )
 from eventwire.core.config import Settings
 from eventwire.core.errors import ProtocolViolation, UndecodableFrame
-from eventwire.core.frames import encode_for_session, judge_events, undecodable_record
+from eventwire.core.frames import deny_all, encode_for_session, judge_events, undecodable_record
 from eventwire.core.ordering import FrameOwner, TokenBucket
 from eventwire.core.protocol import (
     Ack,
@@ -64,18 +65,24 @@ from eventwire.core.protocol import (
     Identify,
     Nack,
     NackCode,
+    Rejection,
     Track,
     Welcome,
     WireEvent,
 )
 from eventwire.core.rules import SiteRules, SitesBook
+from eventwire.core.source import origin_hosts, source_of
 from eventwire.core.validation import Identity, Limits
+from eventwire.core.visitor import Visitor, client_info
 
 #: Where a connection is; see the module docstring.
 State = Literal["hello", "opening", "open", "identifying", "closing", "closed"]
 
 #: A close reason must fit a control frame: 123 bytes of UTF-8.
 REASON_BYTES: Final = 120
+
+#: The detail of every event of a customer who was forgotten and suppressed.
+FORGOTTEN_DETAIL: Final = "this customer asked to be forgotten: nothing of theirs is stored"
 
 
 class Tally(Protocol):
@@ -86,15 +93,18 @@ class Tally(Protocol):
     duplicate: int
     rejected: int
     denied: int
+    #: Events of bot connections by outcome: flagged, dropped, kept.
+    bots: dict[str, int]
 
 
 class Counts:
     """A :class:`Tally` of its own, for a connection that reports to nobody."""
 
-    __slots__ = ("accepted", "denied", "duplicate", "frames", "rejected")
+    __slots__ = ("accepted", "bots", "denied", "duplicate", "frames", "rejected")
 
     def __init__(self) -> None:
         self.frames = self.accepted = self.duplicate = self.rejected = self.denied = 0
+        self.bots = {"flagged": 0, "dropped": 0, "kept": 0}
 
 
 class _Answer(msgspec.Struct, gc=False):
@@ -118,6 +128,8 @@ class Connection:
         settings: server settings.
         codec: the negotiated subprotocol.
         tally: where the site's counts go (a :class:`Counts` of its own if None).
+        visitor: what the handshake said of the visitor; None: the connection
+            is not enriched (no ``client``, no ``params.source``, no bot check).
     """
 
     def __init__(
@@ -127,6 +139,7 @@ class Connection:
         settings: Settings,
         codec: Codec,
         tally: Tally | None = None,
+        visitor: Visitor | None = None,
     ) -> None:
         self.book = book
         self.site = site
@@ -148,6 +161,17 @@ class Connection:
         self.token_problem = "no token was given"
         self.producer = ""
         self.context: dict[str, Any] | None = None
+        self.visitor = visitor
+        #: What the hello's session.start gets (None without a visitor).
+        self.start: SessionStart | None = None
+        #: Why this bot's events are dropped ('' when they are not).
+        self.bot_dropped = ""
+        #: Which bot count this connection's stored events go to ('' for a human).
+        self.bot_outcome = ""
+        #: This connection's dropped bot events, for the site's count in Redis.
+        self.bots_dropped = 0
+        self._bot_flag = False
+        self._hosts: frozenset[str] | None = None
         self.bucket: TokenBucket | None = None
         self.owner = FrameOwner()
         #: Frames and answers not yet sent, in arrival order.
@@ -158,11 +182,14 @@ class Connection:
         #: The customer an identify moves to, until SwitchCustomer is asked for.
         self._switch_to = ""
         self._new_uuid = ""
+        self._refused = ""
         self._hello_uuid = ""
         #: The error (or shutdown) a close waits to send.
         self._ending: ProtocolViolation | None = None
         #: The socket is gone: answers go nowhere and no session is opened any more.
         self.lost = False
+        #: The customer was forgotten and suppressed: every event is denied, no session.
+        self.suppressed = False
         self.frames = 0
         self.accepted = 0
         self.duplicate = 0
@@ -273,13 +300,40 @@ class Connection:
             raise ProtocolViolation("bad_hello", f"invalid hello: {exc}") from None
         if not isinstance(msg, Hello):
             raise ProtocolViolation("bad_hello", "the first message must be a hello")
-        self._prove(self._rules(), msg.uuid, msg.token)
+        rules = self._rules()
+        self._prove(rules, msg.uuid, msg.token)
         self.producer, self.context = msg.producer, msg.context
         self._hello_uuid = msg.uuid
         self.state = "opening"
-        return [OpenSession(msg.uuid, msg.producer, msg.context)]
+        if self.visitor is not None:
+            self.start = self._visitor_start(rules, msg.context)
+        return [OpenSession(msg.uuid, msg.producer, msg.context, start=self.start)]
 
-    def session_opened(self, session: str, resumed: bool, acked: int, now: int) -> list[Command]:
+    def _visitor_start(self, rules: SiteRules, context: dict[str, Any] | None) -> SessionStart:
+        """The visitor's ``client`` and attribution, and what the site does with a bot."""
+        assert self.visitor is not None
+        config = rules.config
+        client = client_info(self.visitor, config.ip, context, not config.allow_no_origin)
+        self._hosts = origin_hosts(config.origins)
+        source = None
+        url = context.get("url") if context is not None else None
+        if isinstance(url, str) and url:
+            referrer = context.get("referrer") if context is not None else None
+            source = source_of(url, referrer if isinstance(referrer, str) else "", self._hosts)
+        mode = config.bots
+        if client.bot:
+            self.bot_outcome = {"flag": "flagged", "drop": "dropped", "keep": "kept"}[mode]
+            if mode == "drop":
+                self.bot_dropped = (
+                    f"this site stores no bot traffic; this connection is a bot: "
+                    f"{client.bot_reason}"
+                )
+        self._bot_flag = client.bot and mode == "flag"
+        return SessionStart(client, source, self._bot_flag, bool(self.bot_dropped))
+
+    def session_opened(
+        self, session: str, resumed: bool, acked: int, now: int, suppressed: bool = False
+    ) -> list[Command]:
         """Sessions: the connection is registered in ``session`` (after :class:`OpenSession`).
 
         Args:
@@ -287,7 +341,11 @@ class Connection:
             resumed: whether it was already open.
             acked: the producer's highest stored seq.
             now: the time, ms since the epoch (the welcome's ``server_time``).
+            suppressed: the customer was forgotten and suppressed: nothing was
+                registered, ``session`` is a fresh id stored nowhere, and every
+                event is denied from now on.
         """
+        self.suppressed = suppressed
         if self._renewing:
             return self._renewed(session)
         if self.state != "opening":
@@ -341,6 +399,10 @@ class Connection:
             if owner.code == "rate_limited":
                 self._check_flood(rules, now)
             return self._answer_now(high, owner.code)
+        if self.suppressed:
+            return self._deny_all(
+                high, [e.seq if isinstance(e, WireEvent) else e[0] for e in events]
+            )
         wait_ms = self._rate_limited(rules, len(events), now)
         if wait_ms is not None:
             # Like a failed store: nothing stored, and the frames after it wait
@@ -349,15 +411,21 @@ class Connection:
             owner.epoch += 1
             owner.fail(owner.epoch, low, "rate_limited")
             return self._answer_now(high, "rate_limited", wait_ms)
-        items, rejections, denied = judge_events(
-            events,
-            who,
-            now,
-            self.limits,
-            rules.verdict,
-            self.codec,
-            None if self.proof is not None else self.token_problem,
-        )
+        if self.bot_dropped:
+            items, rejections = deny_all(events, self.bot_dropped)
+            denied = len(rejections)
+            self.tally.bots["dropped"] += denied
+            self.bots_dropped += denied
+        else:
+            items, rejections, denied = judge_events(
+                events,
+                who,
+                now,
+                self.limits,
+                rules.verdict,
+                self.codec,
+                None if self.proof is not None else self.token_problem,
+            )
         if rejections:
             self.rejected += len(rejections) - denied
             self.tally.rejected += len(rejections) - denied
@@ -403,6 +471,8 @@ class Connection:
         self.duplicate += duplicate
         self.tally.accepted += added
         self.tally.duplicate += duplicate
+        if self.bot_outcome:
+            self.tally.bots[self.bot_outcome] += added
         frame.reply = self.codec.encode(
             Ack(seq=frame.seq, accepted=added, duplicate=duplicate, rejected=frame.rejections)
         )
@@ -431,7 +501,7 @@ class Connection:
             if self._renewing:
                 return []
             self._renewing = True
-            return [OpenSession(who.uuid, self.producer, self.context, renew=True)]
+            return [OpenSession(who.uuid, self.producer, self.context, True, self.start)]
         return [self._resend(frame, who.session)]
 
     def _renewed(self, session: str) -> list[Command]:
@@ -441,7 +511,37 @@ class Connection:
         if session != who.session:
             who = self._become(who.uuid, session)
         gone, self._gone = self._gone, []
+        if self.suppressed:
+            # Forgotten while these were on their way: they are denied, stored nowhere.
+            for frame in gone:
+                self._deny_frame(frame)
+            return self._flush()
         return [self._resend(frame, who.session) for frame in gone]
+
+    def _deny_frame(self, frame: SubmitFrame) -> None:
+        """Answer a frame of a suppressed customer: every event denied, its rejections kept."""
+        items = frame.items
+        judged = {r.seq for r in frame.rejections}
+        denied = [
+            Rejection(seq=items[i], code="denied", detail=FORGOTTEN_DETAIL)
+            for i in range(0, len(items), 3)
+            if items[i] not in judged
+        ]
+        self.tally.denied += len(denied)
+        rejected = sorted([*frame.rejections, *denied], key=lambda r: r.seq)
+        frame.reply = self.codec.encode(
+            Ack(seq=frame.seq, accepted=0, duplicate=0, rejected=rejected)
+        )
+
+    def _deny_all(self, high: int, seqs: list[int]) -> list[Command]:
+        """Answer a frame of a suppressed customer: each event denied, nothing stored."""
+        self.tally.denied += len(seqs)
+        rejected = [Rejection(seq=q, code="denied", detail=FORGOTTEN_DETAIL) for q in seqs]
+        reply = self.codec.encode(Ack(seq=high, accepted=0, duplicate=0, rejected=rejected))
+        if self._queue:
+            self._queue.append(_Answer(reply))
+            return []
+        return [Send(reply)]
 
     def _resend(self, frame: SubmitFrame, session: str) -> ResubmitFrame:
         encode_for_session(frame.items, session)
@@ -473,19 +573,46 @@ class Connection:
         assert who is not None
         if msg.uuid == who.uuid and msg.token is None:
             return []
-        self._prove(self._rules(), msg.uuid, msg.token)
+        was_proven = self.proof is not None
+        rules = self._rules()
+        self._prove(rules, msg.uuid, msg.token)
         if msg.uuid == who.uuid:
             # A fresh token for the same customer: authenticated again, same session.
             self._become(msg.uuid, who.session)
             return []
         self.state = "identifying"
         self._switch_to = msg.uuid
+        self._refused = (
+            self._merge_refused(rules, msg.uuid, was_proven)
+            if msg.merge
+            else "the client asked not to merge (a log-out or reset)"
+        )
         return self._flush()
 
-    def identified(self, session: str) -> list[Command]:
-        """Sessions: the connection now belongs to the new customer, in ``session``."""
+    def _merge_refused(self, rules: SiteRules, uuid: str, was_proven: bool) -> str:
+        """Why the uuid left must not merge into ``uuid`` ('' lets Redis decide).
+
+        A site with token keys merges only into a customer its token proves
+        (otherwise anyone could pour a history into another's feed), and never
+        a uuid that a token proved (a customer, not an anonymous visitor).
+        """
+        if not rules.keys:
+            return ""
+        if self.proof is None:
+            return f"the new uuid was not proven by a token ({self.token_problem})"
+        if was_proven:
+            return "the previous uuid was proven by a token: a customer is never merged"
+        return ""
+
+    def identified(self, session: str, suppressed: bool = False) -> list[Command]:
+        """Sessions: the connection now belongs to the new customer, in ``session``.
+
+        ``suppressed``: the new customer was forgotten and suppressed (see
+        :meth:`session_opened`).
+        """
         if self.state != "identifying":
             return []
+        self.suppressed = suppressed
         self._become(self._new_uuid, session)
         self.state = "open"
         return []
@@ -546,6 +673,8 @@ class Connection:
             session=session,
             producer=self.producer,
             authenticated=self.proof is not None,
+            bot=self._bot_flag,
+            hosts=self._hosts,
         )
         return self.who
 
@@ -587,7 +716,16 @@ class Connection:
                 return []  # asked for already
             assert self.who is not None
             self._new_uuid, self._switch_to = self._switch_to, ""
-            return [SwitchCustomer(self.who.uuid, self._new_uuid, self.producer, self.context)]
+            return [
+                SwitchCustomer(
+                    self.who.uuid,
+                    self._new_uuid,
+                    self.producer,
+                    self.context,
+                    self._refused,
+                    self.start,
+                )
+            ]
         ending = self._ending
         assert ending is not None
         self.state = "closed"

@@ -243,6 +243,7 @@
       pausedNew: 0,
       openId: null,
       timeline: null,
+      timelineUuids: new Set(),
       missed: 0,
       dirty: { feed: true, rejected: true, timeline: true, numbers: true },
       summaryTimer: null,
@@ -327,7 +328,17 @@
     } else {
       view.dirty.feed = true;
     }
-    if (view.timeline === ev.uuid) view.dirty.timeline = true;
+    if (view.timeline !== null) {
+      // A merge into the customer seen live: the alias' events join the timeline.
+      if (ev.action === "client.identify" || ev.action === "client.alias") {
+        const p = ev.params || {};
+        if (p.merged === true && ev.uuid === view.timeline && p.previous_uuid) {
+          view.timelineUuids.add(String(p.previous_uuid));
+          view.dirty.timeline = true;
+        }
+      }
+      if (view.timelineUuids.has(ev.uuid)) view.dirty.timeline = true;
+    }
     view.dirty.numbers = true;
   }
 
@@ -335,7 +346,7 @@
     view.rejected.push({ id, rec });
     if (view.rejected.length > REJECTED_KEEP) view.rejected.splice(0, view.rejected.length - REJECTED_KEEP);
     view.dirty.rejected = true;
-    if (view.timeline !== null && view.timeline === rec.uuid) view.dirty.timeline = true;
+    if (view.timeline !== null && view.timelineUuids.has(rec.uuid)) view.dirty.timeline = true;
     view.dirty.numbers = true;
   }
 
@@ -354,7 +365,11 @@
     }
   }
 
+  // Humans by default: bots' events (stored with "bot": true) are counted and shown only when asked.
+  let showBots = false;
+
   function feedFilter(item) {
+    if (!showBots && item.ev.bot === true) return false;
     if (uuidFilter && item.ev.uuid !== uuidFilter) return false;
     return actionRe === null || actionRe.test(String(item.ev.action));
   }
@@ -363,7 +378,9 @@
     const glob = $("filter-action").value.trim();
     actionRe = glob ? globRe(glob) : null;
     uuidFilter = $("filter-uuid").value.trim();
+    showBots = $("show-bots").checked;
     view.dirty.feed = true;
+    view.dirty.numbers = true;
     render();
   }
 
@@ -462,10 +479,11 @@
     }
     aside.hidden = false;
     const uuid = view.timeline;
+    const uuids = view.timelineUuids;
     $("timeline-uuid").textContent = uuid;
     const items = [];
-    for (const item of view.history) if (item.ev.uuid === uuid) items.push({ id: item.id, ev: item.ev });
-    for (const item of view.rejected) if (item.rec.uuid === uuid) items.push({ id: item.id, rec: item.rec });
+    for (const item of view.history) if (uuids.has(item.ev.uuid)) items.push({ id: item.id, ev: item.ev });
+    for (const item of view.rejected) if (uuids.has(item.rec.uuid)) items.push({ id: item.id, rec: item.rec });
     items.sort(newerFirst);
     const fragment = document.createDocumentFragment();
     for (const item of items.slice(0, TIMELINE_ROWS)) {
@@ -489,12 +507,25 @@
         label.textContent = String(item.rec.detail ?? "");
       }
       li.append(when, what, label);
+      // Each row shows the uuid it was recorded under when it is an alias of the customer.
+      const recorded = (item.ev || item.rec).uuid;
+      if (recorded !== uuid) {
+        const who = document.createElement("span");
+        who.className = "alias";
+        who.textContent = `as ${recorded}`;
+        li.dataset.uuid = recorded;
+        li.append(who);
+      }
       fragment.appendChild(li);
     }
     $("timeline-list").replaceChildren(fragment);
     const first = view.history.length ? clock(idMs(view.history[0].id)) : null;
+    const aliases = uuids.size - 1;
     $("timeline-note").textContent =
-      `${items.length} entries seen by this page` + (first ? ` since ${first}` : "") + ", newest first.";
+      `${items.length} entries seen by this page` +
+      (first ? ` since ${first}` : "") +
+      (aliases ? `, with ${aliases} merged uuid${aliases > 1 ? "s" : ""}` : "") +
+      ", newest first.";
   }
 
   function renderNumbers() {
@@ -506,14 +537,16 @@
     let totalRejected = 0;
     let rate = 0;
     let rateRejected = 0;
+    let rateBots = 0;
     let peak = 0;
     let started = 0;
     let ended = 0;
     const codes = new Map();
     for (const [second, s] of view.seconds) {
       if (second > nowSec) continue;
-      const a = s.accepted || 0;
+      const a = accepted(s);
       const r = rejectedIn(s);
+      if (second >= nowSec - RATE_S && second < nowSec) rateBots += s.bots || 0;
       total += a;
       totalRejected += r;
       started += s.started || 0;
@@ -529,6 +562,8 @@
     const to = nowSec * 1000;
     setFigure($("rate"), rate, (rate / RATE_S).toFixed(1), from, to);
     setFigure($("rate-rejected"), rateRejected, (rateRejected / RATE_S).toFixed(1), from, to);
+    setFigure($("rate-bots"), rateBots, (rateBots / RATE_S).toFixed(1), from, to);
+    $("rate-who").textContent = showBots ? " humans and bots" : " humans";
     setFigure($("total"), total, total.toLocaleString("en"), oldest * 1000, (nowSec + 1) * 1000);
     $("total-rejected").textContent = totalRejected.toLocaleString("en");
     $("total-rejected").dataset.count = String(totalRejected);
@@ -541,8 +576,16 @@
     renderTop("top", top.actions, "action", "events");
     renderTop("top-pages", top.pages, "page", "page views");
     renderTop("top-customers", top.customers, "uuid", "events");
+    for (const name of ["mediums", "sources", "countries", "devices", "browsers"]) {
+      renderTop("top-" + name, top[name], "key", "sessions");
+    }
     $("feed-sampling").textContent =
       view.feedEvery > 1 ? `The feed shows every ${view.feedEvery}th entry (the rate is above what can be read); counts are exact.` : "";
+  }
+
+  // A second's accepted events: humans only unless bots are asked for.
+  function accepted(s) {
+    return (s.accepted || 0) - (showBots ? 0 : s.bots || 0);
   }
 
   function renderCodes(codes) {
@@ -595,7 +638,7 @@
     for (const [second, s] of view.seconds) {
       if (second > nowSec) continue;
       const x = (second - (nowSec - WINDOW_S + 1)) * slot;
-      const a = s.accepted || 0;
+      const a = accepted(s);
       const r = rejectedIn(s);
       const title = `${clock(second * 1000).slice(0, 8)}  ${a} accepted, ${r} rejected`;
       let y = height;
@@ -757,8 +800,18 @@
 
   function openTimeline(uuid) {
     view.timeline = uuid;
+    view.timelineUuids = new Set([uuid]);
     view.dirty.timeline = true;
     render();
+    // The uuids merged into the customer (and what it merged into) as Redis holds them.
+    getJSON(`/v1/sites/${encodeURIComponent(view.site)}/customers/${encodeURIComponent(uuid)}`)
+      .then((links) => {
+        if (view.timeline !== uuid) return;
+        for (const a of links.aliases || []) view.timelineUuids.add(String(a));
+        view.dirty.timeline = true;
+        render();
+      })
+      .catch(() => {}); // the timeline still shows the customer's own events
   }
 
   function bind() {
@@ -766,6 +819,7 @@
     $("filters").addEventListener("submit", (e) => e.preventDefault());
     $("filter-action").addEventListener("input", readFilters);
     $("filter-uuid").addEventListener("input", readFilters);
+    $("show-bots").addEventListener("change", readFilters);
     $("pause").addEventListener("click", () => {
       view.paused = !view.paused;
       view.pausedNew = 0;

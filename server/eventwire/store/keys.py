@@ -89,6 +89,35 @@ class Keys:
         """Every live connection of a tag, scored by its heartbeat deadline."""
         return f"{self.prefix}:{{{tag}}}:live"
 
+    def bots_dropped(self, tag: str) -> str:
+        """Events of bots dropped by the site (``bots = "drop"``), counted: a string (INCRBY).
+
+        Kept under the site's first tag (partition 0), for ``eventwire stats``.
+        """
+        return f"{self.prefix}:{{{tag}}}:bots_dropped"
+
     def due(self, tag: str) -> str:
         """Customers (of a tag) whose session must be looked at, scored by when."""
         return f"{self.prefix}:{{{tag}}}:due"
+
+    # -- customers: aliases, suppression, the audit (docs/protocol.md section 17) --
+
+    def alias(self, tag: str, uuid: str) -> str:
+        """The customer an anonymous uuid merged into (a string, in the uuid's partition)."""
+        return f"{self.prefix}:{{{tag}}}:alias:{uuid}"
+
+    def aliases(self, tag: str, uuid: str) -> str:
+        """The uuids merged into a customer (a set, in the customer's partition)."""
+        return f"{self.prefix}:{{{tag}}}:aliases:{uuid}"
+
+    def suppressed(self, tag: str) -> str:
+        """Keyed hashes of the forgotten customers of a partition who stay forgotten (a set)."""
+        return f"{self.prefix}:{{{tag}}}:suppressed"
+
+    def audit(self, site: str) -> str:
+        """The stream of a site's privacy operations (forget, unsuppress, export)."""
+        return f"{self.prefix}:{{{site}}}:audit"
+
+    def privacy_secret(self) -> str:
+        """The HMAC secret of the keyed hashes, made on first use (unless ``privacy_key_env``)."""
+        return f"{self.prefix}:privacy:secret"

@@ -41,6 +41,7 @@ from eventwire.store.functions import (
     session_end_record,
 )
 from eventwire.store.keys import Keys
+from eventwire.store.privacy import Subjects
 from eventwire.store.replies import (
     PUBLISH_FULL,
     PUBLISH_GONE,
@@ -192,6 +193,8 @@ class Store:
         self.settings = settings
         self.book = book
         self.keys = Keys(settings.key_prefix)
+        #: Keyed hashes of uuids (suppression, the audit).
+        self.subjects = Subjects(client, self.keys, settings.privacy_key_env)
         self._lanes = [_Lane() for _ in range(settings.publish_lanes)]
         self._started = False
         self._closing = False
@@ -603,6 +606,15 @@ class Store:
             )
         except OUTAGE:
             # On a cluster, a slot moving (MOVED, ASK) is an outage of this call too.
+            return False
+        return True
+
+    async def count_dropped_bots(self, site: str, n: int) -> bool:
+        """Add ``n`` to the site's count of dropped bot events; False if Redis is away."""
+        try:
+            async with asyncio.timeout(self.settings.store_timeout):
+                await self.redis.incrby(self.keys.bots_dropped(self.tags(site)[0]), n)
+        except (*OUTAGE, RedisError):
             return False
         return True
 
