@@ -198,6 +198,8 @@ class EventwireServer:
         if self.admin is not None:
             self.admin.close()
             await self.admin.wait_closed()
+        if self.admin_routes is not None:
+            await self.admin_routes.close()
         if self._watcher is not None:
             await cancel_and_wait([self._watcher])
         if self.sessions is not None:

@@ -1,0 +1,591 @@
+"""Rollups in the store: the ``rollups`` table, written in each batch's transaction, read by range.
+
+This module owns the ``rollups`` table (the same schema in SQLite and
+PostgreSQL, created by the sinks' migrations), what one batch adds to it,
+and the range views (1 hour, 24 hours, 7 days) the admin route
+``GET /v1/sites/{site}/rollups`` and ``eventwire stats --range`` print.
+
+**What is counted.** Only what the store knows: accepted events (the
+``events`` table holds nothing else; rejected, denied and duplicate events
+never reach it), sessions started and ended (``session.start`` /
+``session.end`` events), and three top tables: actions, pages
+(``page.visit``'s ``params.url``) and customers (uuid). Every figure goes by
+``received``, the server's clock when it took the event (the stream id's
+time to within the publish round trip, so the live window and the stored
+minutes agree).
+
+**Rows.** ``span`` is the seconds a row covers, ``bucket`` its start (ms
+since the epoch, a multiple of the span):
+
+- ``span = 60, kind = 'count'``: exact counts per minute; ``item`` is
+  ``accepted``, ``started`` or ``ended``. Three rows a minute per site with
+  events, kept for good (4,320 a day).
+- ``span = 600`` and ``span = 3600``, ``kind`` one of :data:`TABLES`: a
+  bounded top table per 10 minutes and per hour, a Space-Saving summary with
+  batched eviction as the live window's (:mod:`eventwire.live.rollup`): at
+  most ``2 * TOP_CAPACITY`` keys, each with ``n`` (an upper bound of its true
+  count) and ``err`` (the true count is in ``[n - err, n]``); the table's own
+  row has ``item = ''``, ``n`` its exact total and ``err`` its floor (the
+  most a key it does not hold can have had). 10-minute tables serve the
+  1-hour view and are deleted :data:`RECENT_TOPS_KEEP_MS` after the newest
+  one written; hourly tables are kept.
+
+**Idempotent under redelivery.** A batch counts only the events rows its own
+transaction inserted: SQLite's connection has a temporary trigger that notes
+every row ``events`` really takes (an ``ON CONFLICT DO NOTHING`` that skips a
+row fires nothing), PostgreSQL's insert says which with ``RETURNING``. A
+redelivered entry (a worker died after its commit and before its XACK, or an
+XAUTOCLAIM took a slow batch) inserts no row, so it adds nothing here; a
+batch that rolls back takes its rollups back with it. Nothing depends on
+stream entry ids, so a reclaimed batch mixed of old and new entries counts
+exactly its new ones. Concurrent PostgreSQL workers take a transaction-scoped
+advisory lock per site before touching its rollups (SQLite's writers are
+serialised by ``BEGIN IMMEDIATE`` already).
+
+Retention of events (deleting old rows of ``events``) never needs to touch
+this table: rollups are counts, not references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import zlib
+from collections import Counter
+from collections.abc import Generator, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+import msgspec
+
+#: The sinks' migration step that creates the table (appended to their MIGRATIONS).
+MIGRATION: Final = (
+    """CREATE TABLE rollups (
+        site TEXT NOT NULL,
+        span INTEGER NOT NULL,
+        bucket BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        item TEXT NOT NULL,
+        n BIGINT NOT NULL,
+        err BIGINT NOT NULL,
+        PRIMARY KEY (site, span, bucket, kind, item)
+    )""",
+)
+
+#: Seconds of one row of exact counts.
+COUNT_SPAN: Final = 60
+#: Seconds of the top tables the 1-hour view reads, and of those the longer ones read.
+RECENT_TOP_SPAN: Final = 600
+TOP_SPAN: Final = 3600
+#: How long 10-minute top tables are kept before the newest one written (ms).
+RECENT_TOPS_KEEP_MS: Final = 2 * 3600 * 1000
+#: Keys a top table holds exactly before it evicts (then at most twice as many).
+TOP_CAPACITY: Final = 100
+#: Rows of each top table in a view.
+TOP_SHOWN: Final = 10
+TABLES: Final = ("actions", "pages", "customers")
+COUNTS: Final = ("accepted", "started", "ended")
+#: The action whose ``params.url`` is a page.
+PAGE_ACTION: Final = "page.visit"
+
+#: What the store knows of one inserted event: site, received, action, uuid, page (or None).
+NewRow = tuple[str, int, str, str, str | None]
+
+# -- the SQLite connection's note of inserted rows ----------------------------
+
+_NEW_TABLE: Final = "eventwire_rollup_new"
+#: Per connection: every row events really takes is noted (a skipped conflict fires nothing).
+_SQLITE_PREPARE: Final = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {_NEW_TABLE} "
+    "(site TEXT, received INTEGER, action TEXT, uuid TEXT, page TEXT)",
+    f"""CREATE TEMP TRIGGER IF NOT EXISTS eventwire_rollup_note AFTER INSERT ON main.events
+    BEGIN
+        INSERT INTO {_NEW_TABLE} VALUES (new.site, new.received, new.action, new.uuid,
+            CASE WHEN new.action <> '{PAGE_ACTION}' THEN NULL
+                 WHEN NOT json_valid(new.params) THEN NULL
+                 WHEN json_type(new.params, '$.url') = 'text'
+                 THEN json_extract(new.params, '$.url') END);
+    END""",
+)
+#: What PostgreSQL's batch insert returns of each row it took.
+POSTGRES_RETURNING: Final = (
+    f"RETURNING site, received, action, uuid, CASE WHEN action = '{PAGE_ACTION}' "
+    "AND jsonb_typeof(params -> 'url') = 'string' THEN params ->> 'url' END"
+)
+
+# -- statements (``?`` placeholders; numbered for PostgreSQL) -----------------
+
+_COLUMNS: Final = "site, span, bucket, kind, item, n, err"
+_ADD_COUNT: Final = (
+    f"INSERT INTO rollups ({_COLUMNS}) VALUES (?, {COUNT_SPAN}, ?, 'count', ?, ?, 0) "
+    "ON CONFLICT (site, span, bucket, kind, item) DO UPDATE SET n = rollups.n + excluded.n"
+)
+_READ_TABLE: Final = (
+    "SELECT item, n, err FROM rollups WHERE site = ? AND span = ? AND bucket = ? AND kind = ?"
+)
+_SET_TOP: Final = (
+    f"INSERT INTO rollups ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (site, span, bucket, kind, item) DO UPDATE SET n = excluded.n, err = excluded.err"
+)
+_DROP_TOP: Final = (
+    "DELETE FROM rollups WHERE site = ? AND span = ? AND bucket = ? AND kind = ? AND item = ?"
+)
+_DROP_RECENT: Final = (
+    f"DELETE FROM rollups WHERE site = ? AND span = {RECENT_TOP_SPAN} AND bucket < ?"
+)
+
+
+class Fetch(NamedTuple):
+    """A query whose rows the plan needs."""
+
+    sql: str
+    args: tuple[Any, ...]
+
+
+class Run(NamedTuple):
+    """A statement run once per argument tuple."""
+
+    sql: str
+    args: list[tuple[Any, ...]]
+
+
+class Lock(NamedTuple):
+    """Transaction-scoped locks (PostgreSQL advisory locks; SQLite holds its write lock)."""
+
+    keys: list[int]
+
+
+Step = Fetch | Run | Lock
+Plan = Generator[Step, list[tuple[Any, ...]], None]
+
+
+class Delta(msgspec.Struct):
+    """What one batch's inserted rows add: exact counts, and exact per-table key counts."""
+
+    #: (site, minute bucket ms, item) -> n
+    counts: dict[tuple[str, int, str], int]
+    #: (site, span, bucket ms, table) -> key -> n
+    tops: dict[tuple[str, int, int, str], dict[str, int]]
+
+
+def aggregate(rows: Iterable[NewRow]) -> Delta:
+    """The exact counts of a batch's inserted rows, by minute, 10 minutes and hour.
+
+    Counted with :class:`collections.Counter` over tuples (its counting loop
+    is C): a 2,000-row batch takes a few milliseconds.
+    """
+    rows = list(rows)
+    minute_ms, ten_ms, hour_ms = COUNT_SPAN * 1000, RECENT_TOP_SPAN * 1000, TOP_SPAN * 1000
+    counts: Counter[tuple[str, int, str]] = Counter(
+        (site, received - received % minute_ms, "accepted") for site, received, *_ in rows
+    )
+    counts.update(
+        (site, received - received % minute_ms, _SESSION_ITEMS[action])
+        for site, received, action, _, _ in rows
+        if action in _SESSION_ITEMS
+    )
+    tens = [(site, received - received % ten_ms, a, u, p) for site, received, a, u, p in rows]
+    by_table = {
+        "actions": Counter((site, b, a) for site, b, a, _, _ in tens),
+        "customers": Counter((site, b, u) for site, b, _, u, _ in tens),
+        "pages": Counter((site, b, p) for site, b, _, _, p in tens if p is not None),
+    }
+    tops: dict[tuple[str, int, int, str], dict[str, int]] = {}
+    for table, counted in by_table.items():
+        for (site, b, key), n in counted.items():
+            tops.setdefault((site, RECENT_TOP_SPAN, b, table), {})[key] = n
+            hour = tops.setdefault((site, TOP_SPAN, b - b % hour_ms, table), {})
+            hour[key] = hour.get(key, 0) + n
+    return Delta(dict(counts), tops)
+
+
+_SESSION_ITEMS: Final = {"session.start": "started", "session.end": "ended"}
+
+
+def site_lock(site: str) -> int:
+    """The advisory lock key of a site's rollups (a signed 64-bit number)."""
+    return zlib.crc32(b"eventwire.rollups:" + site.encode()) - 2**31
+
+
+def plan(delta: Delta) -> Plan:
+    """The statements that add a batch's :class:`Delta` to the table, given the rows asked for.
+
+    Sites are locked first, in order (so concurrent writers never wait on
+    each other in a cycle); counts are added in place; each top table is read,
+    merged with the batch's keys and written back.
+    """
+    sites = sorted({k[0] for k in delta.counts} | {k[0] for k in delta.tops})
+    if not sites:
+        return
+    yield Lock([site_lock(s) for s in sites])
+    if delta.counts:
+        yield Run(_ADD_COUNT, [(*key, n) for key, n in sorted(delta.counts.items())])
+    newest: dict[str, int] = {}
+    for key in sorted(delta.tops):
+        site, span, bucket, _ = key
+        held = yield Fetch(_READ_TABLE, key)
+        writes, drops = merge_table(key, held, delta.tops[key])
+        yield Run(_SET_TOP, writes)
+        if drops:
+            yield Run(_DROP_TOP, drops)
+        if span == RECENT_TOP_SPAN:
+            newest[site] = max(newest.get(site, bucket), bucket)
+    if newest:
+        yield Run(_DROP_RECENT, [(s, b - RECENT_TOPS_KEEP_MS) for s, b in sorted(newest.items())])
+
+
+def merge_table(
+    key: tuple[str, int, int, str],
+    held_rows: Sequence[tuple[Any, ...]],
+    counts: dict[str, int],
+    capacity: int = TOP_CAPACITY,
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """One top table as stored, merged with a batch's exact key counts: rows to write and drop.
+
+    Two Space-Saving summaries merged. The batch keeps its ``capacity``
+    largest keys exactly; each key it leaves out counted at most ``m`` (the
+    largest left out), so every key the table holds and the batch does not
+    rises by ``m`` in both bound and error, and the floor rises by ``m``. A
+    kept key new to the table starts at the old floor with that as its error.
+    Past ``2 * capacity`` keys the ``capacity`` largest stay and the floor is
+    at least the largest dropped.
+    """
+    total = floor = 0
+    held: dict[str, list[int]] = {}
+    for item, n, err in held_rows:
+        if item == "":
+            total, floor = int(n), int(err)
+        else:
+            held[item] = [int(n), int(err)]
+    if len(counts) > capacity:
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        kept, m = dict(ranked[:capacity]), ranked[capacity][1]
+    else:
+        kept, m = counts, 0
+    changed: set[str] = set()
+    if m:
+        for item, bound in held.items():
+            if item not in kept:
+                bound[0] += m
+                bound[1] += m
+                changed.add(item)
+    for item, n in kept.items():
+        found = held.get(item)
+        if found is None:
+            held[item] = [floor + n, floor]
+        else:
+            found[0] += n
+        changed.add(item)
+    floor += m
+    total += sum(counts.values())
+    drops: list[tuple[Any, ...]] = []
+    if len(held) > 2 * capacity:
+        ranked_held = sorted(held.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        for item, (n, _) in ranked_held[capacity:]:
+            floor = max(floor, n)
+            del held[item]
+            if item in changed:
+                changed.discard(item)
+            drops.append((*key, item))
+    writes = [(*key, item, *held[item]) for item in sorted(changed)]
+    writes.append((*key, "", total, floor))
+    return writes, drops
+
+
+# -- carrying out a plan --------------------------------------------------------
+
+
+def prepare_sqlite(db: sqlite3.Connection) -> None:
+    """Make the connection note the rows ``events`` takes (once per connection, after migrating)."""
+    for statement in _SQLITE_PREPARE:
+        db.execute(statement)
+
+
+def write_sqlite(db: sqlite3.Connection) -> int:
+    """Add the events rows inserted so far in this transaction to the rollups (inside it,
+    before COMMIT); returns how many there were."""
+    rows = db.execute(f"SELECT site, received, action, uuid, page FROM {_NEW_TABLE}").fetchall()
+    if not rows:
+        return 0
+    db.execute(f"DELETE FROM {_NEW_TABLE}")
+    steps = plan(aggregate(rows))
+    step = next(steps, None)
+    while step is not None:
+        answer: list[tuple[Any, ...]] = []
+        if isinstance(step, Fetch):
+            answer = db.execute(step.sql, step.args).fetchall()
+        elif isinstance(step, Run):
+            db.executemany(step.sql, step.args)
+        step = _send(steps, answer)
+    return len(rows)
+
+
+def _send(steps: Plan, answer: list[tuple[Any, ...]]) -> Step | None:
+    """The plan's next step, given the rows the last one asked for; None at its end."""
+    try:
+        return steps.send(answer)
+    except StopIteration:
+        return None
+
+
+def numbered(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1``, ``$2``, ... (no ``?`` in literals here)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
+
+
+async def write_postgres(conn: Any, inserted: Sequence[Any], limit_s: float) -> None:
+    """Add the rows an insert returned (:data:`POSTGRES_RETURNING`) to the rollups, in its
+    transaction."""
+    if not inserted:
+        return
+    steps = plan(aggregate(tuple(r) for r in inserted))
+    step = next(steps, None)
+    while step is not None:
+        answer: list[tuple[Any, ...]] = []
+        if isinstance(step, Lock):
+            for key in step.keys:
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", key, timeout=limit_s)
+        elif isinstance(step, Fetch):
+            answer = [
+                tuple(r) for r in await conn.fetch(numbered(step.sql), *step.args, timeout=limit_s)
+            ]
+        else:
+            await conn.executemany(numbered(step.sql), step.args, timeout=limit_s)
+        step = _send(steps, answer)
+
+
+# -- range views ------------------------------------------------------------------
+
+
+class RangeSpec(NamedTuple):
+    """A view's length, the seconds of each of its buckets, and the span of its top tables."""
+
+    seconds: int
+    step: int
+    top_span: int
+
+
+RANGES: Final = {
+    "1h": RangeSpec(3600, 60, RECENT_TOP_SPAN),
+    "24h": RangeSpec(86400, 900, TOP_SPAN),
+    "7d": RangeSpec(7 * 86400, 3600, TOP_SPAN),
+}
+
+
+class Bucket(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The exact counts of one bucket starting at ``t`` (ms), or of a whole range."""
+
+    t: int = 0
+    accepted: int = 0
+    started: int = 0
+    ended: int = 0
+
+
+class TopRow(msgspec.Struct, array_like=True):
+    """One row of a top table: key, count, and how much the count may exceed the truth."""
+
+    key: str
+    count: int
+    error: int
+
+
+class TopTable(msgspec.Struct, kw_only=True):
+    """A top table over a range: the exact number of entries counted, and its leading rows."""
+
+    total: int
+    rows: list[TopRow]
+
+
+class RangeView(msgspec.Struct, kw_only=True):
+    """[ext] A site's stored rollups over a range (docs/protocol.md, the rollups route).
+
+    ``since``: the first ms counted (the start of the oldest bucket);
+    ``top_since``: where the top tables start (a whole 10 minutes or hour,
+    at or before ``since``); ``newest``: the start of the newest minute the
+    store has counted for the site (null: none), which shows how far the
+    persist worker got.
+    """
+
+    site: str
+    range: str
+    now: int
+    since: int
+    step: int
+    top_since: int
+    buckets: list[Bucket]
+    totals: Bucket
+    top: dict[str, TopTable]
+    newest: int | None
+
+
+class RollupsUnavailable(Exception):
+    """The store cannot answer: missing, unreachable, or without the rollups table yet."""
+
+
+_BUCKETS: Final = (
+    "SELECT bucket - bucket % ? AS t, item, CAST(sum(n) AS BIGINT) FROM rollups "
+    f"WHERE site = ? AND span = {COUNT_SPAN} AND kind = 'count' AND bucket >= ? AND bucket <= ? "
+    "GROUP BY t, item ORDER BY t"
+)
+_TOP_TOTAL: Final = (
+    "SELECT CAST(coalesce(sum(n), 0) AS BIGINT), CAST(coalesce(sum(err), 0) AS BIGINT) "
+    "FROM rollups WHERE site = ? AND span = ? AND kind = ? AND item = '' "
+    "AND bucket >= ? AND bucket <= ?"
+)
+#: Per key: the sum of (bound - that table's floor) over the tables holding it, and of
+#: its lower bounds (bound - error); the floors of all tables are added after.
+_TOP_ROWS: Final = (
+    "SELECT r.item, CAST(sum(r.n - f.err) AS BIGINT) AS up, "
+    "CAST(sum(r.n - r.err) AS BIGINT) AS low FROM rollups r JOIN rollups f "
+    "ON f.site = r.site AND f.span = r.span AND f.bucket = r.bucket AND f.kind = r.kind "
+    "AND f.item = '' WHERE r.site = ? AND r.span = ? AND r.kind = ? AND r.item <> '' "
+    "AND r.bucket >= ? AND r.bucket <= ? GROUP BY r.item ORDER BY low DESC, up DESC, r.item LIMIT ?"
+)
+_NEWEST: Final = (
+    f"SELECT max(bucket) FROM rollups WHERE site = ? AND span = {COUNT_SPAN} AND kind = 'count'"
+)
+
+
+def view_queries(site: str, spec: RangeSpec, now_ms: int) -> tuple[int, int, list[Fetch]]:
+    """``since``, ``top_since`` and the queries of a view, in the order :func:`build_view` reads."""
+    step_ms = spec.step * 1000
+    since = now_ms - now_ms % step_ms - spec.seconds * 1000 + step_ms
+    top_ms = spec.top_span * 1000
+    top_since = since - since % top_ms
+    queries = [Fetch(_BUCKETS, (step_ms, site, since, now_ms))]
+    for table in TABLES:
+        args = (site, spec.top_span, table, top_since, now_ms)
+        queries += [Fetch(_TOP_TOTAL, args), Fetch(_TOP_ROWS, (*args, TOP_SHOWN))]
+    queries.append(Fetch(_NEWEST, (site,)))
+    return since, top_since, queries
+
+
+def build_view(
+    site: str, name: str, now_ms: int, since: int, top_since: int, answers: list[list[Any]]
+) -> RangeView:
+    """A :class:`RangeView` from the rows of :func:`view_queries`."""
+    spec = RANGES[name]
+    buckets: dict[int, Bucket] = {}
+    totals = Bucket()
+    for t, item, n in answers[0]:
+        b = buckets.setdefault(int(t), Bucket(t=int(t)))
+        if item in COUNTS:
+            setattr(b, item, getattr(b, item) + int(n))
+            setattr(totals, item, getattr(totals, item) + int(n))
+    top: dict[str, TopTable] = {}
+    for i, table in enumerate(TABLES):
+        (total, floors), rows = answers[1 + 2 * i][0], answers[2 + 2 * i]
+        out = []
+        for key, up, low in rows:
+            count = int(up) + int(floors)
+            out.append(TopRow(key, count, count - int(low)))
+        top[table] = TopTable(total=int(total), rows=out)
+    newest = answers[-1][0][0] if answers[-1] else None
+    return RangeView(
+        site=site,
+        range=name,
+        now=now_ms,
+        since=since,
+        step=spec.step,
+        top_since=top_since,
+        buckets=[buckets[t] for t in sorted(buckets)],
+        totals=totals,
+        top=top,
+        newest=None if newest is None else int(newest),
+    )
+
+
+class RollupReader:
+    """Reads range views from the store a DSN names; connects on first use, again after a loss.
+
+    It never creates the store or its tables: a missing SQLite file, an
+    unreachable PostgreSQL or a store without the table raise
+    :class:`RollupsUnavailable` with what to do.
+    """
+
+    #: How long connecting and each query may take (s).
+    TIMEOUT: Final = 5.0
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._postgres = dsn.startswith(("postgresql://", "postgres://"))
+        self._db: sqlite3.Connection | None = None
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+
+    async def view(self, site: str, name: str, now_ms: int) -> RangeView:
+        """The view ``name`` (a key of :data:`RANGES`) of a site at ``now_ms``.
+
+        Raises:
+            KeyError: not a range of :data:`RANGES`.
+            RollupsUnavailable: the store cannot answer (the message says why).
+        """
+        since, top_since, queries = view_queries(site, RANGES[name], now_ms)
+        async with self._lock:
+            if self._postgres:
+                answers = await self._postgres_answers(queries)
+            else:
+                answers = await asyncio.to_thread(self._sqlite_answers, queries)
+        return build_view(site, name, now_ms, since, top_since, answers)
+
+    def _sqlite_answers(self, queries: list[Fetch]) -> list[list[Any]]:
+        if self._db is None:
+            from eventwire.persist.sinks import sqlite_path
+
+            path = sqlite_path(self.dsn)
+            if not path.exists():
+                raise RollupsUnavailable(
+                    f"no store at {path} yet: the persist worker creates it (persist_dsn)"
+                )
+            self._db = _open_sqlite_reader(path)
+        try:
+            # One read transaction: every query sees the same commit.
+            self._db.execute("BEGIN")
+            try:
+                return [self._db.execute(q.sql, q.args).fetchall() for q in queries]
+            finally:
+                self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            raise RollupsUnavailable(_missing_table(str(exc))) from None
+
+    async def _postgres_answers(self, queries: list[Fetch]) -> list[list[Any]]:
+        import asyncpg  # type: ignore[import-untyped]
+
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(self.dsn, timeout=self.TIMEOUT)
+            async with self._conn.transaction(isolation="repeatable_read", readonly=True):
+                return [
+                    await self._conn.fetch(numbered(q.sql), *q.args, timeout=self.TIMEOUT)
+                    for q in queries
+                ]
+        except asyncpg.UndefinedTableError as exc:
+            raise RollupsUnavailable(_missing_table(str(exc))) from None
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise RollupsUnavailable(f"the store does not answer: {exc}") from None
+
+    async def close(self) -> None:
+        """Close the connection, if one was made."""
+        async with self._lock:
+            if self._db is not None:
+                db, self._db = self._db, None
+                await asyncio.to_thread(db.close)
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                await conn.close()
+
+
+def _open_sqlite_reader(path: Path) -> sqlite3.Connection:
+    """A connection that reads (never creates) the worker's file; WAL lets it read beside writes."""
+    uri = path.resolve().as_uri() + "?mode=rw"
+    db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA query_only = ON")
+    db.execute("PRAGMA busy_timeout = 5000")
+    return db
+
+
+def _missing_table(error: str) -> str:
+    if "rollups" in error:
+        return "the store has no rollups table yet: start a persist worker of this version once"
+    return f"the store cannot answer: {error}"
