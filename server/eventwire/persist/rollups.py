@@ -23,10 +23,14 @@ since the epoch, a multiple of the span):
 - ``span = 600`` and ``span = 3600``, ``kind`` one of :data:`TABLES`: a
   bounded top table per 10 minutes and per hour, a Space-Saving summary with
   batched eviction as the live window's (:mod:`eventwire.live.rollup`): at
-  most ``2 * TOP_CAPACITY`` keys, each with ``n`` (an upper bound of its true
-  count) and ``err`` (the true count is in ``[n - err, n]``); the table's own
-  row has ``item = ''``, ``n`` its exact total and ``err`` its floor (the
-  most a key it does not hold can have had). 10-minute tables serve the
+  most ``2 * TOP_CAPACITY`` keys, each with ``n + lift`` an upper bound of
+  its true count and ``err + lift`` how much that may exceed it (the true
+  count is in ``[n - err, n + lift]``, ``lift`` being the table row's); the
+  table's own row has ``item = ''``, ``n`` its exact total, ``err`` its
+  floor (the most a key it does not hold can have had) and ``lift``, what
+  every key it holds has been raised by since it was written (so a batch
+  rewrites only the keys it counted, never the whole table; key rows keep
+  ``lift = 0``). 10-minute tables serve the
   1-hour view and are deleted :data:`RECENT_TOPS_KEEP_MS` after the newest
   one written; hourly tables are kept.
 
@@ -68,6 +72,7 @@ MIGRATION: Final = (
         item TEXT NOT NULL,
         n BIGINT NOT NULL,
         err BIGINT NOT NULL,
+        lift BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (site, span, bucket, kind, item)
     )""",
 )
@@ -115,17 +120,18 @@ POSTGRES_RETURNING: Final = (
 
 # -- statements (``?`` placeholders; numbered for PostgreSQL) -----------------
 
-_COLUMNS: Final = "site, span, bucket, kind, item, n, err"
+_COLUMNS: Final = "site, span, bucket, kind, item, n, err, lift"
 _ADD_COUNT: Final = (
-    f"INSERT INTO rollups ({_COLUMNS}) VALUES (?, {COUNT_SPAN}, ?, 'count', ?, ?, 0) "
+    f"INSERT INTO rollups ({_COLUMNS}) VALUES (?, {COUNT_SPAN}, ?, 'count', ?, ?, 0, 0) "
     "ON CONFLICT (site, span, bucket, kind, item) DO UPDATE SET n = rollups.n + excluded.n"
 )
 _READ_TABLE: Final = (
-    "SELECT item, n, err FROM rollups WHERE site = ? AND span = ? AND bucket = ? AND kind = ?"
+    "SELECT item, n, err, lift FROM rollups WHERE site = ? AND span = ? AND bucket = ? AND kind = ?"
 )
 _SET_TOP: Final = (
-    f"INSERT INTO rollups ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (site, span, bucket, kind, item) DO UPDATE SET n = excluded.n, err = excluded.err"
+    f"INSERT INTO rollups ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (site, span, bucket, kind, item) "
+    "DO UPDATE SET n = excluded.n, err = excluded.err, lift = excluded.lift"
 )
 _DROP_TOP: Final = (
     "DELETE FROM rollups WHERE site = ? AND span = ? AND bucket = ? AND kind = ? AND item = ?"
@@ -245,58 +251,68 @@ def merge_table(
     Two Space-Saving summaries merged. The batch keeps its ``capacity``
     largest keys exactly; each key it leaves out counted at most ``m`` (the
     largest left out), so every key the table holds and the batch does not
-    rises by ``m`` in both bound and error, and the floor rises by ``m``. A
-    kept key new to the table starts at the old floor with that as its error.
-    Past ``2 * capacity`` keys the ``capacity`` largest stay and the floor is
-    at least the largest dropped.
+    rises by ``m`` in both bound and error: the table's ``lift`` does that
+    for all of them at once, and the floor rises by ``m``. A kept key new to
+    the table starts at the old floor with that as its error. Past
+    ``2 * capacity`` keys the ``capacity`` largest stay and the floor is at
+    least the largest dropped. Rows written hold ``(n, err)`` less the lift.
     """
-    total = floor = 0
+    total = floor = lift = 0
     held: dict[str, list[int]] = {}
-    for item, n, err in held_rows:
+    for item, n, err, row_lift in held_rows:
         if item == "":
-            total, floor = int(n), int(err)
+            total, floor, lift = int(n), int(err), int(row_lift)
         else:
             held[item] = [int(n), int(err)]
+    stored_before = set(held)
     if len(counts) > capacity:
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         kept, m = dict(ranked[:capacity]), ranked[capacity][1]
     else:
         kept, m = counts, 0
-    changed: set[str] = set()
-    if m:
-        for item, bound in held.items():
-            if item not in kept:
-                bound[0] += m
-                bound[1] += m
-                changed.add(item)
+    lift += m  # every held key: bound and error up by m, without a write
     for item, n in kept.items():
-        found = held.get(item)
-        if found is None:
-            held[item] = [floor + n, floor]
-        else:
-            found[0] += n
-        changed.add(item)
+        stored = held.get(item)
+        if stored is None:
+            held[item] = [floor + n - lift, floor - lift]
+        else:  # exact here: up by n, error as it was
+            stored[0] += n - m
+            stored[1] -= m
     floor += m
     total += sum(counts.values())
+    changed = set(kept)
     drops: list[tuple[Any, ...]] = []
     if len(held) > 2 * capacity:
         ranked_held = sorted(held.items(), key=lambda kv: (-kv[1][0], kv[0]))
         for item, (n, _) in ranked_held[capacity:]:
-            floor = max(floor, n)
+            floor = max(floor, n + lift)
             del held[item]
-            if item in changed:
-                changed.discard(item)
-            drops.append((*key, item))
-    writes = [(*key, item, *held[item]) for item in sorted(changed)]
-    writes.append((*key, "", total, floor))
+            changed.discard(item)
+            if item in stored_before:
+                drops.append((*key, item))
+    writes = [(*key, item, *held[item], 0) for item in sorted(changed)]
+    writes.append((*key, "", total, floor, lift))
     return writes, drops
+
+
+def true_bounds(held_rows: Sequence[tuple[Any, ...]]) -> dict[str, tuple[int, int]]:
+    """A stored table's rows as ``item -> (bound, error)`` (the table row: total, floor)."""
+    lift = next((int(r[3]) for r in held_rows if r[0] == ""), 0)
+    return {
+        str(item): (int(n), int(err)) if item == "" else (int(n) + lift, int(err) + lift)
+        for item, n, err, _ in held_rows
+    }
 
 
 # -- carrying out a plan --------------------------------------------------------
 
 
 def prepare_sqlite(db: sqlite3.Connection) -> None:
-    """Make the connection note the rows ``events`` takes (once per connection, after migrating)."""
+    """Make the connection note the rows ``events`` takes (once per connection, after migrating).
+
+    The note is a temporary table, kept in memory (``temp_store``).
+    """
+    db.execute("PRAGMA temp_store = MEMORY")
     for statement in _SQLITE_PREPARE:
         db.execute(statement)
 
@@ -433,14 +449,17 @@ _TOP_TOTAL: Final = (
     "FROM rollups WHERE site = ? AND span = ? AND kind = ? AND item = '' "
     "AND bucket >= ? AND bucket <= ?"
 )
-#: Per key: the sum of (bound - that table's floor) over the tables holding it, and of
-#: its lower bounds (bound - error); the floors of all tables are added after.
+#: Per key: the sum of (bound - that table's floor) over the tables holding it (the
+#: bound being n + the table's lift), and of its lower bounds (n - err: the lift
+#: cancels); the floors of all tables are added after. One scan
+#: of the primary key's range (the floor comes to each row by a window, not a join: a
+#: join was planned badly by PostgreSQL without fresh statistics).
 _TOP_ROWS: Final = (
-    "SELECT r.item, CAST(sum(r.n - f.err) AS BIGINT) AS up, "
-    "CAST(sum(r.n - r.err) AS BIGINT) AS low FROM rollups r JOIN rollups f "
-    "ON f.site = r.site AND f.span = r.span AND f.bucket = r.bucket AND f.kind = r.kind "
-    "AND f.item = '' WHERE r.site = ? AND r.span = ? AND r.kind = ? AND r.item <> '' "
-    "AND r.bucket >= ? AND r.bucket <= ? GROUP BY r.item ORDER BY low DESC, up DESC, r.item LIMIT ?"
+    "SELECT item, CAST(sum(n + fl) AS BIGINT) AS up, CAST(sum(n - err) AS BIGINT) AS low "
+    "FROM (SELECT item, n, err, max(CASE WHEN item = '' THEN lift - err END) "
+    "OVER (PARTITION BY bucket) AS fl FROM rollups "
+    "WHERE site = ? AND span = ? AND kind = ? AND bucket >= ? AND bucket <= ?) AS held "
+    "WHERE item <> '' GROUP BY item ORDER BY low DESC, up DESC, item LIMIT ?"
 )
 _NEWEST: Final = (
     f"SELECT max(bucket) FROM rollups WHERE site = ? AND span = {COUNT_SPAN} AND kind = 'count'"
