@@ -183,7 +183,8 @@ async def main() -> None:
             n = await fill_week(dsn, now)
             size = ""
             if args.dsn is None:
-                size = f", {os.path.getsize(rollups_path(dsn)) / 2**20:.1f} MiB file"
+                file_bytes = await asyncio.to_thread(os.path.getsize, rollups_path(dsn))
+                size = f", {file_bytes / 2**20:.1f} MiB file"
             print(f"a week at the bound: {n:,} rollups rows ({n / 7:,.0f} a day){size}")
             for name, (seconds, size_b) in (await views(dsn, now)).items():
                 print(f"view {name}: {seconds * 1000:.1f} ms, {size_b / 1024:.1f} KiB of JSON")
