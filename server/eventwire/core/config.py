@@ -98,6 +98,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rejected_maxlen: Count = 100_000
     #: How long a producer's highest stored seq is kept (de-duplication window).
     producer_ttl: Seconds = 7 * 86400.0
+    #: How long a Segment call's ``messageId`` is remembered (its producer key of
+    #: ~100 bytes, one per call); ``producer_ttl`` bounds it from above.
+    message_dedup_window: Seconds = 86400.0
 
     # -- backpressure (README "Persistence"); both may be set per site
     #: Entries of an events stream its persist group has not acknowledged at which

@@ -6,9 +6,9 @@ of its own and one event with seq 1. The producer is a hash of the site and
 the call's ``messageId`` (or of its content when it has none), so the same
 call sent again is the same producer and seq, and the publish step counts it
 as a duplicate: exactly once per ``messageId`` while the producer's seq is
-kept (``producer_ttl``). Calls are unordered, which is why each gets its own
-producer rather than a seq in a shared one: a high-water mark would drop a
-late call.
+kept (``message_dedup_window``, see :meth:`Store.shorten_producers`). Calls
+are unordered, which is why each gets its own producer rather than a seq in
+a shared one: a high-water mark would drop a late call.
 """
 
 from __future__ import annotations

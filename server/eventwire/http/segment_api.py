@@ -175,11 +175,18 @@ class SegmentApi:
                 return Answer(200, b'{"rejected":[{"code":"not_segment"}]}')
             async with limit:
                 # The write key's rate bucket, shared by its calls.
-                return await self.listener.run_batch(
+                answer = await self.listener.run_batch(
                     site, rules, msgspec.json.encode(mapped), f"write_key:{key}"
                 )
+            if answer.status == 200:
+                stored.append((mapped["uuid"], mapped["producer"]))
+            return answer
 
-        return list(await asyncio.gather(*(one(call) for call in calls)))
+        stored: list[tuple[str, str]] = []
+        answers = list(await asyncio.gather(*(one(call) for call in calls)))
+        # Each call's producer is its messageId: remembered message_dedup_window.
+        await store.shorten_producers(site, stored)
+        return answers
 
     def _answer(self, answers: list[Answer]) -> web.Response:
         accepted = duplicate = rejected = 0

@@ -555,6 +555,28 @@ class Store:
             return False
         return True
 
+    async def shorten_producers(self, site: str, producers: Sequence[tuple[str, str]]) -> bool:
+        """Let these ``(uuid, producer)`` keys expire after ``message_dedup_window``.
+
+        The publish step keeps every producer for ``producer_ttl``; a Segment
+        call is a producer of its own, kept only as long as its ``messageId``
+        is to be remembered. ``LT`` never lengthens a key's life. One round
+        trip for all; False if Redis is away (the keys then live
+        ``producer_ttl``: longer de-duplication, nothing lost).
+        """
+        ttl_ms = int(self.settings.message_dedup_window * 1000)
+        if not producers or self.settings.message_dedup_window >= self.settings.producer_ttl:
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        for uuid, producer in producers:
+            pipe.pexpire(self.keys.producer(self.tag(site, uuid), producer), ttl_ms, lt=True)
+        try:
+            async with asyncio.timeout(self.settings.store_timeout):
+                await pipe.execute(raise_on_error=False)
+        except (*OUTAGE, RedisError):
+            return False
+        return True
+
     async def ping(self) -> bool:
         """Whether Redis answers PING within ``store_timeout``."""
         try:
