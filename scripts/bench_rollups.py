@@ -35,7 +35,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from eventwire.persist import rollups
+from eventwire.persist import ranges, rollups
 from eventwire.persist.sinks import EventRow, open_sink
 
 DAY = 86_400_000
@@ -132,7 +132,7 @@ async def views(dsn: str, now: int) -> dict[str, tuple[float, int]]:
     reader = RollupReader(dsn)
     out = {}
     try:
-        for name in rollups.RANGES:
+        for name in ranges.RANGES:
             best = float("inf")
             for _ in range(5):
                 start = time.perf_counter()
@@ -144,7 +144,7 @@ async def views(dsn: str, now: int) -> dict[str, tuple[float, int]]:
     return out
 
 
-RollupReader = rollups.RollupReader
+RollupReader = ranges.RollupReader
 
 
 async def main() -> None:

@@ -14,7 +14,7 @@ request before any upgrade):
 - ``GET /v1/sites/{site}/summary``: open sessions, both streams' length and
   ends, and Redis' clock.
 - ``GET /v1/sites/{site}/rollups?range=1h|24h|7d``: the stored per-minute
-  rollups of a range (:mod:`eventwire.persist.rollups`), read from the store
+  rollups of a range (:mod:`eventwire.persist.ranges`), read from the store
   ``persist_dsn`` names (the persist worker's own setting).
 - ``WS /v1/live?site=S...``: the live relay (:mod:`eventwire.live`).
 
@@ -51,7 +51,7 @@ from eventwire.core.config import is_loopback
 from eventwire.core.errors import StoreUnavailable
 from eventwire.live import LiveQuery, Relay, parse_query
 from eventwire.pages import StaticFiles
-from eventwire.persist.rollups import RANGES, RollupReader, RollupsUnavailable
+from eventwire.persist.ranges import RANGES, RollupReader, RollupsUnavailable
 from eventwire.store import SiteSnapshot, Store, StreamInfo
 from eventwire.store.survey import find_site
 

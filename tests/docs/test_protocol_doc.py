@@ -57,7 +57,7 @@ from eventwire.core.validation import (
     default_label,
 )
 from eventwire.live import LiveMessage
-from eventwire.persist.rollups import RangeView  # the body of .../rollups
+from eventwire.persist.ranges import RangeView  # the body of .../rollups
 from eventwire.persist.sinks import decode_event
 
 ROOT: Final = Path(__file__).resolve().parents[2]

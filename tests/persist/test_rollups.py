@@ -15,13 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from eventwire.persist import rollups
-from eventwire.persist.rollups import (
-    RANGES,
-    RollupReader,
-    RollupsUnavailable,
-    merge_table,
-    true_bounds,
-)
+from eventwire.persist.ranges import RANGES, RangeView, RollupReader, RollupsUnavailable
+from eventwire.persist.rollups import merge_table, true_bounds
 from eventwire.persist.sinks import EventRow, Sink, open_sink
 from tests.persist.test_worker import (  # noqa: F401 - dsn: the store fixture
     dsn,
@@ -85,7 +80,7 @@ def expected(events: Sequence[tuple[int, str, str, dict[str, Any]]], name: str, 
     )
 
 
-def tops_of(view: rollups.RangeView, table: str) -> Counter[str]:
+def tops_of(view: RangeView, table: str) -> Counter[str]:
     """A view's top table as exact counts (every row's error is 0 here: few keys)."""
     assert all(r.error == 0 for r in view.top[table].rows)
     return Counter({r.key: r.count for r in view.top[table].rows})

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from eventwire.commands.stats import range_table
-from eventwire.persist.rollups import RangeView, RollupReader
+from eventwire.persist.ranges import RangeView, RollupReader
 from eventwire.persist.sinks import open_sink
 from tests.conftest import MakeServer
 from tests.persist.test_rollups import row

@@ -22,6 +22,11 @@ The sites are those of the sites file and every site found in Redis
 (:func:`eventwire.store.survey.find_sites`), so a site written by servers
 with another sites file is shown too; the sites file gives partitions where
 it names the site. ``--watch`` looks for sites again every 30 s.
+
+``--range 1h|24h|7d`` prints instead what the persist workers stored for
+each site of the sites file over that range (:mod:`eventwire.persist.ranges`,
+read from ``--dsn`` or ``persist_dsn``): the figures the dashboard's range
+views and ``GET /v1/sites/{site}/rollups`` show, from the same code.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from eventwire.commands.tail import every_site, operator_command, operator_confi
 from eventwire.core.config import add_source_flags
 from eventwire.core.errors import ConfigError, StoreUnavailable
 from eventwire.core.rules import load_sites
-from eventwire.persist.rollups import RANGES, RangeView, RollupReader, RollupsUnavailable
+from eventwire.persist.ranges import RANGES, RangeView, RollupReader, RollupsUnavailable
 from eventwire.store import Keys, RedisClient, redis_client
 from eventwire.store.survey import (
     GroupState,
