@@ -186,8 +186,16 @@ class AdminListener:
         #: The stored rollups, read from the persist worker's store (connected on first use).
         self.rollups = RollupReader(self.settings.persist_dsn)
 
+    async def start_tallies(self) -> None:
+        """With ``live_tally_at_start``: every site's rollups, started now and kept."""
+        if self.settings.live_tally_at_start:
+            await self.relay.start_tallies(
+                {site: rules.config.partitions for site, rules in self.store.book.sites.items()}
+            )
+
     async def close(self) -> None:
-        """Release the store connection of the rollups route."""
+        """Stop the relay's tallies and readers; release the store connection of the rollups."""
+        await self.relay.close()
         await self.rollups.close()
 
     def authorized(self, request: Request) -> bool:

@@ -157,6 +157,7 @@ class EventwireServer:
         )
         self.admin_routes = AdminListener(self.ready, store)
         self.admin = await self.admin_routes.start(*settings.admin_addr)
+        await self.admin_routes.start_tallies()
         if settings.http_addr is not None:
             self.http = HttpListener(settings, self.book, store, self.sessions, self._is_draining)
             SegmentApi(self.http)
