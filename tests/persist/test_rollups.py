@@ -322,3 +322,28 @@ async def test_reader_says_why_the_store_cannot_answer(tmp_path: Path) -> None:
             await reader.view("app", "24h", now_ms())
     finally:
         await reader.close()
+
+
+async def test_forget_takes_a_customer_out_of_the_stored_top_tables(
+    dsn: str,  # noqa: F811
+) -> None:
+    """A forget deletes the customer's keys in the rollups' customer tables; totals stay."""
+    from eventwire.persist.privacy import forget_in_store
+
+    now = now_ms()
+    sink = open_sink(dsn)
+    await sink.open()
+    try:
+        rows = [row(i, now - 1000, "a.b", "gone" if i % 2 else "stays") for i in range(1, 9)]
+        assert await sink.write(rows) == 8
+        done = await forget_in_store(sink, "app", ["gone"])
+        assert done["rollups"] == 2  # its key in the 10-minute table and in the hour's
+    finally:
+        await sink.close()
+    reader = RollupReader(dsn)
+    try:
+        view = await reader.view("app", "1h", now)
+    finally:
+        await reader.close()
+    assert [r.key for r in view.top["customers"].rows] == ["stays"]
+    assert view.top["customers"].total == 8

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -68,7 +68,21 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (site, session)
         )""",
     ),
-    # 2: per-minute counts and bounded top tables (eventwire.persist.rollups).
+    (
+        # Anonymous uuids merged into customers (docs/protocol.md section 17): from the
+        # stored client.identify / client.alias events that say merged.
+        """CREATE TABLE aliases (
+            site TEXT NOT NULL,
+            alias TEXT NOT NULL,
+            uuid TEXT NOT NULL,
+            since BIGINT NOT NULL,
+            PRIMARY KEY (site, alias)
+        )""",
+        "CREATE INDEX aliases_customer ON aliases (site, uuid)",
+        # Retention deletes by time across customers.
+        "CREATE INDEX events_time ON events (site, time)",
+    ),
+    # 3: per-minute counts and bounded top tables (eventwire.persist.rollups).
     rollups.MIGRATION,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -226,16 +240,37 @@ def _session_args(row: EventRow) -> tuple[str, tuple[Any, ...]] | None:
             num("duration_ms"),
             num("events"),
         )
+    if row.action in _MERGE_ACTIONS and b'"merged":true' in row.params.encode():
+        found = msgspec.json.decode(row.params)
+        previous = found.get("previous_uuid")
+        if found.get("merged") is True and isinstance(previous, str) and previous != row.uuid:
+            return "alias", (row.site, previous, row.uuid, row.time)
     return None
 
 
+#: The events that may record a merge (with ``params.merged`` true).
+_MERGE_ACTIONS: Final = frozenset({"client.identify", "client.alias"})
+#: A merge: the first one of an anonymous uuid wins, as in Redis.
+_ALIAS_SQL: Final = (
+    "INSERT INTO aliases (site, alias, uuid, since) VALUES ({p1}, {p2}, {p3}, {p4}) "
+    "ON CONFLICT (site, alias) DO NOTHING"
+)
+_STATEMENTS: Final = {"start": _SESSION_START_SQL, "end": _SESSION_END_SQL, "alias": _ALIAS_SQL}
+
+#: The uuids of one customer's history: itself and every alias merged into it.
+_HISTORY_SQL: Final = (
+    "SELECT {p2} UNION SELECT alias FROM aliases WHERE site = {p1} AND uuid = {p2}"
+)
+
+
 class Activity(msgspec.Struct, frozen=True):
-    """One line of a customer's activity feed."""
+    """One line of a customer's activity feed; ``uuid`` is the one it was recorded under."""
 
     time: int
     label: str
     action: str
     session: str
+    uuid: str
 
 
 class Sink(Protocol):
@@ -251,10 +286,13 @@ class Sink(Protocol):
         """Raise if the store does not answer."""
 
     async def activity(self, site: str, uuid: str, limit: int) -> list[Activity]:
-        """A customer's events, newest first."""
+        """A customer's events and its aliases', newest first."""
 
     async def count(self, site: str | None = None) -> int:
         """Rows of ``events`` (of one site)."""
+
+    async def run(self, fn: Any) -> Any:
+        """Run ``fn`` with the store's connection, one call at a time (``persist.privacy``)."""
 
     async def close(self) -> None:
         """Release the connection."""
@@ -356,7 +394,7 @@ class SqliteSink:
                 found = _session_args(r)
                 if found is not None:
                     kind, args = found
-                    sql = _SESSION_START_SQL if kind == "start" else _SESSION_END_SQL
+                    sql = _STATEMENTS[kind]
                     db.execute(sql.format(**{f"p{i}": "?" for i in range(1, 8)}), args)
             # The rows this transaction inserted (total_changes would count the trigger's too).
             written = rollups.write_sqlite(db)
@@ -366,6 +404,10 @@ class SqliteSink:
             raise
         return written
 
+    async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(connection)`` in the sink's thread, one call at a time (privacy operations)."""
+        return await self._call(fn, self.db)
+
     async def ping(self) -> None:
         """Run ``SELECT 1``."""
         await self._call(lambda: self.db.execute("SELECT 1").fetchone())
@@ -374,9 +416,11 @@ class SqliteSink:
         """A customer's events, newest first (ties: highest seq first)."""
 
         def query() -> list[Activity]:
+            history = _HISTORY_SQL.format(p1="?1", p2="?2")
             cur = self.db.execute(
-                "SELECT time, label, action, session FROM events WHERE site = ? AND uuid = ? "
-                "ORDER BY time DESC, received DESC, seq DESC LIMIT ?",
+                "SELECT time, label, action, session, uuid FROM events "
+                f"WHERE site = ?1 AND uuid IN ({history}) "
+                "ORDER BY time DESC, received DESC, seq DESC LIMIT ?3",
                 (site, uuid, limit),
             )
             return [Activity(*r) for r in cur.fetchall()]
@@ -488,7 +532,7 @@ class PostgresSink:
                 found = _session_args(r)
                 if found is not None:
                     kind, args = found
-                    sql = _SESSION_START_SQL if kind == "start" else _SESSION_END_SQL
+                    sql = _STATEMENTS[kind]
                     await conn.execute(
                         sql.format(**{f"p{i}": f"${i}" for i in range(1, 8)}),
                         *args,
@@ -496,6 +540,12 @@ class PostgresSink:
                     )
             await rollups.write_postgres(conn, inserted, self.TIMEOUT)
         return len(inserted)
+
+    async def run(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Await ``fn(connection)``, one call at a time (privacy operations)."""
+        conn = await self._connected()
+        async with self._lock:
+            return await fn(conn)
 
     async def ping(self) -> None:
         """Run ``SELECT 1``."""
@@ -507,8 +557,10 @@ class PostgresSink:
         """A customer's events, newest first (ties: highest seq first)."""
         await self._connected()
         async with self._lock:
+            history = _HISTORY_SQL.format(p1="$1", p2="$2::text")
             records = await self._conn.fetch(
-                "SELECT time, label, action, session FROM events WHERE site = $1 AND uuid = $2 "
+                "SELECT time, label, action, session, uuid FROM events "
+                f"WHERE site = $1 AND uuid IN ({history}) "
                 "ORDER BY time DESC, received DESC, seq DESC LIMIT $3",
                 site,
                 uuid,

@@ -43,6 +43,7 @@ from eventwire.store.functions import (
     session_end_record,
 )
 from eventwire.store.keys import Keys
+from eventwire.store.privacy import Subjects
 from eventwire.store.replies import PublishReply, SiteSnapshot, missing_function, parse_publish
 from eventwire.store.resp import bulk, pack_args, pack_fcall, pack_items
 from eventwire.store.streams import read_site_summary
@@ -177,6 +178,8 @@ class Store:
         self.settings = settings
         self.book = book
         self.keys = Keys(settings.key_prefix)
+        #: Keyed hashes of uuids (suppression, the audit).
+        self.subjects = Subjects(client, self.keys, settings.privacy_key_env)
         self._lanes = [_Lane() for _ in range(settings.publish_lanes)]
         self._started = False
         self._closing = False
