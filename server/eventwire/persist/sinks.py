@@ -82,14 +82,16 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # Retention deletes by time across customers.
         "CREATE INDEX events_time ON events (site, time)",
     ),
-    # 3: per-minute counts and bounded top tables (eventwire.persist.rollups).
+    # Visitors: events of a connection found to be a bot (docs/protocol.md section 18).
+    ("ALTER TABLE events ADD COLUMN bot BOOLEAN NOT NULL DEFAULT FALSE",),
+    # 4: per-minute counts and bounded top tables (eventwire.persist.rollups).
     rollups.MIGRATION,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 _EVENT_COLUMN_NAMES: Final = (
     "site", "producer", "seq", "uuid", "session", "action", "label", "time", "received",
-    "original_time", "params", "authenticated",
+    "original_time", "params", "authenticated", "bot",
 )  # fmt: skip
 _EVENT_COLUMNS: Final = ", ".join(_EVENT_COLUMN_NAMES)
 #: PostgreSQL's staging table of a batch (temporary: one per connection).
@@ -153,6 +155,7 @@ class _Entry(msgspec.Struct, kw_only=True):
     params: msgspec.Raw
     original_time: int | None = None
     authenticated: bool = False
+    bot: bool = False
 
 
 _entry_decoder: Final = msgspec.json.Decoder(_Entry)
@@ -180,7 +183,7 @@ def decode_row(site: str, raw: bytes) -> EventRow:
             raise ValueError(f"undecodable event: {name} {value} is out of BIGINT range")
     return EventRow(
         site, e.producer, e.seq, e.uuid, e.session, e.action, e.label, e.time, e.received,
-        e.original_time, params.decode(), e.authenticated,
+        e.original_time, params.decode(), e.authenticated, e.bot,
     )  # fmt: skip
 
 
@@ -199,6 +202,7 @@ class EventRow(msgspec.Struct, array_like=True, frozen=True):
     original_time: int | None
     params: str
     authenticated: bool
+    bot: bool = False
 
 
 def to_row(site: str, event: StoredEvent) -> EventRow:
@@ -216,6 +220,7 @@ def to_row(site: str, event: StoredEvent) -> EventRow:
         event.original_time,
         _encoder.encode(event.params).decode(),
         event.authenticated,
+        event.bot,
     )
 
 
@@ -386,7 +391,7 @@ class SqliteSink:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(
-                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT DO NOTHING",
                 [tuple(msgspec.structs.astuple(r)) for r in rows],
             )
