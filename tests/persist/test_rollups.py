@@ -202,10 +202,12 @@ class CommitsThenFails:
         await self.inner.close()
 
 
-def row(seq: int, received: int, action: str, uuid: str, params: str = "{}") -> EventRow:
-    """An events row of site ``app``."""
+def row(
+    seq: int, received: int, action: str, uuid: str, params: str = "{}", bot: bool = False
+) -> EventRow:
+    """An events row of site ``app`` (``bot``: stored as a bot's, docs/protocol.md section 18)."""
     return EventRow(
-        "app", "p", seq, uuid, "s", action, action, received, received, None, params, False
+        "app", "p", seq, uuid, "s", action, action, received, received, None, params, False, bot
     )
 
 
@@ -218,7 +220,7 @@ async def test_sink_counts_only_rows_it_inserted(dsn: str) -> None:  # noqa: F81
         first = [row(i, now - i * 1000, "page.visit", "u1", '{"url": "/a"}') for i in range(1, 6)]
         assert await sink.write(first) == 5
         assert await sink.write([*first[2:], row(6, now, "session.start", "u2")]) == 1
-        assert await sink.write([row(7, now, "page.visit", "u2", '{"url": 7}')]) == 1
+        assert await sink.write([row(7, now, "page.visit", "u2", '{"url": 7}', bot=True)]) == 1
         if dsn.startswith("postgresql"):  # a batch that rolls back takes its counts back
             with pytest.raises(Exception, match="json"):
                 await sink.write([row(8, now, "a.b", "u3"), row(9, now, "a.b", "u3", "{bad")])
@@ -229,7 +231,7 @@ async def test_sink_counts_only_rows_it_inserted(dsn: str) -> None:  # noqa: F81
         view = await reader.view("app", "1h", now)
     finally:
         await reader.close()
-    assert (view.totals.accepted, view.totals.started) == (7, 1)
+    assert (view.totals.accepted, view.totals.started, view.totals.bots) == (7, 1, 1)
     assert tops_of(view, "actions") == {"page.visit": 6, "session.start": 1}
     assert tops_of(view, "pages") == {"/a": 5}  # a url that is not a string is no page
     assert tops_of(view, "customers") == {"u1": 5, "u2": 2}

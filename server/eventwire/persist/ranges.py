@@ -50,6 +50,7 @@ class Bucket(msgspec.Struct, kw_only=True, omit_defaults=True):
     accepted: int = 0
     started: int = 0
     ended: int = 0
+    bots: int = 0
 
 
 class TopRow(msgspec.Struct, array_like=True):

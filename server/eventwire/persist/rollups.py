@@ -18,8 +18,9 @@ minutes agree).
 since the epoch, a multiple of the span):
 
 - ``span = 60, kind = 'count'``: exact counts per minute; ``item`` is
-  ``accepted``, ``started`` or ``ended``. Three rows a minute per site with
-  events, kept for good (4,320 a day).
+  ``accepted``, ``started``, ``ended`` or ``bots`` (of ``accepted``, the rows
+  stored with ``bot`` true). Three or four rows a minute per site with
+  events, kept for good (4,320-5,760 a day).
 - ``span = 600`` and ``span = 3600``, ``kind`` one of :data:`TABLES`: a
   bounded top table per 10 minutes and per hour, a Space-Saving summary with
   batched eviction as the live window's (:mod:`eventwire.live.rollup`): at
@@ -87,12 +88,13 @@ TOP_CAPACITY: Final = 100
 #: Rows of each top table in a view.
 TOP_SHOWN: Final = 10
 TABLES: Final = ("actions", "pages", "customers")
-COUNTS: Final = ("accepted", "started", "ended")
+COUNTS: Final = ("accepted", "started", "ended", "bots")
 #: The action whose ``params.url`` is a page.
 PAGE_ACTION: Final = "page.visit"
 
-#: What the store knows of one inserted event: site, received, action, uuid, page (or None).
-NewRow = tuple[str, int, str, str, str | None]
+#: What the store knows of one inserted event: site, received, action, uuid, page (or None),
+#: and whether it was stored as a bot's (docs/protocol.md section 18).
+NewRow = tuple[str, int, str, str, str | None, bool]
 
 # -- the SQLite connection's note of inserted rows ----------------------------
 
@@ -100,20 +102,20 @@ _NEW_TABLE: Final = "eventwire_rollup_new"
 #: Per connection: every row events really takes is noted (a skipped conflict fires nothing).
 _SQLITE_PREPARE: Final = (
     f"CREATE TEMP TABLE IF NOT EXISTS {_NEW_TABLE} "
-    "(site TEXT, received INTEGER, action TEXT, uuid TEXT, page TEXT)",
+    "(site TEXT, received INTEGER, action TEXT, uuid TEXT, page TEXT, bot INTEGER)",
     f"""CREATE TEMP TRIGGER IF NOT EXISTS eventwire_rollup_note AFTER INSERT ON main.events
     BEGIN
         INSERT INTO {_NEW_TABLE} VALUES (new.site, new.received, new.action, new.uuid,
             CASE WHEN new.action <> '{PAGE_ACTION}' THEN NULL
                  WHEN NOT json_valid(new.params) THEN NULL
                  WHEN json_type(new.params, '$.url') = 'text'
-                 THEN json_extract(new.params, '$.url') END);
+                 THEN json_extract(new.params, '$.url') END, new.bot);
     END""",
 )
 #: What PostgreSQL's batch insert returns of each row it took.
 POSTGRES_RETURNING: Final = (
     f"RETURNING site, received, action, uuid, CASE WHEN action = '{PAGE_ACTION}' "
-    "AND jsonb_typeof(params -> 'url') = 'string' THEN params ->> 'url' END"
+    "AND jsonb_typeof(params -> 'url') = 'string' THEN params ->> 'url' END, bot"
 )
 
 # -- statements (``?`` placeholders; numbered for PostgreSQL) -----------------
@@ -185,10 +187,13 @@ def aggregate(rows: Iterable[NewRow]) -> Delta:
     )
     counts.update(
         (site, received - received % minute_ms, _SESSION_ITEMS[action])
-        for site, received, action, _, _ in rows
+        for site, received, action, *_ in rows
         if action in _SESSION_ITEMS
     )
-    tens = [(site, received - received % ten_ms, a, u, p) for site, received, a, u, p in rows]
+    counts.update(
+        (site, received - received % minute_ms, "bots") for site, received, *_, bot in rows if bot
+    )
+    tens = [(site, received - received % ten_ms, a, u, p) for site, received, a, u, p, _ in rows]
     by_table = {
         "actions": Counter((site, b, a) for site, b, a, _, _ in tens),
         "customers": Counter((site, b, u) for site, b, _, u, _ in tens),
@@ -318,7 +323,9 @@ def prepare_sqlite(db: sqlite3.Connection) -> None:
 def write_sqlite(db: sqlite3.Connection) -> int:
     """Add the events rows inserted so far in this transaction to the rollups (inside it,
     before COMMIT); returns how many there were."""
-    rows = db.execute(f"SELECT site, received, action, uuid, page FROM {_NEW_TABLE}").fetchall()
+    rows = db.execute(
+        f"SELECT site, received, action, uuid, page, bot FROM {_NEW_TABLE}"
+    ).fetchall()
     if not rows:
         return 0
     db.execute(f"DELETE FROM {_NEW_TABLE}")

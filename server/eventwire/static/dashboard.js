@@ -767,8 +767,6 @@
       $("chart-title").textContent = `Events, ${spec.label}`;
       $("rate-rejected").textContent = "–";
       $("rate-rejected").dataset.count = "";
-      $("rate-bots").textContent = "–";
-      $("rate-bots").dataset.count = "";
       $("codes").replaceChildren();
     }
     for (const el of document.querySelectorAll(".range-label")) el.textContent = spec.label;
@@ -826,6 +824,7 @@
     const from = data ? data.since : 0;
     const to = data ? data.now : 0;
     setFigure($("rate"), accepted, data ? (accepted / seconds).toFixed(2) : "…", from, to);
+    setFigure($("rate-bots"), t.bots || 0, data ? ((t.bots || 0) / seconds).toFixed(2) : "…", from, to);
     setFigure($("total"), accepted, data ? accepted.toLocaleString("en") : "…", from, to);
     $("total").dataset.complete = String(data !== null);
     $("sessions-flow").textContent = `${(t.started || 0).toLocaleString("en")} started · ${(t.ended || 0).toLocaleString("en")} ended in ${spec.short}`;
