@@ -29,6 +29,7 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from eventwire.core.records import StoredEvent
+from eventwire.persist import rollups
 
 #: The default store, relative to where the worker runs.
 DEFAULT_DSN: Final = "sqlite:///data/events.db"
@@ -83,6 +84,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     # Visitors: events of a connection found to be a bot (docs/protocol.md section 18).
     ("ALTER TABLE events ADD COLUMN bot BOOLEAN NOT NULL DEFAULT FALSE",),
+    # 4: per-minute counts and bounded top tables (eventwire.persist.rollups).
+    rollups.MIGRATION,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -376,6 +379,7 @@ class SqliteSink:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        rollups.prepare_sqlite(db)
 
     async def write(self, rows: Sequence[EventRow]) -> int:
         """Insert in one transaction; returns how many event rows were new."""
@@ -386,19 +390,19 @@ class SqliteSink:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            before = db.total_changes
             db.executemany(
                 f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT DO NOTHING",
                 [tuple(msgspec.structs.astuple(r)) for r in rows],
             )
-            written = db.total_changes - before
             for r in rows:
                 found = _session_args(r)
                 if found is not None:
                     kind, args = found
                     sql = _STATEMENTS[kind]
                     db.execute(sql.format(**{f"p{i}": "?" for i in range(1, 8)}), args)
+            # The rows this transaction inserted (total_changes would count the trigger's too).
+            written = rollups.write_sqlite(db)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -524,9 +528,9 @@ class PostgresSink:
                 columns=_EVENT_COLUMN_NAMES,
                 timeout=self.TIMEOUT,
             )
-            status: str = await conn.execute(
+            inserted = await conn.fetch(
                 f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM {_STAGING} "
-                "ON CONFLICT DO NOTHING",
+                f"ON CONFLICT DO NOTHING {rollups.POSTGRES_RETURNING}",
                 timeout=self.TIMEOUT,
             )
             for r in rows:
@@ -539,7 +543,8 @@ class PostgresSink:
                         *args,
                         timeout=self.TIMEOUT,
                     )
-        return int(status.rsplit(" ", 1)[1])
+            await rollups.write_postgres(conn, inserted, self.TIMEOUT)
+        return len(inserted)
 
     async def run(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         """Await ``fn(connection)``, one call at a time (privacy operations)."""
