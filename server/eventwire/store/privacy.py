@@ -20,6 +20,7 @@ too. Its cost is one read of every stream of the site (see the README).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -92,6 +93,8 @@ class Subjects:
         self.keys = keys
         self.key_env = key_env
         self._secret: bytes | None = None
+        #: One reader of Redis' secret at a time: the first hellos come together.
+        self._loading = asyncio.Lock()
 
     async def secret(self) -> bytes:
         """The secret: from ``privacy_key_env``, else Redis' (made there on first use).
@@ -111,17 +114,21 @@ class Subjects:
                 )
             self._secret = value.encode()
             return self._secret
+        async with self._loading:
+            secret = self._secret or await self._from_redis()
+            self._secret = secret
+        return secret
+
+    async def _from_redis(self) -> bytes:
         key = self.keys.privacy_secret()
-        try:
-            await self.client.set(key, secrets.token_hex(32), nx=True)
-            found = await self.client.get(key)
-        except (*OUTAGE, RedisError) as exc:
-            raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
-        if found is None:  # deleted between the two calls: try once more
-            self._secret = None
-            return await self.secret()
-        self._secret = reply_text(found).encode()
-        return self._secret
+        while True:
+            try:
+                await self.client.set(key, secrets.token_hex(32), nx=True)
+                found = await self.client.get(key)
+            except (*OUTAGE, RedisError) as exc:
+                raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+            if found is not None:  # else deleted between the two calls: again
+                return reply_text(found).encode()
 
     def known(self) -> bool:
         """Whether the secret is loaded (:meth:`of` may be called)."""
