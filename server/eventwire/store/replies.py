@@ -44,6 +44,7 @@ __all__ = [
     "parse_publish",
     "parse_reap",
     "parse_stream_info",
+    "raw_xread_entries",
     "reply_field",
     "reply_text",
     "stream_entries",
@@ -143,6 +144,44 @@ def xread_entries(reply: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
         if entries and entries[0] and isinstance(entries[0][0], list | tuple):
             entries = entries[0]
         out.append((reply_text(key), [(e[0], e[1] or {}) for e in entries or ()]))
+    return out
+
+
+def _event_field(fields: Any) -> bytes | None:
+    """The ``event`` value of an entry's flat ``[field, value, ...]`` list (None: none)."""
+    if not fields:
+        return None
+    for i in range(0, len(fields) - 1, 2):
+        if reply_text(fields[i]) == "event":
+            value = fields[i + 1]
+            return value.encode() if isinstance(value, str) else bytes(value)
+    return None
+
+
+def raw_xread_entries(reply: Any) -> list[tuple[str, list[StreamEntry]]]:
+    """XREADGROUP's reply as Redis sent it (no redis-py response callback: see
+    :meth:`~eventwire.store.ConsumerGroup.read_new`), as entries by stream key.
+
+    RESP2 answers ``[[key, [[id, [field, value, ...]], ...]], ...]``, RESP3 a
+    dict of key to that list of entries. The persist worker's hot path: no
+    per-field dicts, and an ``event`` field first (as the server writes it)
+    is taken without a search.
+    """
+    if not reply:
+        return []
+    items: Any = reply.items() if isinstance(reply, Mapping) else reply
+    out: list[tuple[str, list[StreamEntry]]] = []
+    for key, entries in items:
+        got = [
+            StreamEntry(
+                entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+                fields[1]
+                if fields and fields[0] == b"event" and isinstance(fields[1], bytes)
+                else _event_field(fields),
+            )
+            for entry_id, fields in entries or ()
+        ]
+        out.append((reply_text(key), got))
     return out
 
 
