@@ -109,7 +109,7 @@ class ConsumerGroup:
         if not isinstance(self.client, RedisCluster):
             # XREADGROUP's reply as Redis sent it (raw_xread_entries): redis-py's
             # parsing made a dict per entry, a tenth of the worker's time.
-            self.client.set_response_callback("XREADGROUP", _as_sent)
+            self.client.set_response_callback("XREADGROUP", _as_sent)  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
         """Close the client."""
@@ -152,7 +152,7 @@ class ConsumerGroup:
             streams: dict[Any, Any] = dict.fromkeys(keys, ">")
             try:
                 wait = ("BLOCK", self.block_ms) if block else ()
-                reply = await client.execute_command(
+                reply = await client.execute_command(  # type: ignore[no-untyped-call]
                     "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, *wait,
                     "STREAMS", *streams, *streams.values(),
                 )  # fmt: skip
