@@ -192,7 +192,7 @@ async def test_identify_switches_customer(server: EventwireServer, redis: aiored
     actions = [(e["action"], e["uuid"]) for e in made]
     assert ("client.identify", "customer-42") in actions
     ident = next(e for e in made if e["action"] == "client.identify")
-    assert ident["params"] == {"previous_uuid": "anon-1"}
+    assert ident["params"] == {"previous_uuid": "anon-1", "merged": True}
     ends = [e for e in made if e["action"] == "session.end"]
     assert ends[0]["params"]["reason"] == "identify"
     assert ends[0]["session"] == welcome["session"]

@@ -151,7 +151,7 @@ async def test_identify_with_token(shop: EventwireServer, redis: aioredis.Redis)
     made = [e for e in await stream(redis, "ew:{shop}:events") if e["producer"].startswith("srv:")]
     (ident,) = [e for e in made if e["action"] == "client.identify"]
     assert ident["uuid"] == "cust-7"
-    assert ident["params"] == {"previous_uuid": "anon-7"}
+    assert ident["params"] == {"previous_uuid": "anon-7", "merged": True}
     (stored,) = await client_events(redis, "shop")
     assert (stored["uuid"], stored["authenticated"]) == ("cust-7", True)
 

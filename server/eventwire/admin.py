@@ -13,7 +13,13 @@ request before any upgrade):
 - ``GET /v1/sites``: the configured sites, for the dashboard's chooser.
 - ``GET /v1/sites/{site}/summary``: open sessions, both streams' length and
   ends, and Redis' clock.
+- ``GET /v1/sites/{site}/customers/{uuid}``: what Redis knows of a uuid's
+  merges (the dashboard's customer timeline follows the aliases).
 - ``WS /v1/live?site=S...``: the live relay (:mod:`eventwire.live`).
+- ``POST /v1/sites/{site}/forget`` and ``.../unsuppress`` (:meth:`AdminListener.privacy`):
+  served on the HTTP listener, since this one (websockets) reads no request
+  body; the admin token is required there, and without one set only a
+  loopback peer may call them.
 
 Access: with ``admin_token`` set, the last four need it, compared in constant
 time: ``Authorization: Bearer <token>``, or, from a browser's WebSocket,
@@ -33,16 +39,18 @@ import binascii
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
-from typing import Final
+from typing import Annotated, Final
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 import structlog
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from eventwire import privacy
 from eventwire.core.config import is_loopback
 from eventwire.core.errors import StoreUnavailable
 from eventwire.live import LiveQuery, Relay, parse_query
@@ -61,12 +69,25 @@ ADMIN_FILES: Final = {
 }
 LIVE_PATH: Final = "/v1/live"
 SITES_PATH: Final = "/v1/sites"
+#: The privacy routes on the HTTP listener: POST {prefix}{site}/forget, .../unsuppress.
+PRIVACY_PREFIX: Final = "/v1/sites/"
+PRIVACY_ROUTE: Final = "/v1/sites/{site}/forget"
+#: Peers that may call the privacy routes when no admin_token is set.
+_LOOPBACK_PEERS: Final = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 #: The relay's subprotocol, and the prefix of the one that carries the token.
 LIVE_SUBPROTOCOL: Final = "eventwire.live.v1"
 TOKEN_SUBPROTOCOL: Final = "eventwire.token."
 #: How long closing a viewer may wait for its close frame; a viewer that does
 #: not read would otherwise hold the server's stop for websockets' default 10 s.
 CLOSE_TIMEOUT: Final = 2.0
+
+
+class ForgetRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /v1/sites/{site}/forget`` (and ``unsuppress``, which takes the uuid)."""
+
+    uuid: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
+    suppress: bool = False
+    dry_run: bool = False
 
 
 def _set_type(response: Response, content_type: str) -> Response:
@@ -258,6 +279,8 @@ class AdminListener:
 
     async def _summary(self, connection: ServerConnection, rest: str) -> Response:
         site, _, tail = rest.partition("/")
+        if tail.startswith("customers/"):
+            return await self._customer(connection, site, tail[len("customers/") :])
         if tail != "summary":
             return connection.respond(
                 HTTPStatus.NOT_FOUND, "not found; see /v1/sites/{site}/summary\n"
@@ -276,6 +299,94 @@ class AdminListener:
             rejected=_stream(snap.rejected),
         )
         return _json(connection, HTTPStatus.OK, summary)
+
+    async def _customer(self, connection: ServerConnection, site: str, uuid: str) -> Response:
+        """``GET /v1/sites/{site}/customers/{uuid}``: the uuid's merges as Redis holds them."""
+        if self.store.book.get(site) is None:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"unknown site {site[:64]!r}\n")
+        try:
+            msgspec.convert({"uuid": uuid}, ForgetRequest)
+        except msgspec.ValidationError:
+            return connection.respond(
+                HTTPStatus.BAD_REQUEST, "uuid must be 1-64 characters of [A-Za-z0-9._:-]\n"
+            )
+        try:
+            found = await privacy.customer_links(
+                self.store.redis, self.store.keys, site, self.store.partitions(site), uuid
+            )
+        except StoreUnavailable as exc:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{exc}\n")
+        response = connection.respond(HTTPStatus.OK, msgspec.json.encode(found).decode())
+        response.headers["Cache-Control"] = "no-store"
+        return _set_type(response, "application/json")
+
+    async def privacy(self, request: web.BaseRequest) -> web.StreamResponse:
+        """``POST /v1/sites/{site}/forget`` or ``/unsuppress`` (on the HTTP listener).
+
+        Answers 401 without the admin token (403 from a non-loopback peer when
+        none is set), 404 for another path or an unknown site, 405 for another
+        method, 400 for a bad body, 503 when Redis or the store did not answer
+        (with the counts of what was done, when some was), else 200 with the
+        counts per place.
+        """
+        site, _, op = request.path[len(PRIVACY_PREFIX) :].partition("/")
+        if op not in ("forget", "unsuppress"):
+            return _problem(404, "not_found", "no such route")
+        if not self._token:
+            if request.remote not in _LOOPBACK_PEERS:
+                return _problem(
+                    403, "forbidden", "set admin_token to call this route from another machine"
+                )
+        else:
+            auth = request.headers.get("Authorization", "")
+            offered = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+            if not hmac.compare_digest(offered.encode(), self._token):
+                response = _problem(401, "unauthorized", "admin token required")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="eventwire-admin"'
+                return response
+        if request.method != "POST":
+            return _problem(405, "method_not_allowed", f'POST {{"uuid": ...}} to {op}')
+        if self.store.book.get(site) is None:
+            return _problem(404, "unknown_site", f"unknown site {site[:64]!r}")
+        try:
+            body = msgspec.json.decode(await request.read(), type=ForgetRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return _problem(400, "bad_request", f"invalid body: {exc}")
+        store = self.store
+        parts = store.partitions(site)
+        try:
+            if op == "unsuppress":
+                done = await privacy.unsuppress(
+                    store.redis, store.keys, store.subjects, site, parts, body.uuid
+                )
+                return web.json_response(done)
+            sink = privacy.open_store(self.settings.persist_dsn)
+            if sink is not None:
+                await sink.open()
+            try:
+                done = await privacy.forget(
+                    store.redis,
+                    store.keys,
+                    store.subjects,
+                    sink,
+                    site,
+                    parts,
+                    body.uuid,
+                    suppress=body.suppress,
+                    dry_run=body.dry_run,
+                )
+            finally:
+                if sink is not None:
+                    await sink.close()
+        except privacy.ForgetIncomplete as exc:
+            return web.json_response({**exc.counts, "error": str(exc)}, status=503)
+        except StoreUnavailable as exc:
+            return _problem(503, "unavailable", f"Redis did not answer: {exc}")
+        except Exception as exc:  # the store's driver (sqlite3, asyncpg) failing to open
+            log.exception("privacy_store_failed", site=site)
+            return _problem(503, "unavailable", f"the store did not answer: {exc!r}")
+        log.info("privacy_forget", site=site, subject=done["subject"], dry_run=body.dry_run)
+        return web.json_response(done)
 
     async def handler(self, connection: ServerConnection) -> None:
         """Run a live viewer (the only WebSocket route)."""
@@ -308,3 +419,7 @@ def _json(connection: ServerConnection, status: HTTPStatus, body: msgspec.Struct
     response = connection.respond(status, msgspec.json.encode(body).decode())
     response.headers["Cache-Control"] = "no-store"
     return _set_type(response, "application/json")
+
+
+def _problem(status: int, code: str, detail: str) -> web.Response:
+    return web.json_response({"type": "error", "code": code, "detail": detail}, status=status)

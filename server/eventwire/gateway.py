@@ -35,7 +35,7 @@ from websockets.protocol import OPEN
 from websockets.typing import Subprotocol
 
 from eventwire import metrics
-from eventwire.admin import AdminListener
+from eventwire.admin import PRIVACY_PREFIX, PRIVACY_ROUTE, AdminListener
 from eventwire.core.config import Settings, mask_url
 from eventwire.core.connection import Connection
 from eventwire.core.errors import ConfigError
@@ -160,6 +160,8 @@ class EventwireServer:
         if settings.http_addr is not None:
             self.http = HttpListener(settings, self.book, store, self.sessions, self._is_draining)
             SegmentApi(self.http)
+            # Admin routes that take a body (websockets' listener reads none), token-guarded.
+            self.http.prefix_routes[PRIVACY_PREFIX] = (PRIVACY_ROUTE, self.admin_routes.privacy)
             await self.http.start(*settings.http_addr)
             # The tracker beacons to this listener without an attribute of its own.
             url = msgspec.json.encode(self.http_url)

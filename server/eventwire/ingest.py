@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from collections.abc import Callable
 
@@ -274,9 +275,11 @@ class IngestConnection:
         except StoreUnavailable as exc:
             self._run(self.protocol.session_unavailable(str(exc)))
             return
-        self.member = member
+        self.member = "" if opened.suppressed else member
         self._run(
-            self.protocol.session_opened(opened.session, opened.resumed, opened.acked, now_ms())
+            self.protocol.session_opened(
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
+            )
         )
         metrics.CONNECTIONS.labels(self.site).inc()
 
@@ -289,8 +292,15 @@ class IngestConnection:
         except StoreUnavailable as exc:
             commands = self.protocol.session_unavailable(str(exc))
         else:
+            if opened.suppressed:
+                # Forgotten and suppressed under this connection: no member any more
+                # (a heartbeat may have put it back since the forget: it leaves).
+                member, self.member = self.member, ""
+                self.sessions.drop(self.site, command.uuid, member)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.sessions.leave(self.site, command.uuid, member)
             commands = self.protocol.session_opened(
-                opened.session, opened.resumed, opened.acked, now_ms()
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
             )
         finally:
             self._renewal = None
@@ -311,18 +321,41 @@ class IngestConnection:
         moves = self.store.tag(site, old) != self.store.tag(site, new)
         member = self.sessions.member(new)
         try:
-            stored = await self.sessions.leave(
-                site, old, self.member, identify_to=new, producer=command.producer if moves else ""
+            # A forgotten, suppressed customer gets no client.identify (it would
+            # carry its uuid) and no merge: the connection just leaves.
+            forgotten = await self.sessions.suppressed(site, new)
+            leave = functools.partial(
+                self.sessions.leave,
+                site,
+                old,
+                self.member,
+                identify_to="" if forgotten else new,
+                producer=command.producer if moves else "",
+                refused=command.refused,
             )
+            left = await leave()
+            if not left.found and not command.refused and not forgotten:
+                # The session ended (idle, max) under the open connection: the
+                # identify is the customer's next step, so it opens the session
+                # again (its session.start) and the merge is stored with its
+                # client.identify, as after any event. A rare, slower path.
+                await self.sessions.open(site, old, self.member, command.producer, command.context)
+                left = await leave()
             self.member = ""
             opened = await self.sessions.open(
-                site, new, member, command.producer, command.context, carry=stored
+                site,
+                new,
+                member,
+                command.producer,
+                command.context,
+                carry=left.stored,
+                alias=old if left.merged else "",
             )
         except StoreUnavailable as exc:
             self._run(self.protocol.identify_failed(str(exc)))
             return
-        self.member = member
-        self._run(self.protocol.identified(opened.session))
+        self.member = "" if opened.suppressed else member
+        self._run(self.protocol.identified(opened.session, opened.suppressed))
 
     async def _close(self, command: Close) -> None:
         if command.error is not None:

@@ -14,6 +14,10 @@ both end the same session.
 - ``session_idle`` without a stored event, or ``session_max`` in all, also
   end it (reasons ``idle``, ``max``); the customer's next event then opens a
   new session on the same connection (see ``ingest``).
+- merges (docs/protocol.md section 17): ``leave`` with an identify records
+  the anonymous uuid as an alias of the new customer in the same step as its
+  ``client.identify``; ``alias`` does it for a Segment call; ``open`` refuses
+  a suppressed customer (its keyed hash, made once per call, never per frame).
 - heartbeats: each process renews its connections' deadlines every third of
   ``heartbeat_ttl``; connections of a process that died lapse and count as
   closed, and the survivors' reapers end those sessions.
@@ -33,30 +37,40 @@ import structlog
 from eventwire.core.config import Settings
 from eventwire.core.errors import StoreUnavailable
 from eventwire.store import (
+    FN_ALIAS,
     FN_HEARTBEAT,
     FN_LEAVE,
     FN_OPEN,
     FN_REAP,
+    OUTAGE,
+    AliasArgs,
+    AliasKeys,
+    AliasReply,
     CustomerKeys,
     HeartbeatArgs,
     HeartbeatKeys,
     LeaveArgs,
+    LeaveKeys,
     OpenArgs,
     ReapArgs,
     ReapKeys,
     Store,
     call_keys,
     identify_record,
+    identify_refused_record,
+    parse_alias,
     parse_leave,
     parse_open,
     parse_reap,
     session_end_record,
     session_start_record,
 )
+from eventwire.store import LeaveReply as Left
 from eventwire.store import OpenReply as Opened
+from eventwire.store.privacy import is_suppressed, record_alias
 from eventwire.tasks import cancel_and_wait
 
-__all__ = ["CHUNK", "Opened", "Sessions", "new_session_id", "now_ms"]
+__all__ = ["CHUNK", "Left", "Opened", "Sessions", "new_session_id", "now_ms"]
 
 #: Connections renewed, and customers reaped, per function call.
 CHUNK: Final = 500
@@ -99,8 +113,8 @@ class Sessions:
 
     # -- steps --------------------------------------------------------------------
 
-    def _customer_keys(self, tag: str, uuid: str, producer: str | None) -> CustomerKeys:
-        """The keys ``open`` and ``leave`` take (``leave``'s producer key is optional)."""
+    def _customer_keys(self, tag: str, uuid: str, producer: str) -> CustomerKeys:
+        """The keys ``open`` takes."""
         keys = self.keys
         return CustomerKeys(
             session=keys.session(tag, uuid),
@@ -108,7 +122,9 @@ class Sessions:
             live=keys.live(tag),
             due=keys.due(tag),
             events=keys.events(tag),
-            producer=keys.producer(tag, producer) if producer is not None else None,
+            producer=keys.producer(tag, producer),
+            suppressed=keys.suppressed(tag),
+            aliases=keys.aliases(tag, uuid),
         )
 
     async def open(
@@ -119,6 +135,7 @@ class Sessions:
         producer: str,
         context: dict[str, Any] | None,
         carry: int = 0,
+        alias: str = "",
     ) -> Opened:
         """Register a connection and join or open its customer's session.
 
@@ -130,12 +147,19 @@ class Sessions:
             context: the hello's context, for ``session.start``.
             carry: a stored seq of the producer in another partition (see
                 :meth:`leave`); the producer's seq here is raised to it.
+            alias: the anonymous uuid an identify just merged into ``uuid``
+                (it joins the customer's aliases set), or ''.
+
+        Returns:
+            The session; ``suppressed`` (nothing registered, no session) when
+            the customer was forgotten and suppressed.
 
         Raises:
             StoreUnavailable: Redis did not answer; the connection is not registered.
         """
         tag = self.store.tag(site, uuid)
         timing, taken = self.store.site_params(site)
+        subject = await self.store.subjects.subject(site, uuid)
         candidate = new_session_id()
         start = session_start_record(site, uuid, candidate, producer, context or {}, now_ms())
         args = OpenArgs(
@@ -152,19 +176,35 @@ class Sessions:
             end_record=session_end_record(site),
             carry=carry,
             producer_ttl_ms=int(self.settings.producer_ttl * 1000),
+            subject=subject,
+            alias=alias,
         )
         keys = self._customer_keys(tag, uuid, producer)
         opened = parse_open(await self.store.call(FN_OPEN, call_keys(keys), args))
+        if opened.suppressed:
+            return opened._replace(session=candidate)
         self._members.setdefault(tag, set()).add(member)
         return opened
 
+    def drop(self, site: str, uuid: str, member: str) -> None:
+        """Stop renewing a member that is no longer registered (its customer was suppressed)."""
+        self._members.get(self.store.tag(site, uuid), set()).discard(member)
+
     async def leave(
-        self, site: str, uuid: str, member: str, identify_to: str = "", producer: str = ""
-    ) -> int:
+        self,
+        site: str,
+        uuid: str,
+        member: str,
+        identify_to: str = "",
+        producer: str = "",
+        refused: str = "",
+    ) -> Left:
         """Unregister a connection; its customer's session ends after the grace if it was last.
 
         With ``identify_to``, the session gets a ``client.identify`` event and
-        ends now (reason ``identify``) if this was its last connection.
+        ends now (reason ``identify``) if this was its last connection; the
+        uuid left merges into ``identify_to`` unless ``refused`` says why not
+        or Redis finds a reason (see ``may_merge`` in ``store.lua``).
 
         Args:
             site: the site.
@@ -173,9 +213,11 @@ class Sessions:
             identify_to: the customer the connection moves to, or ''.
             producer: the connection's producer, when its stored seq in this
                 partition must be returned (identify to another partition).
+            refused: why the merge must not happen ('' allows it).
 
         Returns:
-            The producer's stored seq in the customer's partition (0 without ``producer``).
+            The producer's stored seq in the customer's partition (0 without
+            ``producer``) and whether the identify merged.
 
         Raises:
             StoreUnavailable: Redis did not answer. The connection's heartbeat
@@ -184,7 +226,18 @@ class Sessions:
         tag = self.store.tag(site, uuid)
         self._members.get(tag, set()).discard(member)
         timing, taken = self.store.site_params(site)
-        keys = self._customer_keys(tag, uuid, producer or None)
+        keys = self.keys
+        call = LeaveKeys(
+            session=keys.session(tag, uuid),
+            conns=keys.conns(tag, uuid),
+            live=keys.live(tag),
+            due=keys.due(tag),
+            events=keys.events(tag),
+            alias_key=keys.alias(tag, uuid),
+            own_aliases=keys.aliases(tag, uuid),
+            suppressed=keys.suppressed(tag),
+            producer=keys.producer(tag, producer) if producer else None,
+        )
         args = LeaveArgs(
             uuid=uuid,
             member=member,
@@ -193,8 +246,53 @@ class Sessions:
             taken=taken,
             end_record=session_end_record(site),
             identify_record=identify_record(site, identify_to, uuid) if identify_to else b"",
+            refused_record=identify_refused_record(site, identify_to, uuid) if identify_to else b"",
+            refused=refused,
+            subject=await self.store.subjects.subject(site, uuid) if identify_to else "",
+            to=identify_to,
         )
-        return parse_leave(await self.store.call(FN_LEAVE, call_keys(keys), args)).stored
+        return parse_leave(await self.store.call(FN_LEAVE, call_keys(call), args))
+
+    async def suppressed(self, site: str, uuid: str) -> bool:
+        """Whether a customer is forgotten and suppressed (one look-up: identify, alias only).
+
+        Raises:
+            StoreUnavailable: Redis did not answer.
+        """
+        subject = await self.store.subjects.subject(site, uuid)
+        try:
+            return await is_suppressed(
+                self.store.redis, self.keys, site, self.store.partitions(site), uuid, subject
+            )
+        except OUTAGE as exc:
+            raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+
+    async def alias(self, site: str, alias: str, uuid: str, refused: str = "") -> AliasReply:
+        """Merge ``alias`` into ``uuid`` without a connection (Segment ``alias``, ``identify``).
+
+        Decided by the same rules as an identify's merge (``may_merge``), in
+        the anonymous uuid's partition; once merged, ``alias`` joins the
+        customer's aliases set (in the customer's partition).
+
+        Raises:
+            StoreUnavailable: Redis did not answer.
+        """
+        if await self.suppressed(site, uuid):
+            return AliasReply(False, "the customer was forgotten")
+        tag = self.store.tag(site, alias)
+        keys = self.keys
+        call = AliasKeys(keys.alias(tag, alias), keys.aliases(tag, alias), keys.suppressed(tag))
+        subject = await self.store.subjects.subject(site, alias)
+        args = AliasArgs(subject=subject, to=uuid, refused=refused)
+        done = parse_alias(await self.store.call(FN_ALIAS, call, args))
+        if done.merged:
+            try:
+                await record_alias(
+                    self.store.redis, keys, site, self.store.partitions(site), uuid, alias
+                )
+            except OUTAGE as exc:
+                raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+        return done
 
     # -- background -----------------------------------------------------------------
 

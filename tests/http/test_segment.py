@@ -144,6 +144,30 @@ async def test_same_batch_twice_stored_once(shop: EventwireServer, redis: aiored
     assert [e["action"] for e in await client_events(redis)] == ["cart.viewed", "cart.viewed"]
 
 
+async def test_message_ids_kept_for_the_dedup_window(
+    make_server: MakeServer, write_keys: None, redis: aioredis.Redis
+) -> None:
+    """A call's producer key lives message_dedup_window, a resend included; a native
+    batch producer keeps producer_ttl."""
+    shop = await make_server(sites=SITES, message_dedup_window=60)
+    call = {"type": "track", "userId": "u-3", "event": "Cart Viewed", "messageId": "m-9"}
+    native = {"uuid": "u-3", "producer": "tab-0001", "events": [{"seq": 1, "action": "cart.view"}]}
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):  # the resend is a duplicate and does not lengthen the key's life
+            async with http.post(
+                f"{shop.http_url}/v1/batch",
+                json={"batch": [call]},
+                headers={"Authorization": basic(KEY)},
+            ) as res:
+                assert res.status == 200
+        async with http.post(f"{shop.http_url}/v1/track/shop", json=native) as res:
+            assert res.status == 200, await res.text()
+    (key,) = [k async for k in redis.scan_iter("ew:{shop}:producer:sg-*")]
+    assert 0 < await redis.pttl(key) <= 60_000
+    assert await redis.pttl("ew:{shop}:producer:tab-0001") > 60_000
+    assert [e["action"] for e in await client_events(redis)] == ["cart.viewed"]
+
+
 async def test_real_rudderstack_sdk(shop: EventwireServer, redis: aioredis.Redis) -> None:
     """RudderStack's Python SDK, pointed at the listener, lands its calls too."""
     errors: list[Any] = []

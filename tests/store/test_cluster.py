@@ -340,14 +340,14 @@ async def move_slot(proc: RedisClusterProcess, slot: int, to_port: int) -> None:
         await on_node(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target)
 
 
-async def test_moved_slot_fails_once_then_follows(
+async def test_moved_slot_fails_at_most_once_then_follows(
     make_server: MakeServer, redis_cluster_proc: RedisClusterProcess, cluster: RedisCluster
 ) -> None:
-    """After a site's slot moves, a call fails (1013), and the server follows the new map at once.
+    """After a site's slot moves, at most one call fails (1013): the server follows the new map.
 
-    Usually exactly one hello fails; a second one can fail too when it reaches
-    the server while the map is being read again (seen about 1 run in 7, on
-    the tree before the package move as well): at most two, never more.
+    None fails when another task (the session sweeper) met the move first; a
+    call that comes while the map is read again waits for the new map rather
+    than routing by the old one (before, a second hello could fail then).
     """
     srv = await start(make_server, redis_cluster_proc)
     key = "ew:{docs}:events"
@@ -373,7 +373,7 @@ async def test_moved_slot_fails_once_then_follows(
                     assert answer["type"] == "welcome"
                     assert (await p.track(event(1)))["accepted"] == 1
                     break
-        assert 1 <= failures <= 2
+        assert failures <= 1
         assert await on_node(new_port, "XLEN", key) > 0
     finally:
         await on_node(new_port, "FLUSHALL")

@@ -21,6 +21,7 @@ import eventwire.store as store
 from eventwire.core.records import StoredEvent
 from eventwire.store import (
     EVENT,
+    FN_ALIAS,
     FN_HEARTBEAT,
     FN_LEAVE,
     FN_OPEN,
@@ -29,11 +30,14 @@ from eventwire.store import (
     LAYOUTS,
     LIBRARY,
     LIBRARY_VERSION,
+    AliasArgs,
+    AliasKeys,
     CustomerKeys,
     HeartbeatArgs,
     HeartbeatKeys,
     Keys,
     LeaveArgs,
+    LeaveKeys,
     OpenArgs,
     PublishArgs,
     PublishFrameArgs,
@@ -46,6 +50,8 @@ from eventwire.store import (
     call_keys,
     fill_template,
     identify_record,
+    identify_refused_record,
+    parse_alias,
     parse_leave,
     parse_open,
     parse_publish,
@@ -92,7 +98,7 @@ def test_lua_unpacks_the_layouts_fields_in_order() -> None:
 def test_every_layout_function_is_registered_under_its_name() -> None:
     """The FN_* names are the functions store.lua registers, with this library's version."""
     names = {"publish": FN_PUBLISH, "open": FN_OPEN, "leave": FN_LEAVE}
-    names |= {"heartbeat": FN_HEARTBEAT, "reap": FN_REAP}
+    names |= {"heartbeat": FN_HEARTBEAT, "reap": FN_REAP, "alias": FN_ALIAS}
     assert set(names) == set(LAYOUTS)
     for name, fn in names.items():
         assert fn == f"ew_{LIBRARY_VERSION}_{name}"
@@ -112,6 +118,9 @@ def test_the_header_names_every_key_of_keys() -> None:
         keys.live("site"),
         keys.due("site"),
         keys.dead("site"),
+        keys.alias("site", "<uuid>"),
+        keys.aliases("site", "<uuid>"),
+        keys.suppressed("site"),
     ]
     header = LUA.split("local function")[0]
     for key in made:
@@ -152,7 +161,7 @@ def test_templates_filled_are_the_structs_records() -> None:
         "new",
         "s-1",
         7,
-        {"previous_uuid": "old"},
+        {"previous_uuid": "old", "merged": True},
     )
     assert (moved.action, moved.label) == ("client.identify", "client.identify")
 
@@ -169,14 +178,31 @@ async def call(redis: aioredis.Redis, fn: str, keys: Any, args: Any) -> Any:
     return await redis.fcall(fn, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
 
 
-def customer(uuid: str, producer: str | None = "p-1") -> CustomerKeys:
-    """The customer keys of ``uuid`` under the test tag."""
+def customer(uuid: str, producer: str = "p-1") -> CustomerKeys:
+    """The ``open`` keys of ``uuid`` under the test tag."""
     return CustomerKeys(
         session=KEYS.session(TAG, uuid),
         conns=KEYS.conns(TAG, uuid),
         live=KEYS.live(TAG),
         due=KEYS.due(TAG),
         events=KEYS.events(TAG),
+        producer=KEYS.producer(TAG, producer),
+        suppressed=KEYS.suppressed(TAG),
+        aliases=KEYS.aliases(TAG, uuid),
+    )
+
+
+def leaving(uuid: str, producer: str | None = "p-1") -> LeaveKeys:
+    """The ``leave`` keys of ``uuid`` under the test tag."""
+    return LeaveKeys(
+        session=KEYS.session(TAG, uuid),
+        conns=KEYS.conns(TAG, uuid),
+        live=KEYS.live(TAG),
+        due=KEYS.due(TAG),
+        events=KEYS.events(TAG),
+        alias_key=KEYS.alias(TAG, uuid),
+        own_aliases=KEYS.aliases(TAG, uuid),
+        suppressed=KEYS.suppressed(TAG),
         producer=KEYS.producer(TAG, producer) if producer else None,
     )
 
@@ -197,6 +223,8 @@ def open_args(uuid: str, member: str, session: str, idle_ms: int = 60_000) -> Op
         end_record=session_end_record(TAG),
         carry=0,
         producer_ttl_ms=60_000,
+        subject=f"h-{uuid}",
+        alias="",
     )
 
 
@@ -245,15 +273,20 @@ async def test_open_publish_leave_with_identify(lib: aioredis.Redis) -> None:
         taken="sei",
         end_record=session_end_record(TAG),
         identify_record=identify_record(TAG, "c-42", "u-1"),
+        refused_record=identify_refused_record(TAG, "c-42", "u-1"),
+        refused="",
+        subject="h-u-1",
+        to="c-42",
     )
-    left = parse_leave(await call(lib, FN_LEAVE, call_keys(customer("u-1")), leave))
-    assert (left.ended, left.stored) == (True, 2)
+    left = parse_leave(await call(lib, FN_LEAVE, call_keys(leaving("u-1")), leave))
+    assert (left.ended, left.stored, left.merged) == (True, 2, True)
+    assert await lib.get(KEYS.alias(TAG, "u-1")) == b"c-42"
     start, moved, end = [r for r in await made(lib) if r.producer == "srv:s-1"]
     assert start.action == "session.start"
     assert moved == StoredEvent(
         site=TAG, uuid="c-42", session="s-1", producer="srv:s-1", seq=2,
         action="client.identify", label="client.identify", time=moved.time,
-        received=moved.time, params={"previous_uuid": "u-1"},
+        received=moved.time, params={"previous_uuid": "u-1", "merged": True},
     )  # fmt: skip
     assert end == StoredEvent(
         site=TAG, uuid="u-1", session="s-1", producer="srv:s-1", seq=3,
@@ -280,3 +313,58 @@ async def test_reap_writes_one_session_end_whatever_the_uuid(lib: aioredis.Redis
     assert (end.uuid, end.session, end.seq, end.params["reason"]) == (uuid, "s-2", 2, "idle")
     assert end.params["events"] == 0
     assert end.time == end.received
+
+
+async def test_alias_merges_an_anonymous_uuid_into_one_customer_only(lib: aioredis.Redis) -> None:
+    """alias records A -> K once; A to another customer, a customer, a refusal: not merged."""
+    keys = AliasKeys(KEYS.alias(TAG, "a-1"), KEYS.aliases(TAG, "a-1"), KEYS.suppressed(TAG))
+    first = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "")))
+    assert first == (True, "")
+    again = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "")))
+    assert again.merged  # the same merge again (a retried call) is still merged
+    other = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-2", "")))
+    assert not other.merged
+    assert "already merged" in other.reason
+    assert await lib.get(KEYS.alias(TAG, "a-1")) == b"k-1"
+    refused = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "no token")))
+    assert refused == (False, "no token")
+    await lib.sadd(KEYS.aliases(TAG, "c-1"), "x")
+    customer_keys = AliasKeys(
+        KEYS.alias(TAG, "c-1"), KEYS.aliases(TAG, "c-1"), KEYS.suppressed(TAG)
+    )
+    owner = parse_alias(await call(lib, FN_ALIAS, customer_keys, AliasArgs("h-c-1", "k-1", "")))
+    assert not owner.merged
+    assert "aliases of its own" in owner.reason
+    await lib.sadd(KEYS.suppressed(TAG), "h-f-1")
+    gone_keys = AliasKeys(KEYS.alias(TAG, "f-1"), KEYS.aliases(TAG, "f-1"), KEYS.suppressed(TAG))
+    gone = parse_alias(await call(lib, FN_ALIAS, gone_keys, AliasArgs("h-f-1", "k-1", "")))
+    assert not gone.merged
+    assert "forgotten" in gone.reason
+
+
+async def test_a_refused_merge_says_why_in_client_identify(lib: aioredis.Redis) -> None:
+    """leave with a refusal stores client.identify with merged false and the reason; no alias."""
+    await call(lib, FN_OPEN, call_keys(customer("u-9")), open_args("u-9", "m:1:u-9", "s-9"))
+    leave = LeaveArgs(
+        uuid="u-9", member="m:1:u-9", grace_ms=60_000, events_maxlen=1000, taken="sei",
+        end_record=session_end_record(TAG), identify_record=identify_record(TAG, "c-9", "u-9"),
+        refused_record=identify_refused_record(TAG, "c-9", "u-9"),
+        refused='the new uuid was not proven "by" a token', subject="h-u-9", to="c-9",
+    )  # fmt: skip
+    left = parse_leave(await call(lib, FN_LEAVE, call_keys(leaving("u-9", None)), leave))
+    assert not left.merged
+    (moved,) = [r for r in await made(lib) if r.action == "client.identify"]
+    reason = 'the new uuid was not proven "by" a token'
+    assert moved.params == {"previous_uuid": "u-9", "merged": False, "reason": reason}
+    assert await lib.get(KEYS.alias(TAG, "u-9")) is None
+
+
+async def test_open_of_a_suppressed_customer_registers_nothing(lib: aioredis.Redis) -> None:
+    """A subject in the suppressed set: no session, no connection, no session.start."""
+    await lib.sadd(KEYS.suppressed(TAG), "h-s-1")
+    opened = parse_open(
+        await call(lib, FN_OPEN, call_keys(customer("s-1")), open_args("s-1", "m:1:s-1", "x"))
+    )
+    assert opened.suppressed
+    assert await lib.exists(KEYS.session(TAG, "s-1"), KEYS.conns(TAG, "s-1"), KEYS.live(TAG)) == 0
+    assert await made(lib) == []

@@ -190,6 +190,8 @@ export class Eventwire extends Emitter<Events> {
   private readonly context: Record<string, unknown>;
   private readonly loaded: Promise<void>;
   private readonly tokens = new Map<string, string>();
+  /** uuids reset() made: their identify says `merge: false` (never merge a log-out). */
+  private readonly fresh = new Set<string>();
   private early: Array<() => void> = [];
   private ready = false;
   private closing = false;
@@ -297,10 +299,16 @@ export class Eventwire extends Emitter<Events> {
     await this.flush();
   }
 
-  /** Log-out: a new anonymous uuid (kept in storage), no token. */
+  /**
+   * Log-out: a new anonymous uuid (kept in storage), no token. Its identify
+   * says `merge: false`, so the server never merges the customer left into it
+   * (docs/protocol.md section 17).
+   */
   async reset(): Promise<void> {
     this.tokens.clear();
-    await this.identify(randomUuid());
+    const uuid = randomUuid();
+    this.fresh.add(uuid);
+    await this.identify(uuid);
   }
 
   /**
@@ -598,6 +606,7 @@ export class Eventwire extends Emitter<Events> {
       uuid,
       token,
       this.tokens,
+      this.fresh,
     );
     const conn: Connection = { ws, delivery, timer: null };
     this.conn = conn;

@@ -73,7 +73,8 @@ export class Delivery {
 
   /**
    * Args: the queue, the limits, the uuid and token the hello carried, and
-   * the tokens given to identify() by uuid.
+   * the tokens given to identify() by uuid, and the uuids whose identify
+   * must not merge (reset()'s).
    */
   constructor(
     private readonly queue: WriteAheadQueue,
@@ -81,6 +82,7 @@ export class Delivery {
     private uuid: string,
     private token: string | undefined,
     private readonly tokens: Map<string, string>,
+    private readonly noMerge: ReadonlySet<string> = new Set(),
   ) {
     this.window = limits.maxInflight;
   }
@@ -174,6 +176,8 @@ export class Delivery {
     const token = this.tokens.get(uuid);
     this.uuid = uuid;
     this.token = token;
-    return token ? { type: "identify", uuid, token } : { type: "identify", uuid };
+    const msg: Record<string, unknown> = token ? { type: "identify", uuid, token } : { type: "identify", uuid };
+    if (this.noMerge.has(uuid)) msg.merge = false;
+    return msg;
   }
 }

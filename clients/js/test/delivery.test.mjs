@@ -95,6 +95,11 @@ test("identify delivers the earlier events for the previous customer first; rese
     switches.map((e) => e.params.previous_uuid).slice(-2),
     ["anon-1", "customer-42"],
   );
+  // The log-in merges the anonymous history; reset() (a log-out) never merges.
+  assert.deepEqual(
+    switches.slice(-2).map((e) => [e.params.merged, e.params.reason]),
+    [[true, undefined], [false, "the client asked not to merge (a log-out or reset)"]],
+  );
   await assert.rejects(ew.identify("not a uuid!"), TypeError);
 });
 

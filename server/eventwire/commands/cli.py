@@ -1,5 +1,5 @@
 """The ``eventwire`` command: ``serve``, ``check-config``, ``send``, ``persist``,
-``activity``, ``tail``, ``stats``.
+``activity``, ``tail``, ``stats``, ``forget``, ``unsuppress``, ``export``.
 
 Parses flags, loads settings and sites, configures logging and runs the
 rooms; no logic of its own beyond mapping errors to exit codes (2 for a
@@ -22,7 +22,7 @@ import msgspec
 import structlog
 
 from eventwire import __version__, persist, supervisor
-from eventwire.commands import stats, tail
+from eventwire.commands import privacy, stats, tail
 from eventwire.commands.tail import quiet_stdout
 from eventwire.core.config import LoadedConfig, add_source_flags, describe, load_settings
 from eventwire.core.errors import ConfigError
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_parser(sub)
     stats.add_parser(sub)
     persist.add_parsers(sub)
+    privacy.add_parsers(sub)
     return parser
 
 
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_send(args))
     if args.command in ("persist", "activity"):
         return _run(persist.run(args))
+    if args.command in ("forget", "unsuppress", "export"):
+        return _run(privacy.run(args))
     if args.command in ("tail", "stats"):
         # Operator commands end on Ctrl-C or a closed pipe (| head): quietly.
         try:

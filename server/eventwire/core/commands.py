@@ -102,6 +102,9 @@ class SwitchCustomer(msgspec.Struct, gc=False):
     new_uuid: str
     producer: str
     context: dict[str, Any] | None
+    #: Why the old uuid must not merge into the new one ('' lets Redis decide;
+    #: docs/protocol.md section 17).
+    refused: str = ""
 
 
 class RecordUndecodable(msgspec.Struct, gc=False):

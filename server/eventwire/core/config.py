@@ -98,6 +98,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rejected_maxlen: Count = 100_000
     #: How long a producer's highest stored seq is kept (de-duplication window).
     producer_ttl: Seconds = 7 * 86400.0
+    #: How long a Segment call's ``messageId`` is remembered (its producer key of
+    #: ~100 bytes, one per call); ``producer_ttl`` bounds it from above.
+    message_dedup_window: Seconds = 86400.0
 
     # -- backpressure (README "Persistence"); both may be set per site
     #: Entries of an events stream its persist group has not acknowledged at which
@@ -153,6 +156,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_deliveries: Annotated[int, Meta(ge=1)] = 5
     #: Seconds of persisted events kept in each stream for live readers (~0.5 KiB an event).
     persist_retain: Annotated[float, Meta(ge=0)] = 3600.0
+    #: How often the persist worker deletes rows older than a site's ``retain_days``
+    #: (and once at start), in bounded batches (one short transaction each).
+    retain_interval: Annotated[float, Meta(gt=0)] = 3600.0
+
+    # -- customers' privacy (README "Customers: identity, forget, export, retention, consent")
+    #: The environment variable holding the HMAC secret of the keyed hashes in the
+    #: audit stream and the suppression list; "" makes one on first use and keeps it
+    #: in Redis (``{key_prefix}:privacy:secret``). Changing it forgets every suppression.
+    privacy_key_env: Annotated[str, Meta(pattern=r"^([A-Za-z_][A-Za-z0-9_]{0,127})?$")] = ""
 
     # -- admin listener: dashboard and live relay
     #: When set, /dashboard's data, /v1/live, /v1/sites and /metrics need it (Bearer

@@ -65,6 +65,7 @@ from eventwire.core.protocol import (
     Identify,
     Nack,
     NackCode,
+    Rejection,
     Track,
     Welcome,
     WireEvent,
@@ -77,6 +78,9 @@ State = Literal["hello", "opening", "open", "identifying", "closing", "closed"]
 
 #: A close reason must fit a control frame: 123 bytes of UTF-8.
 REASON_BYTES: Final = 120
+
+#: The detail of every event of a customer who was forgotten and suppressed.
+FORGOTTEN_DETAIL: Final = "this customer asked to be forgotten: nothing of theirs is stored"
 
 
 class Tally(Protocol):
@@ -159,11 +163,14 @@ class Connection:
         #: The customer an identify moves to, until SwitchCustomer is asked for.
         self._switch_to = ""
         self._new_uuid = ""
+        self._refused = ""
         self._hello_uuid = ""
         #: The error (or shutdown) a close waits to send.
         self._ending: ProtocolViolation | None = None
         #: The socket is gone: answers go nowhere and no session is opened any more.
         self.lost = False
+        #: The customer was forgotten and suppressed: every event is denied, no session.
+        self.suppressed = False
         self.frames = 0
         self.accepted = 0
         self.duplicate = 0
@@ -280,7 +287,9 @@ class Connection:
         self.state = "opening"
         return [OpenSession(msg.uuid, msg.producer, msg.context)]
 
-    def session_opened(self, session: str, resumed: bool, acked: int, now: int) -> list[Command]:
+    def session_opened(
+        self, session: str, resumed: bool, acked: int, now: int, suppressed: bool = False
+    ) -> list[Command]:
         """Sessions: the connection is registered in ``session`` (after :class:`OpenSession`).
 
         Args:
@@ -288,7 +297,11 @@ class Connection:
             resumed: whether it was already open.
             acked: the producer's highest stored seq.
             now: the time, ms since the epoch (the welcome's ``server_time``).
+            suppressed: the customer was forgotten and suppressed: nothing was
+                registered, ``session`` is a fresh id stored nowhere, and every
+                event is denied from now on.
         """
+        self.suppressed = suppressed
         if self._renewing:
             return self._renewed(session)
         if self.state != "opening":
@@ -342,6 +355,10 @@ class Connection:
             if owner.code == "rate_limited":
                 self._check_flood(rules, now)
             return self._answer_now(high, owner.code)
+        if self.suppressed:
+            return self._deny_all(
+                high, [e.seq if isinstance(e, WireEvent) else e[0] for e in events]
+            )
         wait_ms = self._rate_limited(rules, len(events), now)
         if wait_ms is not None:
             # Like a failed store: nothing stored, and the frames after it wait
@@ -442,7 +459,37 @@ class Connection:
         if session != who.session:
             who = self._become(who.uuid, session)
         gone, self._gone = self._gone, []
+        if self.suppressed:
+            # Forgotten while these were on their way: they are denied, stored nowhere.
+            for frame in gone:
+                self._deny_frame(frame)
+            return self._flush()
         return [self._resend(frame, who.session) for frame in gone]
+
+    def _deny_frame(self, frame: SubmitFrame) -> None:
+        """Answer a frame of a suppressed customer: every event denied, its rejections kept."""
+        items = frame.items
+        judged = {r.seq for r in frame.rejections}
+        denied = [
+            Rejection(seq=items[i], code="denied", detail=FORGOTTEN_DETAIL)
+            for i in range(0, len(items), 3)
+            if items[i] not in judged
+        ]
+        self.tally.denied += len(denied)
+        rejected = sorted([*frame.rejections, *denied], key=lambda r: r.seq)
+        frame.reply = self.codec.encode(
+            Ack(seq=frame.seq, accepted=0, duplicate=0, rejected=rejected)
+        )
+
+    def _deny_all(self, high: int, seqs: list[int]) -> list[Command]:
+        """Answer a frame of a suppressed customer: each event denied, nothing stored."""
+        self.tally.denied += len(seqs)
+        rejected = [Rejection(seq=q, code="denied", detail=FORGOTTEN_DETAIL) for q in seqs]
+        reply = self.codec.encode(Ack(seq=high, accepted=0, duplicate=0, rejected=rejected))
+        if self._queue:
+            self._queue.append(_Answer(reply))
+            return []
+        return [Send(reply)]
 
     def _resend(self, frame: SubmitFrame, session: str) -> ResubmitFrame:
         encode_for_session(frame.items, session)
@@ -474,19 +521,46 @@ class Connection:
         assert who is not None
         if msg.uuid == who.uuid and msg.token is None:
             return []
-        self._prove(self._rules(), msg.uuid, msg.token)
+        was_proven = self.proof is not None
+        rules = self._rules()
+        self._prove(rules, msg.uuid, msg.token)
         if msg.uuid == who.uuid:
             # A fresh token for the same customer: authenticated again, same session.
             self._become(msg.uuid, who.session)
             return []
         self.state = "identifying"
         self._switch_to = msg.uuid
+        self._refused = (
+            self._merge_refused(rules, msg.uuid, was_proven)
+            if msg.merge
+            else "the client asked not to merge (a log-out or reset)"
+        )
         return self._flush()
 
-    def identified(self, session: str) -> list[Command]:
-        """Sessions: the connection now belongs to the new customer, in ``session``."""
+    def _merge_refused(self, rules: SiteRules, uuid: str, was_proven: bool) -> str:
+        """Why the uuid left must not merge into ``uuid`` ('' lets Redis decide).
+
+        A site with token keys merges only into a customer its token proves
+        (otherwise anyone could pour a history into another's feed), and never
+        a uuid that a token proved (a customer, not an anonymous visitor).
+        """
+        if not rules.keys:
+            return ""
+        if self.proof is None:
+            return f"the new uuid was not proven by a token ({self.token_problem})"
+        if was_proven:
+            return "the previous uuid was proven by a token: a customer is never merged"
+        return ""
+
+    def identified(self, session: str, suppressed: bool = False) -> list[Command]:
+        """Sessions: the connection now belongs to the new customer, in ``session``.
+
+        ``suppressed``: the new customer was forgotten and suppressed (see
+        :meth:`session_opened`).
+        """
         if self.state != "identifying":
             return []
+        self.suppressed = suppressed
         self._become(self._new_uuid, session)
         self.state = "open"
         return []
@@ -588,7 +662,11 @@ class Connection:
                 return []  # asked for already
             assert self.who is not None
             self._new_uuid, self._switch_to = self._switch_to, ""
-            return [SwitchCustomer(self.who.uuid, self._new_uuid, self.producer, self.context)]
+            return [
+                SwitchCustomer(
+                    self.who.uuid, self._new_uuid, self.producer, self.context, self._refused
+                )
+            ]
         ending = self._ending
         assert ending is not None
         self.state = "closed"

@@ -97,6 +97,9 @@ class Identify(Struct, tag="identify", tag_field="type", kw_only=True):
 
     uuid: Uuid
     token: Token | None = None
+    #: [ext] False: never merge the uuid left into this one (a log-out, the
+    #: tracker's reset()); docs/protocol.md section 17.
+    merge: bool = True
 
 
 ClientMessage = Hello | Track | Identify

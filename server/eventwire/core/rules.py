@@ -107,6 +107,9 @@ class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Backpressure (README "Persistence"); unset means the server's settings.
     max_backlog: Annotated[int, Meta(ge=1)] | None = None
     on_backlog: Literal["reject", "trim"] | None = None
+    #: Days the store keeps an event (by its ``time``); the persist worker deletes
+    #: older rows every ``retain_interval``. Unset keeps everything.
+    retain_days: Annotated[float, Meta(gt=0)] | None = None
 
 
 class SitesFile(msgspec.Struct, forbid_unknown_fields=True):

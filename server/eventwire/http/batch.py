@@ -201,9 +201,16 @@ class BatchRun:
         except StoreUnavailable as exc:
             self._todo.extend(protocol.session_unavailable(str(exc)))
             return
-        self.member = member
+        if opened.suppressed:
+            # Forgotten and suppressed: nothing was registered for the member.
+            self.sessions.drop(self.site, command.uuid, member)
+            self.member = ""
+        else:
+            self.member = member
         self._todo.extend(
-            protocol.session_opened(opened.session, opened.resumed, opened.acked, now_ms())
+            protocol.session_opened(
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
+            )
         )
 
     def _submit(self, frame: SubmitFrame) -> None:

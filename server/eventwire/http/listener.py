@@ -152,8 +152,11 @@ class HttpListener:
         self.buckets = Buckets()
         self._runner: web.ServerRunner | None = None
         self.port = 0
-        #: Extra routes by path prefix (the Segment API), each a handler of the request.
+        #: Extra routes by path (the Segment API), each a handler of the request.
         self.routes: dict[str, Handler] = {}
+        #: Extra routes by path prefix: prefix -> (route template for the metrics, handler)
+        #: (the admin's privacy routes, which need a request body).
+        self.prefix_routes: dict[str, tuple[str, Handler]] = {}
 
     async def start(self, host: str, port: int) -> None:
         """Bind and serve (``SO_REUSEPORT``, so workers share the port)."""
@@ -187,9 +190,13 @@ class HttpListener:
             route, handler = TRACK_ROUTE, self._track
         else:
             extra = self.routes.get(path)
-            if extra is None:
-                return self._count("other", _refusal(404, "not_found", "no such route"))
-            route, handler = path, extra
+            if extra is not None:
+                route, handler = path, extra
+            else:
+                found = next((r for p, r in self.prefix_routes.items() if path.startswith(p)), None)
+                if found is None:
+                    return self._count("other", _refusal(404, "not_found", "no such route"))
+                route, handler = found
         try:
             response: web.StreamResponse = await handler(request)
         except Refusal as exc:

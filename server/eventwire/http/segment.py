@@ -6,9 +6,9 @@ of its own and one event with seq 1. The producer is a hash of the site and
 the call's ``messageId`` (or of its content when it has none), so the same
 call sent again is the same producer and seq, and the publish step counts it
 as a duplicate: exactly once per ``messageId`` while the producer's seq is
-kept (``producer_ttl``). Calls are unordered, which is why each gets its own
-producer rather than a seq in a shared one: a high-water mark would drop a
-late call.
+kept (``message_dedup_window``, see :meth:`Store.shorten_producers`). Calls
+are unordered, which is why each gets its own producer rather than a seq in
+a shared one: a high-water mark would drop a late call.
 """
 
 from __future__ import annotations
@@ -55,6 +55,30 @@ def segment_action(name: str, explicit: dict[str, str]) -> str:
     if len(words) == 1:
         return f"track.{words[0]}"
     return words[0] + "." + "_".join(words[1:])
+
+
+def _mapped_id(site: str, value: Any) -> str | None:
+    """A Segment id as a uuid (the rule of :func:`customer`), or None when empty."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    if UUID_RULE.fullmatch(text):
+        return text
+    return str(uuidlib.uuid5(NAMESPACE, f"{site}:{text}"))
+
+
+def merge_from(site: str, msg: dict[str, Any], kind: str) -> str | None:
+    """The anonymous uuid a call merges into its customer, or None.
+
+    ``identify`` with both ``userId`` and ``anonymousId`` merges the
+    anonymous id; ``alias`` merges ``previousId`` into ``userId``
+    (docs/protocol.md section 17). Each id is mapped as :func:`customer` maps it.
+    """
+    user = _mapped_id(site, msg.get("userId"))
+    if user is None or kind not in ("identify", "alias"):
+        return None
+    previous = _mapped_id(site, msg.get("anonymousId" if kind == "identify" else "previousId"))
+    return previous if previous is not None and previous != user else None
 
 
 def customer(site: str, msg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -186,6 +210,10 @@ def map_message(
         action, label = "client.group", None
         params["group_id"] = msg.get("groupId")
         params["traits"] = _dict(msg, "traits")
+    previous = merge_from(site, msg, kind)
+    if previous is not None:
+        # The segment route fills merged (and the reason) once Redis decided.
+        params["previous_uuid"] = previous
     if context:
         # Kept with the event, never dropped: library, app, device, os, locale, page, ip...
         params["context"] = context

@@ -23,6 +23,7 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
+from eventwire.core.errors import StoreUnavailable
 from eventwire.core.frames import undecodable_record
 from eventwire.core.rules import SiteRules
 from eventwire.http.batch import Answer, retry_after_header
@@ -173,13 +174,34 @@ class SegmentApi:
                 if not await store.record_rejected(site, None, record):
                     return Answer(503, error_body("unavailable", "Redis did not answer"), 0.5)
                 return Answer(200, b'{"rejected":[{"code":"not_segment"}]}')
+            event = mapped["events"][0]
+            previous = event["params"].get("previous_uuid")
+            verdict = rules.verdict(event["action"])
+            taken = not verdict.denied and not verdict.needs_auth and rules.config.auth != "token"
+            if previous is not None and taken:
+                # Trusted by the write key: merged as an identify is, by the same rules.
+                # (A call the site refuses merges nothing: Redis and the store agree.)
+                try:
+                    done = await self.listener.sessions.alias(site, previous, mapped["uuid"])
+                except StoreUnavailable:
+                    return Answer(503, error_body("unavailable", "Redis did not answer"), 0.5)
+                event["params"]["merged"] = done.merged
+                if not done.merged:
+                    event["params"]["reason"] = done.reason
             async with limit:
                 # The write key's rate bucket, shared by its calls.
-                return await self.listener.run_batch(
+                answer = await self.listener.run_batch(
                     site, rules, msgspec.json.encode(mapped), f"write_key:{key}"
                 )
+            if answer.status == 200:
+                stored.append((mapped["uuid"], mapped["producer"]))
+            return answer
 
-        return list(await asyncio.gather(*(one(call) for call in calls)))
+        stored: list[tuple[str, str]] = []
+        answers = list(await asyncio.gather(*(one(call) for call in calls)))
+        # Each call's producer is its messageId: remembered message_dedup_window.
+        await store.shorten_producers(site, stored)
+        return answers
 
     def _answer(self, answers: list[Answer]) -> web.Response:
         accepted = duplicate = rejected = 0

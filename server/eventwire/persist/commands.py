@@ -65,7 +65,8 @@ def add_persist_parser(sub: Any) -> argparse.ArgumentParser:
 def add_activity_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``activity`` to a subparsers object."""
     p: argparse.ArgumentParser = sub.add_parser(
-        "activity", help="print a customer's events from the store, newest first"
+        "activity",
+        help="print a customer's events (and its aliases') from the store, newest first",
     )
     p.add_argument("--dsn", help=f"store (env EVENTWIRE_PERSIST_DSN; {DEFAULT_DSN})")
     p.add_argument("--site", required=True)
@@ -131,7 +132,10 @@ async def run_persist(args: argparse.Namespace) -> int:
 
 def _line(a: Activity) -> str:
     when = datetime.datetime.fromtimestamp(a.time / 1000, datetime.UTC)
-    return f"{when:%Y-%m-%d %H:%M:%S}.{a.time % 1000:03d}Z  {a.label}  ({a.action})  {a.session}"
+    return (
+        f"{when:%Y-%m-%d %H:%M:%S}.{a.time % 1000:03d}Z  {a.label}  ({a.action})  {a.session}"
+        f"  {a.uuid}"
+    )
 
 
 async def run_activity(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final, Protocol
 
@@ -67,6 +67,20 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (site, session)
         )""",
     ),
+    (
+        # Anonymous uuids merged into customers (docs/protocol.md section 17): from the
+        # stored client.identify / client.alias events that say merged.
+        """CREATE TABLE aliases (
+            site TEXT NOT NULL,
+            alias TEXT NOT NULL,
+            uuid TEXT NOT NULL,
+            since BIGINT NOT NULL,
+            PRIMARY KEY (site, alias)
+        )""",
+        "CREATE INDEX aliases_customer ON aliases (site, uuid)",
+        # Retention deletes by time across customers.
+        "CREATE INDEX events_time ON events (site, time)",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -88,11 +102,6 @@ _SESSION_END_SQL: Final = (
     "ON CONFLICT (site, session) DO UPDATE SET ended = excluded.ended, "
     "reason = excluded.reason, duration_ms = excluded.duration_ms, events = excluded.events"
 )
-_SQLITE_SESSION_START: Final = _SESSION_START_SQL.format(**{f"p{i}": "?" for i in range(1, 5)})
-_SQLITE_SESSION_END: Final = _SESSION_END_SQL.format(**{f"p{i}": "?" for i in range(1, 8)})
-_PG_SESSION_START: Final = _SESSION_START_SQL.format(**{f"p{i}": f"${i}" for i in range(1, 5)})
-_PG_SESSION_END: Final = _SESSION_END_SQL.format(**{f"p{i}": f"${i}" for i in range(1, 8)})
-
 #: SQLite's batch insert: a row's values as they are, ``params`` (JSON bytes) cast to text.
 _SQLITE_INSERT: Final = (
     f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ("
@@ -224,14 +233,43 @@ def _session_args(row: EventRow) -> tuple[str, tuple[Any, ...]] | None:
             num("duration_ms"),
             num("events"),
         )
+    if row.action in _MERGE_ACTIONS and b'"merged":true' in bytes(row.params):
+        found = msgspec.json.decode(row.params)
+        previous = found.get("previous_uuid")
+        if found.get("merged") is True and isinstance(previous, str) and previous != row.uuid:
+            return "alias", (row.site, previous, row.uuid, row.time)
     return None
 
 
+#: The events that may record a merge (with ``params.merged`` true).
+_MERGE_ACTIONS: Final = frozenset({"client.identify", "client.alias"})
+#: A merge: the first one of an anonymous uuid wins, as in Redis.
+_ALIAS_SQL: Final = (
+    "INSERT INTO aliases (site, alias, uuid, since) VALUES ({p1}, {p2}, {p3}, {p4}) "
+    "ON CONFLICT (site, alias) DO NOTHING"
+)
+_SQLITE_STATEMENTS: Final = {
+    "start": _SESSION_START_SQL.format(**{f"p{i}": "?" for i in range(1, 5)}),
+    "end": _SESSION_END_SQL.format(**{f"p{i}": "?" for i in range(1, 8)}),
+    "alias": _ALIAS_SQL.format(**{f"p{i}": "?" for i in range(1, 5)}),
+}
+_PG_STATEMENTS: Final = {
+    "start": _SESSION_START_SQL.format(**{f"p{i}": f"${i}" for i in range(1, 5)}),
+    "end": _SESSION_END_SQL.format(**{f"p{i}": f"${i}" for i in range(1, 8)}),
+    "alias": _ALIAS_SQL.format(**{f"p{i}": f"${i}" for i in range(1, 5)}),
+}
+
+#: The uuids of one customer's history: itself and every alias merged into it.
+_HISTORY_SQL: Final = (
+    "SELECT {p2} UNION SELECT alias FROM aliases WHERE site = {p1} AND uuid = {p2}"
+)
+
+
 def _session_statements(rows: Sequence[EventRow]) -> list[tuple[str, tuple[Any, ...]]]:
-    """The session statements of a batch's rows (most rows feed none)."""
+    """The session and alias statements of a batch's rows (most rows feed none)."""
     out = []
     for row in rows:
-        if row.action in _SESSION_ACTIONS:
+        if row.action in _SESSION_ACTIONS or row.action in _MERGE_ACTIONS:
             found = _session_args(row)
             if found is not None:
                 out.append(found)
@@ -239,12 +277,13 @@ def _session_statements(rows: Sequence[EventRow]) -> list[tuple[str, tuple[Any, 
 
 
 class Activity(msgspec.Struct, frozen=True):
-    """One line of a customer's activity feed."""
+    """One line of a customer's activity feed; ``uuid`` is the one it was recorded under."""
 
     time: int
     label: str
     action: str
     session: str
+    uuid: str
 
 
 class Sink(Protocol):
@@ -260,10 +299,13 @@ class Sink(Protocol):
         """Raise if the store does not answer."""
 
     async def activity(self, site: str, uuid: str, limit: int) -> list[Activity]:
-        """A customer's events, newest first."""
+        """A customer's events and its aliases', newest first."""
 
     async def count(self, site: str | None = None) -> int:
         """Rows of ``events`` (of one site)."""
+
+    async def run(self, fn: Any) -> Any:
+        """Run ``fn`` with the store's connection, one call at a time (``persist.privacy``)."""
 
     async def close(self) -> None:
         """Release the connection."""
@@ -367,13 +409,17 @@ class SqliteSink:
         return written
 
     def _in_batch(self, db: sqlite3.Connection, rows: Sequence[EventRow]) -> None:
-        """What else a batch writes, in its transaction (after its events): the sessions.
+        """What else a batch writes, in its transaction (after its events): sessions, aliases.
 
         The one per-batch hook: a table fed from the events (rollups, say) is
         written from here, so it commits (or rolls back) with them.
         """
         for kind, args in _session_statements(rows):
-            db.execute(_SQLITE_SESSION_START if kind == "start" else _SQLITE_SESSION_END, args)
+            db.execute(_SQLITE_STATEMENTS[kind], args)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(connection)`` in the sink's thread, one call at a time (privacy operations)."""
+        return await self._call(fn, self.db)
 
     async def ping(self) -> None:
         """Run ``SELECT 1``."""
@@ -383,9 +429,11 @@ class SqliteSink:
         """A customer's events, newest first (ties: highest seq first)."""
 
         def query() -> list[Activity]:
+            history = _HISTORY_SQL.format(p1="?1", p2="?2")
             cur = self.db.execute(
-                "SELECT time, label, action, session FROM events WHERE site = ? AND uuid = ? "
-                "ORDER BY time DESC, received DESC, seq DESC LIMIT ?",
+                "SELECT time, label, action, session, uuid FROM events "
+                f"WHERE site = ?1 AND uuid IN ({history}) "
+                "ORDER BY time DESC, received DESC, seq DESC LIMIT ?3",
                 (site, uuid, limit),
             )
             return [Activity(*r) for r in cur.fetchall()]
@@ -500,14 +548,19 @@ class PostgresSink:
         return int(status.rsplit(" ", 1)[1])
 
     async def _in_batch(self, conn: Any, rows: Sequence[EventRow]) -> None:
-        """What else a batch writes, in its transaction (after its events): the sessions.
+        """What else a batch writes, in its transaction (after its events): sessions, aliases.
 
         The one per-batch hook: a table fed from the events (rollups, say) is
         written from here, so it commits (or rolls back) with them.
         """
         for kind, args in _session_statements(rows):
-            sql = _PG_SESSION_START if kind == "start" else _PG_SESSION_END
-            await conn.execute(sql, *args, timeout=self.TIMEOUT)
+            await conn.execute(_PG_STATEMENTS[kind], *args, timeout=self.TIMEOUT)
+
+    async def run(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Await ``fn(connection)``, one call at a time (privacy operations)."""
+        conn = await self._connected()
+        async with self._lock:
+            return await fn(conn)
 
     async def ping(self) -> None:
         """Run ``SELECT 1``."""
@@ -519,8 +572,10 @@ class PostgresSink:
         """A customer's events, newest first (ties: highest seq first)."""
         await self._connected()
         async with self._lock:
+            history = _HISTORY_SQL.format(p1="$1", p2="$2::text")
             records = await self._conn.fetch(
-                "SELECT time, label, action, session FROM events WHERE site = $1 AND uuid = $2 "
+                "SELECT time, label, action, session, uuid FROM events "
+                f"WHERE site = $1 AND uuid IN ({history}) "
                 "ORDER BY time DESC, received DESC, seq DESC LIMIT $3",
                 site,
                 uuid,

@@ -13,6 +13,7 @@ by its own group and ids. The Redis calls are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final, NamedTuple
 
@@ -20,6 +21,9 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from eventwire.core.errors import StoreUnavailable
+from eventwire.core.rules import SitesBook
+from eventwire.persist.privacy import DAY_MS, RETAIN_BATCH, retain_batch
+from eventwire.persist.sinks import Sink
 from eventwire.store import ConsumerGroup, Keys, StreamEntry, stream_id
 
 log = structlog.get_logger("eventwire.persist")
@@ -34,6 +38,14 @@ TRIMMED_UNREAD: Final = Counter(
     "eventwire_persist_trimmed_unread",
     "Entries trimmed from an events stream before the group read them (lost to the store).",
     ["site"],
+)
+RETAINED_DELETED: Final = Counter(
+    "eventwire_persist_retention_deleted",
+    "Rows the store deleted for being older than the site's retain_days.",
+    ["site", "table"],
+)
+RETENTION_RUNS: Final = Counter(
+    "eventwire_persist_retention_runs", "Retention passes over every site with retain_days."
 )
 LAG: Final = Gauge(
     "eventwire_persist_lag",
@@ -273,3 +285,86 @@ class Upkeep:
                     await groups.forget(stream.key)
             except StoreUnavailable:
                 continue
+
+
+class Retention:
+    """Deletes rows older than each site's ``retain_days``, at start and every ``interval``.
+
+    Each statement deletes at most ``batch`` rows of one table in its own
+    short transaction, then yields, so the worker's writes (same store, their
+    own connection) wait for one batch at most. The store is opened at the
+    first pass that needs it (a site with ``retain_days``).
+
+    Args:
+        make_sink: opens the store (a connection apart from the worker's writes).
+        book: the sites and their ``retain_days``.
+        interval: seconds between passes.
+        now_ms: the clock (ms since the epoch; event ``time`` is compared with it).
+        batch: rows per statement.
+    """
+
+    def __init__(
+        self,
+        make_sink: Callable[[], Sink],
+        book: SitesBook,
+        interval: float,
+        now_ms: Callable[[], int],
+        batch: int = RETAIN_BATCH,
+    ) -> None:
+        self.make_sink = make_sink
+        self.sink: Sink | None = None
+        self.book = book
+        self.interval = interval
+        self.now_ms = now_ms
+        self.batch = batch
+        #: Rows deleted by this worker, by table.
+        self.deleted: dict[str, int] = {}
+
+    async def _store(self) -> Sink:
+        if self.sink is None:
+            sink = self.make_sink()
+            await sink.open()
+            self.sink = sink
+        return self.sink
+
+    async def close(self) -> None:
+        """Close the store if a pass opened it."""
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            await sink.close()
+
+    async def run_once(self) -> dict[str, dict[str, int]]:
+        """One pass over every site with ``retain_days``; rows deleted per site and table."""
+        out: dict[str, dict[str, int]] = {}
+        for site, rules in sorted(self.book.sites.items()):
+            days = rules.config.retain_days
+            if days is None:
+                continue
+            sink = await self._store()
+            cutoff = self.now_ms() - int(days * DAY_MS)
+            totals: dict[str, int] = {}
+            while True:
+                done = await retain_batch(sink, site, cutoff, self.batch)
+                for table, n in done.items():
+                    totals[table] = totals.get(table, 0) + n
+                    self.deleted[table] = self.deleted.get(table, 0) + n
+                    if n:
+                        RETAINED_DELETED.labels(site, table).inc(n)
+                if max(done.values(), default=0) < self.batch:
+                    break
+                await asyncio.sleep(0)  # let the worker's write in between
+            out[site] = totals
+            if any(totals.values()):
+                log.info("persist_retention_deleted", site=site, cutoff=cutoff, **totals)
+        RETENTION_RUNS.inc()
+        return out
+
+    async def loop(self, stopping: asyncio.Event) -> None:
+        """Run a pass now and every ``interval`` until ``stopping``; failures are logged."""
+        while not stopping.is_set():
+            try:
+                await self.run_once()
+            except Exception as exc:
+                log.error("persist_retention_failed", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.interval)

@@ -55,7 +55,7 @@ from eventwire.persist.sinks import (
     decode_rows,
     open_sink,
 )
-from eventwire.persist.upkeep import DeadEntry, Entries, Stream, Upkeep, streams_of
+from eventwire.persist.upkeep import DeadEntry, Entries, Retention, Stream, Upkeep, streams_of
 from eventwire.store import ConsumerGroup, GroupMissing, Keys, StreamEntry
 
 __all__ = ["GROUP", "PersistOptions", "Stream", "Worker", "consumer_name", "streams_of"]
@@ -181,6 +181,14 @@ class Worker:
         #: Every Redis call of the worker (its own client).
         self.groups = ConsumerGroup(settings.redis_url, self.consumer, BLOCK_MS, GROUP)
         self.upkeep = Upkeep(self.groups, self.keys, options.max_deliveries, options.retain)
+        #: Deletes rows past each site's retain_days (its own store connection).
+        self.retention = Retention(
+            lambda: open_sink(options.dsn),
+            book,
+            settings.retain_interval,
+            lambda: time.time_ns() // 1_000_000,
+        )
+        self._retention_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sites: list[str] = []
@@ -223,6 +231,9 @@ class Worker:
         self._use(self._layout())
         await self._ensure_groups()
         self._task = asyncio.create_task(self._run(), name=f"persist-{self.consumer}")
+        self._retention_task = asyncio.create_task(
+            self.retention.loop(self._stopping), name=f"persist-retention-{self.consumer}"
+        )
         log.info(
             "persist_started", consumer=self.consumer, sites=self._sites, streams=len(self._streams)
         )
@@ -237,6 +248,10 @@ class Worker:
         if self._task is not None:
             task, self._task = self._task, None
             await task
+        if self._retention_task is not None:
+            retention, self._retention_task = self._retention_task, None
+            await retention
+        await self.retention.close()
         await self.upkeep.forget_self(self._streams)
         await self.groups.aclose()
         await self.sink.close()

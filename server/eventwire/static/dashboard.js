@@ -243,6 +243,7 @@
       pausedNew: 0,
       openId: null,
       timeline: null,
+      timelineUuids: new Set(),
       missed: 0,
       dirty: { feed: true, rejected: true, timeline: true, numbers: true },
       summaryTimer: null,
@@ -327,7 +328,17 @@
     } else {
       view.dirty.feed = true;
     }
-    if (view.timeline === ev.uuid) view.dirty.timeline = true;
+    if (view.timeline !== null) {
+      // A merge into the customer seen live: the alias' events join the timeline.
+      if (ev.action === "client.identify" || ev.action === "client.alias") {
+        const p = ev.params || {};
+        if (p.merged === true && ev.uuid === view.timeline && p.previous_uuid) {
+          view.timelineUuids.add(String(p.previous_uuid));
+          view.dirty.timeline = true;
+        }
+      }
+      if (view.timelineUuids.has(ev.uuid)) view.dirty.timeline = true;
+    }
     view.dirty.numbers = true;
   }
 
@@ -335,7 +346,7 @@
     view.rejected.push({ id, rec });
     if (view.rejected.length > REJECTED_KEEP) view.rejected.splice(0, view.rejected.length - REJECTED_KEEP);
     view.dirty.rejected = true;
-    if (view.timeline !== null && view.timeline === rec.uuid) view.dirty.timeline = true;
+    if (view.timeline !== null && view.timelineUuids.has(rec.uuid)) view.dirty.timeline = true;
     view.dirty.numbers = true;
   }
 
@@ -462,10 +473,11 @@
     }
     aside.hidden = false;
     const uuid = view.timeline;
+    const uuids = view.timelineUuids;
     $("timeline-uuid").textContent = uuid;
     const items = [];
-    for (const item of view.history) if (item.ev.uuid === uuid) items.push({ id: item.id, ev: item.ev });
-    for (const item of view.rejected) if (item.rec.uuid === uuid) items.push({ id: item.id, rec: item.rec });
+    for (const item of view.history) if (uuids.has(item.ev.uuid)) items.push({ id: item.id, ev: item.ev });
+    for (const item of view.rejected) if (uuids.has(item.rec.uuid)) items.push({ id: item.id, rec: item.rec });
     items.sort(newerFirst);
     const fragment = document.createDocumentFragment();
     for (const item of items.slice(0, TIMELINE_ROWS)) {
@@ -489,12 +501,25 @@
         label.textContent = String(item.rec.detail ?? "");
       }
       li.append(when, what, label);
+      // Each row shows the uuid it was recorded under when it is an alias of the customer.
+      const recorded = (item.ev || item.rec).uuid;
+      if (recorded !== uuid) {
+        const who = document.createElement("span");
+        who.className = "alias";
+        who.textContent = `as ${recorded}`;
+        li.dataset.uuid = recorded;
+        li.append(who);
+      }
       fragment.appendChild(li);
     }
     $("timeline-list").replaceChildren(fragment);
     const first = view.history.length ? clock(idMs(view.history[0].id)) : null;
+    const aliases = uuids.size - 1;
     $("timeline-note").textContent =
-      `${items.length} entries seen by this page` + (first ? ` since ${first}` : "") + ", newest first.";
+      `${items.length} entries seen by this page` +
+      (first ? ` since ${first}` : "") +
+      (aliases ? `, with ${aliases} merged uuid${aliases > 1 ? "s" : ""}` : "") +
+      ", newest first.";
   }
 
   function renderNumbers() {
@@ -757,8 +782,18 @@
 
   function openTimeline(uuid) {
     view.timeline = uuid;
+    view.timelineUuids = new Set([uuid]);
     view.dirty.timeline = true;
     render();
+    // The uuids merged into the customer (and what it merged into) as Redis holds them.
+    getJSON(`/v1/sites/${encodeURIComponent(view.site)}/customers/${encodeURIComponent(uuid)}`)
+      .then((links) => {
+        if (view.timeline !== uuid) return;
+        for (const a of links.aliases || []) view.timelineUuids.add(String(a));
+        view.dirty.timeline = true;
+        render();
+      })
+      .catch(() => {}); // the timeline still shows the customer's own events
   }
 
   function bind() {

@@ -22,6 +22,8 @@
  *                  optout        "1" after eventwire.optOut()
  *   sessionStorage producer      this tab's producer id
  *   cookie         ew_{site}     the customer (data-uuid-store="cookie", default)
+ * data-consent="pending": memory only, no socket, until consent(true) (README
+ * "Customers"); data-cookieless="true": everything in sessionStorage.
  */
 (function () {
   "use strict";
@@ -41,6 +43,8 @@
   // One encoded event: the server stores at most max_event_bytes (32 KiB),
   // ids and times included (~300 bytes).
   var EVENT_BYTES = 32 * 1024 - 512;
+  // Calls held in memory while consent is pending; beyond it the oldest go.
+  var HELD_CAP = 100;
   // Frames sent and not answered yet, per connection.
   var INFLIGHT_MAX = 4;
   // Reconnect delay: uniformly random below min(BACKOFF_MAX, BACKOFF_BASE * 2^attempt).
@@ -76,6 +80,7 @@
     optOut: noop,
     optIn: noop,
     status: noop,
+    consent: noop,
   };
   api.push = function (cmd) {
     var f = api[cmd && cmd[0]];
@@ -108,12 +113,18 @@
   endpoint = endpoint.replace(/^http/, "ws");
   var httpBase = data.http != null ? data.http : HTTP_URL;
   var beaconEndpoint = httpBase ? httpBase.replace(/\/+$/, "") + "/v1/track/" + site : "";
-  var LS = storage("localStorage");
-  var SS = storage("sessionStorage");
+  var COOKIELESS = data.cookieless === "true";
+  var consentState = data.consent === "pending" ? "pending" : "granted";
+  var heldCalls = [];
+  var heldDropped = 0;
+  var LS, SS;
+  openStorage();
   // Identifies this page instance as the holder of the queues it works on.
   var ME = rand(8);
   // Tokens stay in memory only: a logged-in page calls identify() on each load.
   var tokens = {};
+  // uuids reset() made: their identify says merge: false.
+  var fresh = {};
   var own = null;
   var orphans = [];
   var lastRoute = null;
@@ -161,6 +172,23 @@
     }
   }
 
+  function openStorage() {
+    if (consentState !== "granted") {
+      LS = memory();
+      SS = memory();
+      return;
+    }
+    SS = storage("sessionStorage");
+    LS = COOKIELESS ? SS : storage("localStorage");
+  }
+
+  // ["t", action, params, label, time] or ["i", uuid, token]
+  function hold(call) {
+    heldCalls.push(call);
+    if (heldCalls.length > HELD_CAP) heldDropped += heldCalls.splice(0, 1).length;
+    return true;
+  }
+
   function memory() {
     var m = {};
     return {
@@ -202,14 +230,15 @@
   // ---- identity --------------------------------------------------------------
 
   var cookieName = "ew_" + site;
+  var uuidInStorage = data.uuidStore === "local" || COOKIELESS;
   function storedUuid() {
-    if (data.uuidStore === "local") return LS.getItem(P + "uuid");
+    if (uuidInStorage) return LS.getItem(P + "uuid");
     var m = document.cookie.match(new RegExp("(?:^|; )" + cookieName + "=([^;]*)"));
     return m && decodeURIComponent(m[1]);
   }
 
   function storeUuid(u) {
-    if (data.uuidStore === "local") {
+    if (uuidInStorage) {
       if (u) LS.setItem(P + "uuid", u);
       else LS.removeItem(P + "uuid");
       return;
@@ -498,7 +527,9 @@
     if (u === this.uuid && !t) return;
     this.uuid = u;
     this.token = t;
-    this.send({ type: "identify", uuid: u, token: t });
+    var msg = { type: "identify", uuid: u, token: t };
+    if (fresh[u]) msg.merge = false;
+    this.send(msg);
   };
 
   Queue.prototype.closed = function (code, reason) {
@@ -634,8 +665,8 @@
 
   // ---- the API ---------------------------------------------------------------
 
-  function track(action, params, label) {
-    if (optedOut()) return false;
+  function track(action, params, label, at) {
+    if (optedOut() || consentState === "denied") return false;
     if (typeof action !== "string" || !ACTION.test(action)) {
       return fail(
         "not sent: invalid action " +
@@ -646,11 +677,18 @@
     if (params != null && (typeof params !== "object" || Array.isArray(params))) {
       return fail("not sent: " + action + " params must be an object");
     }
+    if (consentState === "pending") {
+      try {
+        return hold(["t", action, JSON.parse(JSON.stringify(params || {})), label, now()]);
+      } catch (err) {
+        return fail("not sent: " + action + " params are not JSON: " + err.message);
+      }
+    }
     var ev = {
       s: 0,
       a: action,
       l: label == null ? undefined : String(label).slice(0, 256),
-      t: now(),
+      t: at || now(),
       p: params || {},
       u: uuid(),
     };
@@ -680,10 +718,11 @@
   }
 
   function identify(u, token) {
-    if (optedOut()) return false;
+    if (optedOut() || consentState === "denied") return false;
     if (typeof u !== "string" || !UUID.test(u)) {
       return fail("identify: the uuid must be 1-64 chars of A-Z a-z 0-9 . _ : -");
     }
+    if (consentState === "pending") return hold(["i", u, token]);
     if (token) tokens[u] = String(token);
     else delete tokens[u];
     storeUuid(u);
@@ -696,7 +735,9 @@
 
   function reset() {
     tokens = {};
-    return identify(randomUuid());
+    var u = randomUuid();
+    fresh[u] = true;
+    return identify(u);
   }
 
   function optOut() {
@@ -715,6 +756,36 @@
     return true;
   }
 
+  // true: start, run the held calls in order; false: drop them (and, after a true, what is stored).
+  function setConsent(yes) {
+    if (yes) {
+      if (consentState === "granted") return true;
+      consentState = "granted";
+      openStorage();
+      var calls = heldCalls;
+      heldCalls = [];
+      if (optedOut()) return true;
+      if (!own) start();
+      calls.forEach(function (c) {
+        if (c[0] === "t") track(c[1], c[2], c[3], c[4]);
+        else identify(c[1], c[2]);
+      });
+      return true;
+    }
+    heldCalls = [];
+    if (consentState === "granted") {
+      stopAll();
+      storeUuid(null);
+      SS.removeItem(P + "producer");
+      keys(P).forEach(function (key) {
+        if (key !== P + "optout") LS.removeItem(key);
+      });
+    }
+    consentState = "denied";
+    openStorage();
+    return true;
+  }
+
   function status() {
     var r = own && readJson(own.key);
     return {
@@ -727,6 +798,10 @@
       queued: r ? r.e.length : 0,
       dropped: r ? r.d : 0,
       adopted: orphans.length,
+      consent: consentState,
+      cookieless: COOKIELESS,
+      held: heldCalls.length,
+      heldDropped: heldDropped,
     };
   }
 
@@ -738,6 +813,7 @@
     optOut: optOut,
     optIn: optIn,
     status: status,
+    consent: setConsent,
   });
 
   // ---- declarative tracking --------------------------------------------------
@@ -881,7 +957,7 @@
     if (!optedOut()) beat();
   }, HEARTBEAT_MS);
 
-  if (!optedOut()) start();
+  if (!optedOut() && consentState === "granted") start();
   replay();
   function ready() {
     if (data.auto !== "false") pageVisit();

@@ -17,6 +17,8 @@ The modules, each owning one concern::
     cluster     function calls node by node on a cluster, on_key_node, CLUSTER_READS
     streams     StreamsReader, read_page, stream_end, redis_time_ms, site summaries
     groups      ConsumerGroup: every Redis call of the persist worker
+    privacy     Subjects (keyed hashes), aliases and suppressed sets, forget's
+                search of every stream, the audit stream
 
 Dependencies point one way: ``keys``, ``functions``, ``replies`` and
 ``client`` import no other module here, ``resp`` only ``functions``,
@@ -39,6 +41,7 @@ from eventwire.store.client import (
 )
 from eventwire.store.cluster import CLUSTER_POLL_MS, CLUSTER_READS, ClusterCalls, on_key_node
 from eventwire.store.functions import (
+    FN_ALIAS,
     FN_HEARTBEAT,
     FN_LEAVE,
     FN_OPEN,
@@ -47,10 +50,13 @@ from eventwire.store.functions import (
     LAYOUTS,
     LIBRARY,
     LIBRARY_VERSION,
+    AliasArgs,
+    AliasKeys,
     CustomerKeys,
     HeartbeatArgs,
     HeartbeatKeys,
     LeaveArgs,
+    LeaveKeys,
     OpenArgs,
     PublishArgs,
     PublishFrameArgs,
@@ -63,6 +69,7 @@ from eventwire.store.functions import (
     call_keys,
     fill_template,
     identify_record,
+    identify_refused_record,
     session_end_record,
     session_start_record,
 )
@@ -70,6 +77,7 @@ from eventwire.store.groups import ConsumerGroup, GroupMissing, StreamProgress
 from eventwire.store.keys import Keys
 from eventwire.store.publisher import Frame, FrameSink, Store
 from eventwire.store.replies import (
+    AliasReply,
     Claimed,
     ConsumerInfo,
     FrameResult,
@@ -83,6 +91,7 @@ from eventwire.store.replies import (
     StreamEntry,
     StreamInfo,
     merge_stream_info,
+    parse_alias,
     parse_consumers,
     parse_groups,
     parse_leave,
@@ -115,6 +124,7 @@ __all__ = [
     "CLUSTER_READS",
     "COUNT_ONLY",
     "EVENT",
+    "FN_ALIAS",
     "FN_HEARTBEAT",
     "FN_LEAVE",
     "FN_OPEN",
@@ -127,6 +137,9 @@ __all__ = [
     "REDIS_POOL_SIZE",
     "REJECT",
     "REJECT_ALWAYS",
+    "AliasArgs",
+    "AliasKeys",
+    "AliasReply",
     "Claimed",
     "ClusterCalls",
     "ConsumerGroup",
@@ -141,6 +154,7 @@ __all__ = [
     "HeartbeatKeys",
     "Keys",
     "LeaveArgs",
+    "LeaveKeys",
     "LeaveReply",
     "OpenArgs",
     "OpenReply",
@@ -169,11 +183,13 @@ __all__ = [
     "connect_stream_reader",
     "fill_template",
     "identify_record",
+    "identify_refused_record",
     "merge_stream_info",
     "on_key_node",
     "pack_args",
     "pack_fcall",
     "pack_items",
+    "parse_alias",
     "parse_consumers",
     "parse_groups",
     "parse_leave",

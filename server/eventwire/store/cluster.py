@@ -76,6 +76,9 @@ class ClusterCalls:
         self.retry_after_ms = retry_after_ms
         #: After a MOVED, ASK or lost node the next call reads the slot map again.
         self._refresh_slots = False
+        #: Held while the map is read again: calls that come meanwhile wait for
+        #: the new map instead of routing by the old one.
+        self._reading_map = asyncio.Lock()
         #: Nodes that failed, by name: until this monotonic time their calls
         #: fail at once, while every other node's go on.
         self._node_down: dict[str, float] = {}
@@ -89,9 +92,11 @@ class ClusterCalls:
         cluster = self.cluster
         try:
             async with asyncio.timeout(self.timeout):
-                if self._refresh_slots:
-                    self._refresh_slots = False
-                    await cluster.nodes_manager.initialize()
+                if self._refresh_slots or self._reading_map.locked():
+                    async with self._reading_map:
+                        if self._refresh_slots:
+                            self._refresh_slots = False
+                            await cluster.nodes_manager.initialize()
                 await cluster.initialize()
         except OUTAGE as exc:
             self._refresh_slots = True

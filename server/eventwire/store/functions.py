@@ -44,6 +44,7 @@ FN_OPEN: Final = f"ew_{LIBRARY_VERSION}_open"
 FN_LEAVE: Final = f"ew_{LIBRARY_VERSION}_leave"
 FN_HEARTBEAT: Final = f"ew_{LIBRARY_VERSION}_heartbeat"
 FN_REAP: Final = f"ew_{LIBRARY_VERSION}_reap"
+FN_ALIAS: Final = f"ew_{LIBRARY_VERSION}_alias"
 
 
 # -- publish ----------------------------------------------------------------------------
@@ -104,9 +105,24 @@ class PublishItem(NamedTuple):
 
 
 class CustomerKeys(NamedTuple):
-    """KEYS of ``open`` and ``leave``: a customer's keys in its partition.
+    """KEYS of ``open``: a customer's keys in its partition."""
 
-    ``producer`` is optional for ``leave`` (None: its stored seq is not asked for).
+    session: str
+    conns: str
+    live: str
+    due: str
+    events: str
+    producer: str
+    #: The partition's set of suppressed customers' keyed hashes.
+    suppressed: str
+    #: The customer's set of aliases (uuids merged into it).
+    aliases: str
+
+
+class LeaveKeys(NamedTuple):
+    """KEYS of ``leave``: a customer's keys in its partition, and the merge's.
+
+    ``producer`` is optional (None: its stored seq is not asked for) and last.
     """
 
     session: str
@@ -114,6 +130,11 @@ class CustomerKeys(NamedTuple):
     live: str
     due: str
     events: str
+    #: ``alias:<uuid>`` of the uuid left: the customer it merged into.
+    alias_key: str
+    #: ``aliases:<uuid>`` of the uuid left: if it exists, that uuid is a customer.
+    own_aliases: str
+    suppressed: str
     producer: str | None
 
 
@@ -136,6 +157,10 @@ class OpenArgs(NamedTuple):
     #: A stored seq of the producer in another partition (identify), or 0.
     carry: int
     producer_ttl_ms: int
+    #: The uuid's keyed hash: in the suppressed set, nothing is opened.
+    subject: str
+    #: The anonymous uuid an identify merged into this customer, or ''.
+    alias: str
 
 
 class LeaveArgs(NamedTuple):
@@ -147,8 +172,35 @@ class LeaveArgs(NamedTuple):
     events_maxlen: int
     taken: str
     end_record: bytes
-    #: :func:`identify_record` of the move, or ``b""`` for a close.
+    #: :func:`identify_record` of the move (merged), or ``b""`` for a close.
     identify_record: bytes
+    #: :func:`identify_refused_record` of the move (not merged: its reason a hole), or ``b""``.
+    refused_record: bytes
+    #: Why the caller refuses the merge ('' when it allows it).
+    refused: str
+    #: The keyed hash of the uuid left.
+    subject: str
+    #: The customer the connection moves to ('' for a close).
+    to: str
+
+
+class AliasKeys(NamedTuple):
+    """KEYS of ``alias``: the merge keys of the anonymous uuid (its partition)."""
+
+    alias_key: str
+    own_aliases: str
+    suppressed: str
+
+
+class AliasArgs(NamedTuple):
+    """ARGV of ``alias``: a merge without a connection (Segment ``alias``, ``identify``)."""
+
+    #: The keyed hash of the anonymous uuid.
+    subject: str
+    #: The customer it merges into.
+    to: str
+    #: Why the caller refuses the merge ('' when it allows it).
+    refused: str
 
 
 # -- heartbeat, reap ----------------------------------------------------------------------
@@ -194,13 +246,14 @@ class ReapArgs(NamedTuple):
 LAYOUTS: Final[Mapping[str, tuple[type[tuple[Any, ...]], ...]]] = {
     "publish": (PublishKeys, PublishArgs, PublishFrameKeys, PublishFrameArgs, PublishItem),
     "open": (CustomerKeys, OpenArgs),
-    "leave": (CustomerKeys, LeaveArgs),
+    "leave": (LeaveKeys, LeaveArgs),
     "heartbeat": (HeartbeatKeys, HeartbeatArgs),
     "reap": (ReapKeys, ReapArgs),
+    "alias": (AliasKeys, AliasArgs),
 }
 
 
-def call_keys(keys: CustomerKeys) -> list[str]:
+def call_keys(keys: CustomerKeys | LeaveKeys) -> list[str]:
     """A customer's keys as a call sends them: an optional producer key left out."""
     return [k for k in keys if k is not None]
 
@@ -330,6 +383,15 @@ def session_end_record(site: str) -> bytes:
 
 
 def identify_record(site: str, uuid: str, previous_uuid: str) -> bytes:
-    """The ``client.identify`` template of a move from ``previous_uuid`` to ``uuid``."""
-    event = _server_event(site, uuid, CLIENT_IDENTIFY, {"previous_uuid": previous_uuid})
-    return record_template(event)
+    """The ``client.identify`` template of a move from ``previous_uuid`` to ``uuid`` that merged.
+
+    ``params.merged`` is true: ``previous_uuid`` is now an alias of ``uuid``.
+    """
+    params = {"previous_uuid": previous_uuid, "merged": True}
+    return record_template(_server_event(site, uuid, CLIENT_IDENTIFY, params))
+
+
+def identify_refused_record(site: str, uuid: str, previous_uuid: str) -> bytes:
+    """The ``client.identify`` template of a move that did not merge: the reason is a hole."""
+    params = {"previous_uuid": previous_uuid, "merged": False, "reason": _mark(RecordHole.REASON)}
+    return record_template(_server_event(site, uuid, CLIENT_IDENTIFY, params))

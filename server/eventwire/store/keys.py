@@ -92,3 +92,25 @@ class Keys:
     def due(self, tag: str) -> str:
         """Customers (of a tag) whose session must be looked at, scored by when."""
         return f"{self.prefix}:{{{tag}}}:due"
+
+    # -- customers: aliases, suppression, the audit (docs/protocol.md section 17) --
+
+    def alias(self, tag: str, uuid: str) -> str:
+        """The customer an anonymous uuid merged into (a string, in the uuid's partition)."""
+        return f"{self.prefix}:{{{tag}}}:alias:{uuid}"
+
+    def aliases(self, tag: str, uuid: str) -> str:
+        """The uuids merged into a customer (a set, in the customer's partition)."""
+        return f"{self.prefix}:{{{tag}}}:aliases:{uuid}"
+
+    def suppressed(self, tag: str) -> str:
+        """Keyed hashes of the forgotten customers of a partition who stay forgotten (a set)."""
+        return f"{self.prefix}:{{{tag}}}:suppressed"
+
+    def audit(self, site: str) -> str:
+        """The stream of a site's privacy operations (forget, unsuppress, export)."""
+        return f"{self.prefix}:{{{site}}}:audit"
+
+    def privacy_secret(self) -> str:
+        """The HMAC secret of the keyed hashes, made on first use (unless ``privacy_key_env``)."""
+        return f"{self.prefix}:privacy:secret"

@@ -43,6 +43,7 @@ from eventwire.store.functions import (
     session_end_record,
 )
 from eventwire.store.keys import Keys
+from eventwire.store.privacy import Subjects
 from eventwire.store.replies import PublishReply, SiteSnapshot, missing_function, parse_publish
 from eventwire.store.resp import bulk, pack_args, pack_fcall, pack_items
 from eventwire.store.streams import read_site_summary
@@ -177,6 +178,8 @@ class Store:
         self.settings = settings
         self.book = book
         self.keys = Keys(settings.key_prefix)
+        #: Keyed hashes of uuids (suppression, the audit).
+        self.subjects = Subjects(client, self.keys, settings.privacy_key_env)
         self._lanes = [_Lane() for _ in range(settings.publish_lanes)]
         self._started = False
         self._closing = False
@@ -552,6 +555,28 @@ class Store:
             )
         except OUTAGE:
             # On a cluster, a slot moving (MOVED, ASK) is an outage of this call too.
+            return False
+        return True
+
+    async def shorten_producers(self, site: str, producers: Sequence[tuple[str, str]]) -> bool:
+        """Let these ``(uuid, producer)`` keys expire after ``message_dedup_window``.
+
+        The publish step keeps every producer for ``producer_ttl``; a Segment
+        call is a producer of its own, kept only as long as its ``messageId``
+        is to be remembered. ``LT`` never lengthens a key's life. One round
+        trip for all; False if Redis is away (the keys then live
+        ``producer_ttl``: longer de-duplication, nothing lost).
+        """
+        ttl_ms = int(self.settings.message_dedup_window * 1000)
+        if not producers or self.settings.message_dedup_window >= self.settings.producer_ttl:
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        for uuid, producer in producers:
+            pipe.pexpire(self.keys.producer(self.tag(site, uuid), producer), ttl_ms, lt=True)
+        try:
+            async with asyncio.timeout(self.settings.store_timeout):
+                await pipe.execute(raise_on_error=False)
+        except (*OUTAGE, RedisError):
             return False
         return True
 

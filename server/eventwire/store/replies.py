@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
+    "AliasReply",
     "Claimed",
     "ConsumerInfo",
     "FrameResult",
@@ -34,6 +35,7 @@ __all__ = [
     "missing_function",
     "missing_group",
     "no_such_key",
+    "parse_alias",
     "parse_autoclaim",
     "parse_consumers",
     "parse_groups",
@@ -377,17 +379,22 @@ def parse_publish(reply: Sequence[Any], frames: int) -> PublishReply:
 
 
 class OpenReply(NamedTuple):
-    """What ``open`` answers a hello: its session, whether it joined one, the acked seq."""
+    """What ``open`` answers a hello: its session, whether it joined one, the acked seq.
+
+    ``suppressed``: the customer was forgotten and asked to stay so; nothing
+    was registered or opened (``session`` is empty).
+    """
 
     session: str
     resumed: bool
     acked: int
+    suppressed: bool = False
 
 
 def parse_open(reply: Sequence[Any]) -> OpenReply:
-    """``open``'s reply ``{session id, resumed, acked}``."""
-    session, resumed, acked = reply
-    return OpenReply(reply_text(session), bool(resumed), int(acked))
+    """``open``'s reply ``{session id, resumed, acked, suppressed}``."""
+    session, resumed, acked, suppressed = reply
+    return OpenReply(reply_text(session), bool(resumed), int(acked), bool(suppressed))
 
 
 class LeaveReply(NamedTuple):
@@ -397,12 +404,29 @@ class LeaveReply(NamedTuple):
     ended: bool
     #: The producer's stored seq in the customer's partition (0 without its key).
     stored: int
+    #: The identify merged the uuid left into the new customer.
+    merged: bool = False
+    #: The customer left had a session (else no client.identify was stored).
+    found: bool = True
 
 
 def parse_leave(reply: Sequence[Any]) -> LeaveReply:
-    """``leave``'s reply ``{ended, stored seq}``."""
-    ended, stored = reply
-    return LeaveReply(bool(ended), int(stored))
+    """``leave``'s reply ``{ended, stored seq, merged, found}``."""
+    ended, stored, merged, found = reply
+    return LeaveReply(bool(ended), int(stored), bool(merged), bool(found))
+
+
+class AliasReply(NamedTuple):
+    """What ``alias`` answers: whether the merge was recorded, and why not."""
+
+    merged: bool
+    reason: str
+
+
+def parse_alias(reply: Sequence[Any]) -> AliasReply:
+    """``alias``'s reply ``{merged, reason}``."""
+    merged, reason = reply
+    return AliasReply(bool(merged), reply_text(reason))
 
 
 class ReapReply(NamedTuple):

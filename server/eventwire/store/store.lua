@@ -23,6 +23,12 @@
 --   ew:{site}:live            every live connection -> heartbeat deadline (ms)
 --   ew:{site}:due             customer -> when its session must be looked at
 --   ew:{site}:dead            entries the persist worker gave up on (not here)
+--   ew:{site}:alias:<uuid>    the customer an anonymous uuid merged into (in
+--                             the anonymous uuid's partition; never expires)
+--   ew:{site}:aliases:<uuid>  the uuids merged into a customer (set, in the
+--                             customer's partition)
+--   ew:{site}:suppressed      keyed hashes of forgotten customers (set; each
+--                             hash in the partition of the uuid it hashes)
 --
 -- A connection member is "<process>:<n>:<uuid>". Times are Redis' own clock
 -- (TIME), so server processes on machines with skewed clocks agree.
@@ -297,9 +303,17 @@ end
 -- here is raised to it, as if there were one key. Returns {session id,
 -- resumed, acked}.
 local function open(keys, args)
-  local session, conns, live, due, events, producer = unpack(keys)
+  local session, conns, live, due, events, producer, suppressed, aliases = unpack(keys)
   local uuid, member, session_id, start_record, heartbeat_ms, grace_ms, idle_ms, max_ms,
-    events_maxlen, taken, end_record, carry, producer_ttl_ms = unpack(args)
+    events_maxlen, taken, end_record, carry, producer_ttl_ms, subject, alias = unpack(args)
+  if redis.call('SISMEMBER', suppressed, subject) == 1 then
+    -- A forgotten customer who asked to stay forgotten: nothing is registered,
+    -- no session opened, nothing stored.
+    return {'', 0, 0, 1}
+  end
+  if alias ~= '' then
+    redis.call('SADD', aliases, alias)
+  end
   local now = now_ms()
   local grace, idle, maxd = tonumber(grace_ms), tonumber(idle_ms), tonumber(max_ms)
   local s = load_session(session)
@@ -331,42 +345,101 @@ local function open(keys, args)
     acked = carry
     redis.call('SET', producer, acked, 'PX', producer_ttl_ms)
   end
-  return {sid, resumed, acked}
+  return {sid, resumed, acked, 0}
 end
 
 -- A connection ends (or leaves its customer for another with identify). The
--- producer key is optional: with it, its stored seq is returned, for
+-- producer key (the last) is optional: with it, its stored seq is returned, for
 -- identify to carry to another partition. With an identify_record (the
 -- client.identify of a move to another customer; '' for a close), the
 -- session gets that event, and ends now (reason identify) if this was the
 -- customer's last connection;
--- otherwise the last connection's close starts the grace period. Returns {1
--- if the session ended, the producer's stored seq (0 without its key)}.
+-- otherwise the last connection's close starts the grace period. With an
+-- identify, the anonymous uuid left merges into the new customer when
+-- may_merge allows it (identify_record then says merged); otherwise the
+-- session gets refused_record, which says why. Returns {1 if the session
+-- ended, the producer's stored seq (0 without its key), 1 if merged, 1 if
+-- the customer had a session (0: nothing was stored, no merge decided)}.
+-- Whether an anonymous uuid may merge into a customer (identify, Segment
+-- alias), and why not. refused is the caller's reason ('' when the caller
+-- allows it: the customer was proven by a token, or the site has no keys).
+-- An anonymous uuid merges into one customer only, a uuid that has aliases
+-- of its own is a customer (never an alias), and a forgotten one merges
+-- nowhere. Returns (merged, reason).
+local function may_merge(alias_key, own_aliases, suppressed, subject, to, refused)
+  if refused ~= '' then
+    return false, refused
+  end
+  local into = redis.call('GET', alias_key)
+  if into and into ~= to then
+    return false, 'the anonymous uuid is already merged into another customer'
+  end
+  if redis.call('EXISTS', own_aliases) == 1 then
+    return false, 'the previous uuid has aliases of its own: a customer is never merged'
+  end
+  if redis.call('SISMEMBER', suppressed, subject) == 1 then
+    return false, 'the previous uuid was forgotten'
+  end
+  return true, ''
+end
+
+-- Record a merge decided by may_merge: the alias key names its customer.
+local function record_merge(alias_key, to)
+  redis.call('SET', alias_key, to)
+end
+
 local function leave(keys, args)
-  local session, conns, live, due, events, producer = unpack(keys)
-  local uuid, member, grace_ms, events_maxlen, taken, end_record, identify_record = unpack(args)
+  local session, conns, live, due, events, alias_key, own_aliases, suppressed, producer =
+    unpack(keys)
+  local uuid, member, grace_ms, events_maxlen, taken, end_record, identify_record, refused_record,
+    refused, subject, to = unpack(args)
   local now = now_ms()
   local stored = producer and (redis.call('GET', producer) or '0') or '0'
   redis.call('ZREM', live, member)
   redis.call('SREM', conns, member)
   local s = load_session(session)
   if not s then
-    return {0, stored}
+    return {0, stored, 0, 0}
   end
   local identify = identify_record ~= ''
+  local merged = 0
   if identify and takes(taken, 'i') then
-    server_event(events, session, events_maxlen, s.id, now, identify_record, {})
+    -- The merge is recorded in the same step as its client.identify, so the
+    -- stream (and through it the store's aliases table) and Redis agree.
+    local ok, why = may_merge(alias_key, own_aliases, suppressed, subject, to, refused)
+    if ok then
+      record_merge(alias_key, to)
+      merged = 1
+      server_event(events, session, events_maxlen, s.id, now, identify_record, {})
+    else
+      server_event(events, session, events_maxlen, s.id, now, refused_record,
+        {[HOLE_REASON] = cjson.encode(why)})
+    end
   end
   if redis.call('SCARD', conns) > 0 then
-    return {0, stored}
+    return {0, stored, merged, 1}
   end
   if identify then
     end_session(events, due, session, events_maxlen, uuid, s, 'identify', now, taken, end_record)
-    return {1, stored}
+    return {1, stored, merged, 1}
   end
   redis.call('HSET', session, 'closed', now)
   redis.call('ZADD', due, 'LT', now + tonumber(grace_ms), uuid)
-  return {0, stored}
+  return {0, stored, merged, 1}
+end
+
+-- A merge without a connection (Segment alias, or identify with both ids):
+-- decided and recorded as identify does, in the anonymous uuid's partition.
+-- Returns {merged, reason}.
+local function alias(keys, args)
+  local alias_key, own_aliases, suppressed = unpack(keys)
+  local subject, to, refused = unpack(args)
+  local ok, why = may_merge(alias_key, own_aliases, suppressed, subject, to, refused)
+  if ok then
+    record_merge(alias_key, to)
+    return {1, ''}
+  end
+  return {0, why}
 end
 
 -- Refresh the heartbeat deadlines of one process' connections of a site.
@@ -447,3 +520,4 @@ redis.register_function('ew_VERSION_open', open)
 redis.register_function('ew_VERSION_leave', leave)
 redis.register_function('ew_VERSION_heartbeat', heartbeat)
 redis.register_function('ew_VERSION_reap', reap)
+redis.register_function('ew_VERSION_alias', alias)
