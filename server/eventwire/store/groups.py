@@ -282,6 +282,11 @@ class ConsumerGroup:
         group = next((g for g in parse_groups(groups) if g.name == self.group), None)
         return StreamProgress(parse_stream_info(info), group)
 
+    async def undelivered(self, key: str, after: str, limit: int) -> int:
+        """How many entries follow ``after`` (the group's last delivered id), up to ``limit``."""
+        with _redis_failures():
+            return len(await self.client.xrange(key, f"({after}", "+", count=limit) or ())
+
     async def trim_before(self, key: str, minid: tuple[int, int]) -> None:
         """XTRIM MINID ~: drop entries older than ``minid`` (whole nodes only)."""
         with _redis_failures():

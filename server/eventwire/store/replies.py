@@ -14,9 +14,10 @@ real Redis.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 __all__ = [
+    "LAG_COUNTED",
     "AliasReply",
     "Claimed",
     "ConsumerInfo",
@@ -31,6 +32,8 @@ __all__ = [
     "StreamEntry",
     "StreamInfo",
     "busy_group",
+    "counted_lag",
+    "group_lag",
     "merge_stream_info",
     "missing_function",
     "missing_group",
@@ -297,6 +300,37 @@ def parse_groups(reply: Sequence[Mapping[Any, Any]]) -> list[GroupInfo]:
         )
         for g in reply
     ]
+
+
+def group_lag(group: GroupInfo, newest_id: str | None) -> int | None:
+    """A group's lag, not trusting Redis' counter where it is known to be wrong.
+
+    After an AOF reload Redis' ``lag`` can stay thousands too high with every
+    entry delivered (found by scripts/chaos; docs/protocol.md): when the
+    group has delivered the stream's newest entry, nothing is unread,
+    whatever the counter says.
+
+    Args:
+        group: the group as ``XINFO GROUPS`` gave it.
+        newest_id: the stream's ``last-generated-id`` (or newest entry's id); None: unknown.
+    """
+    if newest_id is not None and stream_id(group.last_delivered_id) >= stream_id(newest_id):
+        return 0
+    return group.lag
+
+
+#: Up to how many undelivered entries a reader counts itself (one bounded XRANGE,
+#: as store.lua's publish does) rather than taking Redis' lag counter.
+LAG_COUNTED: Final = 2000
+
+
+def counted_lag(group: GroupInfo, undelivered: int) -> int | None:
+    """The lag from a count of the entries after the group's last delivered one
+    (an XRANGE of at most :data:`LAG_COUNTED` + 1): exact below that bound; at
+    it, Redis' counter if that says more, else the bound."""
+    if undelivered <= LAG_COUNTED:
+        return undelivered
+    return max(undelivered, group.lag or 0)
 
 
 class ConsumerInfo(NamedTuple):
