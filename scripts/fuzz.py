@@ -932,6 +932,9 @@ class WireFuzzer:
                 self.report.find(f"seq {event.seq} stored twice", JSON_CODEC, fields[b"event"])
             seen.add(key)
             candidates = self.ledger.sent.get(key, [])
+            if event.action == "page.visit":
+                # The server's own addition (docs/protocol.md section 18), not the client's.
+                event.params.pop("source", None)
             as_sent = any(
                 (c.action, msgspec.json.decode(record_encoder.encode(c.params or {})))
                 == (event.action, event.params)

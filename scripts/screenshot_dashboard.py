@@ -64,6 +64,20 @@ allow_no_origin = true
 #: The most customers browsing at once (each one client, one connection).
 MAX_CUSTOMERS: Final = 60
 PAGES: Final = ["/", "/new", "/sale", "/men", "/women", "/kids", "/about"]
+#: How customers arrive: the landing page's query and the referrer, weighted by repeats.
+ARRIVALS: Final = [
+    ("", "https://www.google.com/"),
+    ("", "https://www.google.com/"),
+    ("", "https://www.google.de/"),
+    ("", "https://duckduckgo.com/"),
+    ("", ""),
+    ("", ""),
+    ("?utm_source=newsletter&utm_medium=email&utm_campaign=winter", ""),
+    ("?gclid=Cj0KCQ", "https://www.google.com/"),
+    ("", "https://l.facebook.com/"),
+    ("", "https://t.co/x"),
+    ("", "https://blog.example.org/best-shoes"),
+]
 SEARCHES: Final = ["red shoes", "rain jacket", "gift card", "linen shirt", "backpack"]
 
 
@@ -77,15 +91,20 @@ def target_rate(t: float) -> float:
 async def journey(url: str, rng: random.Random) -> None:
     """One customer's visit: a handful of realistic events, a few seconds apart."""
     uuid = f"cust-{secrets.token_hex(3)}"
-    async with EventwireClient(url, uuid=uuid, linger=0.02) as ew:
+    page = rng.choice(PAGES)
+    landing, referrer = rng.choice(ARRIVALS)
+    landing = f"https://shop.example{page}{landing}"
+    # The landing page and referrer: the session's attribution ("Where from").
+    context = {"url": landing, "referrer": referrer, "title": page.strip("/") or "Home"}
+    async with EventwireClient(url, uuid=uuid, linger=0.02, context=context) as ew:
 
         async def step(action: str, params: dict[str, Any] | None = None, **kw: Any) -> None:
             ew.track(action, params, **kw)
             await asyncio.sleep(rng.uniform(0.2, 1.6))
 
-        page = rng.choice(PAGES)
         await step(
-            "page.visit", {"url": f"https://shop.example{page}", "title": page.strip("/") or "Home"}
+            "page.visit",
+            {"url": landing, "title": page.strip("/") or "Home", "referrer": referrer},
         )
         if rng.random() < 0.4:
             await step("search.query", {"query": rng.choice(SEARCHES)})

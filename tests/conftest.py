@@ -6,7 +6,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import pytest
@@ -103,6 +103,7 @@ async def make_server(
                 "http_listen": "127.0.0.1:0",
                 "redis_url": redis_proc.url,
             }
+            | LOOPBACK_PEERS
             | overrides,
             Settings,
         )
@@ -119,6 +120,15 @@ async def make_server(
     yield make
     for server in servers:
         await server.stop()
+
+
+#: Every test client shares one address (127.0.0.1): the per-address limits are
+#: lifted for them; tests of those limits set their own.
+LOOPBACK_PEERS: Final = {
+    "max_connections_per_ip": 1_000_000,
+    "handshakes_per_ip": 1_000_000.0,
+    "handshake_burst": 1_000_000,
+}
 
 
 @pytest.fixture

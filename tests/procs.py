@@ -287,7 +287,14 @@ class ServerProcess:
 
     def start(self, port: int = 0, http_port: int = 0) -> ServerProcess:
         """Start the process and wait until it listens (port 0: any free port)."""
-        env = {**os.environ, **self.env, "EVENTWIRE_CONFIG": os.devnull}
+        # Every test client is 127.0.0.1: the per-address limits are lifted
+        # unless a test sets them.
+        loopback = {
+            "EVENTWIRE_MAX_CONNECTIONS_PER_IP": "1000000",
+            "EVENTWIRE_HANDSHAKES_PER_IP": "1000000",
+            "EVENTWIRE_HANDSHAKE_BURST": "1000000",
+        }
+        env = {**os.environ, **loopback, **self.env, "EVENTWIRE_CONFIG": os.devnull}
         self.proc = subprocess.Popen(
             [
                 sys.executable,

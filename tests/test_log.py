@@ -57,7 +57,7 @@ def test_websockets_and_redis_warnings_are_json_lines_with_our_fields() -> None:
     context = {"connection_id": 7, "site": "app", "uuid": "cust-1", "worker": 2}
     assert got == [
         {
-            "event": "handshake from 10.0.0.9 failed",
+            "event": "handshake from [address] failed",  # README "Privacy"
             "logger": "websockets.server",
             "level": "warning",
             **context,
@@ -162,3 +162,18 @@ def test_console_renders_stdlib_lines_like_ours() -> None:
         r"^\S+Z \[warning\s*\] theirs here\s+\[websockets\.server\] connection_id=7 site=app",
         theirs,
     )
+
+
+def test_dependency_lines_never_hold_a_client_address() -> None:
+    """An address in a dependency's line is masked; versions and clock times are left."""
+    stdout, _ = run("""
+        log = logging.getLogger("aiohttp.server")
+        log.error("Error handling request from %s", "203.0.113.77")
+        log.error("peer [2001:db8::17]:4711 and 198.51.100.2:80.")
+        log.error("version 1.2.3.4.5 at 12:30:45")
+    """)
+    assert [line["event"] for line in lines(stdout)] == [
+        "Error handling request from [address]",
+        "peer [address] and [address].",
+        "version 1.2.3.4.5 at 12:30:45",
+    ]

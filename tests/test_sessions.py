@@ -63,6 +63,8 @@ async def test_lifecycle(make_server: MakeServer, redis: aioredis.Redis) -> None
         "session": session,
         "producer": producer,
         "context": {"title": "Home"},
+        # No User-Agent: a client of a site that takes clients without an Origin.
+        "client": {"bot": False, "device": "other", "ip": "127.0.0.0"},
     }
     assert end["session"] == session
     assert end["label"] == "Session end"

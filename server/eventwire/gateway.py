@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import structlog
@@ -39,9 +39,12 @@ from eventwire.admin import PRIVACY_PREFIX, PRIVACY_ROUTE, AdminListener
 from eventwire.core.config import Settings, mask_url
 from eventwire.core.connection import Connection
 from eventwire.core.errors import ConfigError
+from eventwire.core.peers import PeerLimits
 from eventwire.core.protocol import CODECS, JSON_SUBPROTOCOL, SUBPROTOCOLS
 from eventwire.core.rules import SiteRules, SitesBook
+from eventwire.core.visitor import Enrichment, Visitor
 from eventwire.http import HttpListener, SegmentApi
+from eventwire.http.batch import retry_after_header
 from eventwire.ingest import IngestConnection
 from eventwire.pages import StaticFiles
 from eventwire.sessions import Sessions
@@ -69,6 +72,10 @@ class TrackConnection(ServerConnection):
     """A websockets connection that remembers its site and can answer without waiting."""
 
     site: str = ""
+    #: The client address (after ``trusted_proxies``), raw: in memory only.
+    address: str = ""
+    #: What the handshake said of the visitor (None: enrichment is off).
+    visitor: Visitor | None = None
 
     def send_now(self, data: bytes, text: bool) -> None:
         """Queue one message on the transport now; drop it if the connection is closing.
@@ -119,6 +126,12 @@ class EventwireServer:
         self._draining = False
         self._stopped = asyncio.Event()
         self.files = StaticFiles(PUBLIC_FILES)
+        #: The visitor lookups (trusted proxies, country database), built once.
+        self.enrichment = Enrichment(settings.trusted_proxies, settings.geoip_db)
+        #: Per-address limits, shared by the WebSocket and HTTP listeners.
+        self.peers = PeerLimits(
+            settings.max_connections_per_ip, settings.handshakes_per_ip, settings.handshake_burst
+        )
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -158,7 +171,15 @@ class EventwireServer:
         self.admin_routes = AdminListener(self.ready, store)
         self.admin = await self.admin_routes.start(*settings.admin_addr)
         if settings.http_addr is not None:
-            self.http = HttpListener(settings, self.book, store, self.sessions, self._is_draining)
+            self.http = HttpListener(
+                settings,
+                self.book,
+                store,
+                self.sessions,
+                self._is_draining,
+                enrichment=self.enrichment,
+                peers=self.peers,
+            )
             SegmentApi(self.http)
             # Admin routes that take a body (websockets' listener reads none), token-guarded.
             self.http.prefix_routes[PRIVACY_PREFIX] = (PRIVACY_ROUTE, self.admin_routes.privacy)
@@ -206,6 +227,7 @@ class EventwireServer:
             await self.sessions.stop()
         if self.store is not None:
             await self.store.close()
+        self.enrichment.close()
         self._stopped.set()
         log.info("stopped", connections_closed=len(connections))
 
@@ -282,6 +304,13 @@ class EventwireServer:
             return self.files.respond(path, request)
         if not path.startswith(TRACK_PREFIX):
             return _refuse(connection, HTTPStatus.NOT_FOUND, "not found; track at /v1/track/{site}")
+        assert isinstance(connection, TrackConnection)
+        address, visitor = self.connection_context(request.headers, connection.remote_address)
+        refused = self.peers.admit(address, time.time_ns() // 1_000_000)
+        if refused is not None:
+            response = _refuse(connection, HTTPStatus.TOO_MANY_REQUESTS, refused[0])
+            response.headers["Retry-After"] = retry_after_header(refused[1])
+            return response
         site = path[len(TRACK_PREFIX) :]
         rules = self.book.get(site)
         if rules is None:
@@ -292,9 +321,31 @@ class EventwireServer:
             return _refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down")
         if len(self._connections) >= self.settings.max_connections:
             return _refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections")
-        assert isinstance(connection, TrackConnection)
         connection.site = site
+        connection.address = address
+        connection.visitor = visitor
         return None
+
+    def connection_context(
+        self, headers: Mapping[str, str], peer: Any
+    ) -> tuple[str, Visitor | None]:
+        """The handshake's client address and visitor, read once per connection.
+
+        Args:
+            headers: the request's headers (User-Agent, Accept-Language, client
+                hints, and Forwarded / X-Forwarded-For from trusted proxies).
+            peer: the socket's peer address (``(host, port, ...)``), or None.
+
+        Returns:
+            The raw client address (kept in memory only; the site's ``ip``
+            policy applies before anything is written) and the visitor, or
+            None when ``enrich_visitors`` is off.
+        """
+        host = peer[0] if isinstance(peer, tuple) and peer else ""
+        address = self.enrichment.address_of(str(host), headers)
+        if not self.settings.enrich_visitors:
+            return address, None
+        return address, self.enrichment.visitor(address, headers)
 
     # -- connection -----------------------------------------------------------------
 
@@ -311,16 +362,20 @@ class EventwireServer:
 
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(connection_id=next(_ids), site=site)
-        protocol = Connection(self.book, site, self.settings, codec, metrics.site_counts(site))
+        protocol = Connection(
+            self.book, site, self.settings, codec, metrics.site_counts(site), ws.visitor
+        )
         ingest = IngestConnection(protocol, ws, send, self.store, self.sessions, self._is_draining)
         self._connections[ws] = ingest
         opened = time.monotonic()
         open_gauge = metrics.CONNECTIONS_OPEN.labels(site)
         open_gauge.inc()
+        self.peers.opened(ws.address)
         try:
             await ingest.run()
         finally:
             del self._connections[ws]
+            self.peers.closed(ws.address)
             open_gauge.dec()
             code = ws.close_code if ws.close_code is not None else 1006
             log.info(
@@ -329,6 +384,8 @@ class EventwireServer:
                 close_reason=ws.close_reason or ingest.close_detail,
                 duration_ms=int((time.monotonic() - opened) * 1000),
                 subprotocol=codec.name,
+                # flagged, dropped or kept: what the site did with a bot (never its address).
+                **({"bot": protocol.bot_outcome} if protocol.bot_outcome else {}),
                 **ingest.stats(),
             )
 

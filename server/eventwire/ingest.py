@@ -187,6 +187,7 @@ class IngestConnection:
             await cancel_and_wait([self._renewal])
         for command in self.protocol.finish():
             await self._carry_out(command)
+        self.sessions.note_dropped_bots(self.site, self.protocol.bots_dropped)
 
     def stats(self) -> dict[str, int]:
         """Counts for the connection's closing log line."""
@@ -270,7 +271,12 @@ class IngestConnection:
         member = self.sessions.member(command.uuid)
         try:
             opened = await self.sessions.open(
-                self.site, command.uuid, member, command.producer, command.context
+                self.site,
+                command.uuid,
+                member,
+                command.producer,
+                command.context,
+                start=command.start,
             )
         except StoreUnavailable as exc:
             self._run(self.protocol.session_unavailable(str(exc)))
@@ -282,12 +288,19 @@ class IngestConnection:
             )
         )
         metrics.CONNECTIONS.labels(self.site).inc()
+        if self.protocol.bot_outcome:
+            metrics.BOT_CONNECTIONS.labels(self.site, self.protocol.bot_outcome).inc()
 
     async def _renew(self, command: OpenSession) -> None:
         """Open a session again for frames whose session ended on their way."""
         try:
             opened = await self.sessions.open(
-                self.site, command.uuid, self.member, command.producer, command.context
+                self.site,
+                command.uuid,
+                self.member,
+                command.producer,
+                command.context,
+                start=command.start,
             )
         except StoreUnavailable as exc:
             commands = self.protocol.session_unavailable(str(exc))
@@ -320,6 +333,7 @@ class IngestConnection:
         site, old, new = self.site, command.old_uuid, command.new_uuid
         moves = self.store.tag(site, old) != self.store.tag(site, new)
         member = self.sessions.member(new)
+        quiet = command.start is not None and command.start.quiet
         try:
             # A forgotten, suppressed customer gets no client.identify (it would
             # carry its uuid) and no merge: the connection just leaves.
@@ -332,6 +346,7 @@ class IngestConnection:
                 identify_to="" if forgotten else new,
                 producer=command.producer if moves else "",
                 refused=command.refused,
+                quiet=quiet,
             )
             left = await leave()
             if not left.found and not command.refused and not forgotten:
@@ -339,7 +354,9 @@ class IngestConnection:
                 # identify is the customer's next step, so it opens the session
                 # again (its session.start) and the merge is stored with its
                 # client.identify, as after any event. A rare, slower path.
-                await self.sessions.open(site, old, self.member, command.producer, command.context)
+                await self.sessions.open(
+                    site, old, self.member, command.producer, command.context, start=command.start
+                )
                 left = await leave()
             self.member = ""
             opened = await self.sessions.open(
@@ -350,6 +367,7 @@ class IngestConnection:
                 command.context,
                 carry=left.stored,
                 alias=old if left.merged else "",
+                start=command.start,
             )
         except StoreUnavailable as exc:
             self._run(self.protocol.identify_failed(str(exc)))
@@ -369,7 +387,9 @@ class IngestConnection:
             return
         member, self.member = self.member, ""
         try:
-            await self.sessions.leave(self.site, uuid, member)
+            await self.sessions.leave(
+                self.site, uuid, member, quiet=bool(self.protocol.bot_dropped)
+            )
         except StoreUnavailable as exc:
             # The heartbeat lapses instead, and a reaper counts it as closed.
             log.warning("leave_failed", error=str(exc))

@@ -13,7 +13,9 @@ that wrote them. Our own lines do not pass through ``logging`` at all.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -30,6 +32,42 @@ _encoder = msgspec.json.Encoder(enc_hook=repr)
 _DEPENDENCY_FLOOR = logging.WARNING
 
 _HANDLER_NAME = "eventwire"
+
+#: Anything that looks like an IPv4 or IPv6 address (with an optional port) in a
+#: dependency's line: aiohttp names the peer in "Error handling request from ...".
+_ADDRESS_RE = re.compile(
+    r"(?<![\w.:])(?:\d{1,3}(?:\.\d{1,3}){3}|\[?[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}\]?)"
+    r"(?::\d{1,5})?(?![\w:]|\.\d)"
+)
+
+
+def _mask(match: re.Match[str]) -> str:
+    """An address found (a version string or a clock time is left as it is)."""
+    text = match.group(0)
+    host = text[1 : text.index("]")] if text.startswith("[") and "]" in text else text
+    if host.count(":") == 1:  # v4:port
+        host = host.split(":", 1)[0]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return text
+    return "[address]"
+
+
+class _NoAddresses(logging.Filter):
+    """Masks client addresses in the lines of dependencies (README "Privacy").
+
+    Our own lines never hold one; a dependency's warning or error may name
+    the peer. Those lines are rare (WARNING and above), so formatting each
+    here costs nothing that matters.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = _ADDRESS_RE.sub(_mask, message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
 
 
 def _serialize(obj: Any, **_: Any) -> str:
@@ -86,6 +124,7 @@ def _route_stdlib(shared: list[Processor], renderer: Processor, level: int) -> N
     """Send every stdlib record to stdout through our processors and renderer."""
     handler = logging.StreamHandler(sys.stdout)
     handler.set_name(_HANDLER_NAME)
+    handler.addFilter(_NoAddresses())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],

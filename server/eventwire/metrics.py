@@ -30,6 +30,11 @@ HTTP_REQUESTS: Final = Counter(
     "Requests to the HTTP ingest listener, by route (a template) and status.",
     ["route", "status"],
 )
+BOT_CONNECTIONS: Final = Counter(
+    "eventwire_bot_connections",
+    "Connections (and HTTP batches) found to be bots at hello, by the site's bots setting.",
+    ["site", "mode"],
+)
 HANDSHAKES_REFUSED: Final = Counter(
     "eventwire_handshakes_refused", "Opening handshakes refused, by HTTP status.", ["status"]
 )
@@ -38,7 +43,7 @@ HANDSHAKES_REFUSED: Final = Counter(
 class SiteCounts:
     """Counts of one site's track frames and events, added to on the ingest path."""
 
-    __slots__ = ("accepted", "denied", "duplicate", "frames", "rejected")
+    __slots__ = ("accepted", "bots", "denied", "duplicate", "frames", "rejected")
 
     def __init__(self) -> None:
         self.frames = 0
@@ -46,6 +51,8 @@ class SiteCounts:
         self.duplicate = 0
         self.rejected = 0
         self.denied = 0
+        #: Events of bot connections, by what the site's ``bots`` setting did with them.
+        self.bots = {"flagged": 0, "dropped": 0, "kept": 0}
 
 
 _SITE_COUNTS: dict[str, SiteCounts] = {}
@@ -71,8 +78,18 @@ class _SiteCountsCollector(Collector):
             frames.add_metric([site], c.frames)
             for outcome in ("accepted", "duplicate", "rejected", "denied"):
                 events.add_metric([site, outcome], getattr(c, outcome))
+        bots = CounterMetricFamily(
+            "eventwire_bot_events",
+            "Events of connections found to be bots, by what the site's bots setting did "
+            "(flagged: stored with bot true; dropped: stored nowhere; kept: stored as any).",
+            labels=["site", "outcome"],
+        )
+        for site, c in list(_SITE_COUNTS.items()):
+            for outcome, n in c.bots.items():
+                bots.add_metric([site, outcome], n)
         yield frames
         yield events
+        yield bots
 
 
 REGISTRY.register(_SiteCountsCollector())

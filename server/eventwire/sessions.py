@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import structlog
 
+from eventwire.core.commands import SessionStart
 from eventwire.core.config import Settings
 from eventwire.core.errors import StoreUnavailable
 from eventwire.store import (
@@ -72,6 +73,8 @@ from eventwire.tasks import cancel_and_wait
 
 __all__ = ["CHUNK", "Left", "Opened", "Sessions", "new_session_id", "now_ms"]
 
+#: The ``taken`` of a session a dropped bot opens: no server-made event, now or at its end.
+QUIET: Final = "q"
 #: Connections renewed, and customers reaped, per function call.
 CHUNK: Final = 500
 
@@ -106,6 +109,8 @@ class Sessions:
         #: This process' live connection members, by tag (site or partition).
         self._members: dict[str, set[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Dropped bot events by site not yet added to Redis' count (flushed with heartbeats).
+        self.dropped_bots: dict[str, int] = {}
 
     def member(self, uuid: str) -> str:
         """A new connection member for a customer."""
@@ -136,6 +141,7 @@ class Sessions:
         context: dict[str, Any] | None,
         carry: int = 0,
         alias: str = "",
+        start: SessionStart | None = None,
     ) -> Opened:
         """Register a connection and join or open its customer's session.
 
@@ -149,6 +155,8 @@ class Sessions:
                 :meth:`leave`); the producer's seq here is raised to it.
             alias: the anonymous uuid an identify just merged into ``uuid``
                 (it joins the customer's aliases set), or ''.
+            start: the visitor's ``client``, attribution and bot verdict for
+                the ``session.start`` (None: not enriched).
 
         Returns:
             The session; ``suppressed`` (nothing registered, no session) when
@@ -161,12 +169,28 @@ class Sessions:
         timing, taken = self.store.site_params(site)
         subject = await self.store.subjects.subject(site, uuid)
         candidate = new_session_id()
-        start = session_start_record(site, uuid, candidate, producer, context or {}, now_ms())
+        if start is None:
+            record = session_start_record(site, uuid, candidate, producer, context or {}, now_ms())
+        else:
+            record = session_start_record(
+                site,
+                uuid,
+                candidate,
+                producer,
+                context or {},
+                now_ms(),
+                start.client,
+                start.source,
+                start.bot,
+            )
+            if start.quiet:
+                # A dropped bot: no server-made event for a session it opens (store.lua's q).
+                taken = QUIET
         args = OpenArgs(
             uuid=uuid,
             member=member,
             session_id=candidate,
-            start_record=start,
+            start_record=record,
             heartbeat_ms=int(self.settings.heartbeat_ttl * 1000),
             grace_ms=timing.grace_ms,
             idle_ms=timing.idle_ms,
@@ -198,6 +222,7 @@ class Sessions:
         identify_to: str = "",
         producer: str = "",
         refused: str = "",
+        quiet: bool = False,
     ) -> Left:
         """Unregister a connection; its customer's session ends after the grace if it was last.
 
@@ -214,6 +239,7 @@ class Sessions:
             producer: the connection's producer, when its stored seq in this
                 partition must be returned (identify to another partition).
             refused: why the merge must not happen ('' allows it).
+            quiet: a dropped bot's connection: no ``client.identify`` is stored.
 
         Returns:
             The producer's stored seq in the customer's partition (0 without
@@ -226,6 +252,8 @@ class Sessions:
         tag = self.store.tag(site, uuid)
         self._members.get(tag, set()).discard(member)
         timing, taken = self.store.site_params(site)
+        if quiet:
+            taken = QUIET
         keys = self.keys
         call = LeaveKeys(
             session=keys.session(tag, uuid),
@@ -324,6 +352,19 @@ class Sessions:
                 if back:
                     log.warning("connections_reregistered", tag=tag, count=back)
 
+    def note_dropped_bots(self, site: str, n: int) -> None:
+        """A closed connection (or batch) had ``n`` bot events dropped (``bots = "drop"``)."""
+        if n:
+            self.dropped_bots[site] = self.dropped_bots.get(site, 0) + n
+
+    async def flush_dropped_bots(self) -> None:
+        """Add the dropped bot events noted since the last flush to each site's count."""
+        pending, self.dropped_bots = self.dropped_bots, {}
+        for site, n in pending.items():
+            if not await self.store.count_dropped_bots(site, n):
+                # Redis is away: kept for the next flush.
+                self.note_dropped_bots(site, n)
+
     async def reap_once(self) -> int:
         """End the sessions that are due, on every site; returns how many ended."""
         ended = 0
@@ -358,6 +399,7 @@ class Sessions:
         while True:
             await asyncio.sleep(self.settings.heartbeat_ttl / 3)
             await _guarded(self.heartbeat_once(), "heartbeat_failed")
+            await _guarded(self.flush_dropped_bots(), "bots_flush_failed")
 
     async def _reaper(self) -> None:
         while True:

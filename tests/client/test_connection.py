@@ -68,7 +68,12 @@ async def test_track_flush_stores_each_event_once_in_order(
         assert event["uuid"] == "cust-1"
         assert event["action"] == "page.visit"
         assert event["label"] == f"Label {i}"
-        assert event["params"] == {"url": f"/p{i}", "n": {"deep": [i, "é"]}}
+        # params.source is the server's (docs/protocol.md section 18): no referrer, direct.
+        assert event["params"] == {
+            "url": f"/p{i}",
+            "n": {"deep": [i, "é"]},
+            "source": {"medium": "direct"},
+        }
         assert event["session"] == client.welcome.session
     assert events[20]["label"] == "Visited page Home"
 

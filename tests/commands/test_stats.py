@@ -117,14 +117,18 @@ def test_table_shows_dashes_for_unknowns() -> None:
         "length": 12,
         "events_per_s": 0.2,
         "rejected_per_s": 0.0,
+        "bots_per_s": 0.05,
         "open_sessions": 1,
         "persist_lag": None,
         "persist_pending": None,
         "oldest_pending_s": None,
     }
     lines = table({"sites": {"app": numbers}, "time": 0}).splitlines()
-    assert lines[0].split()[:3] == ["site", "length", "events/s"]
-    assert lines[1].split() == ["app", "12", "0.20", "0.00", "1", "-", "-", "-", "-", "-", "-"]
+    assert lines[0].split()[:5] == ["site", "length", "events/s", "rejected/s", "bots/s"]
+    assert lines[1].split() == [
+        *("app", "12", "0.20", "0.00", "0.05", "-", "1"),
+        *("-", "-", "-", "-", "-", "-"),
+    ]
     assert len(lines[0]) == len(lines[1])
 
 

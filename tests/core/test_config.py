@@ -67,3 +67,11 @@ def test_secrets_masked() -> None:
     assert mask_url("redis://:hunter2@h:1/0") == "redis://:****@h:1/0"
     loaded = load_settings(Path(os.devnull), env={"EVENTWIRE_REDIS_URL": "redis://u:pw@h:1/0"})
     assert "pw" not in str(describe(loaded))
+
+
+def test_trusted_proxies_from_the_environment() -> None:
+    """EVENTWIRE_TRUSTED_PROXIES is a comma-separated list; a wrong CIDR names the key."""
+    env = {"EVENTWIRE_TRUSTED_PROXIES": "10.0.0.0/8, fd00::/8"}
+    assert load_settings(env=env).settings.trusted_proxies == ["10.0.0.0/8", "fd00::/8"]
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load_settings(env={"EVENTWIRE_TRUSTED_PROXIES": "10.0.0.0/33"})

@@ -79,3 +79,38 @@ def test_decode_row_is_to_row_of_decode_event() -> None:
         with pytest.raises(ValueError, match="undecodable event"):
             decode_row("s", raw)
         assert decode_rows("s", [*raws, raw]) is None  # then decoded one by one
+
+
+async def test_bot_column(dsn: str) -> None:  # noqa: F811
+    """An event stored with "bot": true has bot true in its row; others false."""
+    flagged = StoredEvent(
+        site="s", uuid="u", session="x", producer="b", seq=1, action="page.visit",
+        label="L", time=1, received=2, params={"url": "/"}, bot=True,
+    )  # fmt: skip
+    raw = record_encoder.encode(flagged)
+    assert raw.endswith(b',"bot":true}')  # stats counts bots by this tail
+    bot_row = decode_row("s", raw)
+    assert bot_row.bot is True
+    assert to_row("s", decode_event(raw)) == bot_row
+    assert row(1).bot is False
+    sink = open_sink(dsn)
+    await sink.open()
+    try:
+        assert await sink.write([bot_row, row(1)]) == 2
+        if dsn.startswith("sqlite"):
+            import sqlite3
+
+            path = dsn.removeprefix("sqlite:///")
+            found = sqlite3.connect(path).execute("SELECT producer, bot FROM events").fetchall()
+            assert sorted(found) == [("b", 1), ("p", 0)]
+        else:
+            import asyncpg  # type: ignore[import-untyped]
+
+            conn = await asyncpg.connect(dsn)
+            try:
+                found = await conn.fetch("SELECT producer, bot FROM events")
+            finally:
+                await conn.close()
+            assert sorted((r["producer"], r["bot"]) for r in found) == [("b", True), ("p", False)]
+    finally:
+        await sink.close()

@@ -306,3 +306,51 @@ async def test_dashboard_warns_of_a_persist_backlog(
     ids = [i for _, entries in read for i, _ in entries]
     await redis.xack(EVENTS, "persist", *ids)
     await warning.wait_for(state="detached", timeout=10 * MS)
+
+
+async def test_dashboard_humans_by_default_bots_per_second_and_where_from(
+    server: EventwireServer, redis: aioredis.Redis, page: Page
+) -> None:
+    """Bots are left out of counts and feed until asked for; bots/s and where-from are shown."""
+    from tests.test_visitors import CHROME_WINDOWS, GOOGLEBOT, send_visit, visitor
+
+    await open_dashboard(page, server)
+    home = "https://shop.example/"
+    async with visitor(server.url, "shop", CHROME_WINDOWS) as human:
+        await human.hello("human-1", context={"url": home, "referrer": "https://www.google.com/"})
+        await send_visit(human, 1, home, "https://www.google.com/")
+    async with visitor(server.url, "shop", GOOGLEBOT) as bot:
+        await bot.hello("bot-1", context={"url": home, "referrer": ""})
+        for seq in range(1, 4):
+            await send_visit(bot, seq, home)
+    entries = await stream(redis)
+    bots = [i for i, e in entries if e.get("bot") is True]
+    assert len(bots) == 4  # its session.start and three visits
+    humans = len(entries) - len(bots)
+    await wait_count(page, "#total", humans)
+    await wait_rows(page, "#feed tr.event", humans, within=3 * MS)
+    assert await page.text_content("#rate-who") == " humans"
+    await page.wait_for_function(
+        "() => document.querySelector('#top-mediums tr[data-key=\"search\"]') !== null",
+        timeout=3 * MS,
+    )
+    where = await page.eval_on_selector_all(
+        ".where-from tbody tr",
+        "rows => rows.map(r => [r.closest('table').id, r.dataset.key, r.dataset.count])",
+    )
+    assert sorted(where) == [
+        ["top-browsers", "Chrome", "1"],
+        ["top-devices", "desktop", "1"],
+        ["top-mediums", "search", "1"],
+        ["top-sources", "Google", "1"],
+    ]
+    # Bots/s: the bot's entries within the ten seconds it names.
+    await page.wait_for_function(
+        "n => Number(document.getElementById('rate-bots').dataset.count) === n",
+        arg=len(bots),
+        timeout=3 * MS,
+    )
+    await page.check("#show-bots")
+    await wait_count(page, "#total", len(entries))
+    await wait_rows(page, "#feed tr.event", len(entries), within=3 * MS)
+    assert await page.text_content("#rate-who") == " humans and bots"

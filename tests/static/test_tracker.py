@@ -218,7 +218,12 @@ async def test_page_load_sends_one_visit_and_starts_a_session(
     status = await settled(page)
     found = await events(redis)
     (visit,) = of(found, "page.visit")
-    assert visit["params"] == {"url": SHOP + "/home", "title": "Home", "referrer": ""}
+    assert visit["params"] == {
+        "url": SHOP + "/home",
+        "title": "Home",
+        "referrer": "",
+        "source": {"medium": "direct"},
+    }
     assert visit["label"] == "Visited page Home"
     assert visit["producer"] == status["producer"]
     assert visit["producer"].startswith("js-")
@@ -227,6 +232,14 @@ async def test_page_load_sends_one_visit_and_starts_a_session(
     assert start["uuid"] == visit["uuid"]
     assert start["session"] == visit["session"]
     assert start["params"]["context"]["url"] == SHOP + "/home"
+    # Headless Chromium driven by Playwright is a bot (its User-Agent and
+    # navigator.webdriver): flagged, not dropped, under the default bots = "flag".
+    client = start["params"]["client"]
+    assert (client["bot"], client["device"]) == (True, "bot")
+    assert start["params"]["context"]["webdriver"] is True
+    assert visit["bot"] is True
+    assert start["bot"] is True
+    assert client["ip"] == "127.0.0.0"
     # The customer lives in a first-party cookie.
     cookies = {c["name"]: c["value"] for c in await context.cookies(SHOP)}
     assert cookies["ew_shop"] == visit["uuid"]
@@ -247,6 +260,7 @@ async def test_second_page_joins_the_session(
     first, second = of(found, "page.visit")
     assert second["params"]["url"] == SHOP + "/two"
     assert second["params"]["referrer"] == SHOP + "/one"
+    assert second["params"]["source"]["medium"] == "internal"
     assert second["session"] == first["session"]
     assert second["uuid"] == first["uuid"]
     # sessionStorage keeps the tab's producer and the queue keeps its seq across loads.

@@ -43,6 +43,7 @@ from eventwire.store.survey import (
     GroupState,
     PartitionNumbers,
     clock_ms,
+    dropped_bots,
     find_sites,
     partition_numbers,
 )
@@ -123,6 +124,9 @@ async def site_stats(
     Returns:
         ``length`` (XLEN of the events stream), ``rejected_length``,
         ``events_per_s`` and ``rejected_per_s`` over the last minute,
+        ``bots_per_s`` (of ``events_per_s``, the entries stored with ``"bot": true``),
+        ``bots_dropped`` (bot events a site with ``bots = "drop"`` stored nowhere,
+        counted by the servers every few seconds),
         ``open_sessions``, and for the ``persist`` group ``persist_lag``,
         ``persist_pending`` and ``oldest_pending_s`` (None: no such group, no
         pending entry, or a lag Redis cannot tell). With more than one
@@ -145,7 +149,9 @@ async def site_stats(
         "rejected_length": sum(p.rejected_length for p in parts),
         "events_per_s": round(sum(p.events_per_s for p in parts), 3),
         "rejected_per_s": round(sum(p.rejected_per_s for p in parts), 3),
+        "bots_per_s": round(sum(p.bots_per_s for p in parts), 3),
         "open_sessions": sum(p.open_sessions for p in parts),
+        "bots_dropped": await dropped_bots(redis, keys, site, partitions),
     }
     out.update(merge_groups([p.group for p in parts], now))
     if len(parts) > 1:
@@ -212,6 +218,8 @@ COLUMNS: Final = (
     ("length", "length"),
     ("events/s", "events_per_s"),
     ("rejected/s", "rejected_per_s"),
+    ("bots/s", "bots_per_s"),
+    ("bots dropped", "bots_dropped"),
     ("sessions", "open_sessions"),
     ("persist lag", "persist_lag"),
     ("pending", "persist_pending"),

@@ -78,6 +78,23 @@ class ResubmitFrame(msgspec.Struct, gc=False):
     frame: SubmitFrame
 
 
+class SessionStart(msgspec.Struct, gc=False):
+    """What a connection adds to the ``session.start`` it may open (docs/protocol.md 18).
+
+    Args:
+        client: the ``client`` object (the visitor, under the site's ``ip`` policy).
+        source: the session's attribution: the hello page's source.
+        bot: the start is stored with ``"bot": true`` (``bots = "flag"``).
+        quiet: a bot on a site that drops them: no server-made event is
+            stored for a session it opens.
+    """
+
+    client: Any = None
+    source: Any = None
+    bot: bool = False
+    quiet: bool = False
+
+
 class OpenSession(msgspec.Struct, gc=False):
     """Register the connection and join or open the customer's session.
 
@@ -90,6 +107,7 @@ class OpenSession(msgspec.Struct, gc=False):
     producer: str
     context: dict[str, Any] | None
     renew: bool = False
+    start: SessionStart | None = None
 
 
 class SwitchCustomer(msgspec.Struct, gc=False):
@@ -105,6 +123,7 @@ class SwitchCustomer(msgspec.Struct, gc=False):
     #: Why the old uuid must not merge into the new one ('' lets Redis decide;
     #: docs/protocol.md section 17).
     refused: str = ""
+    start: SessionStart | None = None
 
 
 class RecordUndecodable(msgspec.Struct, gc=False):

@@ -130,10 +130,33 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: net.core.somaxconn); a few hundred bytes each. asyncio's default of 100
     #: drops handshakes in a reconnect storm after a restart.
     listen_backlog: Count = 4096
+    #: Open WebSocket connections from one client address (after ``trusted_proxies``;
+    #: an IPv6 address counts as its /64);
+    #: more are refused with HTTP 429 before the upgrade. HTTP requests in flight from
+    #: one address count against the same number. One dict entry (~150 bytes) per address.
+    max_connections_per_ip: Count = 1000
+    #: WebSocket handshakes (and HTTP requests) per second from one client address,
+    #: refilling a bucket of ``handshake_burst``; past it, HTTP 429 with ``Retry-After``.
+    #: One bucket (~200 bytes) per recent address, at most 100,000 kept.
+    handshakes_per_ip: Annotated[float, Meta(gt=0)] = 50.0
+    handshake_burst: Count = 200
     ping_interval: Seconds = 20.0
     ping_timeout: Seconds = 20.0
     #: On SIGTERM, how long in-flight frames may take to be acked before connections close.
     drain_timeout: Seconds = 10.0
+
+    # -- visitors (README "Privacy"): the connection's context, read once at the handshake
+    #: Enrich connections: the ``client`` object of ``session.start`` (User-Agent, country,
+    #: bot), ``params.source`` of page visits, bot detection. Costs one lookup per
+    #: connection (a few microseconds; a new User-Agent ~1 ms once, then cached).
+    enrich_visitors: bool = True
+    #: CIDRs of proxies whose ``X-Forwarded-For`` / ``Forwarded`` is believed (the client
+    #: address is the last hop not in these); empty: the peer address is the client's.
+    trusted_proxies: list[str] = []
+    #: A MaxMind-format (.mmdb) City or Country database for ``client.country``,
+    #: ``region`` and ``city``; "" uses the country table shipped with iptocc (RIR data).
+    #: The file is memory-mapped once per process.
+    geoip_db: str = ""
 
     # -- sessions (docs/protocol.md section 6); the first three may be set per site
     #: After a customer's last connection closes, how long until the session ends.
@@ -197,6 +220,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 f"live_queue: must be at least live_batch ({self.live_batch}), "
                 f"got {self.live_queue}"
             )
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"trusted_proxies: {exc}") from None
         scheme = urlsplit(self.redis_url).scheme
         if scheme not in ("redis", "rediss", "unix", *CLUSTER_SCHEMES):
             raise ValueError(
@@ -226,6 +254,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 SETTING_NAMES: Final = frozenset(Settings.__struct_fields__)
+#: Settings that are lists: comma-separated in their environment variable.
+_LISTS: Final = frozenset({"trusted_proxies"})
 
 
 class SessionTimings(msgspec.Struct, frozen=True):
@@ -331,7 +361,9 @@ def load_settings(
     for name in SETTING_NAMES:
         value = env.get(ENV_PREFIX + name.upper())
         if value is not None:
-            raw[name] = value
+            # A list setting comes from the environment as comma-separated items.
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            raw[name] = items if name in _LISTS else value
             sources[name] = ENV_PREFIX + name.upper()
     for name, value in (overrides or {}).items():
         if value is not None:

@@ -50,12 +50,13 @@ from eventwire.core.commands import (
     RecordUndecodable,
     ResubmitFrame,
     Send,
+    SessionStart,
     SubmitFrame,
     SwitchCustomer,
 )
 from eventwire.core.config import Settings
 from eventwire.core.errors import ProtocolViolation, UndecodableFrame
-from eventwire.core.frames import encode_for_session, judge_events, undecodable_record
+from eventwire.core.frames import deny_all, encode_for_session, judge_events, undecodable_record
 from eventwire.core.ordering import FrameOwner, TokenBucket
 from eventwire.core.protocol import (
     Ack,
@@ -71,7 +72,9 @@ from eventwire.core.protocol import (
     WireEvent,
 )
 from eventwire.core.rules import SiteRules, SitesBook
+from eventwire.core.source import origin_hosts, source_of
 from eventwire.core.validation import Identity, Limits
+from eventwire.core.visitor import Visitor, client_info
 
 #: Where a connection is; see the module docstring.
 State = Literal["hello", "opening", "open", "identifying", "closing", "closed"]
@@ -91,15 +94,18 @@ class Tally(Protocol):
     duplicate: int
     rejected: int
     denied: int
+    #: Events of bot connections by outcome: flagged, dropped, kept.
+    bots: dict[str, int]
 
 
 class Counts:
     """A :class:`Tally` of its own, for a connection that reports to nobody."""
 
-    __slots__ = ("accepted", "denied", "duplicate", "frames", "rejected")
+    __slots__ = ("accepted", "bots", "denied", "duplicate", "frames", "rejected")
 
     def __init__(self) -> None:
         self.frames = self.accepted = self.duplicate = self.rejected = self.denied = 0
+        self.bots = {"flagged": 0, "dropped": 0, "kept": 0}
 
 
 class _Answer(msgspec.Struct, gc=False):
@@ -123,6 +129,8 @@ class Connection:
         settings: server settings.
         codec: the negotiated subprotocol.
         tally: where the site's counts go (a :class:`Counts` of its own if None).
+        visitor: what the handshake said of the visitor; None: the connection
+            is not enriched (no ``client``, no ``params.source``, no bot check).
     """
 
     def __init__(
@@ -132,6 +140,7 @@ class Connection:
         settings: Settings,
         codec: Codec,
         tally: Tally | None = None,
+        visitor: Visitor | None = None,
     ) -> None:
         self.book = book
         self.site = site
@@ -153,6 +162,17 @@ class Connection:
         self.token_problem = "no token was given"
         self.producer = ""
         self.context: dict[str, Any] | None = None
+        self.visitor = visitor
+        #: What the hello's session.start gets (None without a visitor).
+        self.start: SessionStart | None = None
+        #: Why this bot's events are dropped ('' when they are not).
+        self.bot_dropped = ""
+        #: Which bot count this connection's stored events go to ('' for a human).
+        self.bot_outcome = ""
+        #: This connection's dropped bot events, for the site's count in Redis.
+        self.bots_dropped = 0
+        self._bot_flag = False
+        self._hosts: frozenset[str] | None = None
         self.bucket: TokenBucket | None = None
         self.owner = FrameOwner()
         #: Frames and answers not yet sent, in arrival order.
@@ -281,11 +301,36 @@ class Connection:
             raise ProtocolViolation("bad_hello", f"invalid hello: {exc}") from None
         if not isinstance(msg, Hello):
             raise ProtocolViolation("bad_hello", "the first message must be a hello")
-        self._prove(self._rules(), msg.uuid, msg.token)
+        rules = self._rules()
+        self._prove(rules, msg.uuid, msg.token)
         self.producer, self.context = msg.producer, msg.context
         self._hello_uuid = msg.uuid
         self.state = "opening"
-        return [OpenSession(msg.uuid, msg.producer, msg.context)]
+        if self.visitor is not None:
+            self.start = self._visitor_start(rules, msg.context)
+        return [OpenSession(msg.uuid, msg.producer, msg.context, start=self.start)]
+
+    def _visitor_start(self, rules: SiteRules, context: dict[str, Any] | None) -> SessionStart:
+        """The visitor's ``client`` and attribution, and what the site does with a bot."""
+        assert self.visitor is not None
+        config = rules.config
+        client = client_info(self.visitor, config.ip, context, not config.allow_no_origin)
+        self._hosts = origin_hosts(config.origins)
+        source = None
+        url = context.get("url") if context is not None else None
+        if isinstance(url, str) and url:
+            referrer = context.get("referrer") if context is not None else None
+            source = source_of(url, referrer if isinstance(referrer, str) else "", self._hosts)
+        mode = config.bots
+        if client.bot:
+            self.bot_outcome = {"flag": "flagged", "drop": "dropped", "keep": "kept"}[mode]
+            if mode == "drop":
+                self.bot_dropped = (
+                    f"this site stores no bot traffic; this connection is a bot: "
+                    f"{client.bot_reason}"
+                )
+        self._bot_flag = client.bot and mode == "flag"
+        return SessionStart(client, source, self._bot_flag, bool(self.bot_dropped))
 
     def session_opened(
         self, session: str, resumed: bool, acked: int, now: int, suppressed: bool = False
@@ -367,15 +412,21 @@ class Connection:
             owner.epoch += 1
             owner.fail(owner.epoch, low, "rate_limited")
             return self._answer_now(high, "rate_limited", wait_ms)
-        items, rejections, denied = judge_events(
-            events,
-            who,
-            now,
-            self.limits,
-            rules.verdict,
-            self.codec,
-            None if self.proof is not None else self.token_problem,
-        )
+        if self.bot_dropped:
+            items, rejections = deny_all(events, self.bot_dropped)
+            denied = len(rejections)
+            self.tally.bots["dropped"] += denied
+            self.bots_dropped += denied
+        else:
+            items, rejections, denied = judge_events(
+                events,
+                who,
+                now,
+                self.limits,
+                rules.verdict,
+                self.codec,
+                None if self.proof is not None else self.token_problem,
+            )
         if rejections:
             self.rejected += len(rejections) - denied
             self.tally.rejected += len(rejections) - denied
@@ -421,6 +472,8 @@ class Connection:
         self.duplicate += duplicate
         self.tally.accepted += added
         self.tally.duplicate += duplicate
+        if self.bot_outcome:
+            self.tally.bots[self.bot_outcome] += added
         frame.reply = self.codec.encode(
             Ack(seq=frame.seq, accepted=added, duplicate=duplicate, rejected=frame.rejections)
         )
@@ -449,7 +502,7 @@ class Connection:
             if self._renewing:
                 return []
             self._renewing = True
-            return [OpenSession(who.uuid, self.producer, self.context, renew=True)]
+            return [OpenSession(who.uuid, self.producer, self.context, True, self.start)]
         return [self._resend(frame, who.session)]
 
     def _renewed(self, session: str) -> list[Command]:
@@ -621,6 +674,8 @@ class Connection:
             session=session,
             producer=self.producer,
             authenticated=self.proof is not None,
+            bot=self._bot_flag,
+            hosts=self._hosts,
         )
         return self.who
 
@@ -664,7 +719,12 @@ class Connection:
             self._new_uuid, self._switch_to = self._switch_to, ""
             return [
                 SwitchCustomer(
-                    self.who.uuid, self._new_uuid, self.producer, self.context, self._refused
+                    self.who.uuid,
+                    self._new_uuid,
+                    self.producer,
+                    self.context,
+                    self._refused,
+                    self.start,
                 )
             ]
         ending = self._ending

@@ -115,6 +115,23 @@ def judge_events(
     return items, rejections, denied
 
 
+def deny_all(
+    events: list[WireEvent] | list[FrameEvent], detail: str
+) -> tuple[list[Any], list[Rejection]]:
+    """Every event of a frame ``denied`` with one detail: counted, stored nowhere.
+
+    A bot on a site with ``bots = "drop"``: its seqs still move the
+    producer's stored seq, so a resend is a duplicate as ever.
+    """
+    items: list[Any] = []
+    rejections: list[Rejection] = []
+    for event in events:
+        seq = event.seq if isinstance(event, WireEvent) else event[0]
+        items += (seq, COUNT_ONLY, b"")
+        rejections.append(Rejection(seq=seq, code=DENIED, detail=detail))
+    return items, rejections
+
+
 def rejected_record(
     who: Identity, seq: int, code: str, detail: str, received: int, raw_text: str
 ) -> bytes:

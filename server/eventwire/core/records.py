@@ -33,6 +33,9 @@ class StoredEvent(Struct, kw_only=True, omit_defaults=True):
     params: dict[str, Any]
     original_time: int | None = None
     authenticated: bool = False
+    #: The connection was found to be a bot and its site flags them (``bots = "flag"``).
+    #: Always the last field, so readers may test an entry's tail cheaply.
+    bot: bool = False
 
 
 class RejectedRecord(Struct, kw_only=True, omit_defaults=True):

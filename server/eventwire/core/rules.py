@@ -104,6 +104,13 @@ class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     write_keys: list[WriteKeyConfig] = []
     #: Segment event names mapped to actions explicitly (wins over the derived name).
     segment_actions: dict[str, str] = {}
+    #: What is kept of a visitor's address (README "Privacy"): "truncate" (IPv4 to /24,
+    #: IPv6 to /48, before anything is written anywhere), "drop" (none; the country is
+    #: still looked up from it first) or "keep".
+    ip: Literal["truncate", "drop", "keep"] = "truncate"
+    #: Connections found to be bots: "flag" (stored with ``"bot": true``), "drop"
+    #: (counted, stored nowhere, acked ``denied``) or "keep" (stored as any).
+    bots: Literal["flag", "drop", "keep"] = "flag"
     #: Backpressure (README "Persistence"); unset means the server's settings.
     max_backlog: Annotated[int, Meta(ge=1)] | None = None
     on_backlog: Literal["reject", "trim"] | None = None

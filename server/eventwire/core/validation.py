@@ -17,6 +17,7 @@ import msgspec
 from eventwire.core.protocol import WireEvent
 from eventwire.core.records import StoredEvent, record_encoder
 from eventwire.core.rules import Verdict
+from eventwire.core.source import source_json
 
 ACTION_MIN: Final = 3
 ACTION_MAX: Final = 32
@@ -58,6 +59,11 @@ class Identity(msgspec.Struct, kw_only=True):
     session: str
     producer: str
     authenticated: bool = False
+    #: Events are stored with ``"bot": true`` (a bot, on a site that flags them).
+    bot: bool = False
+    #: The site's own hosts for ``params.source`` of page visits; None: visits
+    #: are not enriched (``enrich_visitors = false``).
+    hosts: frozenset[str] | None = None
 
 
 #: Action names already found well formed. Sites use a few dozen names, so a
@@ -191,6 +197,13 @@ def judge_event(
         problem = missing_params(action, params, required)
         if problem is not None:
             return Rejected(MISSING_PARAM, problem)
+    if action == "page.visit" and who.hosts is not None:
+        # The decoded params are this event's own: set in place, no copy. The
+        # JSON comes from a cache per (url, referrer): a visit costs a lookup.
+        referrer = params.get("referrer")
+        params["source"] = source_json(
+            params["url"], referrer if type(referrer) is str else "", who.hosts
+        )
     time = event.time
     original_time = None
     if time is None:
@@ -213,5 +226,12 @@ def judge_event(
         params=params,
         original_time=original_time,
         authenticated=who.authenticated,
+        bot=who.bot,
     )
     return encode_stored(stored, limits.max_event_bytes)
+
+
+def visit_source(params: dict[str, Any], hosts: frozenset[str]) -> msgspec.Raw:
+    """The ``source`` of a page visit from its ``url`` and ``referrer`` params, as JSON."""
+    referrer = params.get("referrer")
+    return source_json(params["url"], referrer if isinstance(referrer, str) else "", hosts)

@@ -129,6 +129,7 @@ class BatchRun:
             protocol.connection_lost()
             with contextlib.suppress(StoreUnavailable):
                 await self._drive(protocol.finish())
+            self.sessions.note_dropped_bots(self.site, protocol.bots_dropped)
         return self._result()
 
     def _result(self) -> Answer:
@@ -187,7 +188,8 @@ class BatchRun:
             case LeaveSession(uuid=uuid):
                 if self.member:
                     member, self.member = self.member, ""
-                    await self.sessions.leave(self.site, uuid, member)
+                    quiet = bool(protocol.bot_dropped)
+                    await self.sessions.leave(self.site, uuid, member, quiet=quiet)
             case _:
                 raise RuntimeError(f"a batch cannot carry out {command!r}")
 
@@ -196,7 +198,12 @@ class BatchRun:
         member = self.member or self.sessions.member(command.uuid)
         try:
             opened = await self.sessions.open(
-                self.site, command.uuid, member, command.producer, command.context
+                self.site,
+                command.uuid,
+                member,
+                command.producer,
+                command.context,
+                start=command.start,
             )
         except StoreUnavailable as exc:
             self._todo.extend(protocol.session_unavailable(str(exc)))

@@ -25,8 +25,10 @@ from eventwire import metrics
 from eventwire.core.config import Settings
 from eventwire.core.connection import Connection
 from eventwire.core.frames import undecodable_record
+from eventwire.core.peers import PeerLimits
 from eventwire.core.protocol import JSON_CODEC
 from eventwire.core.rules import SiteRules, SitesBook
+from eventwire.core.visitor import Enrichment, Visitor
 from eventwire.http.batch import Answer, BatchRun, Buckets, retry_after_header
 from eventwire.sessions import Sessions, now_ms
 from eventwire.store import Store
@@ -133,6 +135,9 @@ class HttpListener:
         store: the Redis room.
         sessions: the session room.
         draining: whether the server is shutting down.
+        enrichment: the visitor lookups (the gateway's); None builds one.
+        peers: the per-address limits (shared with the WebSocket listener);
+            None makes this listener's own.
     """
 
     def __init__(
@@ -142,6 +147,8 @@ class HttpListener:
         store: Store,
         sessions: Sessions,
         draining: Callable[[], bool],
+        enrichment: Enrichment | None = None,
+        peers: PeerLimits | None = None,
     ) -> None:
         self.settings = settings
         self.book = book
@@ -150,6 +157,10 @@ class HttpListener:
         #: Whether the server is shutting down (new batches get 503).
         self.draining = draining
         self.buckets = Buckets()
+        self.enrichment = enrichment or Enrichment(settings.trusted_proxies, settings.geoip_db)
+        self.peers = peers or PeerLimits(
+            settings.max_connections_per_ip, settings.handshakes_per_ip, settings.handshake_burst
+        )
         self._runner: web.ServerRunner | None = None
         self.port = 0
         #: Extra routes by path (the Segment API), each a handler of the request.
@@ -197,6 +208,13 @@ class HttpListener:
                 if found is None:
                     return self._count("other", _refusal(404, "not_found", "no such route"))
                 route, handler = found
+        address = self.enrichment.address_of(request.remote or "", request.headers)
+        refused = self.peers.admit(address, now_ms())
+        if refused is not None:
+            refusal = _refusal(429, "too_many_requests", refused[0])
+            refusal.headers["Retry-After"] = retry_after_header(refused[1])
+            return self._count(route, refusal)
+        self.peers.opened(address)
         try:
             response: web.StreamResponse = await handler(request)
         except Refusal as exc:
@@ -204,6 +222,8 @@ class HttpListener:
             if exc.status == 503:
                 wait = self.settings.retry_after_ms / 1000
                 response.headers["Retry-After"] = retry_after_header(wait)
+        finally:
+            self.peers.closed(address)
         return self._count(route, response)
 
     def _count(self, route: str, response: web.StreamResponse) -> web.StreamResponse:
@@ -228,7 +248,13 @@ class HttpListener:
             raise Refusal(503, "shutting_down", "server shutting down")
         body = await read_body(request, self.settings.max_frame_bytes)
         content_type = request.content_type if "Content-Type" in request.headers else ""
-        answer = await self.run_batch(site, rules, as_json(body, content_type), request.remote)
+        address = self.enrichment.address_of(request.remote or "", request.headers)
+        visitor = (
+            self.enrichment.visitor(address, request.headers)
+            if self.settings.enrich_visitors
+            else None
+        )
+        answer = await self.run_batch(site, rules, as_json(body, content_type), address, visitor)
         headers = dict(cors)
         if answer.retry_after is not None:
             headers["Retry-After"] = retry_after_header(answer.retry_after)
@@ -237,9 +263,18 @@ class HttpListener:
         )
 
     async def run_batch(
-        self, site: str, rules: SiteRules, body: bytes, remote: str | None
+        self,
+        site: str,
+        rules: SiteRules,
+        body: bytes,
+        remote: str | None,
+        visitor: Visitor | None = None,
     ) -> Answer:
-        """Judge and store one batch body (JSON) for ``site``; its answer."""
+        """Judge and store one batch body (JSON) for ``site``; its answer.
+
+        ``remote`` keys the rate bucket; ``visitor`` (the request's, None for
+        Segment calls, which carry their own context) enriches the batch.
+        """
         now = now_ms()
         try:
             envelope = msgspec.json.decode(body, type=Envelope)
@@ -262,7 +297,9 @@ class HttpListener:
         if envelope.context is not None:
             hello["context"] = envelope.context
         track = b'{"type":"track","events":' + bytes(envelope.events) + b"}"
-        protocol = Connection(self.book, site, self.settings, JSON_CODEC, metrics.site_counts(site))
+        protocol = Connection(
+            self.book, site, self.settings, JSON_CODEC, metrics.site_counts(site), visitor
+        )
         who = remote or ""
         protocol.bucket = self.buckets.get(site, who)
         answer = await BatchRun(protocol, self.store, self.sessions).run(

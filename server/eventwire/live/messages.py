@@ -82,6 +82,8 @@ class Second(Struct, kw_only=True, omit_defaults=True):
     rejected: dict[str, int] = {}
     started: int = 0
     ended: int = 0
+    #: Of ``accepted``: entries stored with ``"bot": true`` (docs/protocol.md section 18).
+    bots: int = 0
 
 
 class Count(Struct, array_like=True):
@@ -151,6 +153,64 @@ def trimmed(at: str, first: str | None, part: int | None) -> bytes:
     return _encoder.encode(Trimmed(from_=at, first=first, id=at, p=part))
 
 
+class Visitor(Struct, frozen=True, gc=False):
+    """What the "where from" tables count of one session.start (None: not told)."""
+
+    medium: str | None = None
+    source: str | None = None
+    country: str | None = None
+    device: str | None = None
+    browser: str | None = None
+    bot: bool = False
+
+
+class _Source(Struct):
+    medium: Any = None
+    name: Any = None
+
+
+class _Client(Struct):
+    country: Any = None
+    device: Any = None
+    browser: Any = None
+    bot: Any = False
+
+
+class _StartParams(Struct):
+    """The params of a session.start the rollups look at (any JSON: checked where used)."""
+
+    client: _Client | None = None
+    source: _Source | None = None
+
+
+_start_decoder: Final = msgspec.json.Decoder(_StartParams)
+
+
+def _text(value: Any) -> str | None:
+    return value[:100] if isinstance(value, str) and value else None
+
+
+def _visitor(head: _Head) -> Visitor | None:
+    """A session.start's visitor, when its params carry a ``client`` or a ``source``."""
+    if head.action != "session.start" or not head.params:
+        return None
+    try:
+        params = _start_decoder.decode(head.params)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    client, source = params.client, params.source
+    if client is None and source is None:
+        return None
+    return Visitor(
+        medium=_text(source.medium) if source else None,
+        source=_text(source.name) if source else None,
+        country=_text(client.country) if client else None,
+        device=_text(client.device) if client else None,
+        browser=_text(client.browser) if client else None,
+        bot=client is not None and client.bot is True,
+    )
+
+
 class _Params(Struct):
     """The one param the rollups look at: a page's ``url`` (any JSON: checked where used)."""
 
@@ -165,6 +225,7 @@ class _Head(Struct):
     #: Any JSON, so a foreign record of another shape is still relayed.
     code: Any = None
     params: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    bot: Any = False
 
 
 _head_decoder: Final = msgspec.json.Decoder(_Head)
@@ -189,7 +250,7 @@ class Entry:
     site of one partition).
     """
 
-    __slots__ = ("action", "code", "frame", "id", "key", "page", "part", "uuid")
+    __slots__ = ("action", "bot", "code", "frame", "id", "key", "page", "part", "uuid", "visitor")
 
     def __init__(
         self,
@@ -200,6 +261,8 @@ class Entry:
         part: int = 0,
         code: str | None = None,
         page: str | None = None,
+        bot: bool = False,
+        visitor: Visitor | None = None,
     ) -> None:
         self.id = entry_id
         #: A rejected entry's reject code; a page.visit's ``params.url``.
@@ -210,6 +273,10 @@ class Entry:
         self.uuid = uuid
         self.frame = frame
         self.part = part
+        #: Stored with ``"bot": true``.
+        self.bot = bot
+        #: A session.start's visitor (its ``client`` and ``source``), for the "where from" tables.
+        self.visitor = visitor
 
 
 def merge_order(entry: Entry) -> tuple[tuple[int, int], int]:
@@ -246,5 +313,17 @@ def decode_entries(
             else b""
         )
         code = head.code if isinstance(head.code, str) else None
-        out.append(Entry(entry.id, head.action, head.uuid, frame, part or 0, code, _page(head)))
+        out.append(
+            Entry(
+                entry.id,
+                head.action,
+                head.uuid,
+                frame,
+                part or 0,
+                code,
+                _page(head),
+                head.bot is True,
+                _visitor(head),
+            )
+        )
     return out

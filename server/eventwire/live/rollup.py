@@ -12,9 +12,15 @@ each with a ``count`` and an ``error`` such that the true count lies in
 the current minute and the :data:`WINDOW_S` // 60 before it, and its
 ``total`` (the entries counted into it) is exact.
 
+Entries stored with ``"bot": true`` are counted apart too (``bots`` of
+each second): the dashboard shows humans by default. The "where from"
+tables (mediums, sources, countries, devices, browsers) count the
+``session.start`` of human sessions started in the window, from its
+``client`` and ``source`` (docs/protocol.md section 18).
+
 What the streams cannot tell, and so no rollup counts: duplicates (a resent
 event is acknowledged, never stored again), denied events (counted, never
-stored), and anything about bots. ``/metrics`` counts those per process.
+stored; a dropped bot's included). ``/metrics`` counts those per process.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from eventwire.live.messages import Count, Entry, Second, Top
 #: Seconds the per-second counts cover: the dashboard's window.
 WINDOW_S: Final = 300
 #: Keys a minute's top counter keeps exactly before it evicts (then 2x at most:
-#: ~100 bytes a key, so ~40 KB per table per minute, ~720 KB per site at worst).
+#: ~100 bytes a key, so ~40 KB per table per minute, ~1.9 MB per site at worst: 8 tables).
 TOP_CAPACITY: Final = 200
 #: Rows of each top table sent to viewers.
 TOP_SHOWN: Final = 10
@@ -38,7 +44,9 @@ FEED_KEEP: Final = 300
 FEED_RATE: Final = 20
 #: The action whose ``params.url`` is a page.
 PAGE_ACTION: Final = "page.visit"
-TABLES: Final = ("actions", "pages", "customers")
+#: The "where from" tables, each counting one field of a session.start's visitor.
+VISITOR_TABLES: Final = ("mediums", "sources", "countries", "devices", "browsers")
+TABLES: Final = ("actions", "pages", "customers", *VISITOR_TABLES)
 
 
 class TopCounter:
@@ -139,12 +147,29 @@ class Rollup:
             elif e.action == "session.end":
                 s.ended += 1
             s.accepted += 1
+            if e.bot:
+                s.bots += 1
             minute = t // 60
             self._counter(minute, "actions").add(e.action)
             if e.uuid is not None:
                 self._counter(minute, "customers").add(e.uuid)
             if e.page is not None:
                 self._counter(minute, "pages").add(e.page)
+            visitor = e.visitor
+            if visitor is not None and not visitor.bot and not e.bot:
+                for table, key in zip(
+                    VISITOR_TABLES,
+                    (
+                        visitor.medium,
+                        visitor.source,
+                        visitor.country,
+                        visitor.device,
+                        visitor.browser,
+                    ),
+                    strict=True,
+                ):
+                    if key is not None:
+                        self._counter(minute, table).add(key)
             if feed:
                 self.feed.append(e.frame)
 

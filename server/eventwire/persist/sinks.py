@@ -81,6 +81,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # Retention deletes by time across customers.
         "CREATE INDEX events_time ON events (site, time)",
     ),
+    # Visitors: events of a connection found to be a bot (docs/protocol.md section 18).
+    ("ALTER TABLE events ADD COLUMN bot BOOLEAN NOT NULL DEFAULT FALSE",),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -365,7 +365,11 @@
     }
   }
 
+  // Humans by default: bots' events (stored with "bot": true) are counted and shown only when asked.
+  let showBots = false;
+
   function feedFilter(item) {
+    if (!showBots && item.ev.bot === true) return false;
     if (uuidFilter && item.ev.uuid !== uuidFilter) return false;
     return actionRe === null || actionRe.test(String(item.ev.action));
   }
@@ -374,7 +378,9 @@
     const glob = $("filter-action").value.trim();
     actionRe = glob ? globRe(glob) : null;
     uuidFilter = $("filter-uuid").value.trim();
+    showBots = $("show-bots").checked;
     view.dirty.feed = true;
+    view.dirty.numbers = true;
     render();
   }
 
@@ -531,14 +537,16 @@
     let totalRejected = 0;
     let rate = 0;
     let rateRejected = 0;
+    let rateBots = 0;
     let peak = 0;
     let started = 0;
     let ended = 0;
     const codes = new Map();
     for (const [second, s] of view.seconds) {
       if (second > nowSec) continue;
-      const a = s.accepted || 0;
+      const a = accepted(s);
       const r = rejectedIn(s);
+      if (second >= nowSec - RATE_S && second < nowSec) rateBots += s.bots || 0;
       total += a;
       totalRejected += r;
       started += s.started || 0;
@@ -554,6 +562,8 @@
     const to = nowSec * 1000;
     setFigure($("rate"), rate, (rate / RATE_S).toFixed(1), from, to);
     setFigure($("rate-rejected"), rateRejected, (rateRejected / RATE_S).toFixed(1), from, to);
+    setFigure($("rate-bots"), rateBots, (rateBots / RATE_S).toFixed(1), from, to);
+    $("rate-who").textContent = showBots ? " humans and bots" : " humans";
     setFigure($("total"), total, total.toLocaleString("en"), oldest * 1000, (nowSec + 1) * 1000);
     $("total-rejected").textContent = totalRejected.toLocaleString("en");
     $("total-rejected").dataset.count = String(totalRejected);
@@ -566,8 +576,16 @@
     renderTop("top", top.actions, "action", "events");
     renderTop("top-pages", top.pages, "page", "page views");
     renderTop("top-customers", top.customers, "uuid", "events");
+    for (const name of ["mediums", "sources", "countries", "devices", "browsers"]) {
+      renderTop("top-" + name, top[name], "key", "sessions");
+    }
     $("feed-sampling").textContent =
       view.feedEvery > 1 ? `The feed shows every ${view.feedEvery}th entry (the rate is above what can be read); counts are exact.` : "";
+  }
+
+  // A second's accepted events: humans only unless bots are asked for.
+  function accepted(s) {
+    return (s.accepted || 0) - (showBots ? 0 : s.bots || 0);
   }
 
   function renderCodes(codes) {
@@ -620,7 +638,7 @@
     for (const [second, s] of view.seconds) {
       if (second > nowSec) continue;
       const x = (second - (nowSec - WINDOW_S + 1)) * slot;
-      const a = s.accepted || 0;
+      const a = accepted(s);
       const r = rejectedIn(s);
       const title = `${clock(second * 1000).slice(0, 8)}  ${a} accepted, ${r} rejected`;
       let y = height;
@@ -816,6 +834,7 @@
     $("filters").addEventListener("submit", (e) => e.preventDefault());
     $("filter-action").addEventListener("input", readFilters);
     $("filter-uuid").addEventListener("input", readFilters);
+    $("show-bots").addEventListener("change", readFilters);
     $("pause").addEventListener("click", () => {
       view.paused = !view.paused;
       view.pausedNew = 0;

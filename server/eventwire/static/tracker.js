@@ -29,6 +29,13 @@
   "use strict";
 
   var CLIENT = "eventwire-js/1.0";
+  // The hello's context: the page, and webdriver when automation drives the browser
+  // (the server counts such a connection as a bot; docs/protocol.md section 18).
+  function pageContext() {
+    var c = { url: location.href, referrer: document.referrer, title: document.title };
+    if (navigator.webdriver === true) c.webdriver = true;
+    return c;
+  }
   // Unacked events kept per producer; beyond it the oldest are dropped (and
   // counted in `dropped`). 1000 events of ~300 bytes are ~300 KB of the
   // origin's ~5 MB localStorage.
@@ -373,7 +380,7 @@
         producer: q.id,
         token: q.token,
         client: CLIENT,
-        context: { url: location.href, referrer: document.referrer, title: document.title },
+        context: pageContext(),
       });
     };
     ws.onmessage = function (m) {
@@ -507,7 +514,7 @@
       uuid: u,
       producer: this.id,
       token: tokens[u],
-      context: { url: location.href, referrer: document.referrer, title: document.title },
+      context: pageContext(),
       events: batch.map(function (x) {
         return { seq: x.s, action: x.a, label: x.l, time: x.t, params: x.p };
       }),

@@ -325,9 +325,26 @@ CLIENT_IDENTIFY: Final = "client.identify"
 
 
 def session_start_record(
-    site: str, uuid: str, session: str, producer: str, context: dict[str, Any], now: int
+    site: str,
+    uuid: str,
+    session: str,
+    producer: str,
+    context: dict[str, Any],
+    now: int,
+    client: Any = None,
+    source: Any = None,
+    bot: bool = False,
 ) -> bytes:
-    """The ``session.start`` of a session ``open`` may open (it knows every value itself)."""
+    """The ``session.start`` of a session ``open`` may open (it knows every value itself).
+
+    ``client`` and ``source`` (docs/protocol.md section 18) are added to its
+    params when given; ``bot`` flags the record.
+    """
+    params: dict[str, Any] = {"session": session, "producer": producer, "context": context}
+    if client is not None:
+        params["client"] = client
+    if source is not None:
+        params["source"] = source
     return record_encoder.encode(
         StoredEvent(
             site=site,
@@ -339,7 +356,8 @@ def session_start_record(
             label=default_label(SESSION_START, {}),
             time=now,
             received=now,
-            params={"session": session, "producer": producer, "context": context},
+            params=params,
+            bot=bot,
         )
     )
 

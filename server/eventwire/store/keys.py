@@ -89,6 +89,13 @@ class Keys:
         """Every live connection of a tag, scored by its heartbeat deadline."""
         return f"{self.prefix}:{{{tag}}}:live"
 
+    def bots_dropped(self, tag: str) -> str:
+        """Events of bots dropped by the site (``bots = "drop"``), counted: a string (INCRBY).
+
+        Kept under the site's first tag (partition 0), for ``eventwire stats``.
+        """
+        return f"{self.prefix}:{{{tag}}}:bots_dropped"
+
     def due(self, tag: str) -> str:
         """Customers (of a tag) whose session must be looked at, scored by when."""
         return f"{self.prefix}:{{{tag}}}:due"

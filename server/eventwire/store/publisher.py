@@ -558,6 +558,15 @@ class Store:
             return False
         return True
 
+    async def count_dropped_bots(self, site: str, n: int) -> bool:
+        """Add ``n`` to the site's count of dropped bot events; False if Redis is away."""
+        try:
+            async with asyncio.timeout(self.settings.store_timeout):
+                await self.redis.incrby(self.keys.bots_dropped(self.tags(site)[0]), n)
+        except (*OUTAGE, RedisError):
+            return False
+        return True
+
     async def shorten_producers(self, site: str, producers: Sequence[tuple[str, str]]) -> bool:
         """Let these ``(uuid, producer)`` keys expire after ``message_dedup_window``.
 

@@ -18,7 +18,8 @@
 --   ew:{site}:rejected        rejected events
 --   ew:{site}:producer:<p>    a producer's highest stored seq (PX producer_ttl)
 --   ew:{site}:sess:<uuid>     the customer's open session: id, first, last,
---                             events, seq (of its srv: producer), closed
+--                             events, seq (of its srv: producer), closed,
+--                             quiet (a dropped bot's session)
 --   ew:{site}:conns:<uuid>    the customer's live connections (members)
 --   ew:{site}:live            every live connection -> heartbeat deadline (ms)
 --   ew:{site}:due             customer -> when its session must be looked at
@@ -82,7 +83,8 @@ local function due_at(first, last, closed, nconns, grace, idle, maxd)
 end
 
 -- Whether the site's allow/deny rules take a server-made event. `taken` holds
--- one letter per event taken: s(ession.start), e(nd), i(dentify).
+-- one letter per event taken: s(ession.start), e(nd), i(dentify); q alone: a
+-- dropped bot's session, marked quiet so that none is ever stored for it.
 local function takes(taken, letter)
   return string.find(taken, letter, 1, true) ~= nil
 end
@@ -166,7 +168,8 @@ end
 -- the same function call that it must end, so two processes can never both
 -- end one session.
 local function end_session(events_key, due_key, skey, maxlen, uuid, s, reason, now, taken, record)
-  if takes(taken, 'e') then
+  -- A quiet session (opened by a bot on a site that drops them) ends unseen.
+  if takes(taken, 'e') and not s.quiet then
     server_event(events_key, skey, maxlen, s.id, now, record, {
       [HOLE_UUID] = cjson.encode(uuid),
       [HOLE_REASON] = cjson.encode(reason),
@@ -179,13 +182,13 @@ local function end_session(events_key, due_key, skey, maxlen, uuid, s, reason, n
 end
 
 local function load_session(skey)
-  local v = redis.call('HMGET', skey, 'id', 'first', 'last', 'events', 'closed')
+  local v = redis.call('HMGET', skey, 'id', 'first', 'last', 'events', 'closed', 'quiet')
   if not v[1] then
     return nil
   end
   return {
     id = v[1], first = tonumber(v[2]), last = tonumber(v[3]),
-    events = tonumber(v[4]), closed = tonumber(v[5]),
+    events = tonumber(v[4]), closed = tonumber(v[5]), quiet = v[6] ~= false,
   }
 end
 
@@ -337,6 +340,8 @@ local function open(keys, args)
       'closed', 0)
     if takes(taken, 's') then
       append(events, events_maxlen, start_record)
+    elseif takes(taken, 'q') then
+      redis.call('HSET', session, 'quiet', 1)
     end
     redis.call('ZADD', due, math.min(now + idle, now + maxd), uuid)
   end

@@ -212,6 +212,13 @@ class PartitionNumbers(NamedTuple):
     rejected_per_s: float
     open_sessions: int
     group: GroupState
+    #: Of ``events_per_s``: entries stored with ``"bot": true``.
+    bots_per_s: float = 0.0
+
+
+#: How an entry stored with ``"bot": true`` ends: ``bot`` is the last field
+#: :class:`~eventwire.core.records.StoredEvent` writes, and only when true.
+BOT_TAIL: Final = b',"bot":true}'
 
 
 @_outage_is_unavailable
@@ -240,7 +247,14 @@ async def group_state(client: RedisClient, key: str, group: str) -> GroupState:
 
 @_outage_is_unavailable
 async def stream_rate(client: RedisClient, key: str, now_ms: int) -> float:
-    """Entries per second added to ``key`` over the :data:`RATE_WINDOW_MS` before ``now_ms``.
+    """Entries per second added to ``key`` over the :data:`RATE_WINDOW_MS` before ``now_ms``."""
+    return (await stream_rates(client, key, now_ms))[0]
+
+
+@_outage_is_unavailable
+async def stream_rates(client: RedisClient, key: str, now_ms: int) -> tuple[float, float]:
+    """Entries per second added to ``key`` over the :data:`RATE_WINDOW_MS` before ``now_ms``,
+    and of those the bots' (entries that end with :data:`BOT_TAIL`).
 
     Counts newest first in chunks of :data:`RATE_CHUNK`; beyond
     :data:`RATE_MAX_COUNTED` entries the rate is that many over the time they
@@ -248,20 +262,25 @@ async def stream_rate(client: RedisClient, key: str, now_ms: int) -> float:
     """
     low = f"{now_ms - RATE_WINDOW_MS}-0"
     high = "+"
-    counted = 0
+    counted = bots = 0
     oldest = now_ms
     while counted < RATE_MAX_COUNTED:
         chunk = await client.xrevrange(key, high, low, count=RATE_CHUNK)
         if not chunk:
             break
         counted += len(chunk)
+        for _id, fields in chunk:
+            event = fields.get(b"event") if isinstance(fields, dict) else None
+            if isinstance(event, bytes) and event.endswith(BOT_TAIL):
+                bots += 1
         oldest = stream_id(chunk[-1][0])[0]
         if len(chunk) < RATE_CHUNK:
             break
         high = f"({reply_text(chunk[-1][0])}"
-    if counted < RATE_MAX_COUNTED:
-        return counted / (RATE_WINDOW_MS / 1000)
-    return counted / max((now_ms - oldest) / 1000, 0.001)
+    span = RATE_WINDOW_MS / 1000
+    if counted >= RATE_MAX_COUNTED:
+        span = max((now_ms - oldest) / 1000, 0.001)
+    return counted / span, bots / span
 
 
 @_outage_is_unavailable
@@ -278,14 +297,23 @@ async def partition_numbers(
         group: the consumer group whose progress on the events stream is read.
     """
     events, rejected = keys.events(tag), keys.rejected(tag)
+    events_per_s, bots_per_s = await stream_rates(client, events, now_ms)
     return PartitionNumbers(
         length=int(await client.xlen(events)),
         rejected_length=int(await client.xlen(rejected)),
-        events_per_s=await stream_rate(client, events, now_ms),
+        events_per_s=events_per_s,
+        bots_per_s=bots_per_s,
         rejected_per_s=await stream_rate(client, rejected, now_ms),
         open_sessions=int(await client.zcard(keys.due(tag))),
         group=await group_state(client, events, group),
     )
+
+
+@_outage_is_unavailable
+async def dropped_bots(client: RedisClient, keys: Keys, site: str, partitions: int) -> int:
+    """Bot events the site dropped (``bots = "drop"``), as the servers counted them."""
+    value = await client.get(keys.bots_dropped(Keys.tags(site, partitions)[0]))
+    return int(value or 0)
 
 
 @_outage_is_unavailable
