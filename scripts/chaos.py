@@ -334,8 +334,12 @@ async def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     rig = Rig(work, dsn)
     print(f"chaos: seed {args.seed}, {args.t:g} s, store {dsn.split(':')[0]}, work dir {work}")
-    await rig.start_redis()
-    await rig.start_server()
+    try:
+        await rig.start_redis()
+        await rig.start_server()
+    except BaseException:
+        rig.stop()  # nothing of this run is left running
+        raise
     rig.start_worker(0)
     rig.start_worker(1)
     redis = aioredis.Redis.from_url(rig.redis_url)
