@@ -11,6 +11,12 @@ without a token). At the end it opens one customer's timeline and one row's
 params, saves ``docs/dashboard.png``, and checks the page's figures against
 the stream (total, top actions, events/s), printing both.
 
+A persist worker runs beside the server into a SQLite store that already
+holds a synthetic day of the shop (rows written straight through the sink,
+``received`` spread over the last 24 hours on a daily curve); at the end the
+page switches to the **24 h** range and saves ``docs/dashboard-24h.png``,
+checking the page's total against the store's view.
+
 usage: .venv/bin/python scripts/screenshot_dashboard.py [--seconds 90] [--out docs]
 """
 
@@ -41,8 +47,11 @@ from playwright.async_api import async_playwright
 
 from eventwire.client import EventwireClient
 from eventwire.core.config import Settings
-from eventwire.core.rules import load_sites
+from eventwire.core.rules import SitesBook, load_sites
 from eventwire.gateway import EventwireServer
+from eventwire.persist.ranges import RollupReader
+from eventwire.persist.sinks import EventRow, open_sink
+from eventwire.persist.worker import PersistOptions, Worker
 from tests.procs import RedisProcess
 
 CHROMIUM: Final = "/usr/bin/chromium"
@@ -164,22 +173,63 @@ def main() -> int:
                 "admin": "127.0.0.1:0",
                 "redis_url": redis_proc.url,
                 "session_grace": 5,
+                "persist_dsn": f"sqlite:///{folder / 'events.db'}",
             },
             Settings,
         )
         server = EventwireServer(settings, load_sites(sites_path), sites_path)
-        return asyncio.run(run(server, redis_proc.url, args))
+        book = SitesBook(sites_path, load_sites(sites_path))
+        worker = Worker(settings, book, PersistOptions(dsn=settings.persist_dsn))
+        return asyncio.run(run(server, worker, redis_proc.url, args))
     finally:
         redis_proc.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def run(server: EventwireServer, redis_url: str, args: argparse.Namespace) -> int:
+async def a_day_stored(dsn: str, rng: random.Random) -> int:
+    """A synthetic day of the shop in the store: events on a daily curve; their number."""
+    now = int(time.time() * 1000)
+    rows: list[EventRow] = []
+    pages = ["/", "/sale", "/c/shoes", "/c/bags", "/p/A-1", "/p/B-7", "/cart", "/checkout"]
+    seq = 0
+    for minute in range(24 * 60, 3, -1):
+        t0 = now - minute * 60_000
+        hour = time.localtime(t0 / 1000).tm_hour + time.localtime(t0 / 1000).tm_min / 60
+        per_minute = int(40 + 160 * max(0.0, math.sin((hour - 7) / 15 * math.pi)) ** 2)
+        for _ in range(per_minute):
+            seq += 1
+            uuid = f"cust-{int(400 * rng.random() ** 2)}"
+            t = t0 + rng.randrange(60_000)
+            action = rng.choices(
+                ["page.visit", "product.view", "cart.add", "order.purchase", "session.start"],
+                [50, 30, 10, 3, 7],
+            )[0]
+            params = json.dumps({"url": f"https://shop.example{rng.choice(pages)}"})
+            rows.append(
+                EventRow("shop", "p-history", seq, uuid, f"s-{uuid}", action, action, t, t,
+                         None, params if action == "page.visit" else "{}", False)
+            )  # fmt: skip
+    sink = open_sink(dsn)
+    await sink.open()
+    try:
+        for start in range(0, len(rows), 2000):
+            await sink.write(rows[start : start + 2000])
+    finally:
+        await sink.close()
+    return len(rows)
+
+
+async def run(
+    server: EventwireServer, worker: Worker, redis_url: str, args: argparse.Namespace
+) -> int:
     """Load the server with the dashboard open; screenshot under load; compare the figures."""
     rng = random.Random(args.seed)
     client = aioredis.Redis.from_url(redis_url)
     try:
+        history = await a_day_stored(server.settings.persist_dsn, rng)
+        print(f"stored history: {history} events over 24 hours")
         await server.start()
+        await worker.start()
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(
                 executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
@@ -201,14 +251,37 @@ async def run(server: EventwireServer, redis_url: str, args: argparse.Namespace)
             await page.click("#pause")
             came = await loading
             print(f"load: {came} customers in {time.monotonic() - started:.0f} s")
-            # The last session.end events land after the grace; then compare.
-            await asyncio.sleep(1.5)
+            # The last session.end events land after the grace (5 s) and the next reap
+            # (1 s), then the page's next tick; then compare.
+            await asyncio.sleep(7.5)
             ok = await check(page, client)
+            ok = await range_shot(page, server, args.out) and ok
             await browser.close()
     finally:
+        await worker.stop()
         await server.stop()
         await client.aclose()
     return 0 if ok else 1
+
+
+async def range_shot(page: Any, server: EventwireServer, out: Path) -> bool:
+    """The 24 h range (once the worker stored the load): screenshot, and its total checked."""
+    await asyncio.sleep(2)  # the worker's last batch
+    await page.click("#timeline-close")
+    await page.click('#range button[data-range="24h"]')
+    await page.wait_for_selector('#total[data-complete="true"]', state="attached")
+    await asyncio.sleep(0.5)
+    shot = out / "dashboard-24h.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    print(f"saved {shot}")
+    reader = RollupReader(server.settings.persist_dsn)
+    try:
+        view = await reader.view("shop", "24h", int(time.time() * 1000))
+    finally:
+        await reader.close()
+    shown = int(await page.get_attribute("#total", "data-count") or -1)
+    print(f"24 h: page total {shown}, store {view.totals.accepted}")
+    return shown == view.totals.accepted
 
 
 async def check(page: Any, client: aioredis.Redis) -> bool:

@@ -13,6 +13,9 @@ request before any upgrade):
 - ``GET /v1/sites``: the configured sites, for the dashboard's chooser.
 - ``GET /v1/sites/{site}/summary``: open sessions, both streams' length and
   ends, and Redis' clock.
+- ``GET /v1/sites/{site}/rollups?range=1h|24h|7d``: the stored per-minute
+  rollups of a range (:mod:`eventwire.persist.ranges`), read from the store
+  ``persist_dsn`` names (the persist worker's own setting).
 - ``GET /v1/sites/{site}/customers/{uuid}``: what Redis knows of a uuid's
   merges (the dashboard's customer timeline follows the aliases).
 - ``WS /v1/live?site=S...``: the live relay (:mod:`eventwire.live`).
@@ -21,7 +24,7 @@ request before any upgrade):
   body; the admin token is required there, and without one set only a
   loopback peer may call them.
 
-Access: with ``admin_token`` set, the last four need it, compared in constant
+Access: with ``admin_token`` set, every route from ``/metrics`` on needs it, compared in constant
 time: ``Authorization: Bearer <token>``, or, from a browser's WebSocket,
 which cannot set headers, the subprotocol ``eventwire.token.<base64url of
 the token>`` offered beside ``eventwire.live.v1``. Never in the URL: URLs
@@ -37,6 +40,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Annotated, Final
@@ -55,6 +59,7 @@ from eventwire.core.config import is_loopback
 from eventwire.core.errors import StoreUnavailable
 from eventwire.live import LiveQuery, Relay, parse_query
 from eventwire.pages import StaticFiles
+from eventwire.persist.ranges import RANGES, RollupReader, RollupsUnavailable
 from eventwire.store import Keys, SiteSnapshot, Store, StreamInfo
 from eventwire.store.survey import find_site, group_state
 
@@ -203,6 +208,20 @@ class AdminListener:
         self.relay = Relay(store)
         self.files = StaticFiles(ADMIN_FILES, max_age=0)
         self._token = self.settings.admin_token.encode()
+        #: The stored rollups, read from the persist worker's store (connected on first use).
+        self.rollups = RollupReader(self.settings.persist_dsn)
+
+    async def start_tallies(self) -> None:
+        """With ``live_tally_at_start``: every site's rollups, started now and kept."""
+        if self.settings.live_tally_at_start:
+            await self.relay.start_tallies(
+                {site: rules.config.partitions for site, rules in self.store.book.sites.items()}
+            )
+
+    async def close(self) -> None:
+        """Stop the relay's tallies and readers; release the store connection of the rollups."""
+        await self.relay.close()
+        await self.rollups.close()
 
     def authorized(self, request: Request) -> bool:
         """Whether a request may see data: no ``admin_token`` set, or it carries it."""
@@ -243,7 +262,7 @@ class AdminListener:
             )
             return _json(connection, HTTPStatus.OK, sites)
         if path.startswith(SITES_PATH + "/"):
-            return await self._summary(connection, path[len(SITES_PATH) + 1 :])
+            return await self._summary(connection, path[len(SITES_PATH) + 1 :], query)
         return await self._live(connection, request, query)
 
     async def _live(
@@ -281,16 +300,19 @@ class AdminListener:
         connection.live = parsed
         return None
 
-    async def _summary(self, connection: ServerConnection, rest: str) -> Response:
+    async def _summary(self, connection: ServerConnection, rest: str, query: str) -> Response:
         site, _, tail = rest.partition("/")
         if tail.startswith("customers/"):
             return await self._customer(connection, site, tail[len("customers/") :])
-        if tail != "summary":
+        if tail not in ("summary", "rollups"):
             return connection.respond(
-                HTTPStatus.NOT_FOUND, "not found; see /v1/sites/{site}/summary\n"
+                HTTPStatus.NOT_FOUND,
+                "not found; see /v1/sites/{site}/summary and /v1/sites/{site}/rollups\n",
             )
         if self.store.book.get(site) is None:
             return connection.respond(HTTPStatus.NOT_FOUND, f"unknown site {site[:64]!r}\n")
+        if tail == "rollups":
+            return await self._rollups(connection, site, query)
         try:
             snap: SiteSnapshot = await self.store.site_summary(site)
         except StoreUnavailable as exc:
@@ -318,6 +340,24 @@ class AdminListener:
             max_backlog=rules.backlog_limit(self.settings) * len(tags),
         )
         return _json(connection, HTTPStatus.OK, summary)
+
+    async def _rollups(self, connection: ServerConnection, site: str, query: str) -> Response:
+        """A range view of the stored rollups: 400 for a wrong range, 503 while the store
+        cannot answer (missing, unreachable, not migrated yet)."""
+        params = parse_qsl(query)
+        unknown = sorted({k for k, _ in params} - {"range"})
+        ranges = [v for k, v in params if k == "range"]
+        if unknown or len(ranges) != 1 or ranges[0] not in RANGES:
+            why = f"unknown parameter {unknown[0][:32]!r}; " if unknown else ""
+            return connection.respond(
+                HTTPStatus.BAD_REQUEST,
+                f"{why}range must be one of {', '.join(RANGES)} (5 minutes: the live relay)\n",
+            )
+        try:
+            view = await self.rollups.view(site, ranges[0], int(time.time() * 1000))
+        except RollupsUnavailable as exc:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{exc}\n")
+        return _json(connection, HTTPStatus.OK, view)
 
     async def _customer(self, connection: ServerConnection, site: str, uuid: str) -> Response:
         """``GET /v1/sites/{site}/customers/{uuid}``: the uuid's merges as Redis holds them."""

@@ -170,6 +170,7 @@ class EventwireServer:
         )
         self.admin_routes = AdminListener(self.ready, store)
         self.admin = await self.admin_routes.start(*settings.admin_addr)
+        await self.admin_routes.start_tallies()
         if settings.http_addr is not None:
             self.http = HttpListener(
                 settings,
@@ -221,6 +222,8 @@ class EventwireServer:
         if self.admin is not None:
             self.admin.close()
             await self.admin.wait_closed()
+        if self.admin_routes is not None:
+            await self.admin_routes.close()
         if self._watcher is not None:
             await cancel_and_wait([self._watcher])
         if self.sessions is not None:

@@ -18,7 +18,7 @@ held against the code:
 - ``live``: decodes as a relay message and is exactly what the relay
   encodes; the record inside ``event`` / ``rejected`` is checked as above,
   and ids, cursors and ``p`` follow the block's ``hello``.
-- ``sites``, ``summary``: the admin listener's JSON bodies.
+- ``sites``, ``summary``, ``rollups``: the admin listener's JSON bodies.
 - ``tail``: a ``tail --json`` line, as :func:`decode_entry` makes it.
 
 A block without a kind, or with one not listed here, is a failure, and so is
@@ -57,6 +57,7 @@ from eventwire.core.validation import (
     default_label,
 )
 from eventwire.live import LiveMessage
+from eventwire.persist.ranges import RangeView  # the body of .../rollups
 from eventwire.persist.sinks import decode_event
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -292,6 +293,12 @@ def check_summary(value: Any, context: dict[str, Any]) -> None:
     exactly(value, msgspec.json.encode(body), "the summary")
 
 
+def check_rollups(value: Any, context: dict[str, Any]) -> None:
+    """The JSON body of ``GET /v1/sites/{site}/rollups?range=...``."""
+    body = decoding("a range view", lambda: msgspec.json.decode(json.dumps(value), type=RangeView))
+    exactly(value, msgspec.json.encode(body), "the range view")
+
+
 def check_tail(value: Any, context: dict[str, Any]) -> None:
     """One ``eventwire tail --json`` line: the stored event plus its stream ``id``."""
     expect(isinstance(value, dict) and "id" in value, "a tail line carries the stream id")
@@ -310,6 +317,7 @@ CHECKS: Final[dict[str, Callable[[Any, dict[str, Any]], None]]] = {
     "live": check_live,
     "sites": check_sites,
     "summary": check_summary,
+    "rollups": check_rollups,
     "tail": check_tail,
 }
 

@@ -22,6 +22,11 @@ The sites are those of the sites file and every site found in Redis
 (:func:`eventwire.store.survey.find_sites`), so a site written by servers
 with another sites file is shown too; the sites file gives partitions where
 it names the site. ``--watch`` looks for sites again every 30 s.
+
+``--range 1h|24h|7d`` prints instead what the persist workers stored for
+each site of the sites file over that range (:mod:`eventwire.persist.ranges`,
+read from ``--dsn`` or ``persist_dsn``): the figures the dashboard's range
+views and ``GET /v1/sites/{site}/rollups`` show, from the same code.
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+import msgspec
+
 from eventwire.commands.tail import every_site, operator_command, operator_config
 from eventwire.core.config import add_source_flags
 from eventwire.core.errors import ConfigError, StoreUnavailable
 from eventwire.core.rules import load_sites
+from eventwire.persist.ranges import RANGES, RangeView, RollupReader, RollupsUnavailable
 from eventwire.store import Keys, RedisClient, redis_client
 from eventwire.store.survey import (
     GroupState,
@@ -75,6 +83,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_source_flags(p)
     p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     p.add_argument("--json", action="store_true", help="JSON (the default off a terminal)")
+    p.add_argument(
+        "--range",
+        choices=list(RANGES),
+        help="the stored rollups of this range instead (what the dashboard's range views show)",
+    )
+    p.add_argument("--dsn", help="the store of --range (default: persist_dsn)")
 
 
 def merge_groups(states: Sequence[GroupState], now_ms: int) -> dict[str, Any]:
@@ -294,6 +308,8 @@ async def run(args: argparse.Namespace) -> int:
     }
     tty = sys.stdout.isatty()
     as_json = bool(args.json) or not tty
+    if args.range is not None:
+        return await run_range(args.range, args.dsn or loaded.settings.persist_dsn, named, as_json)
     client = redis_client(loaded.settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
     code = 0
     down = False
@@ -334,3 +350,50 @@ async def run(args: argparse.Namespace) -> int:
                 break
             await asyncio.sleep(WATCH_EVERY)
     return code
+
+
+async def run_range(name: str, dsn: str, sites: Mapping[str, int], as_json: bool) -> int:
+    """``stats --range``: each site's stored rollups; 1 when the store cannot answer."""
+    reader = RollupReader(dsn)
+    now = int(time.time() * 1000)
+    try:
+        views = {site: await reader.view(site, name, now) for site in sites}
+    except RollupsUnavailable as exc:
+        print(f"eventwire stats: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await reader.close()
+    if as_json:
+        body = {"range": name, "now": now, "sites": views}
+        sys.stdout.write(msgspec.json.encode(body).decode() + "\n")
+    else:
+        sys.stdout.write(range_table(name, views))
+    return 0
+
+
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000))
+
+
+def range_table(name: str, views: Mapping[str, RangeView]) -> str:
+    """Each site's range view as text: the counts, then its top tables."""
+    lines = []
+    for site, v in views.items():
+        seconds = max(1, (v.now - v.since) / 1000)
+        newest = _when(v.newest) if v.newest is not None else "nothing stored"
+        lines.append(
+            f"{site}  last {name} (since {_when(v.since)}; newest minute stored: {newest})"
+        )
+        t = v.totals
+        lines.append(
+            f"  accepted {t.accepted:,} ({t.accepted / seconds:.2f}/s)   "
+            f"sessions started {t.started:,}, ended {t.ended:,}   "
+            "rejected, denied, duplicates: not stored (the live view counts them)"
+        )
+        for table_name, top in v.top.items():
+            shown = ", ".join(
+                f"{r.key} {r.count - r.error:,}" + (f"-{r.count:,}" if r.error else "")
+                for r in top.rows
+            )
+            lines.append(f"  top {table_name} (of {top.total:,}): {shown or '-'}")
+    return "\n".join(lines) + "\n"

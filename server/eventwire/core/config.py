@@ -205,6 +205,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: HTTP 503. Each costs up to ``live_queue`` queued events; each (site, stream)
     #: being watched costs one Redis connection.
     live_max_viewers: Annotated[int, Meta(ge=1, le=100_000)] = 200
+    #: Start every site's rollups (the summary viewers' tally) with the process and
+    #: keep them, so a dashboard's first load is complete at once, not only after
+    #: the window's backfill. Costs per site and process, viewers or not: two Redis
+    #: readers, decoding every entry, and the tally's memory (see README).
+    live_tally_at_start: bool = False
 
     def __post_init__(self) -> None:
         for key in ("listen", "admin", "http_listen"):

@@ -244,6 +244,8 @@ class Relay:
         self._readers: dict[tuple[str, str, int], _Reader] = {}
         self._viewers: set[Viewer] = set()
         self._tallies: dict[tuple[str, int], SiteTally] = {}
+        #: Tallies kept without viewers (``live_tally_at_start``), by (site, partitions).
+        self._pinned: set[tuple[str, int]] = set()
 
     @property
     def viewers(self) -> int:
@@ -404,6 +406,21 @@ class Relay:
             task.add_done_callback(tally.tasks.discard)
         return tally
 
+    async def start_tallies(self, sites: dict[str, int]) -> None:
+        """Start and keep the tally of each site (site -> partitions): ``live_tally_at_start``.
+
+        A site whose start fails (Redis away) is logged and left to its first
+        viewer; a tally whose backfill fails is dropped, and the next viewer
+        starts one (not kept).
+        """
+        for site, partitions in sites.items():
+            self._pinned.add((site, partitions))
+            try:
+                await self._tally(site, partitions)
+            except (*OUTAGE, TimeoutError) as exc:
+                self._pinned.discard((site, partitions))
+                log.warning("live_tally_start_failed", site=site, error=repr(exc))
+
     async def _tally_loop(self, tally: SiteTally) -> None:
         """Tick once a second; stop the tally after :data:`LINGER_S` without viewers."""
         loop = asyncio.get_running_loop()
@@ -416,7 +433,10 @@ class Relay:
                 tally.idle_since = None
             elif tally.idle_since is None:
                 tally.idle_since = loop.time()
-            elif loop.time() - tally.idle_since > LINGER_S:
+            elif (
+                loop.time() - tally.idle_since > LINGER_S
+                and (tally.site, tally.partitions) not in self._pinned
+            ):
                 break
         await self._drop_tally(tally, stop_loop=False)
 

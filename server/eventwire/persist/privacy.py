@@ -69,6 +69,9 @@ class _Where:
         )
         self.sessions = f"site = {site_mark} AND uuid IN ({marks})"
         self.aliases = f"site = {site_mark} AND (alias IN ({marks}) OR uuid IN ({marks}))"
+        #: Their keys in the stored top tables of customers (eventwire.persist.rollups);
+        #: the tables' totals stay (counts of events, no uuid).
+        self.rollups = f"site = {site_mark} AND kind = 'customers' AND item IN ({marks})"
         #: The events predicate repeats the uuids (SQLite's ? are positional).
         self.events_args: list[Any] = [site, *uuids, *uuids] if sqlite else self.args
         self.aliases_args: list[Any] = [site, *uuids, *uuids] if sqlite else self.args
@@ -100,21 +103,22 @@ async def aliases_in_store(sink: Sink, site: str, uuid: str) -> list[str]:
 async def forget_in_store(
     sink: Sink, site: str, uuids: Iterable[str], dry_run: bool = False
 ) -> dict[str, int]:
-    """Delete a customer's rows (events, sessions, aliases) in one transaction.
+    """Delete a customer's rows (events, sessions, aliases, rollups' keys) in one transaction.
 
     Returns:
-        Rows per table (``events``, ``sessions``, ``aliases``): deleted, or
-        found with ``dry_run`` (nothing changes).
+        Rows per table (``events``, ``sessions``, ``aliases``, ``rollups``):
+        deleted, or found with ``dry_run`` (nothing changes).
     """
     ids = sorted(set(uuids))
     if not ids:
-        return {"events": 0, "sessions": 0, "aliases": 0}
+        return {"events": 0, "sessions": 0, "aliases": 0, "rollups": 0}
     sqlite = _is_sqlite(sink)
     where = _Where(sqlite, site, ids)
     plan = (
         ("events", where.events, where.events_args),
         ("sessions", where.sessions, where.args),
         ("aliases", where.aliases, where.aliases_args),
+        ("rollups", where.rollups, where.args),
     )
     if sqlite:
 

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Final, Protocol
 import msgspec
 
 from eventwire.core.records import StoredEvent
+from eventwire.persist import rollups
 
 #: The default store, relative to where the worker runs.
 DEFAULT_DSN: Final = "sqlite:///data/events.db"
@@ -83,6 +84,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     # Visitors: events of a connection found to be a bot (docs/protocol.md section 18).
     ("ALTER TABLE events ADD COLUMN bot BOOLEAN NOT NULL DEFAULT FALSE",),
+    # 4: per-minute counts and bounded top tables (eventwire.persist.rollups).
+    rollups.MIGRATION,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -389,6 +392,7 @@ class SqliteSink:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        rollups.prepare_sqlite(db)
 
     async def write(self, rows: Sequence[EventRow]) -> int:
         """Insert in one transaction; returns how many event rows were new."""
@@ -400,10 +404,10 @@ class SqliteSink:
         values = list(map(msgspec.structs.astuple, rows))
         db.execute("BEGIN IMMEDIATE")
         try:
-            before = db.total_changes
             db.executemany(_SQLITE_INSERT, values)
-            written = db.total_changes - before
             self._in_batch(db, rows)
+            # The rows this transaction inserted (total_changes would count the trigger's too).
+            written = rollups.write_sqlite(db)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -413,8 +417,9 @@ class SqliteSink:
     def _in_batch(self, db: sqlite3.Connection, rows: Sequence[EventRow]) -> None:
         """What else a batch writes, in its transaction (after its events): sessions, aliases.
 
-        The one per-batch hook: a table fed from the events (rollups, say) is
-        written from here, so it commits (or rolls back) with them.
+        The per-batch hook: a table fed from a batch's rows is written from
+        here, so it commits (or rolls back) with them (the rollups, fed from
+        the rows actually inserted, follow it in the write).
         """
         for kind, args in _session_statements(rows):
             db.execute(_SQLITE_STATEMENTS[kind], args)
@@ -545,15 +550,19 @@ class PostgresSink:
                 columns=_EVENT_COLUMN_NAMES,
                 timeout=self.TIMEOUT,
             )
-            status: str = await conn.execute(_PG_INSERT, timeout=self.TIMEOUT)
+            inserted = await conn.fetch(
+                f"{_PG_INSERT} {rollups.POSTGRES_RETURNING}", timeout=self.TIMEOUT
+            )
             await self._in_batch(conn, rows)
-        return int(status.rsplit(" ", 1)[1])
+            await rollups.write_postgres(conn, inserted, self.TIMEOUT)
+        return len(inserted)
 
     async def _in_batch(self, conn: Any, rows: Sequence[EventRow]) -> None:
         """What else a batch writes, in its transaction (after its events): sessions, aliases.
 
-        The one per-batch hook: a table fed from the events (rollups, say) is
-        written from here, so it commits (or rolls back) with them.
+        The per-batch hook: a table fed from a batch's rows is written from
+        here, so it commits (or rolls back) with them (the rollups, fed from
+        the rows actually inserted, follow it in the write).
         """
         for kind, args in _session_statements(rows):
             await conn.execute(_PG_STATEMENTS[kind], *args, timeout=self.TIMEOUT)

@@ -11,6 +11,13 @@
  * replaces the counts; feed entries the page already has are skipped (the
  * last id per stream and partition, `p`).
  *
+ * The range selector's longer ranges (1 hour, 24 hours, 7 days) read the
+ * rollups the persist worker stored, through /v1/sites/{site}/rollups?range=R
+ * (refreshed every 15 s to 5 min); the feed and the rejected panel stay live
+ * whatever the range. Stored figures go by `received`, the server's clock when
+ * it took the event; rejected events are never stored, so those ranges show
+ * none.
+ *
  * Counts (the chart, events/s, totals, top tables) go by stream id time:
  * the millisecond part of each entry's id, when Redis stored it, on Redis'
  * clock. The page learns Redis' clock from the relay's hello and the summary.
@@ -44,6 +51,25 @@
   const TOKEN_PROTOCOL = "eventwire.token.";
   const TOKEN_KEY = "eventwire.admin_token";
   const SVG = "http://www.w3.org/2000/svg";
+  // The ranges: 5 minutes live from the relay, the others from the store.
+  const RANGES = {
+    "5m": { seconds: 300, label: "last 5 minutes", short: "5 min", axis: ["−5 min", "−4", "−3", "−2", "−1", "now"] },
+    "1h": { seconds: 3600, label: "last hour", short: "1 h", axis: ["−60 min", "−45", "−30", "−15", "now"], refresh: 15000 },
+    "24h": { seconds: 86400, label: "last 24 hours", short: "24 h", axis: ["−24 h", "−18", "−12", "−6", "now"], refresh: 60000 },
+    "7d": {
+      seconds: 604800,
+      label: "last 7 days",
+      short: "7 d",
+      axis: ["−7 d", "−6", "−5", "−4", "−3", "−2", "−1", "now"],
+      refresh: 300000,
+    },
+  };
+  const LIVE_TEXT = {
+    "rate-rejected-note": "average of the last 10 s",
+    "total-title": "Last 5 minutes",
+    "chart-title": "Events per second, last 5 minutes",
+  };
+  let range = "5m";
 
   const $ = (id) => document.getElementById(id);
 
@@ -95,7 +121,7 @@
   async function getJSON(path) {
     const response = await fetch(path, { headers: authHeaders(), cache: "no-store" });
     if (response.status === 401) throw new NeedToken(path);
-    if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+    if (!response.ok) throw new Error(`HTTP ${response.status}: ${(await response.text()).trim()}`);
     return response.json();
   }
 
@@ -247,6 +273,8 @@
       missed: 0,
       dirty: { feed: true, rejected: true, timeline: true, numbers: true },
       summaryTimer: null,
+      stored: null, // the range view of /v1/sites/{site}/rollups, once read
+      storedTimer: null,
     };
   }
 
@@ -529,6 +557,10 @@
   }
 
   function renderNumbers() {
+    if (range !== "5m") {
+      renderStored();
+      return;
+    }
     const nowSec = Math.floor(serverNow() / 1000);
     const oldest = nowSec - WINDOW_S + 1;
     for (const second of view.seconds.keys()) if (second < oldest) view.seconds.delete(second);
@@ -700,6 +732,161 @@
     $("actions").replaceChildren(list);
   }
 
+  // ---- ranges read from the store ---------------------------------------------------------------
+
+  function when(ms) {
+    const d = new Date(ms);
+    const hm = d.toLocaleTimeString("en-GB", { hour: "2-digit", minute: "2-digit" });
+    return range === "7d" ? `${d.toLocaleDateString("en-GB", { weekday: "short", day: "numeric" })} ${hm}` : hm;
+  }
+
+  function stepText(step) {
+    return step >= 3600 ? `${step / 3600} h` : `${step / 60} min`;
+  }
+
+  function setAxis(labels) {
+    const fragment = document.createDocumentFragment();
+    for (const text of labels) {
+      const span = document.createElement("span");
+      span.textContent = text;
+      fragment.appendChild(span);
+    }
+    $("axis").replaceChildren(fragment);
+  }
+
+  // The page's words for the range chosen: titles, notes, axis, empty tables.
+  function rangeTexts() {
+    const spec = RANGES[range];
+    document.body.dataset.range = range;
+    for (const b of $("range").querySelectorAll("button")) b.setAttribute("aria-pressed", String(b.dataset.range === range));
+    for (const [id, text] of Object.entries(LIVE_TEXT)) $(id).textContent = text;
+    if (range !== "5m") {
+      $("rate-note").textContent = `accepted, average of the ${spec.label}`;
+      $("rate-rejected-note").textContent = "not stored: the 5 min view counts them";
+      $("total-title").textContent = spec.label.replace(/^l/, "L");
+      $("chart-title").textContent = `Events, ${spec.label}`;
+      $("rate-rejected").textContent = "–";
+      $("rate-rejected").dataset.count = "";
+      $("codes").replaceChildren();
+    }
+    for (const el of document.querySelectorAll(".range-label")) el.textContent = spec.label;
+    for (const id of ["top-empty", "top-pages-empty", "top-customers-empty"]) {
+      const el = $(id);
+      if (el.dataset.live === undefined) el.dataset.live = el.textContent;
+      el.textContent = el.dataset.live.replace("the last 5 minutes", range === "5m" ? "the last 5 minutes" : `the ${spec.label}, as stored`);
+    }
+    setAxis(spec.axis);
+  }
+
+  function selectRange(name) {
+    if (!RANGES[name]) name = "5m";
+    range = name;
+    if (view) {
+      clearInterval(view.storedTimer);
+      view.stored = null;
+      history.replaceState(null, "", `#site=${encodeURIComponent(view.site)}` + (range === "5m" ? "" : `&range=${range}`));
+      if (range !== "5m") {
+        fetchStored();
+        view.storedTimer = setInterval(fetchStored, RANGES[range].refresh);
+      }
+      view.dirty.numbers = true;
+    }
+    document.querySelectorAll('.notice[data-key="stored"], .notice[data-key="stored-behind"]').forEach((el) => el.remove());
+    rangeTexts();
+    render();
+  }
+
+  async function fetchStored() {
+    const site = view.site;
+    const name = range;
+    try {
+      const data = await getJSON(`/v1/sites/${encodeURIComponent(site)}/rollups?range=${name}`);
+      if (!view || view.site !== site || range !== name) return;
+      view.stored = data;
+      document.querySelector('.notice[data-key="stored"]')?.remove();
+      const behind = data.newest === null ? null : data.now - data.newest;
+      if (behind === null) notice("stored-behind", `Nothing stored for ${site} in the ${RANGES[name].label}: is the persist worker running?`);
+      else if (behind > 3 * 60000) notice("stored-behind", `The store has counted up to ${when(data.newest + 60000)}: the persist worker is behind or stopped.`);
+      else document.querySelector('.notice[data-key="stored-behind"]')?.remove();
+    } catch (e) {
+      if (e instanceof NeedToken) await askToken();
+      else if (view && view.site === site && range === name) notice("stored", `The ${RANGES[name].label} cannot be read from the store (${e.message}).`);
+    }
+    if (view) view.dirty.numbers = true;
+  }
+
+  function renderStored() {
+    const data = view.stored;
+    const spec = RANGES[range];
+    const t = data ? data.totals : {};
+    const accepted = t.accepted || 0;
+    const seconds = data ? Math.max(1, (data.now - data.since) / 1000) : 1;
+    const from = data ? data.since : 0;
+    const to = data ? data.now : 0;
+    setFigure($("rate"), accepted, data ? (accepted / seconds).toFixed(2) : "…", from, to);
+    setFigure($("rate-bots"), t.bots || 0, data ? ((t.bots || 0) / seconds).toFixed(2) : "…", from, to);
+    setFigure($("total"), accepted, data ? accepted.toLocaleString("en") : "…", from, to);
+    $("total").dataset.complete = String(data !== null);
+    $("sessions-flow").textContent = `${(t.started || 0).toLocaleString("en")} started · ${(t.ended || 0).toLocaleString("en")} ended in ${spec.short}`;
+    $("sessions-flow").dataset.started = String(t.started || 0);
+    $("sessions-flow").dataset.ended = String(t.ended || 0);
+    renderStoredChart(data);
+    const top = data ? data.top : {};
+    renderTop("top", top.actions, "action", "events");
+    renderTop("top-pages", top.pages, "page", "page views");
+    renderTop("top-customers", top.customers, "uuid", "events");
+    $("feed-sampling").textContent = "";
+    $("range-hint").textContent = data
+      ? `Each bar is ${stepText(data.step)} of received time (the server's clock when it took the event), ` +
+        `as the persist worker stored it, from ${when(data.since)}; top tables from ${when(data.top_since)}, ` +
+        `each count at most its shown upper bound. Newest minute stored: ${data.newest === null ? "none" : when(data.newest)}.`
+      : "Reading the store…";
+  }
+
+  function renderStoredChart(data) {
+    const svg = $("chart");
+    const width = 900;
+    const height = 180;
+    const spec = RANGES[range];
+    const step = data ? data.step : 60;
+    const slots = spec.seconds / step;
+    const bars = data ? data.buckets : [];
+    const peak = bars.reduce((m, b) => Math.max(m, b.accepted || 0), 0);
+    const top = niceCeil(peak);
+    const scale = (height - 4) / top;
+    const fragment = document.createDocumentFragment();
+    const w = width / slots;
+    for (const y of [0.25, 0.5, 0.75]) {
+      const line = document.createElementNS(SVG, "line");
+      line.setAttribute("class", "grid");
+      line.setAttribute("x1", "0");
+      line.setAttribute("x2", String(width));
+      line.setAttribute("y1", String(height - y * top * scale));
+      line.setAttribute("y2", String(height - y * top * scale));
+      fragment.appendChild(line);
+    }
+    for (const b of bars) {
+      const n = b.accepted || 0;
+      if (!n) continue;
+      const rect = document.createElementNS(SVG, "rect");
+      rect.setAttribute("class", "a");
+      rect.setAttribute("x", (((b.t - data.since) / 1000 / step) * w).toFixed(2));
+      rect.setAttribute("y", (height - n * scale).toFixed(2));
+      rect.setAttribute("width", (w * 0.8).toFixed(2));
+      rect.setAttribute("height", (n * scale).toFixed(2));
+      rect.dataset.t = String(b.t);
+      rect.dataset.n = String(n);
+      const tip = document.createElementNS(SVG, "title");
+      tip.textContent = `${when(b.t)}  ${n} accepted, ${b.started || 0} sessions started`;
+      rect.appendChild(tip);
+      fragment.appendChild(rect);
+    }
+    svg.replaceChildren(fragment);
+    svg.dataset.peak = String(peak);
+    $("chart-scale").textContent = `scale 0–${top} per ${stepText(step)}, lines every ${top / 4}`;
+    svg.setAttribute("aria-label", `events per ${stepText(step)} over the ${spec.label}; scale 0 to ${top}`);
+  }
+
   let lastNumbers = 0;
 
   function render() {
@@ -799,10 +986,10 @@
     if (view) {
       for (const stream of view.streams) stream.close();
       clearInterval(view.summaryTimer);
+      clearInterval(view.storedTimer);
     }
     document.querySelectorAll(".notice").forEach((el) => el.remove());
     view = newView(site);
-    history.replaceState(null, "", `#site=${encodeURIComponent(site)}`);
     document.title = `${site} · eventwire live`;
     $("sessions").textContent = "–";
     readFilters();
@@ -811,6 +998,7 @@
     updateStatus();
     refreshSummary();
     view.summaryTimer = setInterval(refreshSummary, SUMMARY_EVERY_MS);
+    selectRange(range); // the range's figures of this site
   }
 
   function openTimeline(uuid) {
@@ -831,6 +1019,10 @@
 
   function bind() {
     $("site").addEventListener("change", (e) => selectSite(e.target.value));
+    $("range").addEventListener("click", (e) => {
+      const b = e.target.closest("button[data-range]");
+      if (b) selectRange(b.dataset.range);
+    });
     $("filters").addEventListener("submit", (e) => e.preventDefault());
     $("filter-action").addEventListener("input", readFilters);
     $("filter-uuid").addEventListener("input", readFilters);
@@ -895,7 +1087,9 @@
       option.textContent = site;
       select.appendChild(option);
     }
-    const wanted = new URLSearchParams(location.hash.slice(1)).get("site");
+    const hash = new URLSearchParams(location.hash.slice(1));
+    const wanted = hash.get("site");
+    if (RANGES[hash.get("range")]) range = hash.get("range");
     const site = sites.includes(wanted) ? wanted : sites[0];
     if (site === undefined) {
       setStatus("error", "no sites configured");
