@@ -1176,6 +1176,7 @@ def result(a: argparse.Namespace, run: Run, t_end: int, verdict: dict[str, Any])
         cpu = CpuWatch.between(run.cpu_before, run.cpu_after)
     record: dict[str, Any] = {
         "server": a.label,
+        "round": a.round,
         "impl": a.impl,
         "encoding": a.encoding,
         "C": a.conns,
@@ -1287,6 +1288,129 @@ def table(path: Path) -> tuple[str, bool]:
     return "\n".join(lines), not failed
 
 
+def other_cpu(row: dict[str, Any]) -> float | None:
+    """The other jobs' CPU% during a row: the machine's busy CPU minus the benchmark's own.
+
+    The benchmark's own processes are the server (with its children), Redis
+    and the load generator, read from their ``/proc/PID/stat`` trees.
+    """
+    cpu = row.get("cpu_pct") or {}
+    if "system_busy" not in cpu:
+        return None
+    ours = sum(cpu.get(k, 0.0) for k in ("server", "redis", "loadgen"))
+    return max(0.0, round(cpu["system_busy"] - ours, 1))
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _spread(values: Sequence[float], fmt: str) -> str:
+    """``median (min-max)`` of values, each formatted with ``fmt``."""
+    if not values:
+        return "-"
+    med = format(_median(values), fmt)
+    if len(values) == 1:
+        return med
+    return f"{med} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def rounds_table(path: Path) -> tuple[str, bool]:
+    """Medians over rounds (``bench/run.sh`` with ROUNDS > 1), and whether every row verified.
+
+    Per setting (C:B:W) and server: events/s, p50 and p99 as median (min-max)
+    over the rounds, and the ratio of events/s and of p99 to the row of
+    ``node-dedup`` (else the first server) of the same round (its median and
+    range: the ratio is taken round by round, so both sides of each ratio
+    shared the machine's state).
+    Then the other jobs' CPU per round (:func:`other_cpu`), and ``ok`` only if
+    every round's row passed the stream scan and the de-duplication check.
+    """
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("round") is not None]
+    if not rows:
+        return "no rounds in " + str(path), False
+    settings: dict[tuple[int, int, int], dict[str, dict[int, dict[str, Any]]]] = {}
+    servers: list[str] = []
+    for r in rows:
+        by_server = settings.setdefault((r["C"], r["B"], r["W"]), {})
+        by_server.setdefault(r["server"], {})[r["round"]] = r
+        if r["server"] not in servers:
+            servers.append(r["server"])
+    base = "node-dedup" if "node-dedup" in servers else servers[0]
+    rounds = sorted({r["round"] for r in rows})
+    head = ["C:B:W", "server", "events/s", "p50 ms", "p99 ms", f"x {base} ev/s"]
+    head += [f"x {base} p99", "server CPU%", "Redis CPU%", "other jobs' CPU% per round"]
+    head += ["rounds", "verified"]
+    body: list[list[str]] = []
+    all_ok = True
+    for (c, b, w), by_server in settings.items():
+        for name in servers:
+            runs = by_server.get(name, {})
+            eps = [float(r["events_per_s"]) for r in runs.values()]
+            ratios, p99_ratios = [], []
+            for rnd, r in runs.items():
+                ref = by_server.get(base, {}).get(rnd)
+                if ref is not None and ref["events_per_s"] and name != base:
+                    ratios.append(r["events_per_s"] / ref["events_per_s"])
+                    if ref["lat_p99_ms"]:
+                        p99_ratios.append(r["lat_p99_ms"] / ref["lat_p99_ms"])
+            others = [other_cpu(runs[k]) for k in sorted(runs)]
+            ok = len(runs) == len(rounds) and all(r["ok"] for r in runs.values())
+            all_ok = all_ok and ok
+            bad = [str(k) for k in sorted(runs) if not runs[k]["ok"]]
+            body.append(
+                [
+                    f"{c}:{b}:{w}",
+                    name,
+                    _spread(eps, ",.0f"),
+                    _spread([float(r["lat_p50_ms"]) for r in runs.values()], ".2f"),
+                    _spread([float(r["lat_p99_ms"]) for r in runs.values()], ".2f"),
+                    _spread(ratios, ".2f") if ratios else "-",
+                    _spread(p99_ratios, ".2f") if p99_ratios else "-",
+                    _spread(
+                        [float((r.get("cpu_pct") or {}).get("server", 0)) for r in runs.values()],
+                        ".0f",
+                    ),
+                    _spread(
+                        [float((r.get("cpu_pct") or {}).get("redis", 0)) for r in runs.values()],
+                        ".0f",
+                    ),
+                    " ".join("-" if o is None else f"{o:.0f}" for o in others),
+                    str(len(runs)),
+                    "yes" if ok else "NO" + (f" (round {', '.join(bad)})" if bad else ""),
+                ]
+            )
+    widths = [max(len(c) for c in column) for column in zip(head, *body, strict=False)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    lines = [
+        f"Medians (min-max) over {len(rounds)} alternating rounds; ratios taken round by round",
+        "",
+        line(head),
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += [line(cells) for cells in body]
+    lines.append(
+        "\nserver CPU%: the server's processes (all of them with --workers); 100 is one core"
+    )
+    lines.append(
+        "other jobs' CPU%: the machine's busy CPU (of 200 on 2 cores) minus the server's, "
+        "Redis' and the load generator's, during each round's measured row"
+    )
+    lines.append(
+        "verified: every round's row acked in order, its stream held exactly the acked events, "
+        "and check_dedup.py passed against the same server"
+    )
+    if not all_ok:
+        lines.append("\nWARNING: a row failed its check (see the table of every run above)")
+    return "\n".join(lines), all_ok
+
+
 # -- command line --------------------------------------------------------------------
 
 
@@ -1331,6 +1455,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="append the record as one JSON line to this file")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
     p.add_argument("--table", type=Path, metavar="RESULTS", help="print the table of JSON lines")
+    p.add_argument("--round", type=int, default=None, help="the round number, kept in the record")
+    p.add_argument(
+        "--rounds-table",
+        type=Path,
+        metavar="RESULTS",
+        help="print per setting and server the medians (min-max) over the records' rounds",
+    )
     return p
 
 
@@ -1340,6 +1471,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if a.table is not None:
         text, ok = table(a.table)
+        print(text)
+        return 0 if ok else 1
+    if a.rounds_table is not None:
+        text, ok = rounds_table(a.rounds_table)
         print(text)
         return 0 if ok else 1
     if not 1 <= a.batch <= MAX_BATCH:

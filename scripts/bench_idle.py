@@ -1,24 +1,53 @@
-"""Measure the server's memory per idle connection.
+"""Many idle connections on one server process: memory per connection, open time, trickle latency.
 
-Opens N connections to a running server, each saying hello and then staying
-idle, and reads the server's resident memory (VmRSS) before and after. Prints
-KiB per connection. Used by ``scripts/bench --idle N``.
+Opens N connections to a running server, each from one of several loopback
+source addresses (127.0.0.1, 127.0.0.2, ...: one address has only about
+28,000 ephemeral ports), each saying hello and waiting for its welcome before
+it counts as open. Then it reads the server's resident memory (VmRSS) and
+sends a trickle of single-event track frames (``--rate`` events/s, 1,000 by
+default, spread over random connections) for ``--trickle`` seconds, timing
+each ack. Prints the time to open them, KiB of server RSS per connection
+(against the RSS before the first), and the trickle's ack latency p50, p99
+and max.
+
+The clients are lean: a raw RFC 6455 client per connection (an
+``asyncio.Protocol`` with the handshake and masked frames written by hand,
+no ``websockets`` client objects), spread over ``--procs`` worker
+processes (each below its file descriptor limit), so the generator's own
+memory and CPU stay small beside the server's.
+
+File descriptors: the server needs one per connection, and so does each
+worker. Every process raises its soft ``RLIMIT_NOFILE`` to the hard limit;
+a process cannot go above the hard limit without ``CAP_SYS_RESOURCE``
+(``ulimit -Hn``; ``fs.nr_open`` caps it for root). When N does not fit the
+server's limit the run says so and stops before opening anything (exit 2).
 
 usage: bench_idle.py --url ws://HOST:PORT/v1/track/SITE --server-pid PID [-n 5000]
+                     [--procs P] [--sources K] [--rate 1000] [--trickle 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import os
+import random
 import resource
 import secrets
+import subprocess
+import sys
 import time
-from contextlib import AsyncExitStack
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from websockets.asyncio.client import connect
+#: Connections opened at once per worker (each waits for its welcome).
+OPEN_CONCURRENCY = 200
+#: Seconds a connection may take from connect to welcome.
+OPEN_TIMEOUT = 60.0
+#: File descriptors a process keeps beside its connections.
+FD_SPARE = 200
 
 
 def rss_kib(pid: int) -> int:
@@ -29,51 +58,412 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-async def open_idle(url: str, n: int, stack: AsyncExitStack) -> None:
-    """Open n connections that say hello and wait, 200 at a time."""
+def fd_limit(pid: int | None = None) -> int:
+    """The soft ``RLIMIT_NOFILE`` of a process (this one by default)."""
+    if pid is None:
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise RuntimeError(f"no open files limit for pid {pid}")
 
-    async def one() -> None:
-        ws = await stack.enter_async_context(
-            connect(url, compression=None, proxy=None, open_timeout=30, ping_interval=None)
-        )
-        hello = {
-            "type": "hello",
-            "uuid": "idle-" + secrets.token_hex(4),
-            "producer": "idle-" + secrets.token_hex(8),
+
+def raise_fd_limit() -> int:
+    """Raise this process' soft fd limit to its hard limit; returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# -- the lean client ---------------------------------------------------------------------
+
+
+def masked_text(payload: bytes) -> bytes:
+    """One client-to-server text frame (FIN, masked) carrying ``payload``."""
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        header = bytes([0x81, 0x80 | n])
+    elif n < 65536:
+        header = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        header = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return header + mask + body
+
+
+def parse_frames(buf: bytearray) -> list[tuple[int, bytes]]:
+    """Take the complete server frames (unmasked) off the front of ``buf``: (opcode, payload)."""
+    out = []
+    while len(buf) >= 2:
+        n = buf[1] & 0x7F
+        at = 2
+        if n == 126:
+            if len(buf) < 4:
+                break
+            n, at = int.from_bytes(buf[2:4], "big"), 4
+        elif n == 127:
+            if len(buf) < 10:
+                break
+            n, at = int.from_bytes(buf[2:10], "big"), 10
+        if len(buf) < at + n:
+            break
+        out.append((buf[0] & 0x0F, bytes(buf[at : at + n])))
+        del buf[: at + n]
+    return out
+
+
+class IdleClient(asyncio.Protocol):
+    """One connection: handshake, hello, welcome, then idle but for trickle frames."""
+
+    __slots__ = ("buf", "failed", "opened", "sent", "seq", "transport", "upgraded", "worker")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.opened: asyncio.Future[None] | None = worker.loop.create_future()
+        self.failed = ""
+        self.upgraded = False
+        self.seq = 0
+        #: seq -> monotonic ns it was sent at
+        self.sent: dict[int, int] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.worker.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if (
+            self.opened is not None
+            and not self.opened.done()
+            and self.transport is not None
+            and not self.upgraded
+        ):
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buf[:end])
+            del self.buf[: end + 4]
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.fail(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+                return
+            self.upgraded = True
+            hello = {
+                "type": "hello",
+                "uuid": "idle-" + secrets.token_hex(6),
+                "producer": "idle-" + secrets.token_hex(8),
+            }
+            self.transport.write(masked_text(json.dumps(hello).encode()))
+        for opcode, payload in parse_frames(self.buf):
+            if opcode == 0x8:
+                self.fail(f"closed by the server: {payload[:2].hex()} {payload[2:].decode()!r}")
+                return
+            if opcode == 0x9:  # ping: answer with a pong (masked, same payload)
+                if self.transport is not None:
+                    frame = bytearray(masked_text(payload))
+                    frame[0] = 0x8A
+                    self.transport.write(bytes(frame))
+                continue
+            if opcode != 0x1:
+                continue
+            msg = json.loads(payload)
+            kind = msg.get("type")
+            if kind == "welcome":
+                if self.opened is not None and not self.opened.done():
+                    self.opened.set_result(None)
+            elif kind == "ack":
+                sent = self.sent.pop(msg["seq"], None)
+                if sent is not None:
+                    self.worker.latencies.append(time.monotonic_ns() - sent)
+            else:
+                self.fail(f"unexpected answer {payload[:200]!r}")
+
+    def fail(self, why: str) -> None:
+        self.failed = self.failed or why
+        if self.opened is not None and not self.opened.done():
+            self.opened.set_exception(ConnectionError(why))
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.failed:
+            self.failed = f"connection lost: {exc}"
+        if self.opened is not None and not self.opened.done():
+            self.opened.set_exception(ConnectionError(self.failed))
+        self.worker.lost(self)
+
+    def track(self, now_ms: int) -> None:
+        """Send one single-event frame; its ack is timed."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.seq += 1
+        event = {
+            "seq": self.seq,
+            "action": "page.visit",
+            "time": now_ms,
+            "params": {"url": "https://shop.example/p/" + str(self.seq)},
         }
-        await ws.send(json.dumps(hello))
-        welcome = json.loads(await asyncio.wait_for(ws.recv(), 30))
-        assert welcome["type"] == "welcome", welcome
-
-    for start in range(0, n, 200):
-        await asyncio.gather(*(one() for _ in range(min(200, n - start))))
+        frame = {"type": "track", "events": [event]}
+        self.sent[self.seq] = time.monotonic_ns()
+        self.transport.write(masked_text(json.dumps(frame).encode()))
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--server-pid", type=int, required=True)
-    parser.add_argument("-n", type=int, default=5000)
-    parser.add_argument("--settle", type=float, default=3.0, help="seconds idle before reading")
-    args = parser.parse_args()
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.n + 1024), hard))
-    async with AsyncExitStack() as stack:
-        # Warm up: one connection first, so one-off allocations are not counted.
-        await open_idle(args.url, 1, stack)
-        await asyncio.sleep(0.5)
-        before = rss_kib(args.server_pid)
+class Worker:
+    """One process' share of the connections (``--worker``)."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.loop = asyncio.get_running_loop()
+        u = urlsplit(a.url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.request = (
+            f"GET {u.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: eventwire.v1.json\r\nOrigin: http://localhost\r\n\r\n"
+        ).encode()
+        self.clients: list[IdleClient] = []
+        self.latencies: list[int] = []
+        self.lost_after_open = 0
+        self.open_failures: list[str] = []
+        self.sources = [f"127.0.0.{i}" for i in range(1, a.sources + 1)]
+
+    def lost(self, c: IdleClient) -> None:
+        if c.opened is not None and c.opened.done() and c.opened.exception() is None:
+            self.lost_after_open += 1
+
+    async def open_one(self, i: int) -> None:
+        source = self.sources[i % len(self.sources)]
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                _, client = await self.loop.create_connection(
+                    lambda: IdleClient(self), self.host, self.port, local_addr=(source, 0)
+                )
+                assert client.opened is not None
+                await client.opened
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            self.open_failures.append(f"{source}: {type(exc).__name__} {exc}")
+            return
+        client.opened = None  # open: no future kept per idle connection
+        self.clients.append(client)
+
+    async def open_all(self) -> float:
         started = time.monotonic()
-        await open_idle(args.url, args.n, stack)
-        opened = time.monotonic() - started
-        await asyncio.sleep(args.settle)
-        after = rss_kib(args.server_pid)
-        per = (after - before) / args.n
+        sem = asyncio.Semaphore(OPEN_CONCURRENCY)
+
+        async def guarded(i: int) -> None:
+            async with sem:
+                await self.open_one(i)
+
+        await asyncio.gather(*(guarded(self.a.offset + i) for i in range(self.a.n)))
+        return time.monotonic() - started
+
+    async def trickle(self, rate: float, seconds: float) -> int:
+        """Single-event frames at ``rate`` per second over random open connections."""
+        if rate <= 0 or not self.clients:
+            return 0
+        rng = random.Random(self.a.offset)
+        start = time.monotonic()
+        sent = 0
+        while (now := time.monotonic()) - start < seconds:
+            due = int((now - start) * rate) + 1
+            now_ms = int(time.time() * 1000)
+            while sent < due:
+                rng.choice(self.clients).track(now_ms)
+                sent += 1
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(1.0)  # the last acks
+        return sent
+
+
+async def run_worker(a: argparse.Namespace) -> None:
+    """A worker: open its share, say so, wait for the go, trickle, report, wait to be stopped."""
+    raise_fd_limit()
+    w = Worker(a)
+    opened = await w.open_all()
+    report = {
+        "opened": len(w.clients),
+        "open_s": round(opened, 2),
+        "failures": w.open_failures[:5],
+        "n_failures": len(w.open_failures),
+    }
+    print(json.dumps(report), flush=True)
+    # The parent says "go" once every worker is open and the RSS is read.
+    line = await w.loop.run_in_executor(None, sys.stdin.readline)
+    if line.strip() != "go":
+        return
+    sent = await w.trickle(a.rate, a.trickle)
+    lats = w.latencies
+    print(
+        json.dumps(
+            {
+                "sent": sent,
+                "acked": len(lats),
+                "latencies_ns": lats,
+                "lost_after_open": w.lost_after_open,
+            }
+        ),
+        flush=True,
+    )
+    await w.loop.run_in_executor(None, sys.stdin.readline)  # "stop": close everything
+    for c in w.clients:
+        if c.transport is not None:
+            c.transport.close()
+
+
+def percentile(values: list[int], q: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", required=True)
+    p.add_argument("--server-pid", type=int, default=0)
+    p.add_argument("-n", type=int, default=5000, help="connections in all")
+    p.add_argument("--procs", type=int, default=0, help="worker processes (default: by fd limit)")
+    p.add_argument(
+        "--sources",
+        type=int,
+        default=0,
+        help="loopback source addresses 127.0.0.1..K (default: 1 per 20,000)",
+    )
+    p.add_argument("--rate", type=float, default=1000.0, help="trickle events/s in all")
+    p.add_argument("--trickle", type=float, default=10.0, help="trickle seconds (0: none)")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds idle before reading RSS")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        try:
+            import uvloop
+
+            uvloop.run(run_worker(a))
+        except ImportError:
+            asyncio.run(run_worker(a))
+        return 0
+    return coordinate(a)
+
+
+def coordinate(a: argparse.Namespace) -> int:
+    own = raise_fd_limit()
+    server_fds = fd_limit(a.server_pid)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    print(
+        f"fd limits: server {server_fds}, this process {own} (hard {hard}); fs.nr_open "
+        f"{nr_open}; somaxconn {Path('/proc/sys/net/core/somaxconn').read_text().strip()}"
+    )
+    if a.n + FD_SPARE > server_fds:
         print(
-            f"idle connections: {args.n} opened in {opened:.1f} s; server RSS "
-            f"{before / 1024:.1f} MiB -> {after / 1024:.1f} MiB: {per:.1f} KiB per connection"
+            f"cannot hold {a.n:,} connections: the server may open {server_fds:,} files. Its "
+            f"hard limit is set by whoever starts it (ulimit -Hn; above it needs root with "
+            f"CAP_SYS_RESOURCE, up to fs.nr_open {nr_open:,}); at most about "
+            f"{server_fds - FD_SPARE:,} here",
+            file=sys.stderr,
         )
+        return 2
+    per_proc = max(1, own - FD_SPARE)
+    procs = a.procs or -(-a.n // per_proc)
+    sources = a.sources or max(1, -(-a.n // 20_000))
+    shares = [a.n // procs + (1 if i < a.n % procs else 0) for i in range(procs)]
+    print(
+        f"opening {a.n:,} connections from {sources} source address(es) "
+        f"(127.0.0.1-{sources}) in {procs} worker process(es), {OPEN_CONCURRENCY} at a time each"
+    )
+    before = rss_kib(a.server_pid)
+    started = time.monotonic()
+    workers = []
+    offset = 0
+    for share in shares:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--url",
+            a.url,
+            "-n",
+            str(share),
+            "--offset",
+            str(offset),
+            "--sources",
+            str(sources),
+            "--rate",
+            str(a.rate / procs),
+            "--trickle",
+            str(a.trickle),
+        ]
+        workers.append(
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        )
+        offset += share
+    try:
+        opened = 0
+        failures: list[str] = []
+        for w in workers:
+            assert w.stdout is not None
+            line = w.stdout.readline()
+            if not line:
+                print("a worker died while opening", file=sys.stderr)
+                return 1
+            r = json.loads(line)
+            opened += r["opened"]
+            failures += r["failures"]
+        open_s = time.monotonic() - started
+        time.sleep(a.settle)
+        after = rss_kib(a.server_pid)
+        per = (after - before) / max(1, opened)
+        print(
+            f"idle connections: {opened:,} of {a.n:,} open (each after its welcome) in "
+            f"{open_s:.1f} s ({opened / open_s:,.0f}/s); server RSS {before / 1024:.1f} MiB -> "
+            f"{after / 1024:.1f} MiB: {per:.1f} KiB per connection"
+        )
+        for f in failures[:5]:
+            print("  open failed:", f, file=sys.stderr)
+        lats: list[int] = []
+        sent = acked = lost = 0
+        if a.trickle > 0:
+            for w in workers:
+                assert w.stdin is not None
+                w.stdin.write("go\n")
+                w.stdin.flush()
+            for w in workers:
+                assert w.stdout is not None
+                r = json.loads(w.stdout.readline())
+                sent += r["sent"]
+                acked += r["acked"]
+                lost += r["lost_after_open"]
+                lats += r["latencies_ns"]
+            lats.sort()
+            p50, p99 = percentile(lats, 0.5) / 1e6, percentile(lats, 0.99) / 1e6
+            mx = lats[-1] / 1e6 if lats else float("nan")
+            print(
+                f"trickle: {a.rate:,.0f} events/s for {a.trickle:g} s over the open connections: "
+                f"{sent:,} sent, {acked:,} acked; ack latency p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+                f"max {mx:.1f} ms; server RSS {rss_kib(a.server_pid) / 1024:.1f} MiB; "
+                f"connections lost {lost}"
+            )
+        ok = opened == a.n and acked == sent and lost == 0
+        print("ok" if ok else "NOT OK: connections failed to open, were lost or frames unacked")
+        return 0 if ok else 1
+    finally:
+        for w in workers:
+            try:
+                if w.stdin is not None:
+                    w.stdin.write("stop\n")
+                    w.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+        for w in workers:
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.kill()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(main())

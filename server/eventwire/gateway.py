@@ -20,18 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
+import struct
 import time
+import weakref
+from collections import deque
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 import structlog
+from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import NegotiationError
+from websockets.exceptions import ConnectionClosed, NegotiationError
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import OPEN
+from websockets.protocol import CLOSED, OPEN, Event
 from websockets.typing import Subprotocol
 
 from eventwire import metrics
@@ -68,8 +74,55 @@ log = structlog.get_logger("eventwire.gateway")
 _ids = itertools.count(1)
 
 
+class MessageReader(Protocol):
+    """Who reads a tracking connection's messages (its ``IngestConnection``)."""
+
+    def take(self, data: bytes) -> bool:
+        """Carry out one message now, from ``data_received``; False: it must wait in the inbox."""
+
+    def wake(self) -> None:
+        """A message waits in the inbox, or the connection closed."""
+
+
+#: What tracking connections have instead of websockets' message assembler: one
+#: shared, closed assembler per event loop (``recv()`` on it raises
+#: ConnectionClosed at once), as messages go to the connection's inbox. The
+#: assembler it replaces holds a deque and futures: about 1 KiB for each of
+#: 100,000 idle connections.
+_NO_MESSAGES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Assembler] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _no_messages(loop: asyncio.AbstractEventLoop) -> Assembler:
+    assembler = _NO_MESSAGES.get(loop)
+    if assembler is None:
+        assembler = _NO_MESSAGES[loop] = Assembler()
+        assembler.close()
+    return assembler
+
+
+#: Messages waiting in a connection's inbox at which its socket stops being
+#: read, and the level at which reading resumes (websockets' ``max_queue``).
+INBOX_HIGH: Final = 16
+INBOX_LOW: Final = 4
+
+
 class TrackConnection(ServerConnection):
-    """A websockets connection that remembers its site and can answer without waiting."""
+    """A websockets connection that hands its messages to a reader without a wait or a task.
+
+    websockets parses the handshake and the frames and enforces every limit
+    (``max_size`` also across fragments, control frames, ping and close); only
+    the delivery of data messages differs. The library puts each message in
+    an assembler that a ``recv()`` task awaits, which costs futures, a lock
+    and a task switch per message, more than the rest of a small frame's
+    work. Here a complete message goes from ``data_received`` straight to the
+    :class:`MessageReader` (:meth:`MessageReader.take`), and when the reader
+    cannot take it now (a session step runs, ``max_inflight_frames`` frames
+    wait for Redis, the client does not read its answers) it waits in
+    :attr:`inbox`, whose length pauses the socket's reading as the
+    assembler's queue did (:data:`INBOX_HIGH`, :data:`INBOX_LOW`).
+    """
 
     site: str = ""
     #: The client address (after ``trusted_proxies``), raw: in memory only.
@@ -77,15 +130,99 @@ class TrackConnection(ServerConnection):
     #: What the handshake said of the visitor (None: enrichment is off).
     visitor: Visitor | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The library only appends, removes and iterates: a list is 0.6 KiB
+        # smaller than the deque per connection.
+        self.drain_waiters = []  # type: ignore[assignment]
+        #: Complete messages not yet taken, in arrival order.
+        self.inbox: list[bytes] = []
+        #: Who takes the messages, once the handler started; None before and after.
+        self.reader: MessageReader | None = None
+        self._fragments: list[bytes] | None = None
+        self._reading_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.recv_messages = _no_messages(self.loop)
+
+    def process_event(self, event: Event) -> None:
+        if self.request is None or not isinstance(event, Frame):
+            super().process_event(event)  # the handshake request
+            return
+        opcode = event.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if not event.fin:
+                self._fragments = [bytes(event.data)]
+                return
+            data = bytes(event.data)
+        elif opcode is Opcode.CONT:
+            # The protocol checked the order of fragments, and max_size over
+            # the whole message (current_size).
+            fragments = self._fragments
+            assert fragments is not None
+            fragments.append(bytes(event.data))
+            if not event.fin:
+                return
+            self._fragments = None
+            data = b"".join(fragments)
+        else:
+            super().process_event(event)  # ping, pong, close: the library's
+            return
+        reader = self.reader
+        if reader is not None and not self.inbox and reader.take(data):
+            return
+        self.inbox.append(data)
+        if len(self.inbox) >= INBOX_HIGH and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if reader is not None:
+            reader.wake()
+
+    def next_message(self) -> bytes:
+        """The oldest message of the inbox (not empty); reading resumes below :data:`INBOX_LOW`."""
+        data = self.inbox.pop(0)
+        if self._reading_paused and len(self.inbox) <= INBOX_LOW:
+            self._reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+        return data
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closed (nothing more will arrive)."""
+        return self.protocol.state is CLOSED
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.reader is not None:
+            self.reader.wake()
+
+    def ping_now(self) -> asyncio.Future[float]:
+        """Send a ping now, without waiting: the future gets the latency when its pong comes.
+
+        What ``ping()`` does, without its wait for the write buffer to drain
+        (which would hold up :class:`Keepalive` on one client that does not
+        read). The pong is matched by the library (``pending_pings``).
+        """
+        data = struct.pack("!I", random.getrandbits(32))
+        while data in self.pending_pings:
+            data = struct.pack("!I", random.getrandbits(32))
+        pong: asyncio.Future[float] = self.loop.create_future()
+        self.pending_pings[data] = (pong, self.loop.time())
+        self.protocol.send_ping(data)
+        self.send_data()
+        return pong
+
     def send_now(self, data: bytes, text: bool) -> None:
         """Queue one message on the transport now; drop it if the connection is closing.
 
         ``send()`` is a coroutine with a context manager and a drain per call,
-        which costs more than the rest of an ack. Acks are small and the
-        receive loop reads no more frames while the transport is paused, so
-        what is written here stays bounded by ``max_inflight_frames`` answers.
-        A dropped answer is harmless: the client resends unanswered frames
-        after reconnecting.
+        which costs more than the rest of an ack. Acks are small and no
+        message is taken while the transport is paused, so what is written
+        here stays bounded by ``max_inflight_frames`` answers. A dropped
+        answer is harmless: the client resends unanswered frames after
+        reconnecting.
         """
         if self.protocol.state is not OPEN:
             return
@@ -94,6 +231,83 @@ class TrackConnection(ServerConnection):
         else:
             self.protocol.send_binary(data)
         self.send_data()
+
+
+class Keepalive:
+    """Pings every tracking connection every ``interval`` seconds from one task.
+
+    websockets' own keepalive is a task per connection (a coroutine, a
+    sleep, a timer: about 1 KiB each of 100,000 idle connections). This one
+    keeps two queues in time order: connections due for a ping, and pings
+    waiting for their pong. The ping and the pong's matching are the
+    library's (``ping()``); a pong later than ``timeout`` fails the
+    connection as the library does, close code 1011 "keepalive ping timeout".
+
+    Args:
+        interval: seconds between a connection's pings (``ping_interval``).
+        timeout: seconds a pong may take (``ping_timeout``; 0: never fails).
+    """
+
+    #: Seconds between looks at the queues.
+    TICK: Final = 0.1
+
+    def __init__(self, interval: float, timeout: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        # Weak references: a closed connection is freed at once, not when its
+        # next ping would have been due.
+        self._due: deque[tuple[float, weakref.ref[TrackConnection]]] = deque()
+        self._waiting: deque[tuple[float, weakref.ref[TrackConnection], asyncio.Future[float]]] = (
+            deque()
+        )
+        #: Connections failed for a late pong, since the start.
+        self.timed_out = 0
+        self._failing: set[asyncio.Task[None]] = set()
+
+    def add(self, ws: TrackConnection) -> None:
+        """Ping ``ws`` every interval from now on, while it is open."""
+        self._due.append((ws.loop.time() + self.interval, weakref.ref(ws)))
+
+    async def run(self) -> None:
+        """Send the pings that are due and fail the connections whose pong is late."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(self.TICK, self.interval))
+            now = loop.time()
+            due, waiting = self._due, self._waiting
+            while waiting and waiting[0][0] <= now:
+                _, late, pong = waiting.popleft()
+                silent = late()
+                if not pong.done() and silent is not None and silent.state is OPEN:
+                    self.timed_out += 1
+                    task = asyncio.create_task(_fail_keepalive(silent))
+                    self._failing.add(task)
+                    task.add_done_callback(self._failing.discard)
+            while due and due[0][0] <= now:
+                _, ref = due.popleft()
+                ws = ref()
+                if ws is None or ws.state is not OPEN:
+                    continue  # closed (or closing): forgotten
+                pong = ws.ping_now()
+                pong.add_done_callback(_pong_seen)
+                if self.timeout:
+                    waiting.append((now + self.timeout, ref, pong))
+                due.append((now + self.interval, ref))
+
+
+def _pong_seen(pong: asyncio.Future[float]) -> None:
+    # A connection closed with a ping out sets ConnectionClosed on it: retrieved here.
+    if not pong.cancelled():
+        pong.exception()
+
+
+async def _fail_keepalive(ws: TrackConnection) -> None:
+    """Fail a connection whose pong is late, as websockets' keepalive does."""
+    try:
+        async with ws.send_context():
+            ws.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+    except ConnectionClosed:
+        pass
 
 
 class EventwireServer:
@@ -114,6 +328,9 @@ class EventwireServer:
         self.settings = settings
         self.book = SitesBook(sites_path, sites)
         self._watcher: asyncio.Task[None] | None = None
+        #: Pings every tracking connection (None when ``ping_interval`` is 0).
+        self.keepalive: Keepalive | None = None
+        self._pinger: asyncio.Task[None] | None = None
         self.store: Store | None = None
         self.sessions: Sessions | None = None
         self.public: Server | None = None
@@ -123,6 +340,8 @@ class EventwireServer:
         #: The admin routes (health, metrics, dashboard, live relay), once started.
         self.admin_routes: AdminListener | None = None
         self._connections: dict[TrackConnection, IngestConnection] = {}
+        #: Tracking connections closed since the start.
+        self.closed_connections = 0
         self._draining = False
         self._stopped = asyncio.Event()
         self.files = StaticFiles(PUBLIC_FILES)
@@ -149,6 +368,9 @@ class EventwireServer:
         self.sessions.start()
         if self.book.path is not None:
             self._watcher = asyncio.create_task(self._watch_sites())
+        if settings.ping_interval:
+            self.keepalive = Keepalive(settings.ping_interval, settings.ping_timeout)
+            self._pinger = asyncio.create_task(self.keepalive.run())
         host, port = settings.listen_addr
         self.public = await serve(
             self._handler,
@@ -161,8 +383,9 @@ class EventwireServer:
             max_size=settings.max_frame_bytes,
             # Incoming frames queued per connection before TCP backpressure.
             max_queue=(16, 4),
-            ping_interval=settings.ping_interval,
-            ping_timeout=settings.ping_timeout,
+            # One keepalive task for every connection (Keepalive), not one each.
+            ping_interval=None,
+            ping_timeout=None,
             open_timeout=settings.hello_timeout,
             server_header=None,
             reuse_port=True,
@@ -226,6 +449,8 @@ class EventwireServer:
             await self.admin_routes.close()
         if self._watcher is not None:
             await cancel_and_wait([self._watcher])
+        if self._pinger is not None:
+            await cancel_and_wait([self._pinger])
         if self.sessions is not None:
             await self.sessions.stop()
         if self.store is not None:
@@ -265,6 +490,11 @@ class EventwireServer:
     async def ready(self) -> bool:
         """Whether this process can take events now (Redis answers, not draining)."""
         return not self._draining and self.store is not None and await self.store.ping()
+
+    @property
+    def open_connections(self) -> int:
+        """Tracking connections open now."""
+        return len(self._connections)
 
     @property
     def port(self) -> int:
@@ -369,6 +599,9 @@ class EventwireServer:
             self.book, site, self.settings, codec, metrics.site_counts(site), ws.visitor
         )
         ingest = IngestConnection(protocol, ws, send, self.store, self.sessions, self._is_draining)
+        ws.reader = ingest
+        if self.keepalive is not None:
+            self.keepalive.add(ws)
         self._connections[ws] = ingest
         opened = time.monotonic()
         open_gauge = metrics.CONNECTIONS_OPEN.labels(site)
@@ -377,7 +610,9 @@ class EventwireServer:
         try:
             await ingest.run()
         finally:
+            ws.reader = None
             del self._connections[ws]
+            self.closed_connections += 1
             self.peers.closed(ws.address)
             open_gauge.dec()
             code = ws.close_code if ws.close_code is not None else 1006

@@ -16,8 +16,16 @@ the commands it returns:
   (owned, cancelled when the connection ends), as the loop may be waiting for
   a frame then.
 
-The loop reads no more frames while ``max_inflight_frames`` are unanswered,
-and waits for the client when it does not read its answers (backpressure).
+Frames need no task either: the gateway's connection hands each complete
+message to :meth:`IngestConnection.take` from ``data_received``, which carries
+it out at once when it may (the hot path: decode, judge, submit, in the
+socket's callback). When it may not (before the welcome, while a session
+step runs, while ``max_inflight_frames`` are unanswered, while the client
+does not read its answers, while the server drains) the message waits in the
+connection's inbox, which stops reading the socket when it fills, and the
+receive loop takes it once it may; answers that free room take the waiting
+messages at once too. A failure on the hot path is handed to the receive
+loop, which raises it as before (websockets closes 1011).
 """
 
 from __future__ import annotations
@@ -25,11 +33,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from eventwire import metrics
@@ -49,7 +56,7 @@ from eventwire.core.errors import StoreUnavailable
 from eventwire.core.frames import undecodable_record
 from eventwire.core.validation import Identity
 from eventwire.sessions import Sessions, now_ms
-from eventwire.store import Frame, Store
+from eventwire.store import Frame, FrameIds, Store, pack_frame_ids
 from eventwire.tasks import cancel_and_wait
 
 # ``undecodable_record`` is imported from here by the fuzzers.
@@ -59,6 +66,61 @@ log = structlog.get_logger("eventwire.ingest")
 
 #: Writes one encoded message to the client now, without waiting; never raises.
 SendNow = Callable[[bytes], None]
+
+
+class _Signal:
+    """Wakes the tasks waiting on it: an ``asyncio.Event`` without the deque and the coroutine.
+
+    :meth:`wait` returns a future resolved by the next :meth:`set` (what
+    ``clear()`` then ``wait()`` does with an event). A connection holds two,
+    and 100,000 idle connections hold them all: an event's empty deque alone
+    is 0.6 KiB.
+    """
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def set(self) -> None:
+        """Wake every task waiting now."""
+        waiters = self._waiters
+        if waiters is not None:
+            self._waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future resolved by the next :meth:`set`."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+
+class Socket(Protocol):
+    """What the driver needs of its connection (the gateway's ``TrackConnection``)."""
+
+    #: Messages received and not yet taken, oldest first.
+    inbox: list[bytes]
+    #: Whether the transport's write buffer is over its limit (the client does not read).
+    paused: bool
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closed."""
+
+    def next_message(self) -> bytes:
+        """Remove and return the oldest message of the inbox."""
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is under its limit."""
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close with the closing handshake."""
 
 
 class IngestConnection:
@@ -73,10 +135,36 @@ class IngestConnection:
         draining: whether the server is shutting down (asked before each frame).
     """
 
+    __slots__ = (
+        "_answered",
+        "_arrived",
+        "_bound",
+        "_crash",
+        "_draining",
+        "_held",
+        "_ids",
+        "_keys_uuid",
+        "_live",
+        "_producer_key",
+        "_renewal",
+        "_send",
+        "_session_key",
+        "_steps",
+        "_tag",
+        "close_detail",
+        "member",
+        "protocol",
+        "sessions",
+        "settings",
+        "site",
+        "store",
+        "ws",
+    )
+
     def __init__(
         self,
         protocol: Connection,
-        ws: ServerConnection,
+        ws: Socket,
         send: SendNow,
         store: Store,
         sessions: Sessions,
@@ -95,19 +183,27 @@ class IngestConnection:
         #: The detail of the error the connection was closed for, if any.
         self.close_detail = ""
         #: Session steps and the close, awaited by the receive loop in order.
-        self._steps: deque[Command] = deque()
+        self._steps: list[Command] = []
         self._renewal: asyncio.Task[None] | None = None
         #: Frames whose session ended, until they are sent again.
         self._held: dict[SubmitFrame, Frame] = {}
         #: Set whenever answers went out or a step was queued; every waiter
         #: (room for a frame, a drain, several at once) wakes and looks again.
-        self._answered = asyncio.Event()
+        self._answered = _Signal()
+        #: Set when a message waits in the inbox, a step was queued, the
+        #: customer changed or the connection closed: the idle receive loop looks.
+        self._arrived = _Signal()
         #: The customer the log lines name now.
         self._bound: Identity | None = None
         self._keys_uuid = ""
         self._tag = ""
         self._producer_key = ""
         self._session_key = ""
+        self._ids: FrameIds | None = None
+        #: Messages may be carried out from ``data_received`` (after the welcome).
+        self._live = False
+        #: A failure of the hot path, raised by the receive loop.
+        self._crash: BaseException | None = None
 
     # -- the receive loop ---------------------------------------------------------
 
@@ -118,42 +214,123 @@ class IngestConnection:
         try:
             try:
                 async with asyncio.timeout(self.settings.hello_timeout):
-                    data = await ws.recv(decode=False)
+                    data = await self._next()
             except TimeoutError:
                 self._run(protocol.hello_timed_out())
             else:
+                if data is None:
+                    return
                 self._run(protocol.receive(data, now_ms()))
             await self._settle()
-            while protocol.state != "closed":
+            self._live = True
+            # Steps queued by the hot path (a close among them) are carried
+            # out even when the protocol says closed already.
+            while protocol.state != "closed" or self._steps:
+                if self._crash is not None:
+                    raise self._crash
                 if self._draining():
                     # Read no more, so a busy client cannot hold the drain
                     # open; what it sent meanwhile is unacked and will be resent.
+                    self._live = False
                     self._run(protocol.shutdown())
                     await self._settle()
                     break
-                data = await ws.recv(decode=False)
-                self._run(protocol.receive(data, now_ms()))
-                if protocol.who is not self._bound:
-                    self._bind()
                 if self._steps or not protocol.readable:
                     await self._settle()
+                    continue
                 if ws.paused:  # the client does not read its answers: wait for it
                     await ws.drain()
+                    continue
+                if ws.inbox:
+                    self._pump()
+                    continue
+                if ws.closed:
+                    break
+                await self._arrived.wait()
+                if protocol.who is not self._bound:
+                    self._bind()
         except ConnectionClosed:
             pass
         finally:
+            self._live = False
             await self._finish()
+
+    async def _next(self) -> bytes | None:
+        """The next message of the inbox, waited for; None once the connection closed."""
+        ws = self.ws
+        while not ws.inbox:
+            if ws.closed:
+                return None
+            await self._arrived.wait()
+        return ws.next_message()
+
+    # -- the hot path: messages from data_received ---------------------------------
+
+    def take(self, data: bytes) -> bool:
+        """Carry out one message now if the connection may read it; False: it waits.
+
+        Called by the connection from ``data_received`` with its inbox empty.
+        """
+        protocol = self.protocol
+        if (
+            not self._live
+            or self._steps
+            or not protocol.readable
+            or self.ws.paused
+            or self._draining()
+        ):
+            return False
+        try:
+            self._run(protocol.receive(data, now_ms()))
+        except Exception as exc:
+            self._crashed(exc)
+            return True
+        if protocol.who is not self._bound:
+            # The receive loop names the customer in its log context.
+            self._arrived.set()
+        return True
+
+    def wake(self) -> None:
+        """A message waits in the inbox, or the connection closed: the receive loop looks."""
+        self._arrived.set()
+        self._answered.set()
+
+    def _pump(self) -> None:
+        """Carry out the waiting messages while the connection may read them."""
+        ws = self.ws
+        protocol = self.protocol
+        try:
+            while (
+                ws.inbox
+                and self._live
+                and not self._steps
+                and protocol.readable
+                and not ws.paused
+                and not self._draining()
+            ):
+                self._run(protocol.receive(ws.next_message(), now_ms()))
+        except Exception as exc:
+            self._crashed(exc)
+        if protocol.who is not self._bound:
+            self._arrived.set()
+
+    def _crashed(self, exc: Exception) -> None:
+        """A failure on the hot path: the receive loop raises it."""
+        self._live = False
+        self._crash = exc
+        self.wake()
 
     async def _settle(self) -> None:
         """Carry out the queued steps and wait for answers until a frame may be read."""
         protocol = self.protocol
         while True:
+            if self._crash is not None:
+                raise self._crash
             if self._steps:
-                await self._carry_out(self._steps.popleft())
+                await self._carry_out(self._steps.pop(0))
                 continue
             if protocol.readable or protocol.state == "closed":
                 break
-            self._answered.clear()
             await self._answered.wait()
         if protocol.who is not self._bound:
             self._bind()
@@ -169,7 +346,6 @@ class IngestConnection:
     async def drain(self) -> None:
         """Wait until every received frame has been answered (any number may wait)."""
         while self.protocol.unanswered:
-            self._answered.clear()
             await self._answered.wait()
 
     async def _finish(self) -> None:
@@ -222,7 +398,7 @@ class IngestConnection:
                 self._renewal = asyncio.create_task(self._renew(command))
             else:
                 self._steps.append(command)
-                self._answered.set()
+                self.wake()
                 queued = True
 
     def _submit(self, frame: SubmitFrame) -> None:
@@ -234,10 +410,17 @@ class IngestConnection:
             self._tag = self.store.tag(self.site, uuid)
             self._producer_key = keys.producer(self._tag, self.protocol.producer)
             self._session_key = keys.session(self._tag, uuid)
+            self._ids = None
+        ids = self._ids
+        if ids is None or ids.session != frame.session:
+            # Packed for Redis once per customer and session, not per frame.
+            ids = self._ids = pack_frame_ids(
+                self._producer_key, self._session_key, frame.session, uuid
+            )
         if frame.rejections:
             for r in frame.rejections:
                 metrics.REJECTS.labels(self.site, r.code).inc()
-        self.store.submit(
+        queued = self.store.submit(
             self.site,
             self._tag,
             self._producer_key,
@@ -250,6 +433,7 @@ class IngestConnection:
             self.protocol.owner,
             frame.low,
         )
+        queued.ids = ids
 
     async def _carry_out(self, command: Command) -> None:
         """Carry out one step that waits (a session step, a record, the close)."""
@@ -397,13 +581,17 @@ class IngestConnection:
     # -- FrameSink: called from the store's publisher task ----------------------------
 
     def frame_stored(self, frame: Frame, added: int, duplicate: int) -> None:
-        """The frame's events are in Redis; its ack may go."""
+        """The frame's events are in Redis; its ack may go, and a waiting message be taken."""
         self._run(self.protocol.frame_stored(frame.token, added, duplicate))
+        if self._live and self.ws.inbox:
+            self._pump()
         self._answered.set()
 
     def frame_failed(self, frame: Frame, why: str) -> None:
         """Nothing of the frame is stored; it is nacked."""
         self._run(self.protocol.frame_failed(frame.token))
+        if self._live and self.ws.inbox:
+            self._pump()
         self._answered.set()
 
     def frame_gone(self, frame: Frame) -> None:

@@ -5,15 +5,24 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from hiredis import pack_command
 
+from eventwire.core.config import Settings
+from eventwire.core.ordering import FrameOwner
+from eventwire.core.rules import SitesBook
 from eventwire.gateway import EventwireServer
 from eventwire.store import (
     COUNT_ONLY,
     EVENT,
+    FN_PUBLISH,
     LIBRARY_VERSION,
     REJECT_ALWAYS,
+    Frame,
     Keys,
+    Store,
+    bulk_count,
+    connect_redis,
     pack_args,
     pack_fcall,
+    pack_frame_ids,
     pack_items,
 )
 from tests.wire import client_events, event, peer
@@ -78,4 +87,53 @@ def test_packing_matches_hiredis() -> None:
     assert b"".join(packed) == pack_command(("FCALL", "ew_fn", len(keys), *keys, *args, *items))
     assert b"".join(pack_args(("FUNCTION", "LOAD", "REPLACE", "#!lua"))) == pack_command(
         ("FUNCTION", "LOAD", "REPLACE", "#!lua")
+    )
+
+
+def test_publish_batch_matches_hiredis() -> None:
+    """A batch's publish call (frame ids packed once per connection) is what hiredis packs.
+
+    Two frames of one connection (the second with a new session: its ids
+    are packed again) and one of another, in one call.
+    """
+    settings = Settings()
+    store = Store(connect_redis("redis://127.0.0.1:1/0", settings), settings, SitesBook(None, {}))
+    keys = store.keys
+    owner = FrameOwner()
+
+    def frame(uuid: str, session: str, items: list[object]) -> Frame:
+        tag = "shop"
+        f = Frame(
+            "shop",
+            tag,
+            keys.producer(tag, "p-" + uuid),
+            keys.session(tag, uuid),
+            session,
+            uuid,
+            items,
+            None,  # type: ignore[arg-type]
+            None,
+            owner,
+            1,
+        )
+        return f
+
+    a1 = frame("u-1", "s-1", [1, EVENT, b'{"a":1}'])
+    a1.ids = pack_frame_ids(a1.producer_key, a1.session_key, "s-1", "u-1")
+    a2 = frame("u-1", "s-2", [2, EVENT, b"{}", 3, COUNT_ONLY, b""])
+    a2.ids = a1.ids  # packed for s-1: the batch packs them again for s-2
+    b1 = frame("u-\u00e9", "s-9", [7, REJECT_ALWAYS, b"x" * 300])
+    (call,), routes = store._pack_batch({"shop": [a1, a2, b1]})
+    head = [keys.events("shop"), keys.rejected("shop"), keys.due("shop")]
+    fkeys = [k for f in (a1, a2, b1) for k in (f.producer_key, f.session_key)]
+    fargs = list(store._publish_args("shop"))
+    tail = [x for f in (a1, a2, b1) for x in (f.session, f.uuid, f.n, *f.args)]
+    expected = pack_command(
+        ("FCALL", FN_PUBLISH, len(head) + len(fkeys), *head, *fkeys, *fargs, *tail)
+    )
+    assert b"".join(call) == expected
+    assert routes == [keys.events("shop")]
+    assert a2.ids.session == "s-2"
+    assert b"".join(bulk_count(n) for n in (0, 7, 100, 101, 5000)) == b"".join(
+        pack_command(("X", n))[len(b"*2\r\n$1\r\nX\r\n") :] for n in (0, 7, 100, 101, 5000)
     )

@@ -28,7 +28,9 @@ from eventwire.core.config import LoadedConfig, add_source_flags, describe, load
 from eventwire.core.errors import ConfigError
 from eventwire.core.rules import SiteRules, describe_sites, load_sites
 from eventwire.gateway import EventwireServer
+from eventwire.heap import HeapKeeper
 from eventwire.log import configure
+from eventwire.tasks import cancel_and_wait
 
 #: How long ``eventwire send`` waits for its event to be acked.
 SEND_TIMEOUT = 5.0
@@ -147,6 +149,10 @@ async def _serve(loaded: LoadedConfig, sites: dict[str, SiteRules]) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_sites)
     await server.start()
+    # Full collections walk only what is new (eventwire.heap): with many open
+    # connections a full pass would stop every answer for a second.
+    keeper = HeapKeeper(lambda: server.open_connections, lambda: server.closed_connections)
+    heap = asyncio.create_task(keeper.run())
     orphaned: asyncio.Task[None] | None = None
     if lifeline is not None:
         try:
@@ -161,6 +167,7 @@ async def _serve(loaded: LoadedConfig, sites: dict[str, SiteRules]) -> int:
         orphaned.cancel()
         await asyncio.wait([orphaned])
     await server.stop()
+    await cancel_and_wait([heap])
     if lifeline is not None:
         lifeline.close()
     return 0

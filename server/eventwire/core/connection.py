@@ -36,7 +36,6 @@ frames are stored for the customer they were sent for.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Final, Literal, Protocol
 
 import msgspec
@@ -176,7 +175,7 @@ class Connection:
         self.bucket: TokenBucket | None = None
         self.owner = FrameOwner()
         #: Frames and answers not yet sent, in arrival order.
-        self._queue: deque[SubmitFrame | _Answer] = deque()
+        self._queue: list[SubmitFrame | _Answer] = []
         #: Frames whose session ended on their way, in order, while a new one opens.
         self._gone: list[SubmitFrame] = []
         self._renewing = False
@@ -704,7 +703,7 @@ class Connection:
             reply = entry.reply
             if reply is None:
                 break
-            queue.popleft()
+            queue.pop(0)
             out.append(Send(reply, entry.nack))
         if not queue and self.state in ("identifying", "closing"):
             out += self._after_answers()

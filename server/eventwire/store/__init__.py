@@ -104,6 +104,7 @@ from eventwire.store.replies import (
     parse_publish,
     parse_reap,
     parse_stream_info,
+    publish_counts,
     reply_field,
     reply_text,
     stream_entries,
@@ -112,7 +113,14 @@ from eventwire.store.replies import (
     trimmed_after,
     xread_entries,
 )
-from eventwire.store.resp import pack_args, pack_fcall, pack_items
+from eventwire.store.resp import (
+    FrameIds,
+    bulk_count,
+    pack_args,
+    pack_fcall,
+    pack_frame_ids,
+    pack_items,
+)
 from eventwire.store.streams import (
     StreamsReader,
     read_page,
@@ -150,6 +158,7 @@ __all__ = [
     "ConsumerInfo",
     "CustomerKeys",
     "Frame",
+    "FrameIds",
     "FrameResult",
     "FrameSink",
     "GroupInfo",
@@ -182,6 +191,7 @@ __all__ = [
     "StreamInfo",
     "StreamProgress",
     "StreamsReader",
+    "bulk_count",
     "call_keys",
     "connect_redis",
     "connect_stream_reader",
@@ -194,6 +204,7 @@ __all__ = [
     "on_key_node",
     "pack_args",
     "pack_fcall",
+    "pack_frame_ids",
     "pack_items",
     "parse_alias",
     "parse_consumers",
@@ -205,6 +216,7 @@ __all__ = [
     "parse_publish",
     "parse_reap",
     "parse_stream_info",
+    "publish_counts",
     "read_page",
     "read_site_summary",
     "redis_client",

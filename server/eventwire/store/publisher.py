@@ -37,15 +37,27 @@ from eventwire.store.functions import (
     FN_PUBLISH,
     LOAD_LIBRARY,
     PublishArgs,
-    PublishFrameArgs,
-    PublishFrameKeys,
     PublishKeys,
     session_end_record,
 )
 from eventwire.store.keys import Keys
 from eventwire.store.privacy import Subjects
-from eventwire.store.replies import PublishReply, SiteSnapshot, missing_function, parse_publish
-from eventwire.store.resp import bulk, pack_args, pack_fcall, pack_items
+from eventwire.store.replies import (
+    PUBLISH_FULL,
+    PUBLISH_GONE,
+    SiteSnapshot,
+    missing_function,
+    publish_counts,
+)
+from eventwire.store.resp import (
+    FrameIds,
+    bulk,
+    bulk_count,
+    pack_args,
+    pack_fcall,
+    pack_frame_ids,
+    pack_items,
+)
 from eventwire.store.streams import read_site_summary
 
 log = structlog.get_logger("eventwire.store")
@@ -89,6 +101,7 @@ class Frame:
         "args",
         "epoch",
         "first_seq",
+        "ids",
         "n",
         "owner",
         "producer_key",
@@ -128,6 +141,8 @@ class Frame:
         self.owner = owner
         self.epoch = owner.epoch
         self.first_seq = first_seq
+        #: The frame's keys and ids packed (for :attr:`session`), or None: packed when sent.
+        self.ids: FrameIds | None = None
 
     def fail(self, why: str) -> None:
         """Tell the sink, and poison the owner's epoch (see :class:`FrameOwner`)."""
@@ -370,29 +385,51 @@ class Store:
             await self._flush(batch, lane)
 
     def _pack_batch(self, by_tag: dict[str, list[Frame]]) -> tuple[list[list[bytes]], list[str]]:
-        """One packed ``publish`` call per tag (all its keys share one slot), and its route key."""
+        """One packed ``publish`` call per tag (all its keys share one slot), and its route key.
+
+        The call is ``FCALL publish numkeys`` with the tag's three keys and two
+        per frame, the site's arguments, then per frame its session id, uuid,
+        n and n items. A frame's keys and ids come packed from its connection
+        (:attr:`Frame.ids`, packed here once if not); the site's part once per
+        site and batch.
+        """
         calls: list[list[bytes]] = []
         routes: list[str] = []
         keys = self.keys
-        # The arguments of a site, the same for each of its partitions.
-        site_args: dict[str, PublishArgs] = {}
+        # The arguments of a site, the same for each of its partitions, packed.
+        site_args: dict[str, list[bytes]] = {}
         for tag, frames in by_tag.items():
             site = frames[0].site
             fargs = site_args.get(site)
             if fargs is None:
-                fargs = site_args[site] = self._publish_args(site)
+                fargs = site_args[site] = [bulk(a) for a in self._publish_args(site)]
             head = PublishKeys(keys.events(tag), keys.rejected(tag), keys.due(tag))
-            fkeys: list[str] = [*head]
             routes.append(head.events)
-            # Each frame's keys, then its arguments and its n items, packed now.
+            frame_keys: list[bytes] = []
             tail: list[bytes] = []
             count = 0
             for frame in frames:
-                fkeys += PublishFrameKeys(frame.producer_key, frame.session_key)
-                tail += map(bulk, PublishFrameArgs(frame.session, frame.uuid, frame.n))
+                ids = frame.ids
+                if ids is None or ids.session != frame.session:
+                    ids = frame.ids = pack_frame_ids(
+                        frame.producer_key, frame.session_key, frame.session, frame.uuid
+                    )
+                frame_keys.append(ids.keys)
+                tail.append(ids.args)
+                tail.append(bulk_count(frame.n))
                 tail.append(pack_items(frame.args))
                 count += 3 + 3 * frame.n
-            calls.append(pack_fcall(FN_PUBLISH, fkeys, fargs, tail, count))
+            nkeys = len(head) + 2 * len(frames)
+            start = ("FCALL", FN_PUBLISH, nkeys, *head)
+            calls.append(
+                [
+                    b"*%d\r\n" % (len(start) + 2 * len(frames) + len(fargs) + count),
+                    *map(bulk, start),
+                    *frame_keys,
+                    *fargs,
+                    *tail,
+                ]
+            )
         return calls, routes
 
     async def _flush(self, batch: list[Frame], lane: _Lane) -> None:
@@ -422,35 +459,49 @@ class Store:
                 for frame in frames:
                     frame.fail(f"redis error: {result}")
                 continue
-            self._settle(frames, parse_publish(result, len(frames)))
+            try:
+                counts, backlog = publish_counts(result, len(frames))
+            except (ValueError, TypeError) as exc:
+                metrics.STORE_ERRORS.inc()
+                log.error("publish_reply_malformed", error=str(exc), frames=len(frames))
+                for frame in frames:
+                    frame.fail(f"redis answered: {exc}")
+                continue
+            self._settle(frames, counts, backlog)
 
-    def _settle(self, frames: list[Frame], reply: PublishReply) -> None:
-        """Tell each frame of one tag's call how it ended; note the stream's backlog."""
+    def _settle(self, frames: list[Frame], counts: list[int], backlog: int | None) -> None:
+        """Tell each frame of one tag's call how it ended; note the stream's backlog.
+
+        ``counts`` holds ``added, duplicate, status`` per frame (:func:`publish_counts`).
+        """
         first = frames[0]
         tag, site = first.tag, first.site
         full = 0
-        for frame, done in zip(frames, reply.frames, strict=True):
-            if done.full:
+        i = 0
+        for frame in frames:
+            status = counts[i + 2]
+            if status == PUBLISH_FULL:
                 full += 1
                 # Nothing stored: nacked unavailable, and the frames behind it
                 # on this connection wait (FrameOwner), so the order holds.
                 frame.fail("persist backlog at max_backlog")
-            elif done.gone:
+            elif status == PUBLISH_GONE:
                 frame.sink.frame_gone(frame)
             else:
-                frame.sink.frame_stored(frame, done.added, done.duplicate)
+                frame.sink.frame_stored(frame, counts[i], counts[i + 1])
+            i += 3
         if full:
             metrics.BACKLOG_NACKS.labels(site).inc(full)
-            self._backpressured(tag, site, full, reply.backlog)
-        elif tag in self._full and (reply.backlog or 0) <= self._max_backlog(site) // 2:
+            self._backpressured(tag, site, full, backlog)
+        elif tag in self._full and (backlog or 0) <= self._max_backlog(site) // 2:
             # Hysteresis: a worker draining a full backlog while clients resend
             # brings it just under the cap many times; that is one episode.
             _, refused = self._full.pop(tag)
             log.info(
                 "backlog_resumed", site=site, stream=self.keys.events(tag), refused=int(refused)
             )
-        if reply.backlog is not None:
-            self._backlogs[tag] = reply.backlog
+        if backlog is not None:
+            self._backlogs[tag] = backlog
             tags = self.tags(site)
             metrics.BACKLOG_ENTRIES.labels(site).set(sum(self._backlogs.get(t, 0) for t in tags))
             metrics.BACKLOG_MAX.labels(site).set(self._max_backlog(site) * len(tags))

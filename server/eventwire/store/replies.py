@@ -399,17 +399,39 @@ class PublishReply(NamedTuple):
     backlog: int | None
 
 
+#: ``publish``'s status of a frame (:func:`publish_counts`).
+PUBLISH_STORED: Final = 0
+PUBLISH_GONE: Final = 1
+PUBLISH_FULL: Final = 2
+
+
+def publish_counts(reply: Sequence[Any], frames: int) -> tuple[list[int], int | None]:
+    """``publish``'s reply as flat ``[added, duplicate, status, ...]`` ints, and the backlog.
+
+    The publisher's form of :func:`parse_publish`: no object per frame.
+    Status :data:`PUBLISH_STORED`, :data:`PUBLISH_GONE` or :data:`PUBLISH_FULL`.
+
+    Raises:
+        ValueError: the reply does not hold ``frames`` results and a backlog.
+    """
+    if len(reply) != 3 * frames + 1:
+        raise ValueError(f"publish answered {len(reply)} values for {frames} frames")
+    counts = list(map(int, reply))
+    backlog = counts.pop()
+    return counts, None if backlog < 0 else backlog
+
+
 def parse_publish(reply: Sequence[Any], frames: int) -> PublishReply:
     """``publish``'s reply: ``{added, duplicate, status}`` per frame, then the backlog.
 
     Status 0 is stored, 1 gone, 2 full.
     """
-    results = []
-    for i in range(0, 3 * frames, 3):
-        status = int(reply[i + 2])
-        results.append(FrameResult(int(reply[i]), int(reply[i + 1]), status == 1, status == 2))
-    backlog = int(reply[3 * frames])
-    return PublishReply(results, None if backlog < 0 else backlog)
+    counts, backlog = publish_counts(reply, frames)
+    results = [
+        FrameResult(counts[i], counts[i + 1], counts[i + 2] == 1, counts[i + 2] == 2)
+        for i in range(0, 3 * frames, 3)
+    ]
+    return PublishReply(results, backlog)
 
 
 class OpenReply(NamedTuple):

@@ -11,7 +11,7 @@ whole. ``tests/test_store.py`` checks the bytes against hiredis.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from eventwire.core.frames import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS
 
@@ -32,6 +32,42 @@ def bulk(value: Any) -> bytes:
     else:
         raise TypeError(f"cannot send {type(value).__name__} to Redis")
     return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+#: The counts of small frames, packed once.
+_COUNTS: Final = [b"$%d\r\n%d\r\n" % (len(b"%d" % n), n) for n in range(101)]
+
+
+def bulk_count(n: int) -> bytes:
+    """A non-negative count as a RESP bulk string (the common ones packed once)."""
+    return _COUNTS[n] if n < len(_COUNTS) else bulk(n)
+
+
+class FrameIds(NamedTuple):
+    """A frame's KEYS (producer, session) and first ARGV (session id, uuid) of ``publish``, packed.
+
+    They change only with the connection's customer and session, so a
+    connection packs them once and its frames carry them (:class:`~eventwire.store.Frame`).
+    """
+
+    #: The session id they were packed for.
+    session: str
+    keys: bytes
+    args: bytes
+
+
+def pack_frame_ids(producer_key: str, session_key: str, session: str, uuid: str) -> FrameIds:
+    """:class:`FrameIds` of one frame: two keys and two arguments, each a RESP bulk string.
+
+    The layouts of :class:`~eventwire.store.functions.PublishFrameKeys` and
+    the first two fields of :class:`~eventwire.store.functions.PublishFrameArgs`.
+    """
+    k1, k2, s, u = producer_key.encode(), session_key.encode(), session.encode(), uuid.encode()
+    return FrameIds(
+        session,
+        b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(k1), k1, len(k2), k2),
+        b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(s), s, len(u), u),
+    )
 
 
 def pack_args(args: Sequence[Any]) -> list[bytes]:
