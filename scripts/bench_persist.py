@@ -4,15 +4,26 @@ Fills a site's events stream in a private Redis with N stored events (the
 JSON the server writes), then runs one worker (server/persist) until every
 row is in the store, and prints rows/s. Used by ``scripts/bench --persist N``.
 
+With ``--workers K`` (K > 1) it starts K ``eventwire persist`` processes on
+the same group instead (they share the stream), timed from the first entry
+read until the group has acknowledged every entry.
+
 usage: bench_persist.py --redis-url URL --dsn sqlite:///PATH|postgresql://... [-n 50000]
+                        [--workers K]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import secrets
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import msgspec
 import redis.asyncio as aioredis
@@ -24,6 +35,7 @@ from eventwire.persist.sinks import open_sink
 from eventwire.persist.worker import PersistOptions, Worker
 
 SITE = "bench"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def fill(redis: aioredis.Redis, n: int) -> None:
@@ -50,15 +62,80 @@ async def fill(redis: aioredis.Redis, n: int) -> None:
         await pipe.execute()
 
 
+async def processes(args: argparse.Namespace, redis: aioredis.Redis) -> float:
+    """Seconds K ``eventwire persist`` processes take to store the whole stream."""
+    stream = f"ew:{{{SITE}}}:events"
+    with contextlib.suppress(aioredis.ResponseError):
+        await redis.xgroup_destroy(stream, "persist")
+    sites = Path(tempfile.mkdtemp()) / "sites.toml"
+    sites.write_text(f"[sites.{SITE}]\nallow_no_origin = true\n")
+    procs = [
+        subprocess.Popen(  # noqa: ASYNC220 - started here, stopped below
+            [
+                sys.executable,
+                "-m",
+                "eventwire",
+                "persist",
+                "--sites",
+                str(sites),
+                "--redis",
+                args.redis_url,
+                "--dsn",
+                args.dsn,
+            ],
+            cwd=ROOT,
+            env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(args.workers)
+    ]
+    started = None
+    try:
+        while True:
+            groups = []
+            with contextlib.suppress(aioredis.ResponseError):
+                groups = await redis.xinfo_groups(stream)
+            if groups:
+                (group,) = groups
+                if started is None and int(group["entries-read"] or 0) > 0:
+                    started = time.perf_counter()
+                if started is not None and group["lag"] == 0 and group["pending"] == 0:
+                    return time.perf_counter() - started
+            await asyncio.sleep(0.01)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--dsn", required=True)
     parser.add_argument("-n", type=int, default=50_000)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     redis = aioredis.Redis.from_url(args.redis_url)
     await redis.delete(f"ew:{{{SITE}}}:events")
     await fill(redis, args.n)
+    store = args.dsn.split(":", 1)[0]
+    if args.workers > 1:
+        check = open_sink(args.dsn)
+        await check.open()
+        before = await check.count(SITE)
+        elapsed = await processes(args, redis)
+        stored = await check.count(SITE) - before
+        await check.close()
+        await redis.aclose()
+        if stored != args.n:
+            raise SystemExit(f"{stored} rows stored of {args.n}")
+        print(
+            f"persist into {store} ({args.workers} worker processes): {args.n} rows in "
+            f"{elapsed:.2f} s: {args.n / elapsed:,.0f} rows/s; load {os.getloadavg()[0]:.2f}"
+        )
+        return
     settings = msgspec.convert({"redis_url": args.redis_url}, Settings)
     book = SitesBook(None, {SITE: SiteRules(SITE, SiteConfig(allow_no_origin=True))})
     sink = open_sink(args.dsn)
@@ -80,7 +157,6 @@ async def main() -> None:
     await check.close()
     if stored != args.n:
         raise SystemExit(f"{stored} rows stored of {args.n}")
-    store = args.dsn.split(":", 1)[0]
     print(f"persist into {store}: {args.n} rows in {elapsed:.2f} s: {args.n / elapsed:,.0f} rows/s")
 
 

@@ -54,7 +54,10 @@ def batches(n: int, customers: int, now: int) -> list[list[EventRow]]:
             uuid = f"c{int(customers * rng.random() ** 3)}"
             action = "page.visit" if page else f"product.view{seq % 5}"
             t = now - 300_000 + seq * 5 % 300_000
-            row = EventRow("s", "p", seq, uuid, "x", action, action, t, t, None, params, False)
+            row = EventRow(
+                site="s", producer="p", seq=seq, uuid=uuid, session="x", action=action,
+                label=action, time=t, received=t, params=msgspec.Raw(params.encode()),
+            )  # fmt: skip
             rows.append(row)
         out.append(rows)
     return out

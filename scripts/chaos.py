@@ -8,16 +8,20 @@ ledger of the events it tracked (label = a unique id). For ``-t`` seconds it
 injects, at random bounded times drawn from ``--seed``: SIGKILL of a server
 child (the supervisor starts another), SIGKILL of a persist worker
 (restarted; its batch is reclaimed), Redis stopped and started again on its
-AOF, and both persist workers stopped until the backlog reaches
-``max_backlog`` (frames are then nacked) and 2 s more. At the end every
-client flushes (everything tracked must be acked), the workers drain, and
-the ledgers are compared with the store's rows: it prints acked, stored,
-missing, doubled, nacks and faults, and exits 1 on any missing or doubled
-row (or an unacked event).
+AOF, both persist workers stopped until the backlog reaches
+``max_backlog`` (frames are then nacked) and 2 s more, and the store
+refusing the workers for 3 to 15 s (SQLite: another connection holds the
+file's write lock, past the workers' 10 s busy timeout; PostgreSQL: the
+workers' connections are terminated as soon as they connect). At the end
+every client flushes (everything tracked must be acked), the workers drain,
+and the ledgers are compared with the store's rows: it prints acked, stored,
+missing, doubled, nacks by code, faults and the longest time an acked event
+waited to be a row (sampled every 0.25 s: the stream's newest entry, and
+when the group had stored everything up to it), and exits 1 on any missing
+or doubled row (or an unacked event).
 
-Not here yet (see the README): the load generator as a second client kind,
-the store refusing connections, nacks by code, and the longest time from
-ack to row.
+Not here yet (see the README): the raw load generator (bench/loadgen.py)
+as a second client kind.
 
 usage: chaos.py [-t 60] [--dsn URL] [--seed N] [--clients 4]
 """
@@ -34,6 +38,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -44,7 +49,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from eventwire.client import EventwireClient
-from eventwire.persist.sinks import open_sink
+from eventwire.persist.sinks import open_sink, sqlite_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "chaos"
@@ -89,6 +94,11 @@ class Rig:
 
     def __init__(self, work: Path, dsn: str) -> None:
         self.work = work
+        #: PostgreSQL: the workers' connections carry a name of this run's own,
+        #: so the refusal fault ends theirs and no one else's.
+        self.app = f"eventwire-chaos-{os.getpid()}"
+        if dsn.startswith("postgres"):
+            dsn += ("&" if "?" in dsn else "?") + f"application_name={self.app}"
         self.dsn = dsn
         self.redis_port = free_port()
         self.port = free_port()
@@ -163,6 +173,33 @@ class Rig:
         await asyncio.sleep(down)
         await self.start_redis()
 
+    async def refuse_store(self, seconds: float) -> None:
+        """The store refuses the workers for ``seconds``."""
+        until = time.monotonic() + seconds
+        if not self.dsn.startswith("postgres"):
+            # The write lock, held: the workers' writes wait 10 s and fail.
+            db = sqlite3.connect(sqlite_path(self.dsn), isolation_level=None, timeout=30)
+            try:
+                db.execute("BEGIN EXCLUSIVE")
+                await asyncio.sleep(seconds)
+                db.execute("ROLLBACK")
+            finally:
+                db.close()
+            return
+        import asyncpg  # type: ignore[import-untyped]
+
+        conn = await asyncpg.connect(self.dsn.split("?")[0])
+        try:
+            while time.monotonic() < until:
+                await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                    self.app,
+                )
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+
     def stop(self) -> None:
         """Stop everything this rig started."""
         for i in range(len(self.workers)):
@@ -193,6 +230,49 @@ async def backlog(redis: aioredis.Redis) -> int | None:
         return None
 
 
+async def stored_frontier(redis: aioredis.Redis) -> tuple[int, int] | None:
+    """An id below which the group has stored every entry (None: Redis away)."""
+    try:
+        (group,) = await redis.xinfo_groups(STREAM)
+        summary = await redis.xpending(STREAM, "persist")
+    except (aioredis.RedisError, OSError, ValueError):
+        return None
+    oldest = summary["min"] if summary["pending"] else None
+    raw = oldest if oldest is not None else group["last-delivered-id"]
+    ms, _, seq = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition("-")
+    # Everything before the oldest pending entry is stored; with none pending,
+    # everything delivered is (the last delivered one included).
+    return (int(ms), int(seq)) if oldest is not None else (int(ms), int(seq) + 1)
+
+
+async def ack_to_row(redis_url: str, stop: asyncio.Event, longest: list[float]) -> None:
+    """The longest wait from an entry's arrival to its row, sampled every 0.25 s.
+
+    Each sample notes the stream's newest entry and the time; a later sample
+    whose stored frontier is past it closes that wait.
+    """
+    redis = aioredis.Redis.from_url(redis_url)
+    probes: collections.deque[tuple[float, tuple[int, int]]] = collections.deque()
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            with contextlib.suppress(aioredis.RedisError, OSError, ValueError):
+                info = await redis.xinfo_stream(STREAM)
+                raw = info["last-generated-id"]
+                ms, _, seq = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition("-")
+                if int(info["length"]) and (not probes or probes[-1][1] != (int(ms), int(seq))):
+                    probes.append((now, (int(ms), int(seq))))
+            frontier = await stored_frontier(redis)
+            while frontier is not None and probes and probes[0][1] < frontier:
+                longest[0] = max(longest[0], now - probes.popleft()[0])
+            if probes:  # still waiting: a lower bound already
+                longest[1] = max(longest[1], now - probes[0][0])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.25)
+    finally:
+        await redis.aclose()
+
+
 async def client_loop(url: str, n: int, stop: asyncio.Event, ledger: list[str]) -> EventwireClient:
     """One client tracking ~200 events/s until ``stop``; each event's label goes in ``ledger``."""
     client = EventwireClient(url, f"chaos-cust-{n}", batch_size=50)
@@ -216,7 +296,9 @@ async def faults(
     try:
         while time.monotonic() + 8 < until:
             await asyncio.sleep(rng.uniform(3, 8))
-            kind = rng.choice(["server child", "persist worker", "redis", "workers stopped"])
+            kind = rng.choice(
+                ["server child", "persist worker", "redis", "workers stopped", "store refuses"]
+            )
             if kind == "server child":
                 if not rig.kill_server_child(rng):
                     continue
@@ -229,6 +311,8 @@ async def faults(
                 await rig.restart_redis(rng.uniform(0.2, 2.0))
                 await redis.aclose()
                 redis = aioredis.Redis.from_url(rig.redis_url)
+            elif kind == "store refuses":
+                await rig.refuse_store(rng.uniform(3, 15))
             else:
                 rig.kill_worker(0)
                 rig.kill_worker(1)
@@ -250,8 +334,12 @@ async def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     rig = Rig(work, dsn)
     print(f"chaos: seed {args.seed}, {args.t:g} s, store {dsn.split(':')[0]}, work dir {work}")
-    await rig.start_redis()
-    await rig.start_server()
+    try:
+        await rig.start_redis()
+        await rig.start_server()
+    except BaseException:
+        rig.stop()  # nothing of this run is left running
+        raise
     rig.start_worker(0)
     rig.start_worker(1)
     redis = aioredis.Redis.from_url(rig.redis_url)
@@ -265,6 +353,9 @@ async def run(args: argparse.Namespace) -> int:
     ]
     done: collections.Counter[str] = collections.Counter()
     code = 0
+    waits = [0.0, 0.0]  # longest closed wait, longest open one
+    sampled = asyncio.Event()
+    sampler = asyncio.create_task(ack_to_row(rig.redis_url, sampled, waits))
     try:
         await faults(rig, rng, time.monotonic() + args.t, done)
         stop.set()
@@ -276,6 +367,9 @@ async def run(args: argparse.Namespace) -> int:
             except TimeoutError:
                 unacked += 1
         nacks = sum(c.nacks for c in clients)
+        codes: collections.Counter[str] = collections.Counter()
+        for c in clients:
+            codes.update(c.nack_codes)
         for client in clients:
             await client.__aexit__(None, None, None)
         for i in range(2):  # both workers up for the drain
@@ -288,6 +382,9 @@ async def run(args: argparse.Namespace) -> int:
                 code = 1
                 break
             await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # a last sample of the drained stream
+        sampled.set()
+        await sampler
         sink = open_sink(dsn)
         await sink.open()
         stored: collections.Counter[str] = collections.Counter()
@@ -303,11 +400,15 @@ async def run(args: argparse.Namespace) -> int:
         print(
             f"chaos: acked {len(acked):,}, stored {sum(stored.values()):,}, missing {missing}, "
             f"doubled {doubled}, unknown {foreign}, clients not flushed {unacked}, "
-            f"nacks {nacks:,}; faults: {dict(done)}"
+            f"nacks {nacks:,} {dict(codes)}; faults: {dict(done)}; longest ack-to-row "
+            f"{max(waits):.1f} s"
         )
         if missing or doubled or foreign or unacked:
             code = 1
     finally:
+        sampled.set()
+        with contextlib.suppress(Exception):
+            await sampler
         await redis.aclose()
         rig.stop()
     print("chaos: " + ("OK" if code == 0 else f"FAILED (logs in {work})"))

@@ -206,8 +206,11 @@ async def a_day_stored(dsn: str, rng: random.Random) -> int:
             )[0]
             params = json.dumps({"url": f"https://shop.example{rng.choice(pages)}"})
             rows.append(
-                EventRow("shop", "p-history", seq, uuid, f"s-{uuid}", action, action, t, t,
-                         None, params if action == "page.visit" else "{}", False)
+                EventRow(
+                    site="shop", producer="p-history", seq=seq, uuid=uuid, session=f"s-{uuid}",
+                    action=action, label=action, time=t, received=t,
+                    params=msgspec.Raw((params if action == "page.visit" else "{}").encode()),
+                )
             )  # fmt: skip
     sink = open_sink(dsn)
     await sink.open()

@@ -140,6 +140,13 @@ async def test_sites_and_summary(server: EventwireServer, redis: aioredis.Redis)
     assert summary["rejected"]["length"] == 1
     seconds, _ = await redis.time()
     assert abs(summary["now"] - seconds * 1000) < 5000
+    assert summary["backlog"] is None  # no persist group yet
+    assert summary["max_backlog"] == server.settings.stream_maxlen  # the default cap
+    # With the group: its unacknowledged entries, one read and left pending.
+    await redis.xgroup_create("ew:{shop}:events", "persist", id="0")
+    await redis.xreadgroup("persist", "w", {"ew:{shop}:events": ">"}, count=1)
+    backlog = json.loads((await fetch(server.admin_url + "/v1/sites/shop/summary"))[2])
+    assert backlog["backlog"] == len(ids)
     empty = json.loads((await fetch(server.admin_url + "/v1/sites/app/summary"))[2])
     assert (empty["open_sessions"], empty["events"], empty["rejected"]) == (0, None, None)
     assert (await fetch(server.admin_url + "/v1/sites/nope/summary"))[0] == 404

@@ -60,8 +60,8 @@ from eventwire.core.errors import StoreUnavailable
 from eventwire.live import LiveQuery, Relay, parse_query
 from eventwire.pages import StaticFiles
 from eventwire.persist.ranges import RANGES, RollupReader, RollupsUnavailable
-from eventwire.store import SiteSnapshot, Store, StreamInfo
-from eventwire.store.survey import find_site
+from eventwire.store import Keys, SiteSnapshot, Store, StreamInfo
+from eventwire.store.survey import find_site, group_state
 
 log = structlog.get_logger("eventwire.admin")
 
@@ -113,6 +113,10 @@ class _Summary(msgspec.Struct, kw_only=True):
     open_sessions: int
     events: _Stream | None
     rejected: _Stream | None
+    #: [ext] Entries the persist group has not acknowledged (None: no group yet).
+    backlog: int | None = None
+    #: [ext] Where frames are refused (``max_backlog`` x partitions; 0: ``on_backlog = "trim"``).
+    max_backlog: int = 0
 
 
 class _Sites(msgspec.Struct, kw_only=True):
@@ -313,12 +317,27 @@ class AdminListener:
             snap: SiteSnapshot = await self.store.site_summary(site)
         except StoreUnavailable as exc:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{exc}\n")
+        rules = self.store.book.get(site)
+        assert rules is not None
+        tags = self.store.tags(site)
+        try:
+            groups = [
+                await group_state(self.store.redis, self.store.keys.events(tag), Keys.PERSIST_GROUP)
+                for tag in tags
+            ]
+        except StoreUnavailable as exc:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{exc}\n")
+        backlog = None
+        if groups and all(g.grouped and g.lag is not None for g in groups):
+            backlog = sum(g.pending + (g.lag or 0) for g in groups)
         summary = _Summary(
             site=site,
             now=snap.now_ms,
             open_sessions=snap.open_sessions,
             events=_stream(snap.events),
             rejected=_stream(snap.rejected),
+            backlog=backlog,
+            max_backlog=rules.backlog_limit(self.settings) * len(tags),
         )
         return _json(connection, HTTPStatus.OK, summary)
 

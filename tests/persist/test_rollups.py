@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -207,8 +208,9 @@ def row(
 ) -> EventRow:
     """An events row of site ``app`` (``bot``: stored as a bot's, docs/protocol.md section 18)."""
     return EventRow(
-        "app", "p", seq, uuid, "s", action, action, received, received, None, params, False, bot
-    )
+        site="app", producer="p", seq=seq, uuid=uuid, session="s", action=action, label=action,
+        time=received, received=received, params=msgspec.Raw(params.encode()), bot=bot,
+    )  # fmt: skip
 
 
 async def test_sink_counts_only_rows_it_inserted(dsn: str) -> None:  # noqa: F811

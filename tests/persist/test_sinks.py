@@ -6,13 +6,23 @@ import msgspec
 import pytest
 
 from eventwire.core.records import StoredEvent, record_encoder
-from eventwire.persist.sinks import EventRow, decode_event, decode_row, open_sink, to_row
+from eventwire.persist.sinks import (
+    EventRow,
+    decode_event,
+    decode_row,
+    decode_rows,
+    open_sink,
+    to_row,
+)
 from tests.persist.test_worker import dsn  # noqa: F401 - the store fixture
 
 
-def row(seq: int, params: str = '{"sku": "S1"}') -> EventRow:
+def row(seq: int, params: bytes = b'{"sku": "S1"}') -> EventRow:
     """One event row of site ``s``, producer ``p``."""
-    return EventRow("s", "p", seq, "u", "sess", "product.view", "Viewed", 1, 2, None, params, False)
+    return EventRow(
+        site="s", uuid="u", session="sess", producer="p", seq=seq, action="product.view",
+        label="Viewed", time=1, received=2, params=msgspec.Raw(params),
+    )  # fmt: skip
 
 
 async def test_write_is_idempotent_and_survives_a_failed_batch(dsn: str) -> None:  # noqa: F811
@@ -22,7 +32,7 @@ async def test_write_is_idempotent_and_survives_a_failed_batch(dsn: str) -> None
     try:
         assert await sink.write([row(1), row(2), row(2)]) == 2
         assert await sink.write([row(1), row(2), row(3)]) == 1
-        bad = [row(4), msgspec.structs.replace(row(5), params="{not json")]
+        bad = [row(4), row(5, params=b"{not json")]
         if dsn.startswith("postgresql"):  # SQLite keeps TEXT as it comes
             with pytest.raises(Exception, match="json"):  # asyncpg's own error type
                 await sink.write(bad)
@@ -48,9 +58,13 @@ def test_decode_row_is_to_row_of_decode_event() -> None:
             time=1, received=2, params={},
         ),
     ]  # fmt: skip
-    for event in events:
-        raw = record_encoder.encode(event)
+    raws = [record_encoder.encode(event) for event in events]
+    for raw in raws:
         assert decode_row("s", raw) == to_row("s", decode_event(raw))
+    # A batch in one call makes the same rows, the stream's site included.
+    assert decode_rows("s", raws) == [decode_row("s", raw) for raw in raws]
+    assert decode_rows("t", raws) == [decode_row("t", raw) for raw in raws]
+    assert {r.site for r in decode_rows("t", raws) or []} == {"t"}
     bad = [
         b"not json",
         b'{"site":"s"}',
@@ -64,6 +78,7 @@ def test_decode_row_is_to_row_of_decode_event() -> None:
             decode_event(raw)
         with pytest.raises(ValueError, match="undecodable event"):
             decode_row("s", raw)
+        assert decode_rows("s", [*raws, raw]) is None  # then decoded one by one
 
 
 async def test_bot_column(dsn: str) -> None:  # noqa: F811

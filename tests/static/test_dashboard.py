@@ -284,6 +284,30 @@ async def test_dashboard_asks_for_the_token(
     assert all(TOKEN not in u and "token" not in u for u in urls), urls
 
 
+async def test_dashboard_warns_of_a_persist_backlog(
+    make_server: MakeServer, redis: aioredis.Redis, page: Page
+) -> None:
+    """From 80 % of max_backlog the page warns that the store is behind; the warning
+    leaves once the workers have caught up."""
+    server = await make_server(max_backlog=10)
+    await redis.xgroup_create(EVENTS, "persist", id="0", mkstream=True)  # a worker that is away
+    await open_dashboard(page, server)
+    async with customer(server, "erin") as erin:
+        for i in range(8):  # with session.start: 9 entries of 10
+            erin.track("page.visit", {"url": f"https://shop.example/{i}"})
+        await erin.flush(5 * UNIT)
+    warning = page.locator('.notice[data-key="backlog"]')
+    await warning.wait_for(timeout=10 * MS)
+    text = await warning.inner_text()
+    assert "Persist backlog 9 of 10 (90 %)" in text
+    assert "nack unavailable" in text
+    # The worker is back: everything read and acknowledged.
+    read = await redis.xreadgroup("persist", "w", {EVENTS: ">"})
+    ids = [i for _, entries in read for i, _ in entries]
+    await redis.xack(EVENTS, "persist", *ids)
+    await warning.wait_for(state="detached", timeout=10 * MS)
+
+
 async def test_dashboard_humans_by_default_bots_per_second_and_where_from(
     server: EventwireServer, redis: aioredis.Redis, page: Page
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 from playwright.async_api import Page
 
 from eventwire.persist.sinks import EventRow, open_sink
@@ -19,8 +20,8 @@ HOURS = [*range(24), 26, 27, 28, 29]
 def shop_row(seq: int, received: int, action: str, uuid: str, params: str = "{}") -> EventRow:
     """An events row of the shop, received at ``received`` (ms)."""
     return EventRow(
-        "shop", "p-old", seq, uuid, f"s-{uuid}", action, action, received, received, None,
-        params, False,
+        site="shop", producer="p-old", seq=seq, uuid=uuid, session=f"s-{uuid}", action=action,
+        label=action, time=received, received=received, params=msgspec.Raw(params.encode()),
     )  # fmt: skip
 
 

@@ -158,3 +158,27 @@ async def test_a_wrong_lag_counter_does_not_refuse_frames(redis: aioredis.Redis)
     done = await publish(redis, "p", range(351, 401), 10_000, 100)
     assert done.backlog == 100
     assert (await publish(redis, "p", range(401, 411), 10_000, 100)).frames[0].full
+
+
+async def test_a_wrong_lag_counter_is_not_reported(redis: aioredis.Redis) -> None:
+    """The lag that stats and the worker's gauge report is 0 when the group has delivered
+    the newest entry, whatever Redis' counter says, and counted when it has not."""
+    from eventwire.store import group_lag, parse_groups, parse_stream_info
+    from eventwire.store.survey import group_state
+
+    await redis.function_load(LIBRARY, replace=True)
+    await redis.xgroup_create(STREAM, "persist", id="0", mkstream=True)
+    await publish(redis, "p", range(1, 101), 10_000, 100)
+    await read_and_ack(redis, 100)
+    last = (await redis.xinfo_stream(STREAM))["last-generated-id"]
+    await redis.execute_command("XGROUP", "SETID", STREAM, "persist", last, "ENTRIESREAD", 0)
+    (group,) = parse_groups(await redis.xinfo_groups(STREAM))
+    assert group.lag == 100  # Redis' counter: wrong
+    info = parse_stream_info(await redis.xinfo_stream(STREAM))
+    assert group_lag(group, info.last_generated_id) == 0
+    assert (await group_state(redis, STREAM, "persist")).lag == 0
+    await publish(redis, "p", range(101, 111), 10_000, 100)  # 10 truly unread
+    (group,) = parse_groups(await redis.xinfo_groups(STREAM))
+    info = parse_stream_info(await redis.xinfo_stream(STREAM))
+    assert group_lag(group, info.last_generated_id) == group.lag == 110  # still wrong
+    assert (await group_state(redis, STREAM, "persist")).lag == 10  # counted

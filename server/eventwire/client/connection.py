@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -156,6 +156,11 @@ class EventwireClient:
     def nacks(self) -> int:
         """Nacks received."""
         return self._delivery.nacks
+
+    @property
+    def nack_codes(self) -> Mapping[str, int]:
+        """Nacks received, by code."""
+        return self._delivery.nack_codes
 
     @property
     def closed_error(self) -> Error | None:

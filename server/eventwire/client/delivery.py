@@ -40,6 +40,7 @@ Exceptions::
 
 from __future__ import annotations
 
+import collections
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
@@ -139,6 +140,7 @@ class Delivery:
         "closed_error",
         "connects",
         "duplicate",
+        "nack_codes",
         "nacks",
         "rejections",
         "skipped",
@@ -173,6 +175,8 @@ class Delivery:
         self.skipped = 0
         #: Nacks received.
         self.nacks = 0
+        #: Nacks by their code (``unavailable``, ...).
+        self.nack_codes: collections.Counter[str] = collections.Counter()
         #: The last ``error`` message from the server.
         self.closed_error: Error | None = None
         #: Whether :meth:`close` was called; no event is taken after it.
@@ -363,6 +367,7 @@ class Delivery:
             return
         frame = self._inflight.popleft()
         self.nacks += 1
+        self.nack_codes[nack.code] += 1
         # The server nacks every later frame too (FrameOwner): stop sending,
         # collect them, and resend from here once all are answered.
         self._retry.extend(frame.events)

@@ -24,7 +24,15 @@ from eventwire.core.errors import StoreUnavailable
 from eventwire.core.rules import SitesBook
 from eventwire.persist.privacy import DAY_MS, RETAIN_BATCH, retain_batch
 from eventwire.persist.sinks import Sink
-from eventwire.store import ConsumerGroup, Keys, StreamEntry, stream_id
+from eventwire.store import (
+    LAG_COUNTED,
+    ConsumerGroup,
+    Keys,
+    StreamEntry,
+    counted_lag,
+    group_lag,
+    stream_id,
+)
 
 log = structlog.get_logger("eventwire.persist")
 
@@ -214,7 +222,13 @@ class Upkeep:
                 lags[stream.site] = None
                 continue
             known = lags.get(stream.site, 0)
-            lags[stream.site] = None if group.lag is None or known is None else known + group.lag
+            lag = group_lag(group, info.last_generated_id)
+            if lag:  # Redis' counter can be wrong (an AOF reload): count, bounded
+                after = await self.groups.undelivered(
+                    stream.key, group.last_delivered_id, LAG_COUNTED + 1
+                )
+                lag = counted_lag(group, after)
+            lags[stream.site] = None if lag is None or known is None else known + lag
             deleted, delivered = info.max_deleted_id, group.last_delivered_id
             await self.trim(stream.key, delivered, now_ms)
             first_id = info.first_id

@@ -38,7 +38,7 @@ import secrets
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
@@ -47,9 +47,16 @@ from prometheus_client import Counter
 from eventwire.core.config import Settings
 from eventwire.core.errors import ConfigError, StoreUnavailable
 from eventwire.core.rules import SitesBook
-from eventwire.persist.sinks import DEFAULT_DSN, EventRow, Sink, decode_row, open_sink
+from eventwire.persist.sinks import (
+    DEFAULT_DSN,
+    EventRow,
+    Sink,
+    decode_row,
+    decode_rows,
+    open_sink,
+)
 from eventwire.persist.upkeep import DeadEntry, Entries, Retention, Stream, Upkeep, streams_of
-from eventwire.store import ConsumerGroup, GroupMissing, Keys
+from eventwire.store import ConsumerGroup, GroupMissing, Keys, StreamEntry
 
 __all__ = ["GROUP", "PersistOptions", "Stream", "Worker", "consumer_name", "streams_of"]
 
@@ -77,6 +84,17 @@ ROWS_WRITTEN: Final = Counter(
     "eventwire_persist_rows_written", "Event rows inserted (duplicates not counted).", ["site"]
 )
 BATCHES: Final = Counter("eventwire_persist_batches", "Batches committed and acked.")
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A batch decoded: its rows, their entry ids by stream key (in row order,
+    stream by stream), the entries they came from, and what goes to the dead stream."""
+
+    rows: list[EventRow] = field(default_factory=list)
+    ids: dict[str, list[str]] = field(default_factory=dict)
+    sources: list[tuple[Stream, Entries]] = field(default_factory=list)
+    dead: list[DeadEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -321,13 +339,16 @@ class Worker:
             [s.key for s in self._streams], self._read_count(), block=self._inflight is None
         )
         batch = [(self._by_key[key], entries) for key, entries in delivered if key in self._by_key]
+        # Decoded while the batch before is still being written: the store's
+        # thread and this loop work at the same time.
+        prepared = self._prepare(batch) if batch else None
         try:
             await self._drain()
         except BaseException:
             self._carry = batch  # read, never written: written first when the store is back
             raise
-        if batch:
-            self._inflight = asyncio.create_task(self._process(batch))
+        if prepared is not None:
+            self._inflight = asyncio.create_task(self._commit(prepared))
         if error is None:
             return
         await self._drain()
@@ -376,29 +397,52 @@ class Worker:
             deliveries: times each entry was delivered, by (stream key, id), for
                 reclaimed entries: past ``max_deliveries`` they go to the dead stream.
         """
-        rows: list[EventRow] = []
-        ids: dict[str, list[str]] = {}  # stream key -> ids of rows
-        sources: list[tuple[Stream, str, bytes]] = []  # stream, id, raw of each row
-        dead: list[DeadEntry] = []
+        await self._commit(self._prepare(batch, deliveries))
+
+    def _prepare(
+        self,
+        batch: Sequence[tuple[Stream, Entries]],
+        deliveries: Mapping[tuple[str, str], int] | None = None,
+    ) -> _Prepared:
+        """Decode a batch into rows (each stream's entries in one decoder call when
+        all are good, else one by one) and the entries that go to the dead stream."""
+        prepared = _Prepared()
         for stream, entries in batch:
+            raws = [raw for _, raw in entries]
+            rows = None
+            if not deliveries and None not in raws:
+                rows = decode_rows(stream.site, raws)  # type: ignore[arg-type]
+            if rows is not None:
+                prepared.rows += rows
+                prepared.ids[stream.key] = [entry_id for entry_id, _ in entries]
+                prepared.sources.append((stream, entries))
+                continue
+            good: list[StreamEntry] = []
             for entry_id, raw in entries:
                 if raw is None:
-                    dead.append((stream, entry_id, b"", "entry has no event field"))
+                    prepared.dead.append((stream, entry_id, b"", "entry has no event field"))
                     continue
                 times = deliveries.get((stream.key, entry_id), 0) if deliveries else 0
                 if times > self.options.max_deliveries:
                     why = f"delivered {times} times without being written"
-                    dead.append((stream, entry_id, raw, why))
+                    prepared.dead.append((stream, entry_id, raw, why))
                     continue
                 try:
-                    rows.append(decode_row(stream.site, raw))
+                    prepared.rows.append(decode_row(stream.site, raw))
                 except ValueError as exc:
-                    dead.append((stream, entry_id, raw, str(exc)))
+                    prepared.dead.append((stream, entry_id, raw, str(exc)))
                     continue
-                ids.setdefault(stream.key, []).append(entry_id)
-                sources.append((stream, entry_id, raw))
-        if dead:
-            await self.upkeep.dead_letter(dead)
+                good.append(StreamEntry(entry_id, raw))
+            if good:
+                prepared.ids[stream.key] = [entry_id for entry_id, _ in good]
+                prepared.sources.append((stream, good))
+        return prepared
+
+    async def _commit(self, prepared: _Prepared) -> None:
+        """Dead-letter, then write the rows in one transaction and ack them."""
+        if prepared.dead:
+            await self.upkeep.dead_letter(prepared.dead)
+        rows = prepared.rows
         if not rows:
             return
         try:
@@ -408,9 +452,14 @@ class Worker:
             await self.sink.ping()
             # One bad row fails the whole transaction: find it by writing one at a time.
             log.warning("persist_batch_failed", error=repr(exc), rows=len(rows))
+            sources = [
+                (stream, entry_id, raw or b"")
+                for stream, entries in prepared.sources
+                for entry_id, raw in entries
+            ]
             await self._write_one_by_one(rows, sources)
             return
-        await self.groups.ack(ids)
+        await self.groups.ack(prepared.ids)
         self._count(rows, written)
 
     async def _write_one_by_one(

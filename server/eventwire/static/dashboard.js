@@ -949,6 +949,20 @@
 
   // ---- summary (open sessions, Redis' clock) ---------------------------------------------------
 
+  /** Warn while the persist backlog is at 80 % of max_backlog or more (frames are refused at it). */
+  function backlogNotice(backlog, max) {
+    const el = document.querySelector('.notice[data-key="backlog"]');
+    if (!max || backlog == null || backlog < 0.8 * max) {
+      if (el) el.remove();
+      return;
+    }
+    const pct = Math.min(100, Math.floor((100 * backlog) / max));
+    notice("backlog", `Persist backlog ${backlog.toLocaleString("en")} of ${max.toLocaleString("en")} ` +
+      `(${pct} %): the store is behind. ` +
+      (backlog >= max ? "New events are being refused (nack unavailable) until the workers catch up."
+        : "At the cap new events are refused (nack unavailable) until the workers catch up."));
+  }
+
   async function refreshSummary() {
     const site = view.site;
     const asked = Date.now();
@@ -959,6 +973,7 @@
       $("sessions").textContent = summary.open_sessions.toLocaleString("en");
       $("sessions").dataset.count = String(summary.open_sessions);
       $("sessions-note").textContent = "now";
+      backlogNotice(summary.backlog, summary.max_backlog);
     } catch (e) {
       if (e instanceof NeedToken) await askToken();
       else $("sessions-note").textContent = "server unreachable; last known";

@@ -77,6 +77,7 @@ from eventwire.store.groups import ConsumerGroup, GroupMissing, StreamProgress
 from eventwire.store.keys import Keys
 from eventwire.store.publisher import Frame, FrameSink, Store
 from eventwire.store.replies import (
+    LAG_COUNTED,
     AliasReply,
     Claimed,
     ConsumerInfo,
@@ -90,6 +91,8 @@ from eventwire.store.replies import (
     SiteSnapshot,
     StreamEntry,
     StreamInfo,
+    counted_lag,
+    group_lag,
     merge_stream_info,
     parse_alias,
     parse_consumers,
@@ -138,6 +141,7 @@ __all__ = [
     "FN_OPEN",
     "FN_PUBLISH",
     "FN_REAP",
+    "LAG_COUNTED",
     "LAYOUTS",
     "LIBRARY",
     "LIBRARY_VERSION",
@@ -191,7 +195,9 @@ __all__ = [
     "call_keys",
     "connect_redis",
     "connect_stream_reader",
+    "counted_lag",
     "fill_template",
+    "group_lag",
     "identify_record",
     "identify_refused_record",
     "merge_stream_info",

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 __all__ = [
+    "LAG_COUNTED",
     "AliasReply",
     "Claimed",
     "ConsumerInfo",
@@ -31,6 +32,8 @@ __all__ = [
     "StreamEntry",
     "StreamInfo",
     "busy_group",
+    "counted_lag",
+    "group_lag",
     "merge_stream_info",
     "missing_function",
     "missing_group",
@@ -46,6 +49,7 @@ __all__ = [
     "parse_publish",
     "parse_reap",
     "parse_stream_info",
+    "raw_xread_entries",
     "reply_field",
     "reply_text",
     "stream_entries",
@@ -145,6 +149,44 @@ def xread_entries(reply: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
         if entries and entries[0] and isinstance(entries[0][0], list | tuple):
             entries = entries[0]
         out.append((reply_text(key), [(e[0], e[1] or {}) for e in entries or ()]))
+    return out
+
+
+def _event_field(fields: Any) -> bytes | None:
+    """The ``event`` value of an entry's flat ``[field, value, ...]`` list (None: none)."""
+    if not fields:
+        return None
+    for i in range(0, len(fields) - 1, 2):
+        if reply_text(fields[i]) == "event":
+            value = fields[i + 1]
+            return value.encode() if isinstance(value, str) else bytes(value)
+    return None
+
+
+def raw_xread_entries(reply: Any) -> list[tuple[str, list[StreamEntry]]]:
+    """XREADGROUP's reply as Redis sent it (no redis-py response callback: see
+    :meth:`~eventwire.store.ConsumerGroup.read_new`), as entries by stream key.
+
+    RESP2 answers ``[[key, [[id, [field, value, ...]], ...]], ...]``, RESP3 a
+    dict of key to that list of entries. The persist worker's hot path: no
+    per-field dicts, and an ``event`` field first (as the server writes it)
+    is taken without a search.
+    """
+    if not reply:
+        return []
+    items: Any = reply.items() if isinstance(reply, Mapping) else reply
+    out: list[tuple[str, list[StreamEntry]]] = []
+    for key, entries in items:
+        got = [
+            StreamEntry(
+                entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+                fields[1]
+                if fields and fields[0] == b"event" and isinstance(fields[1], bytes)
+                else _event_field(fields),
+            )
+            for entry_id, fields in entries or ()
+        ]
+        out.append((reply_text(key), got))
     return out
 
 
@@ -258,6 +300,37 @@ def parse_groups(reply: Sequence[Mapping[Any, Any]]) -> list[GroupInfo]:
         )
         for g in reply
     ]
+
+
+def group_lag(group: GroupInfo, newest_id: str | None) -> int | None:
+    """A group's lag, not trusting Redis' counter where it is known to be wrong.
+
+    After an AOF reload Redis' ``lag`` can stay thousands too high with every
+    entry delivered (found by scripts/chaos; docs/protocol.md): when the
+    group has delivered the stream's newest entry, nothing is unread,
+    whatever the counter says.
+
+    Args:
+        group: the group as ``XINFO GROUPS`` gave it.
+        newest_id: the stream's ``last-generated-id`` (or newest entry's id); None: unknown.
+    """
+    if newest_id is not None and stream_id(group.last_delivered_id) >= stream_id(newest_id):
+        return 0
+    return group.lag
+
+
+#: Up to how many undelivered entries a reader counts itself (one bounded XRANGE,
+#: as store.lua's publish does) rather than taking Redis' lag counter.
+LAG_COUNTED: Final = 2000
+
+
+def counted_lag(group: GroupInfo, undelivered: int) -> int | None:
+    """The lag from a count of the entries after the group's last delivered one
+    (an XRANGE of at most :data:`LAG_COUNTED` + 1): exact below that bound; at
+    it, Redis' counter if that says more, else the bound."""
+    if undelivered <= LAG_COUNTED:
+        return undelivered
+    return max(undelivered, group.lag or 0)
 
 
 class ConsumerInfo(NamedTuple):

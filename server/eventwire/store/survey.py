@@ -28,11 +28,13 @@ from typing import Any, Final, NamedTuple, ParamSpec, TypeVar
 from eventwire.core.errors import StoreUnavailable
 from eventwire.core.rules import MAX_PARTITIONS, SITE_ID_RE
 from eventwire.store import (
+    LAG_COUNTED,
     OUTAGE,
     Keys,
     RedisClient,
     ResponseError,
     StreamsReader,
+    counted_lag,
     parse_groups,
     parse_pending_summary,
     redis_time_ms,
@@ -229,7 +231,11 @@ async def group_state(client: RedisClient, key: str, group: str) -> GroupState:
     entry = next((g for g in parse_groups(groups) if g.name == group), None)
     if entry is None:
         return GroupState(True, False, None, 0, None)
-    lag, pending = entry.lag, entry.pending
+    pending = entry.pending
+    lag = entry.lag
+    if lag:  # Redis' counter can be wrong: count what follows the last delivered entry
+        after = await client.xrange(key, f"({entry.last_delivered_id}", "+", count=LAG_COUNTED + 1)
+        lag = counted_lag(entry, len(after or ()))
     oldest: int | None = None
     if pending:
         smallest = parse_pending_summary(await client.xpending(key, group)).min_id
