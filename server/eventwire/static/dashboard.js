@@ -643,6 +643,20 @@
     el.dataset.to = String(to);
   }
 
+  // The chart's three horizontal grid lines, at a quarter, half and three
+  // quarters of its scale (span: the pixel height of the scale's top).
+  function gridLines(fragment, width, height, span) {
+    for (const y of [0.25, 0.5, 0.75]) {
+      const line = document.createElementNS(SVG, "line");
+      line.setAttribute("class", "grid");
+      line.setAttribute("x1", "0");
+      line.setAttribute("x2", String(width));
+      line.setAttribute("y1", String(height - y * span));
+      line.setAttribute("y2", String(height - y * span));
+      fragment.appendChild(line);
+    }
+  }
+
   function niceCeil(n) {
     if (n <= 5) return 5;
     const power = 10 ** Math.floor(Math.log10(n));
@@ -658,15 +672,7 @@
     const top = niceCeil(peak);
     const scale = (height - 4) / top;
     const fragment = document.createDocumentFragment();
-    for (const y of [0.25, 0.5, 0.75]) {
-      const line = document.createElementNS(SVG, "line");
-      line.setAttribute("class", "grid");
-      line.setAttribute("x1", "0");
-      line.setAttribute("x2", String(width));
-      line.setAttribute("y1", String(height - y * top * scale));
-      line.setAttribute("y2", String(height - y * top * scale));
-      fragment.appendChild(line);
-    }
+    gridLines(fragment, width, height, top * scale);
     for (const [second, s] of view.seconds) {
       if (second > nowSec) continue;
       const x = (second - (nowSec - WINDOW_S + 1)) * slot;
@@ -856,15 +862,7 @@
     const scale = (height - 4) / top;
     const fragment = document.createDocumentFragment();
     const w = width / slots;
-    for (const y of [0.25, 0.5, 0.75]) {
-      const line = document.createElementNS(SVG, "line");
-      line.setAttribute("class", "grid");
-      line.setAttribute("x1", "0");
-      line.setAttribute("x2", String(width));
-      line.setAttribute("y1", String(height - y * top * scale));
-      line.setAttribute("y2", String(height - y * top * scale));
-      fragment.appendChild(line);
-    }
+    gridLines(fragment, width, height, top * scale);
     for (const b of bars) {
       const n = b.accepted || 0;
       if (!n) continue;
