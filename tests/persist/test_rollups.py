@@ -20,6 +20,7 @@ from eventwire.persist.ranges import RANGES, RangeView, RollupReader, RollupsUna
 from eventwire.persist.rollups import merge_table, true_bounds
 from eventwire.persist.sinks import EventRow, Sink, open_sink
 from tests.persist.test_worker import (  # noqa: F401 - dsn: the store fixture
+    ForwardingSink,
     dsn,
     pending,
     start_worker,
@@ -163,25 +164,27 @@ async def test_redelivery_never_counts_twice(
         await wait_rows(sink, len(events) + 1)
     finally:
         await worker.stop()
-    reader = RollupReader(dsn)
-    try:
-        view = await reader.view("app", "24h", now)
-    finally:
-        await reader.close()
+    view = await view_of(dsn, "24h", now)
     assert view.totals.accepted == len(events) + 1
     assert view.top["actions"].total == len(events) + 1
     assert tops_of(view, "actions")["cart.add"] == 1
 
 
-class CommitsThenFails:
+async def view_of(store: str, name: str, now: int) -> RangeView:
+    """Site app's view of one range in the store ``store`` names, read as the route reads it."""
+    reader = RollupReader(store)
+    try:
+        return await reader.view("app", name, now)
+    finally:
+        await reader.close()
+
+
+class CommitsThenFails(ForwardingSink):
     """A sink whose first batch commits, then fails as if the answer was lost."""
 
     def __init__(self, inner: Sink) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.failed = False
-
-    async def open(self) -> None:
-        await self.inner.open()
 
     async def write(self, rows: Sequence[EventRow]) -> int:
         written = await self.inner.write(rows)
@@ -189,18 +192,6 @@ class CommitsThenFails:
             self.failed = True
             raise ConnectionResetError("the commit's answer was lost")
         return written
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def activity(self, site: str, uuid: str, limit: int) -> list[Any]:
-        return await self.inner.activity(site, uuid, limit)
-
-    async def count(self, site: str | None = None) -> int:
-        return await self.inner.count(site)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 def row(
@@ -228,11 +219,7 @@ async def test_sink_counts_only_rows_it_inserted(dsn: str) -> None:  # noqa: F81
                 await sink.write([row(8, now, "a.b", "u3"), row(9, now, "a.b", "u3", "{bad")])
     finally:
         await sink.close()
-    reader = RollupReader(dsn)
-    try:
-        view = await reader.view("app", "1h", now)
-    finally:
-        await reader.close()
+    view = await view_of(dsn, "1h", now)
     assert (view.totals.accepted, view.totals.started, view.totals.bots) == (7, 1, 1)
     assert tops_of(view, "actions") == {"page.visit": 6, "session.start": 1}
     assert tops_of(view, "pages") == {"/a": 5}  # a url that is not a string is no page
@@ -269,11 +256,7 @@ async def test_top_tables_stay_bounded_and_sound_for_a_skewed_stream(tmp_path: P
     db.close()
     assert held
     assert all(n <= 2 * rollups.TOP_CAPACITY for _, _, n in held)
-    reader = RollupReader(store)
-    try:
-        view = await reader.view("app", "1h", now)
-    finally:
-        await reader.close()
+    view = await view_of(store, "1h", now)
     table = view.top["customers"]
     assert table.total == 100_000 == view.totals.accepted
     for r in table.rows:
@@ -344,10 +327,6 @@ async def test_forget_takes_a_customer_out_of_the_stored_top_tables(
         assert done["rollups"] == 2  # its key in the 10-minute table and in the hour's
     finally:
         await sink.close()
-    reader = RollupReader(dsn)
-    try:
-        view = await reader.view("app", "1h", now)
-    finally:
-        await reader.close()
+    view = await view_of(dsn, "1h", now)
     assert [r.key for r in view.top["customers"].rows] == ["stays"]
     assert view.top["customers"].total == 8

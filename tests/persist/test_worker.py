@@ -268,21 +268,16 @@ async def test_sigterm_finishes_and_exits_zero(
     assert await pending(redis) == 0
 
 
-class FailingSink:
-    """A sink that refuses every batch holding a given seq (a row the store cannot take)."""
+class ForwardingSink:
+    """A sink that hands every call to a real one: faulty sinks override what they break."""
 
-    def __init__(self, inner: Sink, bad_seq: int) -> None:
+    def __init__(self, inner: Sink) -> None:
         self.inner = inner
-        self.bad_seq = bad_seq
-        self.refused = 0
 
     async def open(self) -> None:
         await self.inner.open()
 
     async def write(self, rows: Sequence[EventRow]) -> int:
-        if any(r.seq == self.bad_seq for r in rows):
-            self.refused += 1
-            raise RuntimeError("store refuses this row")
         return await self.inner.write(rows)
 
     async def ping(self) -> None:
@@ -296,6 +291,21 @@ class FailingSink:
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+class FailingSink(ForwardingSink):
+    """A sink that refuses every batch holding a given seq (a row the store cannot take)."""
+
+    def __init__(self, inner: Sink, bad_seq: int) -> None:
+        super().__init__(inner)
+        self.bad_seq = bad_seq
+        self.refused = 0
+
+    async def write(self, rows: Sequence[EventRow]) -> int:
+        if any(r.seq == self.bad_seq for r in rows):
+            self.refused += 1
+            raise RuntimeError("store refuses this row")
+        return await self.inner.write(rows)
 
 
 async def test_poisoned_entries_go_to_dead_stream(
