@@ -159,7 +159,8 @@ async def main() -> None:
         raise SystemExit(f"{stored} rows stored of {args.n}")
     print(
         f"persist into {store}: {args.n} rows in {elapsed:.2f} s: {args.n / elapsed:,.0f} rows/s; "
-        f"worker CPU {cpu:.2f} s = {args.n / cpu:,.0f} rows per CPU-s; load {os.getloadavg()[0]:.2f}"
+        f"worker CPU {cpu:.2f} s = {args.n / cpu:,.0f} rows per CPU-s; "
+        f"load {os.getloadavg()[0]:.2f}"
     )
 
 
