@@ -12,9 +12,10 @@
 -- the same tag.
 --
 --   ew:{site}:events          accepted and server-made events (XADD; trimmed by
---                             MAXLEN ~, or, while it has a persist group and
---                             max_backlog is above 0, only below what the
---                             group has acknowledged: see backlog_of)
+--                             MAXLEN ~ (publish: one XTRIM per call), or, while
+--                             it has a persist group and max_backlog is above
+--                             0, only below what the group has acknowledged:
+--                             see backlog_of)
 --   ew:{site}:rejected        rejected events
 --   ew:{site}:producer:<p>    a producer's highest stored seq (PX producer_ttl)
 --   ew:{site}:sess:<uuid>     the customer's open session: id, first, last,
