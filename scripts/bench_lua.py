@@ -123,11 +123,10 @@ def library(path: Path) -> tuple[str, str]:
 def payload(uuid: str, session: str, producer: str, seq: int) -> bytes:
     """A stored event of the size the tracker's page events have (~330 bytes)."""
     return (
-        '{"site":"bench","uuid":"%s","session":"%s","producer":"%s","seq":%d,'
-        '"action":"page.visit","label":"Visited page Home","time":1764160000000,'
+        f'{{"site":"bench","uuid":"{uuid}","session":"{session}","producer":"{producer}",'
+        f'"seq":{seq},"action":"page.visit","label":"Visited page Home","time":1764160000000,'
         '"received":1764160000207,"params":{"url":"https://shop.example/products/'
         'a-long-path?ref=campaign","title":"Home","referrer":"https://search.example/"}}'
-        % (uuid, session, producer, seq)
     ).encode()
 
 
@@ -158,12 +157,15 @@ class Callgrind:
         self.pid, self.out, self.dumps = str(pid), out, 0
 
     def start(self) -> None:
-        subprocess.run(["callgrind_control", "-z", self.pid], check=True, capture_output=True)
-        subprocess.run(["callgrind_control", "-i", "on", self.pid], check=True, capture_output=True)
+        self.control("-z")
+        self.control("-i", "on")
+
+    def control(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, self.pid], check=True, capture_output=True)
 
     def stop(self) -> int:
-        subprocess.run(["callgrind_control", "-i", "off", self.pid], check=True, capture_output=True)
-        subprocess.run(["callgrind_control", "-d", self.pid], check=True, capture_output=True)
+        self.control("-i", "off")
+        self.control("-d")
         self.dumps += 1
         dump = self.out / f"cg.out.{self.dumps}"
         for line in dump.read_text().splitlines():
@@ -198,15 +200,21 @@ def commandstats(conn: Conn) -> dict[str, tuple[int, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--lib", action="append", default=[], help="NAME=PATH of a store.lua")
-    ap.add_argument("--scenario", action="append", default=[], help="FRAMES_PER_CALL:EVENTS[:REPEAT]: REPEAT frames of each customer in a row")
+    ap.add_argument(
+        "--scenario", action="append", default=[],
+        help="FRAMES_PER_CALL:EVENTS[:REPEAT]: REPEAT frames of each customer in a row",
+    )  # fmt: skip
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=0, help="calls per round (default: ~20k events)")
     ap.add_argument("--depth", type=int, default=4, help="calls in flight")
     ap.add_argument("--group", action="store_true", help="a persist group on the stream")
     ap.add_argument("--no-ref", action="store_true", help="skip node-dedup's Lua")
-    ap.add_argument("--callgrind", action="store_true",
-                    help="run Redis under valgrind and count its instructions (exact, ~50x slower)")
+    ap.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="run Redis under valgrind and count its instructions (exact, ~50x slower)",
+    )
     ap.add_argument("--callgrind-out", help="keep callgrind's dumps (one per round) in this dir")
     opts = ap.parse_args()
     libs = [(n, Path(p)) for n, p in (s.split("=", 1) for s in opts.lib)] or [
@@ -351,10 +359,11 @@ def run(conn: Conn, libs: list[tuple[str, Path]], scenarios: list[tuple[int, ...
                 r.cpu_us_event.append(cpu * 1e6 / (nframes * epf))
                 top = "fcall" if fn is not None else "evalsha"
                 r.call_us.append(stats[top][1] / nframes)
-                inner_us = sum(u for cmd, (_, u) in stats.items() if cmd not in ("info", top))
+                skip = ("info", "config|resetstat", top)
+                inner_us = sum(u for cmd, (_, u) in stats.items() if cmd not in skip)
                 r.lua_us.append((stats[top][1] - inner_us) / nframes)
-                for cmd, (n, usec) in stats.items():
-                    if cmd in ("info", "config|resetstat", top):
+                for cmd, (n, _) in stats.items():
+                    if cmd in skip:
                         continue
                     r.inner.setdefault(cmd, []).append(n / nframes)
         print(f"\n{fpc} frame(s) per call ({repeat} in a row per customer), {epf} event(s) "

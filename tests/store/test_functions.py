@@ -22,7 +22,6 @@ from eventwire.core.records import StoredEvent
 from eventwire.store import (
     COUNT_ONLY,
     EVENT,
-    REJECT_ALWAYS,
     FN_ALIAS,
     FN_HEARTBEAT,
     FN_LEAVE,
@@ -32,6 +31,7 @@ from eventwire.store import (
     LAYOUTS,
     LIBRARY,
     LIBRARY_VERSION,
+    REJECT_ALWAYS,
     AliasArgs,
     AliasKeys,
     CustomerKeys,
@@ -367,9 +367,7 @@ async def test_one_call_of_many_frames_leaves_what_a_call_per_frame_leaves(
             [f[b"event"] for _, f in await lib.xrange(key) if b"srv:" not in f[b"event"]]
             for key in (KEYS.events(tag), KEYS.rejected(tag))
         ]
-        sessions = [
-            await lib.hmget(KEYS.session(tag, u), "id", "events") for u in ("u-1", "u-2")
-        ]
+        sessions = [await lib.hmget(KEYS.session(tag, u), "id", "events") for u in ("u-1", "u-2")]
         last = int(await lib.hget(KEYS.session(tag, "u-1"), "last"))
         state[tag] = ([(f.added, f.duplicate, f.gone) for f in frames], seqs, streams, sessions)
         assert last >= int(await lib.hget(KEYS.session(tag, "u-1"), "first"))
