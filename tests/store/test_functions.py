@@ -279,10 +279,12 @@ async def test_open_publish_leave_with_identify(lib: aioredis.Redis) -> None:
         refused="",
         subject="h-u-1",
         to="c-42",
+        alias_ttl_ms=0,
     )
     left = parse_leave(await call(lib, FN_LEAVE, call_keys(leaving("u-1")), leave))
     assert (left.ended, left.stored, left.merged) == (True, 2, True)
     assert await lib.get(KEYS.alias(TAG, "u-1")) == b"c-42"
+    assert await lib.pttl(KEYS.alias(TAG, "u-1")) == -1  # no retain_days: no expiry
     start, moved, end = [r for r in await made(lib) if r.producer == "srv:s-1"]
     assert start.action == "session.start"
     assert moved == StoredEvent(
@@ -402,28 +404,48 @@ async def test_reap_writes_one_session_end_whatever_the_uuid(lib: aioredis.Redis
 async def test_alias_merges_an_anonymous_uuid_into_one_customer_only(lib: aioredis.Redis) -> None:
     """alias records A -> K once; A to another customer, a customer, a refusal: not merged."""
     keys = AliasKeys(KEYS.alias(TAG, "a-1"), KEYS.aliases(TAG, "a-1"), KEYS.suppressed(TAG))
-    first = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "")))
+    first = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "", 0)))
     assert first == (True, "")
-    again = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "")))
+    again = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "", 0)))
     assert again.merged  # the same merge again (a retried call) is still merged
-    other = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-2", "")))
+    other = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-2", "", 0)))
     assert not other.merged
     assert "already merged" in other.reason
     assert await lib.get(KEYS.alias(TAG, "a-1")) == b"k-1"
-    refused = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "no token")))
+    refused = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "no token", 0)))
     assert refused == (False, "no token")
     await lib.sadd(KEYS.aliases(TAG, "c-1"), "x")
     customer_keys = AliasKeys(
         KEYS.alias(TAG, "c-1"), KEYS.aliases(TAG, "c-1"), KEYS.suppressed(TAG)
     )
-    owner = parse_alias(await call(lib, FN_ALIAS, customer_keys, AliasArgs("h-c-1", "k-1", "")))
+    owner = parse_alias(await call(lib, FN_ALIAS, customer_keys, AliasArgs("h-c-1", "k-1", "", 0)))
     assert not owner.merged
     assert "aliases of its own" in owner.reason
     await lib.sadd(KEYS.suppressed(TAG), "h-f-1")
     gone_keys = AliasKeys(KEYS.alias(TAG, "f-1"), KEYS.aliases(TAG, "f-1"), KEYS.suppressed(TAG))
-    gone = parse_alias(await call(lib, FN_ALIAS, gone_keys, AliasArgs("h-f-1", "k-1", "")))
+    gone = parse_alias(await call(lib, FN_ALIAS, gone_keys, AliasArgs("h-f-1", "k-1", "", 0)))
     assert not gone.merged
     assert "forgotten" in gone.reason
+
+
+async def test_an_alias_key_lives_as_long_as_the_sites_retain_days(lib: aioredis.Redis) -> None:
+    """With a ttl (the site's retain_days) leave's and alias's alias keys expire; again renews."""
+    day = 86_400_000
+    keys = AliasKeys(KEYS.alias(TAG, "a-7"), KEYS.aliases(TAG, "a-7"), KEYS.suppressed(TAG))
+    assert parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-7", "k-7", "", day))).merged
+    assert day - 60_000 < await lib.pttl(KEYS.alias(TAG, "a-7")) <= day
+    await call(lib, FN_ALIAS, keys, AliasArgs("h-a-7", "k-7", "", 30 * day))
+    assert 29 * day < await lib.pttl(KEYS.alias(TAG, "a-7")) <= 30 * day
+    await call(lib, FN_OPEN, call_keys(customer("u-7")), open_args("u-7", "m:1:u-7", "s-7"))
+    leave = LeaveArgs(
+        uuid="u-7", member="m:1:u-7", grace_ms=60_000, events_maxlen=1000, taken="sei",
+        end_record=session_end_record(TAG), identify_record=identify_record(TAG, "c-7", "u-7"),
+        refused_record=identify_refused_record(TAG, "c-7", "u-7"), refused="",
+        subject="h-u-7", to="c-7", alias_ttl_ms=2 * day,
+    )  # fmt: skip
+    assert parse_leave(await call(lib, FN_LEAVE, call_keys(leaving("u-7", None)), leave)).merged
+    assert await lib.get(KEYS.alias(TAG, "u-7")) == b"c-7"
+    assert day < await lib.pttl(KEYS.alias(TAG, "u-7")) <= 2 * day
 
 
 async def test_a_refused_merge_says_why_in_client_identify(lib: aioredis.Redis) -> None:
@@ -434,6 +456,7 @@ async def test_a_refused_merge_says_why_in_client_identify(lib: aioredis.Redis) 
         end_record=session_end_record(TAG), identify_record=identify_record(TAG, "c-9", "u-9"),
         refused_record=identify_refused_record(TAG, "c-9", "u-9"),
         refused='the new uuid was not proven "by" a token', subject="h-u-9", to="c-9",
+        alias_ttl_ms=0,
     )  # fmt: skip
     left = parse_leave(await call(lib, FN_LEAVE, call_keys(leaving("u-9", None)), leave))
     assert not left.merged

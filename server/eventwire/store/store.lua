@@ -26,7 +26,8 @@
 --   ew:{site}:due             customer -> when its session must be looked at
 --   ew:{site}:dead            entries the persist worker gave up on (not here)
 --   ew:{site}:alias:<uuid>    the customer an anonymous uuid merged into (in
---                             the anonymous uuid's partition; never expires)
+--                             the anonymous uuid's partition; expires after the
+--                             site's retain_days, never without it)
 --   ew:{site}:aliases:<uuid>  the uuids merged into a customer (set, in the
 --                             customer's partition)
 --   ew:{site}:suppressed      keyed hashes of forgotten customers (set; each
@@ -473,16 +474,22 @@ local function may_merge(alias_key, own_aliases, suppressed, subject, to, refuse
   return true, ''
 end
 
--- Record a merge decided by may_merge: the alias key names its customer.
-local function record_merge(alias_key, to)
-  redis.call('SET', alias_key, to)
+-- Record a merge decided by may_merge: the alias key names its customer,
+-- for ttl_ms (the site's retain_days: as long as the store keeps the merge;
+-- 0: no expiry). A merge recorded again (the same customer) renews it.
+local function record_merge(alias_key, to, ttl_ms)
+  if tonumber(ttl_ms) > 0 then
+    redis.call('SET', alias_key, to, 'PX', ttl_ms)
+  else
+    redis.call('SET', alias_key, to)
+  end
 end
 
 local function leave(keys, args)
   local session, conns, live, due, events, alias_key, own_aliases, suppressed, producer =
     unpack(keys)
   local uuid, member, grace_ms, events_maxlen, taken, end_record, identify_record, refused_record,
-    refused, subject, to = unpack(args)
+    refused, subject, to, alias_ttl_ms = unpack(args)
   local now = now_ms()
   local stored = producer and (redis.call('GET', producer) or '0') or '0'
   redis.call('ZREM', live, member)
@@ -498,7 +505,7 @@ local function leave(keys, args)
     -- stream (and through it the store's aliases table) and Redis agree.
     local ok, why = may_merge(alias_key, own_aliases, suppressed, subject, to, refused)
     if ok then
-      record_merge(alias_key, to)
+      record_merge(alias_key, to, alias_ttl_ms)
       merged = 1
       server_event(events, session, events_maxlen, s.id, now, identify_record, {})
     else
@@ -523,10 +530,10 @@ end
 -- Returns {merged, reason}.
 local function alias(keys, args)
   local alias_key, own_aliases, suppressed = unpack(keys)
-  local subject, to, refused = unpack(args)
+  local subject, to, refused, alias_ttl_ms = unpack(args)
   local ok, why = may_merge(alias_key, own_aliases, suppressed, subject, to, refused)
   if ok then
-    record_merge(alias_key, to)
+    record_merge(alias_key, to, alias_ttl_ms)
     return {1, ''}
   end
   return {0, why}
