@@ -18,6 +18,7 @@ import random
 from collections import deque
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from eventwire.core.config import Settings
@@ -115,7 +116,7 @@ class Producer:
 async def test_depth_keeps_order_and_exactly_once_through_kills(
     redis_proc: RedisProcess, redis: aioredis.Redis
 ) -> None:
-    """Connection kills and a lost library with several calls in flight lose, double and reorder nothing."""
+    """Kills and a lost library with several calls in flight lose, double and reorder nothing."""
     settings = Settings(
         redis_url=redis_proc.url,
         publish_depth=4,
@@ -243,3 +244,32 @@ async def test_depth_keeps_order_when_a_full_backlog_drains_between_calls(
     for p in producers:
         assert stored[p.name] == list(range(1, p.events + 1)), p.name
     assert sum(p.nacked for p in producers) > 0  # the backlog was full at times
+
+
+async def test_close_answers_frames_whose_call_waits_for_the_library(
+    redis_proc: RedisProcess, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing while a call's reply asks for the library: the lane loads it and settles first."""
+    settings = Settings(redis_url=redis_proc.url, publish_depth=4)
+    store = Store(connect_redis(redis_proc.url, settings), settings, SitesBook(None, {}))
+    reloading, go_on = asyncio.Event(), asyncio.Event()
+    reload = store._reload_missing
+
+    async def slow_reload(commands: Any, results: list[Any]) -> None:
+        if any(isinstance(r, Exception) for r in results):
+            reloading.set()
+            await go_on.wait()  # a slow FUNCTION LOAD, while the store closes
+        await reload(commands, results)
+
+    monkeypatch.setattr(store, "_reload_missing", slow_reload)
+    producers = [Producer(store, f"p{i}", 3, 1) for i in range(4)]
+    await store.__aenter__()
+    await redis.function_flush()  # the first call finds no function: loaded, sent again
+    answers = [p.frame(1, 3)[1] for p in producers]
+    await reloading.wait()
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0.05)
+    go_on.set()
+    await closing
+    assert [a.result() for a in answers] == [("stored", 3, 0)] * len(producers)
+    assert await redis.xlen(store.keys.events(SITE)) == 3 * len(producers)

@@ -2,13 +2,17 @@
 
 Frames reach Redis through :meth:`Store.submit`: frames from all connections
 are gathered into one pipeline of one ``FCALL`` of ``publish`` per site (or
-partition). Each of ``publish_lanes`` publisher lanes has one pipeline in
-flight at a time; while it is, the lane's next frames gather (group commit),
-so a busy server makes few, large round trips and an idle one answers in
-one round trip. A producer always uses the same lane, which keeps its frames
-in the order they arrived, as the per-producer de-duplication needs: a later
-frame must never be stored before an earlier one that failed (see
-:class:`~eventwire.core.ordering.FrameOwner`).
+partition). Each of ``publish_lanes`` publisher lanes sends its calls on
+one Redis connection; while one is in flight the lane's next frames gather
+(group commit), so a busy server makes few, large round trips and an idle
+one answers in one round trip. When a full call (``publish_batch_events``)
+waits, it is sent at once, up to ``publish_depth`` calls in flight, so that
+Python packs and settles while Redis runs; the replies are read in order by
+the lane's reader task. A producer always uses the same lane and has frames
+in at most one of its calls in flight, which keeps its frames in the order
+they arrived, as the per-producer de-duplication needs: a later frame must
+never be stored before an earlier one that was not (see
+:class:`~eventwire.core.ordering.FrameOwner` and :class:`_Lane`).
 
 On a cluster the pipeline goes node by node (:class:`ClusterCalls`); the
 other calls (:meth:`Store.call` for the session steps, the look-ups) use
@@ -202,6 +206,7 @@ class _Lane:
         "ready_events",
         "replies",
         "sending",
+        "settling",
         "task",
         "wakeup",
     )
@@ -225,6 +230,9 @@ class _Lane:
         self.replies: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[None] | None = None
+        #: The call whose replies the reader has read and is settling (it may
+        #: load the library first): out of :attr:`inflight`, its producers busy.
+        self.settling: _Call | None = None
         self.conn: Any = None
         #: The connection the reader awaits a reply on, the sender writes on.
         self.reading: Any = None
@@ -508,7 +516,12 @@ class Store:
                 if not lane.ready or (
                     inflight and (inflight >= depth or lane.ready_events < limit)
                 ):
-                    if self._closing and not lane.pending and not lane.inflight:
+                    if (
+                        self._closing
+                        and not lane.pending
+                        and not lane.inflight
+                        and lane.settling is None
+                    ):
                         return
                     lane.wakeup = loop.create_future()
                     await lane.wakeup
@@ -608,6 +621,7 @@ class Store:
                 continue
             inflight.popleft()
             call.done = True
+            lane.settling = call
             try:
                 await self._reload_missing(call.commands, results)
                 metrics.STORE_SECONDS.observe(time.perf_counter() - call.started)
@@ -618,6 +632,7 @@ class Store:
                     for frame in frames:
                         frame.fail(self._why(exc))
             finally:
+                lane.settling = None
                 lane.release(call)
 
     async def _broken(self, lane: _Lane, conn: Any, exc: BaseException) -> None:
