@@ -5,8 +5,8 @@ are gathered into one pipeline of one ``FCALL`` of ``publish`` per site (or
 partition). Each of ``publish_lanes`` publisher lanes sends its calls on
 one Redis connection; while one is in flight the lane's next frames gather
 (group commit), so a busy server makes few, large round trips and an idle
-one answers in one round trip. When a full call (``publish_batch_events``)
-waits, it is sent at once, up to ``publish_depth`` calls in flight, so that
+one answers in one round trip. Once enough waits (:data:`DEPTH_GATE`), the
+next call is sent at once, up to ``publish_depth`` calls in flight, so that
 Python packs and settles while Redis runs; the replies are read in order by
 the lane's reader task. A producer always uses the same lane and has frames
 in at most one of its calls in flight, which keeps its frames in the order
@@ -262,7 +262,7 @@ class _Lane:
             frames.append(frame)
             if key not in self.busy:
                 self.ready_events += frame.n
-        # The sender waits for a full call while one is in flight (see Store._run).
+        # With a call in flight the sender waits for DEPTH_GATE (see Store._run).
         inflight = len(self.inflight)
         if not inflight or (inflight < self.depth and self.ready_events >= self.gate):
             self.wake()
