@@ -67,9 +67,11 @@ from eventwire.store.streams import read_site_summary
 log = structlog.get_logger("eventwire.store")
 
 #: With a call in flight, a lane sends the next once this share of
-#: ``publish_batch_events`` waits (1/4: measured best of 1, 1/2, 1/4 and one
-#: event at 100-event frames; no difference at single-event frames).
-DEPTH_GATE = 0.25
+#: ``publish_batch_events`` waits. 1 (a full call): the least CPU per event;
+#: 1/4 overlapped more on an idle machine but cost ~15 % more CPU per event
+#: (smaller calls) and lost when other jobs kept both cores busy (README
+#: "Performance"). Frames that gather while a call runs go in the next one.
+DEPTH_GATE = 1.0
 
 #: Seconds without a refused frame after which a full backlog counts as a new
 #: episode (warned again) even if no frame came to see it drained.
