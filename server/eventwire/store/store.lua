@@ -32,6 +32,9 @@
 --                             customer's partition)
 --   ew:{site}:suppressed      keyed hashes of forgotten customers (set; each
 --                             hash in the partition of the uuid it hashes)
+--   ew:{site}:forgotten       ids of events entries a forget deleted before
+--                             the persist worker read them (sorted set; not
+--                             here: store/privacy.py)
 --
 -- A connection member is "<process>:<n>:<uuid>". Times are Redis' own clock
 -- (TIME), so server processes on machines with skewed clocks agree.
