@@ -34,6 +34,7 @@ import base64
 import json
 import os
 import random
+import re
 import resource
 import secrets
 import subprocess
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-#: Connections opened at once per worker (each waits for its welcome).
+#: Connections opened at once per worker (each waits for its welcome), by default.
 OPEN_CONCURRENCY = 200
 #: Seconds a connection may take from connect to welcome.
 OPEN_TIMEOUT = 60.0
@@ -117,10 +118,22 @@ def parse_frames(buf: bytearray) -> list[tuple[int, bytes]]:
 class IdleClient(asyncio.Protocol):
     """One connection: handshake, hello, welcome, then idle but for trickle frames."""
 
-    __slots__ = ("buf", "failed", "opened", "sent", "seq", "transport", "upgraded", "worker")
+    __slots__ = (
+        "buf",
+        "failed",
+        "opened",
+        "sent",
+        "seq",
+        "started",
+        "transport",
+        "upgraded",
+        "worker",
+    )
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
+        #: monotonic ns of the connect call (the open latencies count from it)
+        self.started = time.monotonic_ns()
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.opened: asyncio.Future[None] | None = worker.loop.create_future()
@@ -151,6 +164,7 @@ class IdleClient(asyncio.Protocol):
                 self.fail(head.split(b"\r\n", 1)[0].decode(errors="replace"))
                 return
             self.upgraded = True
+            self.worker.upgrade_ns.append(time.monotonic_ns() - self.started)
             hello = {
                 "type": "hello",
                 "uuid": "idle-" + secrets.token_hex(6),
@@ -173,6 +187,7 @@ class IdleClient(asyncio.Protocol):
             kind = msg.get("type")
             if kind == "welcome":
                 if self.opened is not None and not self.opened.done():
+                    self.worker.welcome_ns.append(time.monotonic_ns() - self.started)
                     self.opened.set_result(None)
             elif kind == "ack":
                 sent = self.sent.pop(msg["seq"], None)
@@ -227,8 +242,13 @@ class Worker:
         ).encode()
         self.clients: list[IdleClient] = []
         self.latencies: list[int] = []
+        #: ns from the connect call to the 101, and to the welcome, of each connection opened
+        self.upgrade_ns: list[int] = []
+        self.welcome_ns: list[int] = []
         self.lost_after_open = 0
         self.open_failures: list[str] = []
+        #: failures by kind (the reason without its per-connection details)
+        self.failure_kinds: dict[str, int] = {}
         self.sources = [f"127.0.0.{i}" for i in range(1, a.sources + 1)]
 
     def lost(self, c: IdleClient) -> None:
@@ -245,14 +265,17 @@ class Worker:
                 assert client.opened is not None
                 await client.opened
         except (OSError, TimeoutError, ConnectionError) as exc:
-            self.open_failures.append(f"{source}: {type(exc).__name__} {exc}")
+            why = f"{type(exc).__name__} {exc}"
+            self.open_failures.append(f"{source}: {why}")
+            kind = failure_kind(why)
+            self.failure_kinds[kind] = self.failure_kinds.get(kind, 0) + 1
             return
         client.opened = None  # open: no future kept per idle connection
         self.clients.append(client)
 
     async def open_all(self) -> float:
         started = time.monotonic()
-        sem = asyncio.Semaphore(OPEN_CONCURRENCY)
+        sem = asyncio.Semaphore(self.a.concurrency)
 
         async def guarded(i: int) -> None:
             async with sem:
@@ -289,6 +312,9 @@ async def run_worker(a: argparse.Namespace) -> None:
         "open_s": round(opened, 2),
         "failures": w.open_failures[:5],
         "n_failures": len(w.open_failures),
+        "failure_kinds": w.failure_kinds,
+        "upgrade_ms": spread_ms(w.upgrade_ns),
+        "welcome_ms": spread_ms(w.welcome_ns),
     }
     print(json.dumps(report), flush=True)
     # The parent says "go" once every worker is open and the RSS is read.
@@ -314,6 +340,19 @@ async def run_worker(a: argparse.Namespace) -> None:
             c.transport.close()
 
 
+def failure_kind(why: str) -> str:
+    """A failure's reason without what differs per connection (ids, ports, hex codes)."""
+    return re.sub(r"\d+", "N", why)[:120]
+
+
+def spread_ms(values_ns: list[int]) -> list[float]:
+    """p50, p99 and max of durations (ns), in ms."""
+    values = sorted(values_ns)
+    if not values:
+        return [float("nan")] * 3
+    return [round(percentile(values, q) / 1e6, 1) for q in (0.5, 0.99)] + [values[-1] / 1e6]
+
+
 def percentile(values: list[int], q: float) -> float:
     if not values:
         return float("nan")
@@ -331,6 +370,12 @@ def main() -> int:
         type=int,
         default=0,
         help="loopback source addresses 127.0.0.1..K (default: 1 per 20,000)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=OPEN_CONCURRENCY,
+        help="connections opening at once per worker",
     )
     p.add_argument("--rate", type=float, default=1000.0, help="trickle events/s in all")
     p.add_argument("--trickle", type=float, default=10.0, help="trickle seconds (0: none)")
@@ -373,7 +418,7 @@ def coordinate(a: argparse.Namespace) -> int:
     shares = [a.n // procs + (1 if i < a.n % procs else 0) for i in range(procs)]
     print(
         f"opening {a.n:,} connections from {sources} source address(es) "
-        f"(127.0.0.1-{sources}) in {procs} worker process(es), {OPEN_CONCURRENCY} at a time each"
+        f"(127.0.0.1-{sources}) in {procs} worker process(es), {a.concurrency} at a time each"
     )
     before = rss_kib(a.server_pid)
     started = time.monotonic()
@@ -394,6 +439,8 @@ def coordinate(a: argparse.Namespace) -> int:
             str(sources),
             "--rate",
             str(a.rate / procs),
+            "--concurrency",
+            str(a.concurrency),
             "--trickle",
             str(a.trickle),
         ]
@@ -404,6 +451,8 @@ def coordinate(a: argparse.Namespace) -> int:
     try:
         opened = 0
         failures: list[str] = []
+        kinds: dict[str, int] = {}
+        spreads: list[tuple[list[float], list[float]]] = []
         for w in workers:
             assert w.stdout is not None
             line = w.stdout.readline()
@@ -413,6 +462,9 @@ def coordinate(a: argparse.Namespace) -> int:
             r = json.loads(line)
             opened += r["opened"]
             failures += r["failures"]
+            spreads.append((r["upgrade_ms"], r["welcome_ms"]))
+            for kind, count in r["failure_kinds"].items():
+                kinds[kind] = kinds.get(kind, 0) + count
         open_s = time.monotonic() - started
         time.sleep(a.settle)
         after = rss_kib(a.server_pid)
@@ -422,6 +474,14 @@ def coordinate(a: argparse.Namespace) -> int:
             f"{open_s:.1f} s ({opened / open_s:,.0f}/s); server RSS {before / 1024:.1f} MiB -> "
             f"{after / 1024:.1f} MiB: {per:.1f} KiB per connection"
         )
+        for i, (up, wel) in enumerate(spreads):
+            print(
+                f"  worker {i + 1}: connect to 101 p50 {up[0]:.0f} ms, p99 {up[1]:.0f} ms, max "
+                f"{up[2]:.0f} ms; to welcome p50 {wel[0]:.0f} ms, p99 {wel[1]:.0f} ms, max "
+                f"{wel[2]:.0f} ms"
+            )
+        for kind, count in sorted(kinds.items(), key=lambda kc: -kc[1]):
+            print(f"  {count:,} failed to open: {kind}", file=sys.stderr)
         for f in failures[:5]:
             print("  open failed:", f, file=sys.stderr)
         lats: list[int] = []

@@ -25,6 +25,7 @@ medium is told.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Final
 from urllib.parse import parse_qsl, urlsplit
 
@@ -37,6 +38,8 @@ UTM_FIELDS: Final = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "ut
 VALUE_MAX: Final = 200
 #: Distinct (url, referrer, hosts) classifications kept per process (~1 KiB each).
 SOURCE_CACHE: Final = 4096
+#: Distinct lists of site origins whose hosts are kept (one per site and sites-file version).
+HOSTS_CACHE: Final = 1024
 #: Longest url or referrer whose classification is cached (longer: computed each time).
 CACHED_URL_MAX: Final = 2048
 
@@ -201,6 +204,15 @@ def _cached_source_json(url: str, referrer: str, own_hosts: frozenset[str]) -> m
 _encoder: Final = msgspec.json.Encoder()
 
 
-def origin_hosts(origins: list[str]) -> frozenset[str]:
-    """The hosts of a site's exact origins (``www.`` stripped), for ``internal`` referrals."""
+def origin_hosts(origins: Sequence[str]) -> frozenset[str]:
+    """The hosts of a site's exact origins (``www.`` stripped), for ``internal`` referrals.
+
+    One set per distinct list of origins (:data:`HOSTS_CACHE` kept): every
+    connection of a site shares it instead of holding its own.
+    """
+    return _origin_hosts(tuple(origins))
+
+
+@functools.lru_cache(maxsize=HOSTS_CACHE)
+def _origin_hosts(origins: tuple[str, ...]) -> frozenset[str]:
     return frozenset(_host(o) for o in origins if "*" not in o and o != "null") - {""}
