@@ -71,7 +71,7 @@ from eventwire.core.protocol import (
     WireEvent,
 )
 from eventwire.core.rules import SiteRules, SitesBook
-from eventwire.core.source import origin_hosts, source_of
+from eventwire.core.source import origin_hosts, shared_source
 from eventwire.core.validation import Identity, Limits
 from eventwire.core.visitor import Visitor, client_info
 
@@ -365,7 +365,7 @@ class Connection:
         url = context.get("url") if context is not None else None
         if isinstance(url, str) and url:
             referrer = context.get("referrer") if context is not None else None
-            source = source_of(url, referrer if isinstance(referrer, str) else "", self._hosts)
+            source = shared_source(url, referrer if isinstance(referrer, str) else "", self._hosts)
         mode = config.bots
         if client.bot:
             self.bot_outcome = {"flag": "flagged", "drop": "dropped", "keep": "kept"}[mode]

@@ -187,6 +187,19 @@ def source_of(url: str, referrer: str, own_hosts: frozenset[str] = frozenset()) 
     )
 
 
+def shared_source(url: str, referrer: str, own_hosts: frozenset[str] = frozenset()) -> Source:
+    """:func:`source_of`, one object per (url, referrer, hosts) when both fit
+    :data:`CACHED_URL_MAX`: connections landing alike share it (it is frozen)."""
+    if len(url) <= CACHED_URL_MAX and len(referrer) <= CACHED_URL_MAX:
+        return _cached_source(url, referrer, own_hosts)
+    return source_of(url, referrer, own_hosts)
+
+
+@functools.lru_cache(maxsize=SOURCE_CACHE)
+def _cached_source(url: str, referrer: str, own_hosts: frozenset[str]) -> Source:
+    return source_of(url, referrer, own_hosts)
+
+
 def source_json(url: str, referrer: str, own_hosts: frozenset[str] = frozenset()) -> msgspec.Raw:
     """:func:`source_of` as JSON, for the hot path of page visits: cached per
     (url, referrer, hosts) when both fit :data:`CACHED_URL_MAX` (a page's URL
