@@ -26,6 +26,11 @@ connection's inbox, which stops reading the socket when it fills, and the
 receive loop takes it once it may; answers that free room take the waiting
 messages at once too. A failure on the hot path is handed to the receive
 loop, which raises it as before (websockets closes 1011).
+
+What a socket shares with an HTTP batch (submitting a frame and a held one
+again, the hello's session, leaving it, the store's results) is
+:class:`Carrier`'s, the base of this driver and of
+:class:`eventwire.http.batch.BatchRun`.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ from eventwire.store import Frame, FrameIds, Store, pack_frame_ids
 from eventwire.tasks import cancel_and_wait
 
 # ``undecodable_record`` is imported from here by the fuzzers.
-__all__ = ["IngestConnection", "undecodable_record"]
+__all__ = ["Carrier", "IngestConnection", "undecodable_record"]
 
 log = structlog.get_logger("eventwire.ingest")
 
@@ -123,7 +128,169 @@ class Socket(Protocol):
         """Close with the closing handshake."""
 
 
-class IngestConnection:
+class Carrier:
+    """Carries out a connection protocol's commands against the store and the sessions.
+
+    What a socket's driver (:class:`IngestConnection`) and an HTTP batch
+    (:class:`eventwire.http.batch.BatchRun`) share: submitting a frame (its
+    key names built once per customer), submitting a held frame again,
+    opening the customer's session at the hello, leaving it, and the
+    :class:`~eventwire.store.FrameSink` side, which hands the store's results
+    to the protocol. A subclass says how it follows the commands the protocol
+    answers with (:meth:`_follow`) and whom a result wakes (:meth:`_results_in`).
+
+    Args:
+        protocol: the connection's protocol state (sans I/O).
+        store: the Redis room.
+        sessions: the session room.
+    """
+
+    __slots__ = (
+        "_held",
+        "_ids",
+        "_keys_uuid",
+        "_producer_key",
+        "_session_key",
+        "_tag",
+        "member",
+        "protocol",
+        "sessions",
+        "settings",
+        "site",
+        "store",
+    )
+
+    def __init__(self, protocol: Connection, store: Store, sessions: Sessions) -> None:
+        self.protocol = protocol
+        self.site = protocol.site
+        self.store = store
+        self.sessions = sessions
+        self.settings = protocol.settings
+        #: The connection's member in its customer's session, while registered.
+        self.member = ""
+        #: Frames whose session ended, until they are sent again.
+        self._held: dict[SubmitFrame, Frame] = {}
+        self._keys_uuid = ""
+        self._tag = ""
+        self._producer_key = ""
+        self._session_key = ""
+        self._ids: FrameIds | None = None
+
+    def _follow(self, commands: list[Command]) -> None:
+        """Carry out (or queue) the commands the protocol answered a result with."""
+        raise NotImplementedError
+
+    def _results_in(self) -> None:
+        """The store answered a frame: wake whoever waits for answers."""
+        raise NotImplementedError
+
+    def _submit(self, frame: SubmitFrame) -> None:
+        uuid = frame.uuid
+        if uuid != self._keys_uuid:
+            # Key names change only with the customer: built once, not per frame.
+            keys = self.store.keys
+            self._keys_uuid = uuid
+            self._tag = self.store.tag(self.site, uuid)
+            self._producer_key = keys.producer(self._tag, self.protocol.producer)
+            self._session_key = keys.session(self._tag, uuid)
+            self._ids = None
+        ids = self._ids
+        if ids is None or ids.session != frame.session:
+            # Packed for Redis once per customer and session, not per frame.
+            ids = self._ids = pack_frame_ids(
+                self._producer_key, self._session_key, frame.session, uuid
+            )
+        if frame.rejections:
+            for r in frame.rejections:
+                metrics.REJECTS.labels(self.site, r.code).inc()
+        queued = self.store.submit(
+            self.site,
+            self._tag,
+            self._producer_key,
+            self._session_key,
+            uuid,
+            frame.session,
+            frame.items,
+            self,
+            frame,
+            self.protocol.owner,
+            frame.low,
+        )
+        queued.ids = ids
+
+    def _resubmit(self, frame: SubmitFrame) -> None:
+        """Submit a held frame again, in the session opened for it."""
+        held = self._held.pop(frame)
+        held.args = frame.items
+        held.session = frame.session
+        self.store.resubmit(held)
+
+    async def _open(self, command: OpenSession) -> bool:
+        """Join or open the customer's session; False when Redis did not answer."""
+        member = self.member or self.sessions.member(command.uuid)
+        try:
+            opened = await self.sessions.open(
+                self.site,
+                command.uuid,
+                member,
+                command.producer,
+                command.context,
+                start=command.start,
+            )
+        except StoreUnavailable as exc:
+            self._follow(self.protocol.session_unavailable(str(exc)))
+            return False
+        if opened.suppressed:
+            # Forgotten and suppressed: the member is registered no more.
+            self.sessions.drop(self.site, command.uuid, member)
+            self.member = ""
+        else:
+            self.member = member
+        self._follow(
+            self.protocol.session_opened(
+                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
+            )
+        )
+        return True
+
+    async def _leave(self, uuid: str) -> None:
+        if not self.member:
+            return
+        member, self.member = self.member, ""
+        try:
+            await self.sessions.leave(
+                self.site, uuid, member, quiet=bool(self.protocol.bot_dropped)
+            )
+        except StoreUnavailable as exc:
+            # The heartbeat lapses instead, and a reaper counts it as closed.
+            log.warning("leave_failed", error=str(exc))
+
+    # -- FrameSink: called from the store's publisher task ----------------------------
+
+    def frame_stored(self, frame: Frame, added: int, duplicate: int) -> None:
+        """The frame's events are in Redis; its ack may go."""
+        self._follow(self.protocol.frame_stored(frame.token, added, duplicate))
+        self._results_in()
+
+    def frame_failed(self, frame: Frame, why: str) -> None:
+        """Nothing of the frame is stored; it is nacked."""
+        self._follow(self.protocol.frame_failed(frame.token))
+        self._results_in()
+
+    def frame_gone(self, frame: Frame) -> None:
+        """The session ended before the frame was stored; it is sent again in a new one."""
+        self._held[frame.token] = frame
+        self._follow(self.protocol.frame_gone(frame.token))
+        self._forget_answered()
+        self._results_in()
+
+    def _forget_answered(self) -> None:
+        """Drop the held frames that were nacked instead of sent again."""
+        for token in [token for token in self._held if token.reply is not None]:
+            del self._held[token]
+
+
+class IngestConnection(Carrier):
     """Carries out one tracking connection's protocol over its socket.
 
     Args:
@@ -141,23 +308,11 @@ class IngestConnection:
         "_bound",
         "_crash",
         "_draining",
-        "_held",
-        "_ids",
-        "_keys_uuid",
         "_live",
-        "_producer_key",
         "_renewal",
         "_send",
-        "_session_key",
         "_steps",
-        "_tag",
         "close_detail",
-        "member",
-        "protocol",
-        "sessions",
-        "settings",
-        "site",
-        "store",
         "ws",
     )
 
@@ -170,23 +325,15 @@ class IngestConnection:
         sessions: Sessions,
         draining: Callable[[], bool],
     ) -> None:
-        self.protocol = protocol
-        self.site = protocol.site
+        super().__init__(protocol, store, sessions)
         self.ws = ws
         self._send = send
-        self.store = store
-        self.sessions = sessions
         self._draining = draining
-        self.settings = protocol.settings
-        #: The connection's member in its customer's session, while registered.
-        self.member = ""
         #: The detail of the error the connection was closed for, if any.
         self.close_detail = ""
         #: Session steps and the close, awaited by the receive loop in order.
         self._steps: list[Command] = []
         self._renewal: asyncio.Task[None] | None = None
-        #: Frames whose session ended, until they are sent again.
-        self._held: dict[SubmitFrame, Frame] = {}
         #: Set whenever answers went out or a step was queued; every waiter
         #: (room for a frame, a drain, several at once) wakes and looks again.
         self._answered = _Signal()
@@ -195,11 +342,6 @@ class IngestConnection:
         self._arrived = _Signal()
         #: The customer the log lines name now.
         self._bound: Identity | None = None
-        self._keys_uuid = ""
-        self._tag = ""
-        self._producer_key = ""
-        self._session_key = ""
-        self._ids: FrameIds | None = None
         #: Messages may be carried out from ``data_received`` (after the welcome).
         self._live = False
         #: A failure of the hot path, raised by the receive loop.
@@ -389,51 +531,13 @@ class IngestConnection:
             elif isinstance(command, SubmitFrame):
                 self._submit(command)
             elif isinstance(command, ResubmitFrame):
-                frame = command.frame
-                held = self._held.pop(frame)
-                held.args = frame.items
-                held.session = frame.session
-                self.store.resubmit(held)
+                self._resubmit(command.frame)
             elif isinstance(command, OpenSession) and command.renew:
                 self._renewal = asyncio.create_task(self._renew(command))
             else:
                 self._steps.append(command)
                 self.wake()
                 queued = True
-
-    def _submit(self, frame: SubmitFrame) -> None:
-        uuid = frame.uuid
-        if uuid != self._keys_uuid:
-            # Key names change only with the customer: built once, not per frame.
-            keys = self.store.keys
-            self._keys_uuid = uuid
-            self._tag = self.store.tag(self.site, uuid)
-            self._producer_key = keys.producer(self._tag, self.protocol.producer)
-            self._session_key = keys.session(self._tag, uuid)
-            self._ids = None
-        ids = self._ids
-        if ids is None or ids.session != frame.session:
-            # Packed for Redis once per customer and session, not per frame.
-            ids = self._ids = pack_frame_ids(
-                self._producer_key, self._session_key, frame.session, uuid
-            )
-        if frame.rejections:
-            for r in frame.rejections:
-                metrics.REJECTS.labels(self.site, r.code).inc()
-        queued = self.store.submit(
-            self.site,
-            self._tag,
-            self._producer_key,
-            self._session_key,
-            uuid,
-            frame.session,
-            frame.items,
-            self,
-            frame,
-            self.protocol.owner,
-            frame.low,
-        )
-        queued.ids = ids
 
     async def _carry_out(self, command: Command) -> None:
         """Carry out one step that waits (a session step, a record, the close)."""
@@ -451,29 +555,22 @@ class IngestConnection:
             case _:
                 self._run([command])
 
-    async def _open(self, command: OpenSession) -> None:
-        member = self.sessions.member(command.uuid)
-        try:
-            opened = await self.sessions.open(
-                self.site,
-                command.uuid,
-                member,
-                command.producer,
-                command.context,
-                start=command.start,
-            )
-        except StoreUnavailable as exc:
-            self._run(self.protocol.session_unavailable(str(exc)))
-            return
-        self.member = "" if opened.suppressed else member
-        self._run(
-            self.protocol.session_opened(
-                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
-            )
-        )
+    _follow = _run
+
+    def _results_in(self) -> None:
+        """Answers went out: take a waiting message, and wake whoever waits for room."""
+        if self._live and self.ws.inbox:
+            self._pump()
+        self._answered.set()
+
+    async def _open(self, command: OpenSession) -> bool:
+        """The hello's session; the connection counts once it is open."""
+        if not await super()._open(command):
+            return False
         metrics.CONNECTIONS.labels(self.site).inc()
         if self.protocol.bot_outcome:
             metrics.BOT_CONNECTIONS.labels(self.site, self.protocol.bot_outcome).inc()
+        return True
 
     async def _renew(self, command: OpenSession) -> None:
         """Open a session again for frames whose session ended on their way."""
@@ -565,43 +662,3 @@ class IngestConnection:
             self.close_detail = command.detail
         with contextlib.suppress(ConnectionClosed):
             await self.ws.close(command.code, command.reason)
-
-    async def _leave(self, uuid: str) -> None:
-        if not self.member:
-            return
-        member, self.member = self.member, ""
-        try:
-            await self.sessions.leave(
-                self.site, uuid, member, quiet=bool(self.protocol.bot_dropped)
-            )
-        except StoreUnavailable as exc:
-            # The heartbeat lapses instead, and a reaper counts it as closed.
-            log.warning("leave_failed", error=str(exc))
-
-    # -- FrameSink: called from the store's publisher task ----------------------------
-
-    def frame_stored(self, frame: Frame, added: int, duplicate: int) -> None:
-        """The frame's events are in Redis; its ack may go, and a waiting message be taken."""
-        self._run(self.protocol.frame_stored(frame.token, added, duplicate))
-        if self._live and self.ws.inbox:
-            self._pump()
-        self._answered.set()
-
-    def frame_failed(self, frame: Frame, why: str) -> None:
-        """Nothing of the frame is stored; it is nacked."""
-        self._run(self.protocol.frame_failed(frame.token))
-        if self._live and self.ws.inbox:
-            self._pump()
-        self._answered.set()
-
-    def frame_gone(self, frame: Frame) -> None:
-        """The session ended before the frame was stored; it is sent again in a new one."""
-        self._held[frame.token] = frame
-        self._run(self.protocol.frame_gone(frame.token))
-        self._forget_answered()
-        self._answered.set()
-
-    def _forget_answered(self) -> None:
-        """Drop the held frames that were nacked instead of sent again."""
-        for token in [token for token in self._held if token.reply is not None]:
-            del self._held[token]

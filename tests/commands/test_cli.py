@@ -5,16 +5,60 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from eventwire.commands.cli import STATS_RANGES
+from eventwire.core.config import Settings
 from eventwire.gateway import EventwireServer
+from eventwire.persist.ranges import RANGES
+from eventwire.persist.sinks import DEFAULT_DSN
+from tests.procs import UNIT, RedisProcess
 from tests.wire import client_events
 
 REPO = Path(__file__).resolve().parents[2]
+
+#: Runs ``eventwire ARGS`` and, on the way out, prints the imported modules to stderr.
+PROBE = """
+import atexit, json, sys
+atexit.register(lambda: print("modules:", json.dumps(sorted(sys.modules)), file=sys.stderr))
+from eventwire.commands.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+#: Rooms and libraries an operator command has no use for: the server, the HTTP
+#: listener, visitors, the persist worker, the supervisor and what they load.
+HEAVY = (
+    "eventwire.gateway",
+    "eventwire.ingest",
+    "eventwire.admin",
+    "eventwire.http",
+    "eventwire.live",
+    "eventwire.persist",
+    "eventwire.supervisor",
+    "eventwire.core.connection",
+    "eventwire.core.visitor",
+    "aiohttp",
+    "asyncpg",
+    "ua_parser",
+    "user_agents",
+    "crawlerdetect",
+    "websockets",
+)
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules a :data:`PROBE` run printed."""
+    (line,) = [line for line in stderr.splitlines() if line.startswith("modules: ")]
+    return set(json.loads(line.removeprefix("modules: ")))
+
+
+def loaded(modules: set[str], packages: tuple[str, ...]) -> list[str]:
+    """Those of ``packages`` that are in ``modules``, or a module of theirs."""
+    return [p for p in packages if any(m == p or m.startswith(p + ".") for m in modules)]
 
 
 def eventwire(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -81,3 +125,52 @@ async def test_send(server: EventwireServer, redis: aioredis.Redis) -> None:
     code, _, err = await send("nodot")
     assert code == 1
     assert err.startswith("rejected invalid_action")
+
+
+def test_help_imports_no_room() -> None:
+    """Every subcommand's --help is answered without importing Redis or any async room."""
+    commands = ("serve", "check-config", "send", "tail", "stats", "persist", "activity")
+    commands += ("forget", "unsuppress", "export")
+    for command in (*commands, "--version"):
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE, command, "--help"],
+            capture_output=True, text=True, cwd=REPO, timeout=30, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(("usage: eventwire", "eventwire 0")), out.stdout
+        modules = imported(out.stderr)
+        assert loaded(modules, (*HEAVY, "redis", "asyncio", "eventwire.store")) == [], command
+
+
+async def test_tail_imports_no_heavy_room(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path
+) -> None:
+    """``eventwire tail`` prints an event and stops without loading the server's rooms.
+
+    What keeps its start quick: the flags are parsed without importing any
+    room (commands/cli.py), and tail imports only the store and core.
+    """
+    await redis.xadd("ew:{app}:events", {"event": json.dumps({"site": "app", "uuid": "u-1"})})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PROBE, "tail", "--redis", redis_proc.url, "--sites", str(sites_file),
+        "--since", "0", "--json",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    line = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10 * UNIT))
+    assert line["uuid"] == "u-1"
+    proc.send_signal(signal.SIGINT)
+    err = (await asyncio.wait_for(proc.stderr.read(), 10 * UNIT)).decode()
+    assert await proc.wait() == 0, err
+    modules = imported(err)
+    assert "eventwire.commands.tail" in modules
+    assert "redis" in modules
+    assert loaded(modules, HEAVY) == []
+
+
+def test_flags_name_what_the_rooms_define() -> None:
+    """The defaults cli.py names without importing persist are persist's own."""
+    assert list(STATS_RANGES) == list(RANGES)
+    assert Settings().persist_dsn == DEFAULT_DSN

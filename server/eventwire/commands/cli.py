@@ -1,41 +1,39 @@
 """The ``eventwire`` command: ``serve``, ``check-config``, ``send``, ``persist``,
 ``activity``, ``tail``, ``stats``, ``forget``, ``unsuppress``, ``export``.
 
-Parses flags, loads settings and sites, configures logging and runs the
-rooms; no logic of its own beyond mapping errors to exit codes (2 for a
-configuration error, 0 for a graceful stop). ``serve --workers N`` (N > 1)
-runs :class:`~eventwire.supervisor.Supervisor` here, which starts N children
-running this same command with ``--workers 1``.
+This module holds every subcommand's flags and maps the parsed command to
+the module that runs it; no logic of its own beyond mapping errors to exit
+codes. It imports only ``argparse`` and :mod:`eventwire.core.config`: each
+subcommand's module (and the rooms it needs) is imported when that
+subcommand runs, so ``eventwire tail`` never loads the server, the persist
+worker or the HTTP listener, and ``--help`` loads none of them
+(``tests/commands/test_cli.py`` checks both).
+
+The runners: ``serve`` and ``check-config`` :mod:`eventwire.commands.serve`,
+``send`` :mod:`eventwire.commands.send`, ``tail`` and ``stats`` their own
+modules, ``persist`` and ``activity`` :mod:`eventwire.persist`, ``forget``,
+``unsuppress`` and ``export`` :mod:`eventwire.commands.privacy`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import resource
-import signal
-import sys
-from typing import Any
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, Final, TypeAlias
 
-import msgspec
-import structlog
+from eventwire import __version__
+from eventwire.core.config import Settings, add_source_flags
 
-from eventwire import __version__, persist, supervisor
-from eventwire.commands import privacy, stats, tail
-from eventwire.commands.tail import quiet_stdout
-from eventwire.core.config import LoadedConfig, add_source_flags, describe, load_settings
-from eventwire.core.errors import ConfigError
-from eventwire.core.rules import SiteRules, describe_sites, load_sites
-from eventwire.gateway import EventwireServer
-from eventwire.heap import HeapKeeper
-from eventwire.log import configure
-from eventwire.tasks import cancel_and_wait
+#: The ranges of ``stats --range``: the keys of :data:`eventwire.persist.ranges.RANGES`
+#: (named here so that parsing the flags does not import the persist worker).
+STATS_RANGES: Final = ("1h", "24h", "7d")
+#: Rows ``activity`` prints unless ``--limit`` says otherwise.
+ACTIVITY_LIMIT: Final = 50
+#: A uuid as docs/protocol.md section 0 defines it.
+_UUID_HELP: Final = "the customer's uuid (1-64 characters of [A-Za-z0-9._:-])"
 
-#: How long ``eventwire send`` waits for its event to be acked.
-SEND_TIMEOUT = 5.0
-
-log = structlog.get_logger("eventwire.cli")
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +48,122 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_send(sub: Subparsers) -> None:
+    send = sub.add_parser("send", help="send one event and print the server's answer")
+    send.add_argument("--url", required=True, help="ws://HOST:PORT/v1/track/SITE")
+    send.add_argument("--uuid", default=None, help="customer uuid (default: random)")
+    send.add_argument("--label", default=None)
+    send.add_argument("--origin", default=None, help="Origin header to send")
+    send.add_argument("action", help="context.activity name, e.g. page.visit")
+    send.add_argument("params", nargs="*", help="KEY=VALUE params; VALUE is JSON or a string")
+
+
+def _add_tail(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "tail",
+        help="follow the event streams live",
+        description="Follow the events (or rejected) streams of the sites live.",
+    )
+    add_source_flags(p)
+    p.add_argument(
+        "--site",
+        action="append",
+        default=None,
+        metavar="S",
+        help="only this site (repeatable; default: every site of the sites file "
+        "and every site found in Redis)",
+    )
+    p.add_argument("--action", default=None, metavar="GLOB", help="only actions matching GLOB")
+    p.add_argument("--uuid", default=None, metavar="U", help="only this customer")
+    p.add_argument(
+        "--since",
+        default="now",
+        metavar="now|5m|0|ID",
+        help="now (default), a duration ago (30s, 5m, 2h, 1d), 0 (the beginning) "
+        "or a stream id (entries after it; on a partitioned site, in every partition)",
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines (the default off a terminal)")
+    p.add_argument("--rejected", action="store_true", help="follow the rejected streams")
+
+
+def _add_stats(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="per-site stream, session and persist numbers",
+        description="Per-site stream length, rates, open sessions and persist lag, for the "
+        "sites of the sites file and every site found in Redis.",
+    )
+    add_source_flags(p)
+    p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    p.add_argument("--json", action="store_true", help="JSON (the default off a terminal)")
+    p.add_argument(
+        "--range",
+        choices=list(STATS_RANGES),
+        help="the stored rollups of this range instead (what the dashboard's range views show)",
+    )
+    p.add_argument("--dsn", help="the store of --range (default: persist_dsn)")
+
+
+def _add_persist(sub: Subparsers, default_dsn: str) -> None:
+    p = sub.add_parser(
+        "persist", help="copy every site's events from Redis into SQLite or PostgreSQL"
+    )
+    add_source_flags(p)
+    p.add_argument(
+        "--dsn",
+        help=f"store: sqlite:///PATH or postgresql://... (EVENTWIRE_PERSIST_DSN; {default_dsn})",
+    )
+    p.add_argument(
+        "--claim-idle",
+        type=float,
+        help="seconds before a dead consumer's entries are taken over (EVENTWIRE_CLAIM_IDLE; 60)",
+    )
+    p.add_argument(
+        "--max-deliveries",
+        type=int,
+        help="deliveries before a failing entry goes to the dead stream "
+        "(EVENTWIRE_MAX_DELIVERIES; 5)",
+    )
+    p.add_argument("--metrics", help="serve Prometheus /metrics on HOST:PORT")
+
+
+def _add_activity(sub: Subparsers, default_dsn: str) -> None:
+    p = sub.add_parser(
+        "activity",
+        help="print a customer's events (and its aliases') from the store, newest first",
+    )
+    p.add_argument("--dsn", help=f"store (env EVENTWIRE_PERSIST_DSN; {default_dsn})")
+    p.add_argument("--site", required=True)
+    p.add_argument("--uuid", required=True, help="the customer")
+    p.add_argument("--limit", type=int, default=ACTIVITY_LIMIT, help=f"rows ({ACTIVITY_LIMIT})")
+    p.add_argument("--json", action="store_true", help="JSON lines (the default off a TTY)")
+
+
+def _add_privacy(sub: Subparsers, default_dsn: str) -> None:
+    def target(p: argparse.ArgumentParser, dsn: bool = True) -> None:
+        add_source_flags(p)
+        p.add_argument("--site", required=True)
+        p.add_argument("--uuid", required=True, help=_UUID_HELP)
+        if dsn:
+            p.add_argument("--dsn", help=f"store (EVENTWIRE_PERSIST_DSN; {default_dsn})")
+
+    forget = sub.add_parser(
+        "forget", help="remove a customer and its aliases from Redis and the store"
+    )
+    target(forget)
+    forget.add_argument(
+        "--suppress", action="store_true", help="keep them forgotten: deny their later events"
+    )
+    forget.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    unsuppress = sub.add_parser("unsuppress", help="lift a forgotten customer's suppression")
+    target(unsuppress, dsn=False)
+    export = sub.add_parser(
+        "export", help="a customer's and its aliases' events and sessions as JSON lines"
+    )
+    target(export)
+    export.add_argument("--out", type=Path, help="write to this file instead of standard output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``eventwire``."""
     parser = argparse.ArgumentParser(
@@ -61,179 +175,64 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     check = sub.add_parser("check-config", help="print the effective configuration")
     _common(check)
-    send = sub.add_parser("send", help="send one event and print the server's answer")
-    send.add_argument("--url", required=True, help="ws://HOST:PORT/v1/track/SITE")
-    send.add_argument("--uuid", default=None, help="customer uuid (default: random)")
-    send.add_argument("--label", default=None)
-    send.add_argument("--origin", default=None, help="Origin header to send")
-    send.add_argument("action", help="context.activity name, e.g. page.visit")
-    send.add_argument("params", nargs="*", help="KEY=VALUE params; VALUE is JSON or a string")
-    tail.add_parser(sub)
-    stats.add_parser(sub)
-    persist.add_parsers(sub)
-    privacy.add_parsers(sub)
+    _add_send(sub)
+    _add_tail(sub)
+    _add_stats(sub)
+    default_dsn = Settings().persist_dsn
+    _add_persist(sub, default_dsn)
+    _add_activity(sub, default_dsn)
+    _add_privacy(sub, default_dsn)
     return parser
-
-
-def _load(args: argparse.Namespace) -> tuple[LoadedConfig, dict[str, SiteRules]]:
-    overrides: dict[str, Any] = {
-        "sites": args.sites,
-        "listen": args.listen,
-        "admin": args.admin,
-        "http_listen": args.http_listen,
-        "redis_url": args.redis_url,
-        "workers": args.workers,
-    }
-    loaded = load_settings(args.config, overrides=overrides)
-    return loaded, load_sites(loaded.sites_path)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
-    if args.command == "send":
-        return _run(_send(args))
-    if args.command in ("persist", "activity"):
-        return _run(persist.run(args))
-    if args.command in ("forget", "unsuppress", "export"):
-        return _run(privacy.run(args))
-    if args.command in ("tail", "stats"):
-        # Operator commands end on Ctrl-C or a closed pipe (| head): quietly.
-        try:
-            return _run(tail.run(args) if args.command == "tail" else stats.run(args))
-        except KeyboardInterrupt:
-            return 0
-        except BrokenPipeError:
-            quiet_stdout()
-            return 0
+    command = args.command
+    if command == "send":
+        from eventwire.commands.send import send
+
+        return run_async(send(args))
+    if command in ("persist", "activity"):
+        from eventwire import persist
+
+        return run_async(persist.run(args))
+    if command in ("forget", "unsuppress", "export"):
+        from eventwire.commands import privacy
+
+        return run_async(privacy.run(args))
+    if command == "tail":
+        from eventwire.commands import tail
+
+        return _operator(tail.run(args))
+    if command == "stats":
+        from eventwire.commands import stats
+
+        return _operator(stats.run(args))
+    from eventwire.commands import serve
+
+    return serve.run(args, argv)
+
+
+def _operator(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``tail`` or ``stats``: they end on Ctrl-C or a closed pipe (``| head``), quietly."""
+    from eventwire.commands.tail import quiet_stdout
+
     try:
-        loaded, sites = _load(args)
-    except ConfigError as exc:
-        print(f"eventwire: configuration error: {exc}", file=sys.stderr)
-        return 2
-    if args.command == "check-config":
-        out = {
-            "config_file": str(loaded.config_path) if loaded.config_path else None,
-            "sources": loaded.sources,
-            "settings": describe(loaded),
-            "sites": describe_sites(sites, loaded.settings),
-        }
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(out)).decode() + "\n")
+        return run_async(main)
+    except KeyboardInterrupt:
         return 0
-    worker = os.environ.get(supervisor.WORKER_ENV)
-    configure(loaded.settings.log_level, fields={"worker": int(worker)} if worker else None)
-    if loaded.settings.workers > 1:
-        command = supervisor.child_command(sys.argv[1:] if argv is None else argv)
-        # The stock loop: the supervisor only waits on children and signals,
-        # and asyncio's subprocesses take every Popen option it needs.
-        return asyncio.run(_supervise(loaded, command))
-    return _run(_serve(loaded, sites))
+    except BrokenPipeError:
+        quiet_stdout()
+        return 0
 
 
-def _raise_fd_limit(connections: int) -> None:
-    """Let the process hold ``max_connections`` sockets: raise the soft fd limit toward it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = connections + 1024  # listeners, Redis, logs
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-
-
-async def _serve(loaded: LoadedConfig, sites: dict[str, SiteRules]) -> int:
-    _raise_fd_limit(loaded.settings.max_connections)
-    lifeline = supervisor.Lifeline.from_environ()
-    server = EventwireServer(loaded.settings, sites, loaded.sites_path)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_sites)
-    await server.start()
-    # Full collections walk only what is new (eventwire.heap): with many open
-    # connections a full pass would stop every answer for a second.
-    keeper = HeapKeeper(lambda: server.open_connections, lambda: server.closed_connections)
-    heap = asyncio.create_task(keeper.run())
-    orphaned: asyncio.Task[None] | None = None
-    if lifeline is not None:
-        try:
-            await lifeline.report(server.port, server.admin_port)
-        except OSError:  # the supervisor is gone already
-            log.warning("supervisor_gone", detail="draining")
-            stop.set()
-        else:
-            orphaned = asyncio.create_task(_stop_when_orphaned(lifeline, stop))
-    await stop.wait()
-    if orphaned is not None:
-        orphaned.cancel()
-        await asyncio.wait([orphaned])
-    await server.stop()
-    await cancel_and_wait([heap])
-    if lifeline is not None:
-        lifeline.close()
-    return 0
-
-
-async def _stop_when_orphaned(lifeline: supervisor.Lifeline, stop: asyncio.Event) -> None:
-    """A child whose supervisor is gone drains and exits, as on SIGTERM."""
-    await lifeline.wait_closed()
-    log.warning("supervisor_gone", detail="draining")
-    stop.set()
-
-
-async def _supervise(loaded: LoadedConfig, command: list[str]) -> int:
-    sup = supervisor.Supervisor(loaded.settings, command)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, sup.request_stop, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, sup.forward, signal.SIGHUP)
-    try:
-        return await sup.run()
-    except OSError as exc:
-        print(f"eventwire: cannot listen: {exc}", file=sys.stderr)
-        await sup.stop()
-        return supervisor.EXIT_FAILED
-
-
-def _param(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise SystemExit(f"eventwire send: param {text!r} is not KEY=VALUE")
-    try:
-        return key, msgspec.json.decode(value)
-    except msgspec.DecodeError:
-        return key, value
-
-
-async def _send(args: argparse.Namespace) -> int:
-    from eventwire.client import EventwireClient
-
-    configure("error")  # the answer is printed below; the client's retries are noise here
-    params = dict(_param(p) for p in args.params)
-    client = EventwireClient(args.url, args.uuid, origin=args.origin)
-    await client.start()
-    seq = client.track(args.action, params, args.label)
-    try:
-        await client.flush(timeout=SEND_TIMEOUT)
-    except TimeoutError:
-        why = client.last_problem or f"no answer within {SEND_TIMEOUT:g} s"
-        print(f"not stored: {why}", file=sys.stderr)
-        return 1
-    finally:
-        await client.close(flush=False)
-    for r in client.rejections:
-        if r.seq == seq:
-            print(f"rejected {r.code}: {r.detail}", file=sys.stderr)
-            return 1
-    assert client.welcome is not None
-    print(f"stored: {args.action} for {client.uuid} in session {client.welcome.session}")
-    return 0
-
-
-def _run(main: Any) -> int:
+def run_async(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop where it is installed (else asyncio's loop); its exit code."""
     try:
         import uvloop
     except ImportError:
-        code: int = asyncio.run(main)
-    else:
-        code = uvloop.run(main)
-    return code
+        import asyncio
+
+        return asyncio.run(main)
+    return uvloop.run(main)

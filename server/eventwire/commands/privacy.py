@@ -11,48 +11,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from eventwire import privacy
-from eventwire.core.config import LoadedConfig, add_source_flags, load_settings
+from eventwire.core.config import LoadedConfig, load_settings
 from eventwire.core.errors import ConfigError, StoreUnavailable
 from eventwire.core.rules import load_sites
-from eventwire.persist.sinks import DEFAULT_DSN
 from eventwire.store import Keys, redis_client
 from eventwire.store.privacy import Subjects
-
-#: A uuid as docs/protocol.md section 0 defines it.
-_UUID_HELP = "the customer's uuid (1-64 characters of [A-Za-z0-9._:-])"
-
-
-def _target(p: argparse.ArgumentParser, dsn: bool = True) -> None:
-    add_source_flags(p)
-    p.add_argument("--site", required=True)
-    p.add_argument("--uuid", required=True, help=_UUID_HELP)
-    if dsn:
-        p.add_argument("--dsn", help=f"store (EVENTWIRE_PERSIST_DSN; {DEFAULT_DSN})")
-
-
-def add_parsers(sub: Any) -> None:
-    """Add ``forget``, ``unsuppress`` and ``export`` to a subparsers object."""
-    forget = sub.add_parser(
-        "forget", help="remove a customer and its aliases from Redis and the store"
-    )
-    _target(forget)
-    forget.add_argument(
-        "--suppress", action="store_true", help="keep them forgotten: deny their later events"
-    )
-    forget.add_argument("--dry-run", action="store_true", help="count, change nothing")
-    unsuppress = sub.add_parser("unsuppress", help="lift a forgotten customer's suppression")
-    _target(unsuppress, dsn=False)
-    export = sub.add_parser(
-        "export", help="a customer's and its aliases' events and sessions as JSON lines"
-    )
-    _target(export)
-    export.add_argument("--out", type=Path, help="write to this file instead of standard output")
 
 
 def _load(args: argparse.Namespace) -> tuple[LoadedConfig, int]:

@@ -42,10 +42,9 @@ from typing import Any, Final
 import msgspec
 
 from eventwire.commands.tail import every_site, operator_command, operator_config
-from eventwire.core.config import add_source_flags
 from eventwire.core.errors import ConfigError, StoreUnavailable
 from eventwire.core.rules import load_sites
-from eventwire.persist.ranges import RANGES, RangeView, RollupReader, RollupsUnavailable
+from eventwire.persist.ranges import RangeView, RollupReader, RollupsUnavailable
 from eventwire.store import Keys, RedisClient, redis_client
 from eventwire.store.survey import (
     GroupState,
@@ -70,25 +69,6 @@ WATCH_EVERY: Final = 2.0
 #: whole keyspace (:func:`eventwire.store.survey.find_sites`), a refresh does not.
 FIND_SITES_EVERY: Final = 30.0
 CLEAR: Final = "\x1b[H\x1b[2J"
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``stats`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "stats",
-        help="per-site stream, session and persist numbers",
-        description="Per-site stream length, rates, open sessions and persist lag, for the "
-        "sites of the sites file and every site found in Redis.",
-    )
-    add_source_flags(p)
-    p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
-    p.add_argument("--json", action="store_true", help="JSON (the default off a terminal)")
-    p.add_argument(
-        "--range",
-        choices=list(RANGES),
-        help="the stored rollups of this range instead (what the dashboard's range views show)",
-    )
-    p.add_argument("--dsn", help="the store of --range (default: persist_dsn)")
 
 
 def merge_groups(states: Sequence[GroupState], now_ms: int) -> dict[str, Any]:

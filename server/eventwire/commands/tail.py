@@ -46,7 +46,7 @@ from typing import Any, Final, TextIO
 
 import msgspec
 
-from eventwire.core.config import LoadedConfig, add_source_flags, load_settings
+from eventwire.core.config import LoadedConfig, load_settings
 from eventwire.core.errors import ConfigError, StoreUnavailable
 from eventwire.core.positions import start_id
 from eventwire.core.rules import load_sites
@@ -72,35 +72,6 @@ KEY_PARAMS: Final = ("url", "sku", "price", "quantity", "order_id", "query", "fo
 MAX_PARAMS: Final = 4
 MAX_VALUE: Final = 60
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``tail`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "tail",
-        help="follow the event streams live",
-        description="Follow the events (or rejected) streams of the sites live.",
-    )
-    add_source_flags(p)
-    p.add_argument(
-        "--site",
-        action="append",
-        default=None,
-        metavar="S",
-        help="only this site (repeatable; default: every site of the sites file "
-        "and every site found in Redis)",
-    )
-    p.add_argument("--action", default=None, metavar="GLOB", help="only actions matching GLOB")
-    p.add_argument("--uuid", default=None, metavar="U", help="only this customer")
-    p.add_argument(
-        "--since",
-        default="now",
-        metavar="now|5m|0|ID",
-        help="now (default), a duration ago (30s, 5m, 2h, 1d), 0 (the beginning) "
-        "or a stream id (entries after it; on a partitioned site, in every partition)",
-    )
-    p.add_argument("--json", action="store_true", help="JSON lines (the default off a terminal)")
-    p.add_argument("--rejected", action="store_true", help="follow the rejected streams")
 
 
 def decode_entry(entry_id: bytes | str, fields: Mapping[Any, Any]) -> dict[str, Any]:

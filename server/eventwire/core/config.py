@@ -54,6 +54,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """The table of a TOML file; ``what`` names the file in the error ("sites file").
+
+    Raises:
+        ConfigError: the file cannot be read or is not TOML.
+    """
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
 def add_source_flags(parser: argparse.ArgumentParser) -> None:
     """The flags every command that reads settings takes: ``--config``, ``--sites``, ``--redis``."""
     parser.add_argument("--config", type=Path, help="settings file (config/eventwire.toml)")
@@ -356,12 +370,7 @@ def load_settings(
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if config_path is not None:
-        try:
-            raw = tomllib.loads(config_path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
+        raw = read_toml(config_path, "config file")
         sources.update(dict.fromkeys(raw, str(config_path)))
     for name in SETTING_NAMES:
         value = env.get(ENV_PREFIX + name.upper())

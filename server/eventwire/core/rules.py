@@ -20,7 +20,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -29,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from msgspec import Meta
 
-from eventwire.core.config import SessionTimings, Settings
+from eventwire.core.config import SessionTimings, Settings, read_toml
 from eventwire.core.errors import ConfigError
 
 SITE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -298,12 +297,7 @@ def load_sites(path: Path, env: dict[str, str] | None = None) -> dict[str, SiteR
     Raises:
         ConfigError: the file is missing or wrong; the message names the site and key.
     """
-    try:
-        raw = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read sites file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "sites file")
     try:
         parsed = msgspec.convert(raw, SitesFile)
     except msgspec.ValidationError as exc:

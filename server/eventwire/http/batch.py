@@ -43,8 +43,9 @@ from eventwire.core.commands import (
 from eventwire.core.connection import Connection
 from eventwire.core.errors import StoreUnavailable
 from eventwire.core.ordering import TokenBucket
+from eventwire.ingest import Carrier
 from eventwire.sessions import Sessions, now_ms
-from eventwire.store import Frame, Store
+from eventwire.store import Store
 
 #: The HTTP status of each ``error.code`` that ends a batch.
 ERROR_STATUS: Final = {
@@ -92,8 +93,12 @@ class Buckets:
             self._buckets.popitem(last=False)
 
 
-class BatchRun:
+class BatchRun(Carrier):
     """Carries out one batch's hello and frame; a :class:`~eventwire.store.FrameSink`.
+
+    What it shares with a socket (submitting, opening and leaving the session,
+    the store's results) is :class:`~eventwire.ingest.Carrier`'s; every
+    command is awaited here in turn, and the answers become the HTTP answer.
 
     Args:
         protocol: a fresh connection protocol for the batch's site (JSON codec).
@@ -102,14 +107,9 @@ class BatchRun:
     """
 
     def __init__(self, protocol: Connection, store: Store, sessions: Sessions) -> None:
-        self.protocol = protocol
-        self.site = protocol.site
-        self.store = store
-        self.sessions = sessions
-        self.member = ""
+        super().__init__(protocol, store, sessions)
         self._todo: deque[Command] = deque()
         self._woken = asyncio.Event()
-        self._held: dict[SubmitFrame, Frame] = {}
         #: The frame's answer (ack or nack) once sent, and the error before a close.
         self._answer: Send | None = None
         self._error: bytes | None = None
@@ -175,10 +175,7 @@ class BatchRun:
             case SubmitFrame():
                 self._submit(command)
             case ResubmitFrame(frame=frame):
-                held = self._held.pop(frame)
-                held.args = frame.items
-                held.session = frame.session
-                self.store.resubmit(held)
+                self._resubmit(frame)
             case OpenSession():
                 await self._open(command)
             case RecordUndecodable(uuid=uuid, record=record):
@@ -186,73 +183,14 @@ class BatchRun:
             case Close():
                 self._close = command
             case LeaveSession(uuid=uuid):
-                if self.member:
-                    member, self.member = self.member, ""
-                    quiet = bool(protocol.bot_dropped)
-                    await self.sessions.leave(self.site, uuid, member, quiet=quiet)
+                await self._leave(uuid)
             case _:
                 raise RuntimeError(f"a batch cannot carry out {command!r}")
 
-    async def _open(self, command: OpenSession) -> None:
-        protocol = self.protocol
-        member = self.member or self.sessions.member(command.uuid)
-        try:
-            opened = await self.sessions.open(
-                self.site,
-                command.uuid,
-                member,
-                command.producer,
-                command.context,
-                start=command.start,
-            )
-        except StoreUnavailable as exc:
-            self._todo.extend(protocol.session_unavailable(str(exc)))
-            return
-        if opened.suppressed:
-            # Forgotten and suppressed: nothing was registered for the member.
-            self.sessions.drop(self.site, command.uuid, member)
-            self.member = ""
-        else:
-            self.member = member
-        self._todo.extend(
-            protocol.session_opened(
-                opened.session, opened.resumed, opened.acked, now_ms(), opened.suppressed
-            )
-        )
+    def _follow(self, commands: list[Command]) -> None:
+        self._todo.extend(commands)
 
-    def _submit(self, frame: SubmitFrame) -> None:
-        store = self.store
-        tag = store.tag(self.site, frame.uuid)
-        store.submit(
-            self.site,
-            tag,
-            store.keys.producer(tag, self.protocol.producer),
-            store.keys.session(tag, frame.uuid),
-            frame.uuid,
-            frame.session,
-            frame.items,
-            self,
-            frame,
-            self.protocol.owner,
-            frame.low,
-        )
-
-    # -- FrameSink: called from the store's publisher task ----------------------------
-
-    def frame_stored(self, frame: Frame, added: int, duplicate: int) -> None:
-        """The frame's events are in Redis; its ack may go."""
-        self._todo.extend(self.protocol.frame_stored(frame.token, added, duplicate))
-        self._woken.set()
-
-    def frame_failed(self, frame: Frame, why: str) -> None:
-        """Nothing of the frame is stored; it is answered 503."""
-        self._todo.extend(self.protocol.frame_failed(frame.token))
-        self._woken.set()
-
-    def frame_gone(self, frame: Frame) -> None:
-        """The session ended before the frame was stored; it is stored in a new one."""
-        self._held[frame.token] = frame
-        self._todo.extend(self.protocol.frame_gone(frame.token))
+    def _results_in(self) -> None:
         self._woken.set()
 
 

@@ -6,23 +6,13 @@ the streams (reclaim, dead letters, lag, trimming), both through
 :class:`eventwire.store.ConsumerGroup`; ``sinks`` the SQL (schema, migrations,
 idempotent writes, queries), ``rollups`` the per-minute rollups each batch adds
 in its transaction, ``ranges`` their 1 h / 24 h / 7 d views,
-``commands`` the two command-line commands, which ``eventwire.commands.cli`` wires in with
-:func:`add_parsers` and :func:`run`.
+``commands`` the two command-line commands, which ``eventwire.commands.cli`` parses and
+runs with :func:`run`.
 """
 
-from eventwire.persist.commands import (
-    add_activity_parser,
-    add_parsers,
-    add_persist_parser,
-    run,
-    run_activity,
-    run_persist,
-)
+from eventwire.persist.commands import run, run_activity, run_persist
 
 __all__ = [
-    "add_activity_parser",
-    "add_parsers",
-    "add_persist_parser",
     "run",
     "run_activity",
     "run_persist",

@@ -1,7 +1,7 @@
-"""The ``persist`` and ``activity`` commands: flags, settings, signals, output.
+"""The ``persist`` and ``activity`` commands: settings, signals, output.
 
 This module owns the command-line surface of persistence and nothing else:
-it parses flags, reads the settings (``redis_url``, ``key_prefix``,
+it reads the settings (``redis_url``, ``key_prefix``,
 ``sites`` through :func:`eventwire.core.config.load_settings`; the worker's own
 ``persist_dsn``, ``claim_idle``, ``max_deliveries`` from flags or
 ``EVENTWIRE_PERSIST_DSN``, ``EVENTWIRE_CLAIM_IDLE``, ``EVENTWIRE_MAX_DELIVERIES``),
@@ -9,9 +9,9 @@ runs the worker until SIGTERM/SIGINT and prints the activity feed. Exit
 codes: 0 done or stopped by a signal, 1 the worker failed, 2 a configuration
 error.
 
-Wiring into ``eventwire.commands.cli``: ``add_parsers(sub)`` in ``build_parser``, and
-``return _run(persist.run(args))`` when ``args.command`` is ``persist`` or
-``activity``.
+Wiring into ``eventwire.commands.cli``: the flags are defined there (so that
+parsing them imports no persist module), and ``run(args)`` runs when
+``args.command`` is ``persist`` or ``activity``.
 """
 
 from __future__ import annotations
@@ -21,65 +21,16 @@ import asyncio
 import datetime
 import signal
 import sys
-from typing import Any
 
 import msgspec
 from prometheus_client import start_http_server
 
-from eventwire.core.config import add_source_flags, load_settings, parse_hostport
+from eventwire.core.config import load_settings, parse_hostport
 from eventwire.core.errors import ConfigError
 from eventwire.core.rules import SitesBook, load_sites
 from eventwire.log import configure
-from eventwire.persist.sinks import DEFAULT_DSN, Activity, open_sink
+from eventwire.persist.sinks import Activity, open_sink
 from eventwire.persist.worker import PersistOptions, Worker
-
-#: Rows the activity feed prints unless ``--limit`` says otherwise.
-DEFAULT_LIMIT = 50
-
-
-def add_persist_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add ``persist`` to a subparsers object (``parser.add_subparsers()``)."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        "persist", help="copy every site's events from Redis into SQLite or PostgreSQL"
-    )
-    add_source_flags(p)
-    p.add_argument(
-        "--dsn",
-        help=f"store: sqlite:///PATH or postgresql://... (EVENTWIRE_PERSIST_DSN; {DEFAULT_DSN})",
-    )
-    p.add_argument(
-        "--claim-idle",
-        type=float,
-        help="seconds before a dead consumer's entries are taken over (EVENTWIRE_CLAIM_IDLE; 60)",
-    )
-    p.add_argument(
-        "--max-deliveries",
-        type=int,
-        help="deliveries before a failing entry goes to the dead stream "
-        "(EVENTWIRE_MAX_DELIVERIES; 5)",
-    )
-    p.add_argument("--metrics", help="serve Prometheus /metrics on HOST:PORT")
-    return p
-
-
-def add_activity_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add ``activity`` to a subparsers object."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        "activity",
-        help="print a customer's events (and its aliases') from the store, newest first",
-    )
-    p.add_argument("--dsn", help=f"store (env EVENTWIRE_PERSIST_DSN; {DEFAULT_DSN})")
-    p.add_argument("--site", required=True)
-    p.add_argument("--uuid", required=True, help="the customer")
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"rows ({DEFAULT_LIMIT})")
-    p.add_argument("--json", action="store_true", help="JSON lines (the default off a TTY)")
-    return p
-
-
-def add_parsers(sub: Any) -> None:
-    """Add both commands to a subparsers object."""
-    add_persist_parser(sub)
-    add_activity_parser(sub)
 
 
 async def run(args: argparse.Namespace) -> int:
