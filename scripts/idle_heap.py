@@ -19,6 +19,7 @@ import os
 import sys
 import tracemalloc
 from pathlib import Path
+from typing import TextIO
 
 import msgspec
 
@@ -31,7 +32,7 @@ from eventwire.gateway import EventwireServer  # noqa: E402
 from tests.procs import RedisProcess  # noqa: E402
 
 
-async def measure(n: int, enrich: bool, top: int) -> None:
+async def measure(n: int, enrich: bool, top: int, report: TextIO) -> None:
     redis = RedisProcess().start()
     try:
         settings = msgspec.convert(
@@ -75,14 +76,21 @@ async def measure(n: int, enrich: bool, top: int) -> None:
         gc.collect()
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
+        ws = next(iter(server._connections))
+        shared = sys.getsizeof(ws.__dict__)
         stats = after.compare_to(before, "lineno")
         total = sum(s.size_diff for s in stats)
-        print(f"{n:,} connections, enrich_visitors = {enrich}: {total / n:,.0f} B each traced")
+        print(
+            f"{n:,} connections, enrich_visitors = {enrich}: {total / n:,.0f} B each traced; "
+            f"a websockets connection's instance dict {shared} B",
+            file=report,
+        )
         for s in stats[:top]:
             frame = s.traceback[0]
             where = frame.filename.split("site-packages/")[-1].split("/server/")[-1]
             print(
-                f"{s.size_diff / n:7.0f} B {s.count_diff / n:5.1f} objects  {where}:{frame.lineno}"
+                f"{s.size_diff / n:7.0f} B {s.count_diff / n:5.1f} objects  {where}:{frame.lineno}",
+                file=report,
             )
         await clients.wait()
         await server.stop()
@@ -96,11 +104,14 @@ def main() -> None:
     p.add_argument("--enrich", choices=("true", "false"), default="true")
     p.add_argument("--top", type=int, default=25)
     a = p.parse_args()
-    # The server's log (a line per closed connection) would drown the figures.
-    sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    asyncio.run(measure(a.n, a.enrich == "true", a.top))
+    # The server's log (a line per closed connection, on stdout) would drown the figures.
+    report = sys.stdout
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    try:
+        asyncio.run(measure(a.n, a.enrich == "true", a.top, report))
+    finally:
+        sys.stdout.close()
+        sys.stdout = report
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -187,9 +186,9 @@ async def test_open_connections_keep_no_handshake(
             assert ws.visitor is None
             assert ingest.protocol.visitor is None
             assert ingest.protocol.start is not None
-            # Slots and a key-sharing instance dict: ~0.3 KiB, not ~1.6 KiB, a connection.
+            # The protocol state in slots; the gateway's own attributes too.
             assert not hasattr(ingest.protocol, "__dict__")
-            assert sys.getsizeof(ws.__dict__) < 600, sorted(ws.__dict__)
+            assert not {"site", "address", "visitor", "inbox", "reader"} & set(ws.__dict__)
         assert len(HANDSHAKE_DONE.headers) == 0
         ack = await human.track({"seq": 1, "action": "page.visit", "params": {"url": "/a"}})
         assert (ack["type"], ack["accepted"]) == ("ack", 1), ack
