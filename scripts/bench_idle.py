@@ -10,6 +10,14 @@ each ack. Prints the time to open them, KiB of server RSS per connection
 (against the RSS before the first), and the trickle's ack latency p50, p99
 and max.
 
+Each connection says what a browser's does: one of :data:`VISITORS`'
+User-Agent and Accept-Language headers (three browsers and a crawler) and a
+hello context with a landing page and referrer, so the server enriches it as
+a visitor's (``client``, ``params.source``, the bot flag). Per worker it
+prints the open latencies (connect to 101, connect to welcome: p50, p99,
+max); connections that did not open are counted by kind (the reason with its
+numbers masked), the first five as they came.
+
 The clients are lean: a raw RFC 6455 client per connection (an
 ``asyncio.Protocol`` with the handshake and masked frames written by hand,
 no ``websockets`` client objects), spread over ``--procs`` worker
@@ -23,7 +31,8 @@ a process cannot go above the hard limit without ``CAP_SYS_RESOURCE``
 server's limit the run says so and stops before opening anything (exit 2).
 
 usage: bench_idle.py --url ws://HOST:PORT/v1/track/SITE --server-pid PID [-n 5000]
-                     [--procs P] [--sources K] [--rate 1000] [--trickle 10]
+                     [--procs P] [--sources K] [--concurrency 50] [--rate 1000]
+                     [--trickle 10]
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import base64
 import json
 import os
 import random
+import re
 import resource
 import secrets
 import subprocess
@@ -42,10 +52,40 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-#: Connections opened at once per worker (each waits for its welcome).
-OPEN_CONCURRENCY = 200
+#: Connections opened at once per worker (each waits for its welcome), by default.
+#: The server gives a handshake ``hello_timeout`` (5 s) from its accept to the
+#: 101 (and again to the hello) and aborts it silently after that: with 200 in
+#: flight the opens queued inside the server, their p99 1.4-2 s and max 2.4-3.2 s
+#: at 19,500 on the loaded 2-core machine, and runs lost 539 and 1,314
+#: connections that way. The server opens ~250-430 a second whatever the
+#: number in flight past a few dozen, so 50 keep its rate at a quarter of
+#: the wait (p99 0.5 s, max 0.6 s).
+OPEN_CONCURRENCY = 50
 #: Seconds a connection may take from connect to welcome.
 OPEN_TIMEOUT = 60.0
+#: What the connections say of themselves, in turn: browsers' User-Agent and
+#: Accept-Language headers (and one crawler), and the hello's page, so that
+#: each connection is enriched as a visitor's is (client, source, bot flag).
+VISITORS = (
+    (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/131.0.0.0 Safari/537.36",
+        "en-US,en;q=0.9",
+    ),
+    (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1",
+        "fr-CH,fr;q=0.9",
+    ),
+    (
+        "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0",
+        "de-DE,de;q=0.8,en;q=0.5",
+    ),
+    ("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)", ""),
+)
+#: Landing pages of the hellos (i % PAGES) and their referrers.
+PAGES = 50
+REFERRERS = ("https://www.google.com/", "", "https://news.ycombinator.com/")
 #: File descriptors a process keeps beside its connections.
 FD_SPARE = 200
 
@@ -117,10 +157,25 @@ def parse_frames(buf: bytearray) -> list[tuple[int, bytes]]:
 class IdleClient(asyncio.Protocol):
     """One connection: handshake, hello, welcome, then idle but for trickle frames."""
 
-    __slots__ = ("buf", "failed", "opened", "sent", "seq", "transport", "upgraded", "worker")
+    __slots__ = (
+        "buf",
+        "failed",
+        "index",
+        "opened",
+        "sent",
+        "seq",
+        "started",
+        "transport",
+        "upgraded",
+        "worker",
+    )
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, index: int) -> None:
         self.worker = worker
+        #: which of the worker's requests and pages this connection sends
+        self.index = index
+        #: monotonic ns of the connect call (the open latencies count from it)
+        self.started = time.monotonic_ns()
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.opened: asyncio.Future[None] | None = worker.loop.create_future()
@@ -132,7 +187,8 @@ class IdleClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        transport.write(self.worker.request)
+        requests = self.worker.requests
+        transport.write(requests[self.index % len(requests)])
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -151,10 +207,16 @@ class IdleClient(asyncio.Protocol):
                 self.fail(head.split(b"\r\n", 1)[0].decode(errors="replace"))
                 return
             self.upgraded = True
+            self.worker.upgrade_ns.append(time.monotonic_ns() - self.started)
+            page = self.index % PAGES
             hello = {
                 "type": "hello",
                 "uuid": "idle-" + secrets.token_hex(6),
                 "producer": "idle-" + secrets.token_hex(8),
+                "context": {
+                    "url": f"https://shop.example/p/{page}?utm_campaign=c{page % 5}",
+                    "referrer": REFERRERS[page % len(REFERRERS)],
+                },
             }
             self.transport.write(masked_text(json.dumps(hello).encode()))
         for opcode, payload in parse_frames(self.buf):
@@ -173,6 +235,7 @@ class IdleClient(asyncio.Protocol):
             kind = msg.get("type")
             if kind == "welcome":
                 if self.opened is not None and not self.opened.done():
+                    self.worker.welcome_ns.append(time.monotonic_ns() - self.started)
                     self.opened.set_result(None)
             elif kind == "ack":
                 sent = self.sent.pop(msg["seq"], None)
@@ -220,15 +283,27 @@ class Worker:
         u = urlsplit(a.url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
         key = base64.b64encode(os.urandom(16)).decode()
-        self.request = (
-            f"GET {u.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Protocol: eventwire.v1.json\r\nOrigin: http://localhost\r\n\r\n"
-        ).encode()
+        self.requests = [
+            (
+                f"GET {u.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Protocol: eventwire.v1.json\r\nOrigin: http://localhost\r\n"
+                f"User-Agent: {agent}\r\n"
+                + (f"Accept-Language: {language}\r\n" if language else "")
+                + "\r\n"
+            ).encode()
+            for agent, language in VISITORS
+        ]
         self.clients: list[IdleClient] = []
         self.latencies: list[int] = []
+        #: ns from the connect call to the 101, and to the welcome, of each connection opened
+        self.upgrade_ns: list[int] = []
+        self.welcome_ns: list[int] = []
         self.lost_after_open = 0
         self.open_failures: list[str] = []
+        #: failures by kind (the reason without its per-connection details)
+        self.failure_kinds: dict[str, int] = {}
         self.sources = [f"127.0.0.{i}" for i in range(1, a.sources + 1)]
 
     def lost(self, c: IdleClient) -> None:
@@ -240,19 +315,22 @@ class Worker:
         try:
             async with asyncio.timeout(OPEN_TIMEOUT):
                 _, client = await self.loop.create_connection(
-                    lambda: IdleClient(self), self.host, self.port, local_addr=(source, 0)
+                    lambda: IdleClient(self, i), self.host, self.port, local_addr=(source, 0)
                 )
                 assert client.opened is not None
                 await client.opened
         except (OSError, TimeoutError, ConnectionError) as exc:
-            self.open_failures.append(f"{source}: {type(exc).__name__} {exc}")
+            why = f"{type(exc).__name__} {exc}"
+            self.open_failures.append(f"{source}: {why}")
+            kind = failure_kind(why)
+            self.failure_kinds[kind] = self.failure_kinds.get(kind, 0) + 1
             return
         client.opened = None  # open: no future kept per idle connection
         self.clients.append(client)
 
     async def open_all(self) -> float:
         started = time.monotonic()
-        sem = asyncio.Semaphore(OPEN_CONCURRENCY)
+        sem = asyncio.Semaphore(self.a.concurrency)
 
         async def guarded(i: int) -> None:
             async with sem:
@@ -289,6 +367,9 @@ async def run_worker(a: argparse.Namespace) -> None:
         "open_s": round(opened, 2),
         "failures": w.open_failures[:5],
         "n_failures": len(w.open_failures),
+        "failure_kinds": w.failure_kinds,
+        "upgrade_ms": spread_ms(w.upgrade_ns),
+        "welcome_ms": spread_ms(w.welcome_ns),
     }
     print(json.dumps(report), flush=True)
     # The parent says "go" once every worker is open and the RSS is read.
@@ -314,6 +395,19 @@ async def run_worker(a: argparse.Namespace) -> None:
             c.transport.close()
 
 
+def failure_kind(why: str) -> str:
+    """A failure's reason without what differs per connection (ids, ports, hex codes)."""
+    return re.sub(r"\d+", "N", why)[:120]
+
+
+def spread_ms(values_ns: list[int]) -> list[float]:
+    """p50, p99 and max of durations (ns), in ms."""
+    values = sorted(values_ns)
+    if not values:
+        return [float("nan")] * 3
+    return [round(percentile(values, q) / 1e6, 1) for q in (0.5, 0.99)] + [values[-1] / 1e6]
+
+
 def percentile(values: list[int], q: float) -> float:
     if not values:
         return float("nan")
@@ -331,6 +425,12 @@ def main() -> int:
         type=int,
         default=0,
         help="loopback source addresses 127.0.0.1..K (default: 1 per 20,000)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=OPEN_CONCURRENCY,
+        help="connections opening at once per worker",
     )
     p.add_argument("--rate", type=float, default=1000.0, help="trickle events/s in all")
     p.add_argument("--trickle", type=float, default=10.0, help="trickle seconds (0: none)")
@@ -373,7 +473,7 @@ def coordinate(a: argparse.Namespace) -> int:
     shares = [a.n // procs + (1 if i < a.n % procs else 0) for i in range(procs)]
     print(
         f"opening {a.n:,} connections from {sources} source address(es) "
-        f"(127.0.0.1-{sources}) in {procs} worker process(es), {OPEN_CONCURRENCY} at a time each"
+        f"(127.0.0.1-{sources}) in {procs} worker process(es), {a.concurrency} at a time each"
     )
     before = rss_kib(a.server_pid)
     started = time.monotonic()
@@ -394,6 +494,8 @@ def coordinate(a: argparse.Namespace) -> int:
             str(sources),
             "--rate",
             str(a.rate / procs),
+            "--concurrency",
+            str(a.concurrency),
             "--trickle",
             str(a.trickle),
         ]
@@ -404,6 +506,8 @@ def coordinate(a: argparse.Namespace) -> int:
     try:
         opened = 0
         failures: list[str] = []
+        kinds: dict[str, int] = {}
+        spreads: list[tuple[list[float], list[float]]] = []
         for w in workers:
             assert w.stdout is not None
             line = w.stdout.readline()
@@ -413,6 +517,9 @@ def coordinate(a: argparse.Namespace) -> int:
             r = json.loads(line)
             opened += r["opened"]
             failures += r["failures"]
+            spreads.append((r["upgrade_ms"], r["welcome_ms"]))
+            for kind, count in r["failure_kinds"].items():
+                kinds[kind] = kinds.get(kind, 0) + count
         open_s = time.monotonic() - started
         time.sleep(a.settle)
         after = rss_kib(a.server_pid)
@@ -422,6 +529,14 @@ def coordinate(a: argparse.Namespace) -> int:
             f"{open_s:.1f} s ({opened / open_s:,.0f}/s); server RSS {before / 1024:.1f} MiB -> "
             f"{after / 1024:.1f} MiB: {per:.1f} KiB per connection"
         )
+        for i, (up, wel) in enumerate(spreads):
+            print(
+                f"  worker {i + 1}: connect to 101 p50 {up[0]:.0f} ms, p99 {up[1]:.0f} ms, max "
+                f"{up[2]:.0f} ms; to welcome p50 {wel[0]:.0f} ms, p99 {wel[1]:.0f} ms, max "
+                f"{wel[2]:.0f} ms"
+            )
+        for kind, count in sorted(kinds.items(), key=lambda kc: -kc[1]):
+            print(f"  {count:,} failed to open: {kind}", file=sys.stderr)
         for f in failures[:5]:
             print("  open failed:", f, file=sys.stderr)
         lats: list[int] = []

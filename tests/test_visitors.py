@@ -22,7 +22,7 @@ from websockets.typing import Origin, Subprotocol
 from eventwire.commands.stats import site_stats
 from eventwire.core.config import Settings
 from eventwire.core.rules import SitesBook, load_sites
-from eventwire.gateway import EventwireServer
+from eventwire.gateway import HANDSHAKE_DONE, EventwireServer
 from eventwire.persist.worker import PersistOptions, Worker
 from eventwire.store import Keys
 from tests.conftest import SITES_TOML, MakeServer
@@ -163,6 +163,50 @@ async def test_client_of_real_user_agents(server: EventwireServer, redis: aiored
     )
     assert (driven["bot"], driven["device"]) == (True, "bot")
     assert "webdriver" in driven["bot_reason"]
+
+
+async def test_open_connections_keep_no_handshake(
+    server: EventwireServer, redis: aioredis.Redis
+) -> None:
+    """An open connection drops its request headers and visitor; each still gets its own client.
+
+    The connections share one empty stand-in request (never written to): a
+    connection opened after them still has its own headers read.
+    """
+    async with (
+        visitor(server.url, "app", CHROME_WINDOWS, {"Accept-Language": "de-CH"}) as human,
+        visitor(server.url, "app", GOOGLEBOT) as bot,
+    ):
+        await human.hello("v-kept-human")
+        await bot.hello("v-kept-bot")
+        assert len(server._connections) == 2
+        for ws, ingest in server._connections.items():
+            assert ws.request is HANDSHAKE_DONE
+            assert ws.response is None
+            assert ws.visitor is None
+            assert ingest.protocol.visitor is None
+            assert ingest.protocol.start is not None
+            # The protocol state in slots; the gateway's own attributes too.
+            assert not hasattr(ingest.protocol, "__dict__")
+            assert not {"site", "address", "visitor", "inbox", "reader"} & set(ws.__dict__)
+        assert len(HANDSHAKE_DONE.headers) == 0
+        ack = await human.track({"seq": 1, "action": "page.visit", "params": {"url": "/a"}})
+        assert (ack["type"], ack["accepted"]) == ("ack", 1), ack
+    human_client = (await session_start(redis, "app", "v-kept-human"))["params"]["client"]
+    bot_client = (await session_start(redis, "app", "v-kept-bot"))["params"]["client"]
+    assert (human_client["browser"], human_client["language"]) == ("Chrome", "de-CH")
+    assert human_client["bot"] is False
+    assert (bot_client["bot"], bot_client["device"]) == (True, "bot")
+    assert "language" not in bot_client
+    later = await client_of(
+        server.url, redis, "v-later", SAFARI_IPHONE, headers={"Accept-Language": "it"}
+    )
+    assert (later["browser"], later["language"], later["device"]) == (
+        "Mobile Safari",
+        "it",
+        "mobile",
+    )
+    assert len(HANDSHAKE_DONE.headers) == 0
 
 
 async def test_forwarded_for_believed_from_trusted_proxies_only(

@@ -32,6 +32,7 @@ from eventwire.core.frames import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS
 from eventwire.core.protocol import JSON_CODEC, MSGPACK_CODEC
 from eventwire.core.records import RejectedRecord, StoredEvent
 from eventwire.core.rules import SiteConfig, SiteRules, SitesBook
+from eventwire.core.visitor import Visitor
 from tests.keys import SECRET, SECRET_ENV, token
 
 #: The receive time of every frame unless a test moves it.
@@ -759,3 +760,30 @@ def test_frame_while_opening_is_a_driver_bug() -> None:
     conn.receive(hello(), NOW)
     with pytest.raises(RuntimeError, match="readable"):
         conn.receive(track(ev(1)), NOW)
+
+
+def test_visitor_let_go_at_hello_its_start_kept_for_later_sessions() -> None:
+    """The raw address lives no longer than the hello; renewals and identify reuse the start."""
+    address = "203.0.113.9"
+    seen = Visitor(address=address, user_agent="curl/8.5.0", language="de")
+    conn = Connection(sites_book(), "app", SETTINGS, JSON_CODEC, Counts(), seen)
+    (open_session,) = conn.receive(hello("u-1"), NOW)
+    assert isinstance(open_session, OpenSession)
+    assert conn.visitor is None
+    start = open_session.start
+    assert start is not None
+    assert (start.client.ip, start.client.language, start.client.bot) == ("203.0.113.0", "de", True)
+    assert address not in repr(start)
+    conn.session_opened("s-1", False, 0, NOW)
+    first = submitted(conn, track(ev(1)))
+    (renew,) = conn.frame_gone(first)
+    assert isinstance(renew, OpenSession)
+    assert renew.renew
+    assert renew.start is start
+    conn.session_opened("s-2", False, 0, NOW)
+    conn.frame_stored(first, 1, 0)
+    (switch,) = conn.receive(frame({"type": "identify", "uuid": "customer-7"}), NOW)
+    assert isinstance(switch, SwitchCustomer)
+    assert switch.start is start
+    # Nothing of the connection has an instance dict to grow.
+    assert not hasattr(conn, "__dict__")

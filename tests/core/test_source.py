@@ -54,6 +54,12 @@ def test_campaign_fields_and_own_hosts() -> None:
     )
     assert hosts == frozenset({"shop.example", "blog.shop"})
     assert source_of(SHOP, "https://blog.shop/a", hosts).medium == "internal"
+    # Every connection of a site shares one set (a new list of the same origins too).
+    again = origin_hosts(
+        ["https://www.shop.example", "https://*.shop.example", "https://blog.shop"]
+    )
+    assert again is hosts
+    assert origin_hosts(["https://blog.shop"]) == frozenset({"blog.shop"})
 
 
 def test_referrer_table_matches_whole_labels() -> None:

@@ -94,6 +94,30 @@ def test_user_agents_parsed_and_cached() -> None:
     assert user_agent_info("python-requests/2.31").device == "bot"
 
 
+def test_same_clients_share_one_frozen_object() -> None:
+    """Visitors alike (browser, /24, language) share a client; it cannot be changed.
+
+    A raw address (``ip = "keep"``) is never kept in the shared table, and
+    visitors that differ in anything written get clients of their own.
+    """
+    one = Visitor(address="8.8.4.4", user_agent=CHROME, language="en", country="US")
+    other = Visitor(address="8.8.4.200", user_agent=CHROME, language="en", country="US")
+    shared = client_info(one, "truncate", None, browser_site=True)
+    assert client_info(other, "truncate", None, browser_site=True) is shared
+    with pytest.raises(AttributeError):
+        shared.ip = "8.8.4.4"  # type: ignore[misc]
+    assert shared.ip == "8.8.4.0"
+    german = Visitor(address="8.8.4.4", user_agent=CHROME, language="de", country="US")
+    assert client_info(german, "truncate", None, browser_site=True).language == "de"
+    assert shared.language == "en"
+    bot = client_info(one, "truncate", {"webdriver": True}, browser_site=True)
+    assert bot is not shared
+    assert (bot.bot, shared.bot) == (True, False)
+    kept = client_info(one, "keep", None, browser_site=True)
+    assert kept.ip == "8.8.4.4"
+    assert client_info(one, "keep", None, browser_site=True) is not kept
+
+
 def test_client_info_bot_rules() -> None:
     """webdriver, and no User-Agent on a browser site, make a bot; client hints say mobile."""
     human = Visitor(address="8.8.4.4", user_agent=CHROME, language="en", country="US")

@@ -71,7 +71,7 @@ from eventwire.core.protocol import (
     WireEvent,
 )
 from eventwire.core.rules import SiteRules, SitesBook
-from eventwire.core.source import origin_hosts, source_of
+from eventwire.core.source import origin_hosts, shared_source
 from eventwire.core.validation import Identity, Limits
 from eventwire.core.visitor import Visitor, client_info
 
@@ -130,7 +130,51 @@ class Connection:
         tally: where the site's counts go (a :class:`Counts` of its own if None).
         visitor: what the handshake said of the visitor; None: the connection
             is not enriched (no ``client``, no ``params.source``, no bot check).
+            It is let go at hello, once :attr:`start` holds what later
+            sessions need: the raw address and User-Agent are kept no longer.
     """
+
+    # One per open connection: no instance dict (~1.2 KiB of 19,500 idle ones).
+    __slots__ = (
+        "_bot_flag",
+        "_ending",
+        "_gone",
+        "_hello_uuid",
+        "_hosts",
+        "_max_batch",
+        "_max_inflight",
+        "_new_uuid",
+        "_queue",
+        "_refused",
+        "_renewing",
+        "_switch_to",
+        "accepted",
+        "book",
+        "bot_dropped",
+        "bot_outcome",
+        "bots_dropped",
+        "bucket",
+        "codec",
+        "context",
+        "duplicate",
+        "frames",
+        "limits",
+        "lost",
+        "nacked",
+        "owner",
+        "producer",
+        "proof",
+        "rejected",
+        "settings",
+        "site",
+        "start",
+        "state",
+        "suppressed",
+        "tally",
+        "token_problem",
+        "visitor",
+        "who",
+    )
 
     def __init__(
         self,
@@ -306,20 +350,22 @@ class Connection:
         self._hello_uuid = msg.uuid
         self.state = "opening"
         if self.visitor is not None:
-            self.start = self._visitor_start(rules, msg.context)
+            self.start = self._visitor_start(rules, msg.context, self.visitor)
+            self.visitor = None
         return [OpenSession(msg.uuid, msg.producer, msg.context, start=self.start)]
 
-    def _visitor_start(self, rules: SiteRules, context: dict[str, Any] | None) -> SessionStart:
+    def _visitor_start(
+        self, rules: SiteRules, context: dict[str, Any] | None, visitor: Visitor
+    ) -> SessionStart:
         """The visitor's ``client`` and attribution, and what the site does with a bot."""
-        assert self.visitor is not None
         config = rules.config
-        client = client_info(self.visitor, config.ip, context, not config.allow_no_origin)
+        client = client_info(visitor, config.ip, context, not config.allow_no_origin)
         self._hosts = origin_hosts(config.origins)
         source = None
         url = context.get("url") if context is not None else None
         if isinstance(url, str) and url:
             referrer = context.get("referrer") if context is not None else None
-            source = source_of(url, referrer if isinstance(referrer, str) else "", self._hosts)
+            source = shared_source(url, referrer if isinstance(referrer, str) else "", self._hosts)
         mode = config.bots
         if client.bot:
             self.bot_outcome = {"flag": "flagged", "drop": "dropped", "keep": "kept"}[mode]

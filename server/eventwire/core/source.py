@@ -25,6 +25,7 @@ medium is told.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Final
 from urllib.parse import parse_qsl, urlsplit
 
@@ -37,6 +38,8 @@ UTM_FIELDS: Final = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "ut
 VALUE_MAX: Final = 200
 #: Distinct (url, referrer, hosts) classifications kept per process (~1 KiB each).
 SOURCE_CACHE: Final = 4096
+#: Distinct lists of site origins whose hosts are kept (one per site and sites-file version).
+HOSTS_CACHE: Final = 1024
 #: Longest url or referrer whose classification is cached (longer: computed each time).
 CACHED_URL_MAX: Final = 2048
 
@@ -184,6 +187,19 @@ def source_of(url: str, referrer: str, own_hosts: frozenset[str] = frozenset()) 
     )
 
 
+def shared_source(url: str, referrer: str, own_hosts: frozenset[str] = frozenset()) -> Source:
+    """:func:`source_of`, one object per (url, referrer, hosts) when both fit
+    :data:`CACHED_URL_MAX`: connections landing alike share it (it is frozen)."""
+    if len(url) <= CACHED_URL_MAX and len(referrer) <= CACHED_URL_MAX:
+        return _cached_source(url, referrer, own_hosts)
+    return source_of(url, referrer, own_hosts)
+
+
+@functools.lru_cache(maxsize=SOURCE_CACHE)
+def _cached_source(url: str, referrer: str, own_hosts: frozenset[str]) -> Source:
+    return source_of(url, referrer, own_hosts)
+
+
 def source_json(url: str, referrer: str, own_hosts: frozenset[str] = frozenset()) -> msgspec.Raw:
     """:func:`source_of` as JSON, for the hot path of page visits: cached per
     (url, referrer, hosts) when both fit :data:`CACHED_URL_MAX` (a page's URL
@@ -201,6 +217,15 @@ def _cached_source_json(url: str, referrer: str, own_hosts: frozenset[str]) -> m
 _encoder: Final = msgspec.json.Encoder()
 
 
-def origin_hosts(origins: list[str]) -> frozenset[str]:
-    """The hosts of a site's exact origins (``www.`` stripped), for ``internal`` referrals."""
+def origin_hosts(origins: Sequence[str]) -> frozenset[str]:
+    """The hosts of a site's exact origins (``www.`` stripped), for ``internal`` referrals.
+
+    One set per distinct list of origins (:data:`HOSTS_CACHE` kept): every
+    connection of a site shares it instead of holding its own.
+    """
+    return _origin_hosts(tuple(origins))
+
+
+@functools.lru_cache(maxsize=HOSTS_CACHE)
+def _origin_hosts(origins: tuple[str, ...]) -> frozenset[str]:
     return frozenset(_host(o) for o in origins if "*" not in o and o != "null") - {""}

@@ -50,6 +50,8 @@ IPV4_PREFIX: Final = 24
 IPV6_PREFIX: Final = 48
 #: Distinct User-Agents whose parse is kept per process (~1 KiB each).
 USER_AGENT_CACHE: Final = 4096
+#: Distinct ``client`` objects shared by the connections that have them (~0.3 KiB each).
+CLIENT_CACHE: Final = 4096
 #: The longest User-Agent parsed; longer ones are cut (regexes on hostile input).
 USER_AGENT_MAX: Final = 512
 #: A language tag as ``Accept-Language`` carries it (BCP 47, loosely).
@@ -84,11 +86,12 @@ class UserAgentInfo(msgspec.Struct, frozen=True, gc=False):
     bot_reason: str | None
 
 
-class ClientInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ClientInfo(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False):
     """The ``client`` object of ``session.start`` (docs/protocol.md section 18).
 
     ``device`` and ``bot`` are always there; every other field is left
     out when unknown (or, for ``ip``, when the site's policy is ``drop``).
+    Frozen: connections with the same client share one (:func:`client_info`).
     """
 
     device: Device
@@ -340,7 +343,7 @@ def client_info(
     device: Device = "bot" if reason is not None else agent.device if agent else "other"
     if device in ("desktop", "other") and visitor.hint_mobile:
         device = "mobile"
-    return ClientInfo(
+    client = ClientInfo(
         device=device,
         bot=reason is not None,
         bot_reason=reason,
@@ -354,3 +357,12 @@ def client_info(
         os_version=agent.os_version if agent else None,
         language=visitor.language,
     )
+    # Connections with the same client (browser, /24, country, language) share
+    # one object for as long as they keep it; a raw address (ip = "keep") is
+    # not kept past its connection.
+    return client if policy == "keep" else _shared_client(client)
+
+
+@functools.lru_cache(maxsize=CLIENT_CACHE)
+def _shared_client(client: ClientInfo) -> ClientInfo:
+    return client
