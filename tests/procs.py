@@ -304,10 +304,11 @@ class RedisClusterProcess:
                 return False
         return True
 
-    def primary_of(self, slot: int) -> RedisProcess:
-        """The node serving ``slot`` as primary now (asked of any live node)."""
+    def primary_of(self, slot: int, asked: int | None = None) -> RedisProcess:
+        """The node serving ``slot`` as primary now, as the node on port ``asked`` (else
+        any live node) sees it."""
         for node in self.nodes:
-            if node.proc is None:
+            if node.proc is None or asked not in (None, node.port):
                 continue
             for line in self.cli(node.port, "CLUSTER", "NODES").splitlines():
                 fields = line.split()
