@@ -142,13 +142,13 @@ async def main() -> None:
     await sink.open()
     before = await sink.count(SITE)
     worker = Worker(settings, book, PersistOptions(dsn=args.dsn), sink=sink)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await worker.start()
     # The worker's own count: polling the store with count(*) would take the
     # sink's lock (and SQLite's file) from the worker it measures.
     while worker.rows_written < args.n:  # noqa: ASYNC110 - polling the worker is the point
         await asyncio.sleep(0.01)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await worker.stop()
     await redis.aclose()
     check = open_sink(args.dsn)
@@ -157,7 +157,11 @@ async def main() -> None:
     await check.close()
     if stored != args.n:
         raise SystemExit(f"{stored} rows stored of {args.n}")
-    print(f"persist into {store}: {args.n} rows in {elapsed:.2f} s: {args.n / elapsed:,.0f} rows/s")
+    print(
+        f"persist into {store}: {args.n} rows in {elapsed:.2f} s: {args.n / elapsed:,.0f} rows/s; "
+        f"worker CPU {cpu:.2f} s = {args.n / cpu:,.0f} rows per CPU-s; "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

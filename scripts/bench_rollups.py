@@ -65,14 +65,13 @@ def batches(n: int, customers: int, now: int) -> list[list[EventRow]]:
 
 async def write_rate(dsn: str, data: list[list[EventRow]], with_rollups: bool) -> float:
     """Rows/s of the batches into a fresh store."""
-    saved = rollups.prepare_sqlite, rollups.write_sqlite, rollups.write_postgres
+    saved = rollups.write_sqlite, rollups.write_postgres
     if not with_rollups:
 
         async def none_pg(*_: Any) -> None:
             return None
 
-        rollups.prepare_sqlite = lambda db: None  # type: ignore[assignment]
-        rollups.write_sqlite = lambda db: 0  # type: ignore[assignment]
+        rollups.write_sqlite = lambda db, inserted: None  # type: ignore[assignment]
         rollups.write_postgres = none_pg  # type: ignore[assignment]
     try:
         sink = open_sink(dsn)
@@ -83,7 +82,7 @@ async def write_rate(dsn: str, data: list[list[EventRow]], with_rollups: bool) -
         elapsed = time.perf_counter() - start
         await sink.close()
     finally:
-        rollups.prepare_sqlite, rollups.write_sqlite, rollups.write_postgres = saved
+        rollups.write_sqlite, rollups.write_postgres = saved
     return sum(len(b) for b in data) / elapsed
 
 

@@ -228,6 +228,7 @@ async def test_log_in_with_a_token_merges_the_anonymous_history(
     (moved,) = await identify_events(redis, "shop")
     assert moved["params"] == {"previous_uuid": "anon-a1", "merged": True}
     assert await redis.get(KEYS.alias("shop", "anon-a1")) == b"cust-k1"
+    assert await redis.pttl(KEYS.alias("shop", "anon-a1")) == -1  # no retain_days: kept
     assert await redis.smembers(KEYS.aliases("shop", "cust-k1")) == {b"anon-a1"}
     sink = worker.sink
     await wait_for(lambda: persisted(sink, redis), "the worker")
@@ -297,6 +298,17 @@ async def test_a_site_without_keys_merges_on_any_identify(
     await wait_for(lambda: persisted(worker.sink, redis), "the worker")
     feed = await worker.sink.activity("open", "cust-k5", 100)
     assert {"anon-a4", "cust-k5"} <= {a.uuid for a in feed}
+
+
+async def test_an_alias_key_expires_with_the_sites_retain_days(
+    srv: EventwireServer, redis: aioredis.Redis
+) -> None:
+    """On a site with retain_days the merge's alias key lives that long, as the store's row."""
+    await browse_then_log_in(srv.url, "old", "anon-a9", "cust-k9", with_token=False)
+    (moved,) = await identify_events(redis, "old")
+    assert moved["params"] == {"previous_uuid": "anon-a9", "merged": True}
+    assert await redis.get(KEYS.alias("old", "anon-a9")) == b"cust-k9"
+    assert 86_400_000 - 60_000 < await redis.pttl(KEYS.alias("old", "anon-a9")) <= 86_400_000
 
 
 async def test_a_merge_across_partitions_keeps_each_key_in_its_partition(

@@ -278,8 +278,20 @@ class Sessions:
             refused=refused,
             subject=await self.store.subjects.subject(site, uuid) if identify_to else "",
             to=identify_to,
+            alias_ttl_ms=self._alias_ttl_ms(site),
         )
         return parse_leave(await self.store.call(FN_LEAVE, call_keys(call), args))
+
+    def _alias_ttl_ms(self, site: str) -> int:
+        """How long a merge's alias key lives: the site's ``retain_days`` (0: none, no expiry).
+
+        The store deletes a merge's row after ``retain_days`` (section 17 of
+        docs/protocol.md); the key that refuses a second merge of the same
+        uuid lives as long, so Redis and the store agree on the merges.
+        """
+        rules = self.store.book.get(site)
+        days = rules.config.retain_days if rules is not None else None
+        return int(days * 86_400_000) if days else 0
 
     async def suppressed(self, site: str, uuid: str) -> bool:
         """Whether a customer is forgotten and suppressed (one look-up: identify, alias only).
@@ -311,7 +323,9 @@ class Sessions:
         keys = self.keys
         call = AliasKeys(keys.alias(tag, alias), keys.aliases(tag, alias), keys.suppressed(tag))
         subject = await self.store.subjects.subject(site, alias)
-        args = AliasArgs(subject=subject, to=uuid, refused=refused)
+        args = AliasArgs(
+            subject=subject, to=uuid, refused=refused, alias_ttl_ms=self._alias_ttl_ms(site)
+        )
         done = parse_alias(await self.store.call(FN_ALIAS, call, args))
         if done.merged:
             try:

@@ -475,6 +475,44 @@ async def test_trimmed_before_read_is_reported(
     assert warnings[0]["log_level"] == "warning"
 
 
+@pytest.mark.parametrize("trimmed", [0, 2])
+async def test_forgotten_before_read_is_not_reported_as_trimmed(
+    redis: aioredis.Redis,
+    redis_proc: RedisProcess,
+    sites_file: Path,
+    sqlite_dsn: str,
+    trimmed: int,
+) -> None:
+    """A forget deleting entries the group had not read yet is no loss: no
+    ``persist_entries_trimmed_unread`` for them; entries trimmed unread besides are
+    still reported, with their own count only."""
+    from eventwire.store.privacy import forget_customers
+
+    stream = "ew:{web}:events"
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    for seq in range(1, 11):
+        uuid = "cust-gone" if seq in (5, 7, 10) else "cust-kept"
+        await redis.xadd(stream, {"event": stored_event(seq, uuid=uuid, site="web")})
+    if trimmed:
+        await redis.xtrim(stream, maxlen=10 - trimmed, approximate=False)
+    counts, _ = await forget_customers(redis, Keys("ew"), "web", 1, ["cust-gone"])
+    assert counts["events"] == 3
+    with structlog.testing.capture_logs() as logs:
+        worker = await start_worker(redis_proc, sites_file, sqlite_dsn)
+        try:
+            await wait_rows(worker.sink, 7 - trimmed, within=10)
+            await worker._check_streams()  # once more, the entries read: still nothing
+            assert await worker.sink.count("web") == 7 - trimmed
+        finally:
+            await worker.stop()
+    warnings = [e for e in logs if e["event"] == "persist_entries_trimmed_unread"]
+    if not trimmed:
+        assert warnings == [], warnings
+    else:
+        assert len(warnings) == 1, logs
+        assert warnings[0]["count"] == trimmed
+
+
 class DownSink(FailingSink):
     """A sink whose store is down (writes and pings fail) while ``down`` is set."""
 

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 import eventwire.store as store
 from eventwire.core.records import StoredEvent
 from eventwire.store import (
+    COUNT_ONLY,
     EVENT,
     FN_ALIAS,
     FN_HEARTBEAT,
@@ -30,6 +31,7 @@ from eventwire.store import (
     LAYOUTS,
     LIBRARY,
     LIBRARY_VERSION,
+    REJECT_ALWAYS,
     AliasArgs,
     AliasKeys,
     CustomerKeys,
@@ -277,10 +279,12 @@ async def test_open_publish_leave_with_identify(lib: aioredis.Redis) -> None:
         refused="",
         subject="h-u-1",
         to="c-42",
+        alias_ttl_ms=0,
     )
     left = parse_leave(await call(lib, FN_LEAVE, call_keys(leaving("u-1")), leave))
     assert (left.ended, left.stored, left.merged) == (True, 2, True)
     assert await lib.get(KEYS.alias(TAG, "u-1")) == b"c-42"
+    assert await lib.pttl(KEYS.alias(TAG, "u-1")) == -1  # no retain_days: no expiry
     start, moved, end = [r for r in await made(lib) if r.producer == "srv:s-1"]
     assert start.action == "session.start"
     assert moved == StoredEvent(
@@ -297,6 +301,88 @@ async def test_open_publish_leave_with_identify(lib: aioredis.Redis) -> None:
     assert 0 <= end.params["duration_ms"] < 10_000 * UNIT
     raw = [f[b"event"] for _, f in await lib.xrange(KEYS.events(TAG))]
     assert all(set(msgspec.json.decode(r)) == RECORD_FIELDS for r in raw if b"srv:" in r)
+
+
+#: (uuid, session id, producer, items): frames that share producers and
+#: sessions, resend, carry out-of-order and denied items, and one frame for a
+#: session that is not open.
+FRAMES: list[tuple[str, str, str, list[tuple[int, bytes]]]] = [
+    ("u-1", "s-1", "p-1", [(1, EVENT), (2, EVENT)]),
+    ("u-1", "s-1", "p-1", [(3, EVENT), (2, REJECT_ALWAYS), (4, COUNT_ONLY)]),
+    ("u-1", "s-1", "p-1", [(3, EVENT), (4, EVENT), (5, EVENT)]),  # a resend, then 5
+    ("u-2", "s-2", "p-2", [(7, EVENT)]),
+    ("u-1", "s-1", "p-1", [(1, EVENT), (2, EVENT)]),  # only duplicates
+    ("u-1", "old", "p-3", [(1, EVENT)]),  # its session is not open: gone
+    ("u-2", "s-2", "p-2", [(8, EVENT), (7, COUNT_ONLY)]),  # its last item is not its top
+    ("u-1", "s-1", "p-1", [(9, COUNT_ONLY)]),
+    ("u-1", "s-1", "p-1", [(8, EVENT)]),  # below the denied 9: a duplicate
+    ("u-3", "", "p-4", [(1, REJECT_ALWAYS)]),  # server-made: no session; moves nothing
+]
+
+
+def publish_call(tag: str, frames: list[tuple[str, str, str, list[tuple[int, bytes]]]]) -> Any:
+    """One publish call's keys and arguments for ``frames`` under ``tag``."""
+    head = PublishKeys(KEYS.events(tag), KEYS.rejected(tag), KEYS.due(tag))
+    args = PublishArgs(1000, 1000, 60_000, 60_000, 3_600_000, "sei", session_end_record(tag), 0)
+    keys: list[Any] = [*head]
+    argv: list[Any] = [*args]
+    for uuid, session, producer, items in frames:
+        keys += PublishFrameKeys(KEYS.producer(tag, producer), KEYS.session(tag, uuid))
+        argv += PublishFrameArgs(session, uuid, len(items))
+        for seq, kind in items:
+            argv += PublishItem(seq, kind, b'{"p":"%b","seq":%d}' % (producer.encode(), seq))
+    return keys, argv
+
+
+async def test_one_call_of_many_frames_leaves_what_a_call_per_frame_leaves(
+    lib: aioredis.Redis,
+) -> None:
+    """publish reads and writes each producer and session key once per call: same outcome.
+
+    The frames run once as one call (tag ``one``) and once a call each (tag
+    ``each``): the replies, stored seqs, streams and sessions' counts agree.
+    """
+    state = {}
+    for tag in ("one", "each"):
+        for uuid, sid in (("u-1", "s-1"), ("u-2", "s-2")):
+            keys = customer(uuid)._replace(
+                session=KEYS.session(tag, uuid), conns=KEYS.conns(tag, uuid),
+                live=KEYS.live(tag), due=KEYS.due(tag), events=KEYS.events(tag),
+                producer=KEYS.producer(tag, "p-1"), suppressed=KEYS.suppressed(tag),
+                aliases=KEYS.aliases(tag, uuid),
+            )  # fmt: skip
+            await call(lib, FN_OPEN, call_keys(keys), open_args(uuid, f"m:1:{uuid}", sid))
+        if tag == "one":
+            keys, argv = publish_call(tag, FRAMES)
+            reply = parse_publish(await call(lib, FN_PUBLISH, keys, argv), len(FRAMES))
+            frames = reply.frames
+        else:
+            frames = []
+            for frame in FRAMES:
+                keys, argv = publish_call(tag, [frame])
+                frames += parse_publish(await call(lib, FN_PUBLISH, keys, argv), 1).frames
+        seqs = {p: await lib.get(KEYS.producer(tag, p)) for p in ("p-1", "p-2", "p-3", "p-4")}
+        for p, seq in seqs.items():
+            if seq is not None:
+                assert 0 < await lib.pttl(KEYS.producer(tag, p)) <= 60_000, p
+        streams = [
+            [f[b"event"] for _, f in await lib.xrange(key) if b"srv:" not in f[b"event"]]
+            for key in (KEYS.events(tag), KEYS.rejected(tag))
+        ]
+        sessions = [await lib.hmget(KEYS.session(tag, u), "id", "events") for u in ("u-1", "u-2")]
+        last = int(await lib.hget(KEYS.session(tag, "u-1"), "last"))
+        state[tag] = ([(f.added, f.duplicate, f.gone) for f in frames], seqs, streams, sessions)
+        assert last >= int(await lib.hget(KEYS.session(tag, "u-1"), "first"))
+    assert state["one"] == state["each"]
+    replies, seqs, (events, rejected), sessions = state["one"]
+    assert replies == [
+        (2, 0, False), (1, 0, False), (1, 2, False), (1, 0, False), (0, 2, False),
+        (0, 0, True), (1, 0, False), (0, 0, False), (0, 1, False), (0, 0, False),
+    ]  # fmt: skip
+    assert seqs == {"p-1": b"9", "p-2": b"8", "p-3": None, "p-4": None}
+    assert [msgspec.json.decode(e)["seq"] for e in events] == [1, 2, 3, 5, 7, 8]
+    assert [msgspec.json.decode(e)["seq"] for e in rejected] == [2, 1]
+    assert sessions == [[b"s-1", b"4"], [b"s-2", b"2"]]
 
 
 async def test_reap_writes_one_session_end_whatever_the_uuid(lib: aioredis.Redis) -> None:
@@ -318,28 +404,48 @@ async def test_reap_writes_one_session_end_whatever_the_uuid(lib: aioredis.Redis
 async def test_alias_merges_an_anonymous_uuid_into_one_customer_only(lib: aioredis.Redis) -> None:
     """alias records A -> K once; A to another customer, a customer, a refusal: not merged."""
     keys = AliasKeys(KEYS.alias(TAG, "a-1"), KEYS.aliases(TAG, "a-1"), KEYS.suppressed(TAG))
-    first = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "")))
+    first = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "", 0)))
     assert first == (True, "")
-    again = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "")))
+    again = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "", 0)))
     assert again.merged  # the same merge again (a retried call) is still merged
-    other = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-2", "")))
+    other = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-2", "", 0)))
     assert not other.merged
     assert "already merged" in other.reason
     assert await lib.get(KEYS.alias(TAG, "a-1")) == b"k-1"
-    refused = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "no token")))
+    refused = parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-1", "k-1", "no token", 0)))
     assert refused == (False, "no token")
     await lib.sadd(KEYS.aliases(TAG, "c-1"), "x")
     customer_keys = AliasKeys(
         KEYS.alias(TAG, "c-1"), KEYS.aliases(TAG, "c-1"), KEYS.suppressed(TAG)
     )
-    owner = parse_alias(await call(lib, FN_ALIAS, customer_keys, AliasArgs("h-c-1", "k-1", "")))
+    owner = parse_alias(await call(lib, FN_ALIAS, customer_keys, AliasArgs("h-c-1", "k-1", "", 0)))
     assert not owner.merged
     assert "aliases of its own" in owner.reason
     await lib.sadd(KEYS.suppressed(TAG), "h-f-1")
     gone_keys = AliasKeys(KEYS.alias(TAG, "f-1"), KEYS.aliases(TAG, "f-1"), KEYS.suppressed(TAG))
-    gone = parse_alias(await call(lib, FN_ALIAS, gone_keys, AliasArgs("h-f-1", "k-1", "")))
+    gone = parse_alias(await call(lib, FN_ALIAS, gone_keys, AliasArgs("h-f-1", "k-1", "", 0)))
     assert not gone.merged
     assert "forgotten" in gone.reason
+
+
+async def test_an_alias_key_lives_as_long_as_the_sites_retain_days(lib: aioredis.Redis) -> None:
+    """With a ttl (the site's retain_days) leave's and alias's alias keys expire; again renews."""
+    day = 86_400_000
+    keys = AliasKeys(KEYS.alias(TAG, "a-7"), KEYS.aliases(TAG, "a-7"), KEYS.suppressed(TAG))
+    assert parse_alias(await call(lib, FN_ALIAS, keys, AliasArgs("h-a-7", "k-7", "", day))).merged
+    assert day - 60_000 < await lib.pttl(KEYS.alias(TAG, "a-7")) <= day
+    await call(lib, FN_ALIAS, keys, AliasArgs("h-a-7", "k-7", "", 30 * day))
+    assert 29 * day < await lib.pttl(KEYS.alias(TAG, "a-7")) <= 30 * day
+    await call(lib, FN_OPEN, call_keys(customer("u-7")), open_args("u-7", "m:1:u-7", "s-7"))
+    leave = LeaveArgs(
+        uuid="u-7", member="m:1:u-7", grace_ms=60_000, events_maxlen=1000, taken="sei",
+        end_record=session_end_record(TAG), identify_record=identify_record(TAG, "c-7", "u-7"),
+        refused_record=identify_refused_record(TAG, "c-7", "u-7"), refused="",
+        subject="h-u-7", to="c-7", alias_ttl_ms=2 * day,
+    )  # fmt: skip
+    assert parse_leave(await call(lib, FN_LEAVE, call_keys(leaving("u-7", None)), leave)).merged
+    assert await lib.get(KEYS.alias(TAG, "u-7")) == b"c-7"
+    assert day < await lib.pttl(KEYS.alias(TAG, "u-7")) <= 2 * day
 
 
 async def test_a_refused_merge_says_why_in_client_identify(lib: aioredis.Redis) -> None:
@@ -350,6 +456,7 @@ async def test_a_refused_merge_says_why_in_client_identify(lib: aioredis.Redis) 
         end_record=session_end_record(TAG), identify_record=identify_record(TAG, "c-9", "u-9"),
         refused_record=identify_refused_record(TAG, "c-9", "u-9"),
         refused='the new uuid was not proven "by" a token', subject="h-u-9", to="c-9",
+        alias_ttl_ms=0,
     )  # fmt: skip
     left = parse_leave(await call(lib, FN_LEAVE, call_keys(leaving("u-9", None)), leave))
     assert not left.merged

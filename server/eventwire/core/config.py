@@ -134,6 +134,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     publish_batch_events: Annotated[int, Meta(ge=1)] = 2000
     #: Publisher lanes: round trips to Redis in flight at once (one Redis connection each).
     publish_lanes: Annotated[int, Meta(ge=1, le=16)] = 1
+    #: Publish calls one lane keeps in flight on its Redis connection (pipelined):
+    #: with one in flight, another goes once a full call (``publish_batch_events``) waits;
+    #: a producer's frames are in at most one of them. 1: one round trip at a time.
+    publish_depth: Annotated[int, Meta(ge=1, le=16)] = 4
 
     # -- connections
     #: Frames of one connection waiting for their ack; more stop reading the socket.

@@ -36,9 +36,12 @@ since the epoch, a multiple of the span):
   one written; hourly tables are kept.
 
 **Idempotent under redelivery.** A batch counts only the events rows its own
-transaction inserted: SQLite's connection has a temporary trigger that notes
-every row ``events`` really takes (an ``ON CONFLICT DO NOTHING`` that skips a
-row fires nothing), PostgreSQL's insert says which with ``RETURNING``. A
+transaction inserted. SQLite: when the insert's row count is the batch's, every
+row is new and is counted from the batch itself (in Python, no trigger: a
+trigger noting each row cost a third of the insert's time); when it is less (a
+redelivery), the rows past the largest rowid seen at the transaction's start
+are read back (:data:`SQLITE_INSERTED_SINCE`). PostgreSQL's insert says which
+with ``RETURNING``. A
 redelivered entry (a worker died after its commit and before its XACK, or an
 XAUTOCLAIM took a slow batch) inserts no row, so it adds nothing here; a
 batch that rolls back takes its rollups back with it. Nothing depends on
@@ -96,22 +99,41 @@ PAGE_ACTION: Final = "page.visit"
 #: and whether it was stored as a bot's (docs/protocol.md section 18).
 NewRow = tuple[str, int, str, str, str | None, bool]
 
-# -- the SQLite connection's note of inserted rows ----------------------------
+# -- the rows a SQLite batch inserted -------------------------------------------
 
-_NEW_TABLE: Final = "eventwire_rollup_new"
-#: Per connection: every row events really takes is noted (a skipped conflict fires nothing).
-_SQLITE_PREPARE: Final = (
-    f"CREATE TEMP TABLE IF NOT EXISTS {_NEW_TABLE} "
-    "(site TEXT, received INTEGER, action TEXT, uuid TEXT, page TEXT, bot INTEGER)",
-    f"""CREATE TEMP TRIGGER IF NOT EXISTS eventwire_rollup_note AFTER INSERT ON main.events
-    BEGIN
-        INSERT INTO {_NEW_TABLE} VALUES (new.site, new.received, new.action, new.uuid,
-            CASE WHEN new.action <> '{PAGE_ACTION}' THEN NULL
-                 WHEN NOT json_valid(new.params) THEN NULL
-                 WHEN json_type(new.params, '$.url') = 'text'
-                 THEN json_extract(new.params, '$.url') END, new.bot);
-    END""",
+#: The rows of ``events`` past a rowid, as :data:`NewRow` (SQLite): a batch's inserted rows
+#: when some of its rows were already stored (a redelivery); the ``rowid`` of a row SQLite
+#: adds is one more than the largest before it, so every row past the largest rowid
+#: seen at the start of the batch's transaction is one the batch inserted.
+SQLITE_INSERTED_SINCE: Final = (
+    "SELECT site, received, action, uuid, "
+    f"CASE WHEN action <> '{PAGE_ACTION}' THEN NULL "
+    "WHEN NOT json_valid(params) THEN NULL "
+    "WHEN json_type(params, '$.url') = 'text' THEN json_extract(params, '$.url') END, bot "
+    "FROM events WHERE rowid > ? ORDER BY rowid"
 )
+
+
+class _Url(msgspec.Struct):
+    """A ``page.visit``'s params, only its ``url`` decoded."""
+
+    url: Any = None
+
+
+_url_decoder: Final = msgspec.json.Decoder(_Url)
+
+
+def page_of(action: str, params: bytes | msgspec.Raw) -> str | None:
+    """The page an event counts for: a ``page.visit``'s ``params.url`` when a string."""
+    if action != PAGE_ACTION:
+        return None
+    try:
+        url = _url_decoder.decode(params).url
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return url if isinstance(url, str) else None
+
+
 #: What PostgreSQL's batch insert returns of each row it took.
 POSTGRES_RETURNING: Final = (
     f"RETURNING site, received, action, uuid, CASE WHEN action = '{PAGE_ACTION}' "
@@ -310,26 +332,11 @@ def true_bounds(held_rows: Sequence[tuple[Any, ...]]) -> dict[str, tuple[int, in
 # -- carrying out a plan --------------------------------------------------------
 
 
-def prepare_sqlite(db: sqlite3.Connection) -> None:
-    """Make the connection note the rows ``events`` takes (once per connection, after migrating).
-
-    The note is a temporary table, kept in memory (``temp_store``).
-    """
-    db.execute("PRAGMA temp_store = MEMORY")
-    for statement in _SQLITE_PREPARE:
-        db.execute(statement)
-
-
-def write_sqlite(db: sqlite3.Connection) -> int:
-    """Add the events rows inserted so far in this transaction to the rollups (inside it,
-    before COMMIT); returns how many there were."""
-    rows = db.execute(
-        f"SELECT site, received, action, uuid, page, bot FROM {_NEW_TABLE}"
-    ).fetchall()
-    if not rows:
-        return 0
-    db.execute(f"DELETE FROM {_NEW_TABLE}")
-    steps = plan(aggregate(rows))
+def write_sqlite(db: sqlite3.Connection, inserted: Sequence[NewRow]) -> None:
+    """Add the rows a batch inserted to the rollups, in its transaction (before COMMIT)."""
+    if not inserted:
+        return
+    steps = plan(aggregate(inserted))
     step = next(steps, None)
     while step is not None:
         answer: list[tuple[Any, ...]] = []
@@ -338,7 +345,6 @@ def write_sqlite(db: sqlite3.Connection) -> int:
         elif isinstance(step, Run):
             db.executemany(step.sql, step.args)
         step = _send(steps, answer)
-    return len(rows)
 
 
 def _send(steps: Plan, answer: list[tuple[Any, ...]]) -> Step | None:

@@ -392,7 +392,6 @@ class SqliteSink:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        rollups.prepare_sqlite(db)
 
     async def write(self, rows: Sequence[EventRow]) -> int:
         """Insert in one transaction; returns how many event rows were new."""
@@ -404,10 +403,25 @@ class SqliteSink:
         values = list(map(msgspec.structs.astuple, rows))
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(_SQLITE_INSERT, values)
+            last = db.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
+            written = db.executemany(_SQLITE_INSERT, values).rowcount
             self._in_batch(db, rows)
-            # The rows this transaction inserted (total_changes would count the trigger's too).
-            written = rollups.write_sqlite(db)
+            inserted: Sequence[rollups.NewRow]
+            if written == len(rows):  # all new: counted from the batch itself
+                inserted = [
+                    (
+                        r.site,
+                        r.received,
+                        r.action,
+                        r.uuid,
+                        rollups.page_of(r.action, r.params),
+                        r.bot,
+                    )
+                    for r in rows
+                ]
+            else:  # some were stored already: the rows this transaction added
+                inserted = db.execute(rollups.SQLITE_INSERTED_SINCE, (last,)).fetchall()
+            rollups.write_sqlite(db, inserted)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -245,6 +245,15 @@ class Upkeep:
             # so both signs are checked.
             if stream_id(deleted) <= stream_id(delivered) and not (count and count > 0):
                 continue
+            # A forget's XDEL of unread entries is no loss: its ids are noted.
+            forgotten, last_forgotten = await self.groups.forgotten_after(
+                self.keys.forgotten(stream.tag), delivered
+            )
+            if count is not None:
+                count -= forgotten
+            deleted_sign = stream_id(deleted) > stream_id(delivered) and deleted != last_forgotten
+            if not deleted_sign and not (count and count > 0):
+                continue
             self._report_trimmed(stream, count, deleted, first_id, delivered)
         for site, total in lags.items():
             if total is not None:

@@ -182,6 +182,9 @@ class LeaveArgs(NamedTuple):
     subject: str
     #: The customer the connection moves to ('' for a close).
     to: str
+    #: How long a merge's alias key lives (ms): the site's ``retain_days``, as
+    #: long as the store keeps the merge; 0 (no ``retain_days``): no expiry.
+    alias_ttl_ms: int
 
 
 class AliasKeys(NamedTuple):
@@ -201,6 +204,8 @@ class AliasArgs(NamedTuple):
     to: str
     #: Why the caller refuses the merge ('' when it allows it).
     refused: str
+    #: As :attr:`LeaveArgs.alias_ttl_ms`.
+    alias_ttl_ms: int
 
 
 # -- heartbeat, reap ----------------------------------------------------------------------

@@ -44,6 +44,7 @@ from eventwire.store.replies import (
     parse_pending_summary,
     parse_stream_info,
     raw_xread_entries,
+    reply_text,
     stream_entries,
     time_ms,
     xread_entries,
@@ -286,6 +287,20 @@ class ConsumerGroup:
         """How many entries follow ``after`` (the group's last delivered id), up to ``limit``."""
         with _redis_failures():
             return len(await self.client.xrange(key, f"({after}", "+", count=limit) or ())
+
+    async def forgotten_after(self, forgotten_key: str, delivered: str) -> tuple[int, str | None]:
+        """Of the ids a forget deleted (:meth:`Keys.forgotten`): how many are past ``delivered``
+        (entries the group never read), and the largest (None: none). Those at or before
+        ``delivered`` are dropped from the set: they can no longer look trimmed."""
+        low = Keys.forgotten_member(delivered)
+        with _redis_failures():
+            await self.client.zremrangebylex(forgotten_key, "-", f"[{low}")
+            after = int(await self.client.zlexcount(forgotten_key, f"({low}", "+"))
+            last = await self.client.zrange(forgotten_key, -1, -1)
+        if not last:
+            return after, None
+        ms, _, seq = reply_text(last[0]).partition("-")
+        return after, f"{int(ms)}-{int(seq)}"
 
     async def trim_before(self, key: str, minid: tuple[int, int]) -> None:
         """XTRIM MINID ~: drop entries older than ``minid`` (whole nodes only)."""

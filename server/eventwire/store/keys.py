@@ -73,6 +73,23 @@ class Keys:
         """
         return f"{self.prefix}:{{{tag}}}:dead"
 
+    def forgotten(self, tag: str) -> str:
+        """The ids of events-stream entries a forget deleted (a site or partition's).
+
+        A sorted set of :meth:`forgotten_member` names (score 0, so in id order
+        by name), kept 30 days after the last forget: the persist worker tells
+        from it that unread entries gone from the stream were forgotten, not
+        trimmed (no ``persist_entries_trimmed_unread`` for them). It holds ids,
+        never a uuid.
+        """
+        return f"{self.prefix}:{{{tag}}}:forgotten"
+
+    @staticmethod
+    def forgotten_member(entry_id: str) -> str:
+        """A stream id as a name of :meth:`forgotten` that sorts as the id does (zero-padded)."""
+        ms, _, seq = entry_id.partition("-")
+        return f"{int(ms):020d}-{int(seq or 0):020d}"
+
     def producer(self, tag: str, producer: str) -> str:
         """The key holding a producer's highest stored seq (in one partition)."""
         return f"{self.prefix}:{{{tag}}}:producer:{producer}"

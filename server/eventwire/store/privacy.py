@@ -37,6 +37,8 @@ from eventwire.store.replies import reply_text
 
 #: Entries per XRANGE page while a stream is searched, and ids per XDEL.
 PAGE: Final = 1000
+#: Seconds the ids a forget deleted from an events stream are kept (:meth:`Keys.forgotten`).
+FORGOTTEN_KEEP_S: Final = 30 * 86_400
 #: Actions whose ``params.previous_uuid`` names a customer too: an event of a
 #: merge belongs to both uuids, and forgetting either removes it.
 MERGE_ACTIONS: Final = frozenset({"client.identify", "client.alias"})
@@ -189,8 +191,13 @@ async def _forget_in_stream(
     uuids: frozenset[str],
     dry_run: bool,
     field: bytes = b"event",
+    forgotten: str | None = None,
 ) -> tuple[int, set[str], list[str]]:
-    """Search one stream whole; delete the entries of ``uuids``. Returns (count, producers, ids)."""
+    """Search one stream whole; delete the entries of ``uuids``. Returns (count, producers, ids).
+
+    ``forgotten``: the :meth:`Keys.forgotten` set that notes each id before it is deleted
+    (events streams: the persist worker must not report them as trimmed).
+    """
     needles = _needles(uuids)
     start = "-"
     found: list[str] = []
@@ -213,7 +220,11 @@ async def _forget_in_stream(
         start = "(" + reply_text(page[-1][0])
     if not dry_run:
         for i in range(0, len(found), PAGE):
-            await client.xdel(key, *found[i : i + PAGE])
+            page_ids = found[i : i + PAGE]
+            if forgotten is not None:  # noted before they go: never seen gone unexplained
+                await client.zadd(forgotten, dict.fromkeys(map(Keys.forgotten_member, page_ids), 0))
+                await client.expire(forgotten, FORGOTTEN_KEEP_S)
+            await client.xdel(key, *page_ids)
     return len(found), producers, found
 
 
@@ -246,7 +257,9 @@ async def forget_customers(
         producers: set[str] = set()
         tags = Keys.tags(site, partitions)
         for tag in tags:
-            n, found, ids = await _forget_in_stream(client, keys.events(tag), wanted, dry_run)
+            n, found, ids = await _forget_in_stream(
+                client, keys.events(tag), wanted, dry_run, forgotten=keys.forgotten(tag)
+            )
             counts["events"] += n
             producers |= found
             if ids:

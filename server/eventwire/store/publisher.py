@@ -2,13 +2,17 @@
 
 Frames reach Redis through :meth:`Store.submit`: frames from all connections
 are gathered into one pipeline of one ``FCALL`` of ``publish`` per site (or
-partition). Each of ``publish_lanes`` publisher lanes has one pipeline in
-flight at a time; while it is, the lane's next frames gather (group commit),
-so a busy server makes few, large round trips and an idle one answers in
-one round trip. A producer always uses the same lane, which keeps its frames
-in the order they arrived, as the per-producer de-duplication needs: a later
-frame must never be stored before an earlier one that failed (see
-:class:`~eventwire.core.ordering.FrameOwner`).
+partition). Each of ``publish_lanes`` publisher lanes sends its calls on
+one Redis connection; while one is in flight the lane's next frames gather
+(group commit), so a busy server makes few, large round trips and an idle
+one answers in one round trip. Once enough waits (:data:`DEPTH_GATE`), the
+next call is sent at once, up to ``publish_depth`` calls in flight, so that
+Python packs and settles while Redis runs; the replies are read in order by
+the lane's reader task. A producer always uses the same lane and has frames
+in at most one of its calls in flight, which keeps its frames in the order
+they arrived, as the per-producer de-duplication needs: a later frame must
+never be stored before an earlier one that was not (see
+:class:`~eventwire.core.ordering.FrameOwner` and :class:`_Lane`).
 
 On a cluster the pipeline goes node by node (:class:`ClusterCalls`); the
 other calls (:meth:`Store.call` for the session steps, the look-ups) use
@@ -31,7 +35,7 @@ from eventwire.core.config import SessionTimings, Settings
 from eventwire.core.errors import StoreUnavailable
 from eventwire.core.ordering import FrameOwner
 from eventwire.core.rules import SitesBook
-from eventwire.store.client import OUTAGE, RedisClient, RedisError, exchange
+from eventwire.store.client import OUTAGE, RedisClient, RedisError, ResponseError, exchange
 from eventwire.store.cluster import ClusterCalls
 from eventwire.store.functions import (
     FN_PUBLISH,
@@ -61,6 +65,13 @@ from eventwire.store.resp import (
 from eventwire.store.streams import read_site_summary
 
 log = structlog.get_logger("eventwire.store")
+
+#: With a call in flight, a lane sends the next once this share of
+#: ``publish_batch_events`` waits. 1 (a full call): the least CPU per event;
+#: 1/4 overlapped more on an idle machine but cost ~15 % more CPU per event
+#: (smaller calls) and lost when other jobs kept both cores busy (README
+#: "Performance"). Frames that gather while a call runs go in the next one.
+DEPTH_GATE = 1.0
 
 #: Seconds without a refused frame after which a full backlog counts as a new
 #: episode (warned again) even if no frame came to see it drained.
@@ -150,24 +161,124 @@ class Frame:
         self.sink.frame_failed(self, why)
 
 
+class _Call:
+    """One packed pipeline a lane has sent: its frames by tag, until its replies are settled."""
+
+    __slots__ = ("by_tag", "commands", "conn", "deadline", "done", "producers", "started")
+
+    def __init__(
+        self, by_tag: dict[str, list[Frame]], commands: list[list[bytes]], producers: list[str]
+    ) -> None:
+        self.by_tag = by_tag
+        self.commands = commands
+        self.producers = producers
+        self.conn: Any = None
+        #: The event loop's time by which its replies must have been read.
+        self.deadline = 0.0
+        self.started = 0.0
+        #: Settled or failed: its frames have been told.
+        self.done = False
+
+
 class _Lane:
-    """One publisher: a queue of frames and the task that sends them, one batch at a time.
+    """One publisher: its producers' frames, the task that sends them and the one reading replies.
+
+    Frames wait per producer (:attr:`pending`, in the order they came); a
+    producer whose frames are in a call not yet settled (:attr:`busy`) sends
+    no more until it is, so a producer's frames are in at most one call in
+    flight. Within one call the ``publish`` step keeps them in order (a
+    frame refused for a full backlog or an ended session refuses the ones
+    behind it too); across calls this rule does, whatever each call's
+    outcome: a later frame can never be stored after an earlier one that was
+    not (see :class:`~eventwire.core.ordering.FrameOwner`). Up to
+    ``publish_depth`` calls are in flight on the lane's one Redis connection
+    (:attr:`inflight`, replies read in order), so the next call is packed and
+    sent while Redis runs the last.
 
     A lane keeps its own Redis connection: taking one from the pool for each
     batch costs more than a small batch's whole Redis step.
     """
 
-    __slots__ = ("conn", "queue", "task", "wakeup")
+    __slots__ = (
+        "busy",
+        "conn",
+        "depth",
+        "gate",
+        "inflight",
+        "orphan",
+        "pending",
+        "reader",
+        "reading",
+        "ready",
+        "ready_events",
+        "replies",
+        "sending",
+        "settling",
+        "task",
+        "wakeup",
+    )
 
-    def __init__(self) -> None:
-        self.queue: deque[Frame] = deque()
+    def __init__(self, depth: int, gate: int) -> None:
+        #: Calls in flight at most; events that must wait before one more goes.
+        self.depth = depth
+        self.gate = gate
+        #: Frames not yet sent, per producer key, in order (no empty entry).
+        self.pending: dict[str, deque[Frame]] = {}
+        #: Producers with pending frames and none in flight, in the order they became so.
+        self.ready: deque[str] = deque()
+        #: Events of the ready producers' pending frames.
+        self.ready_events = 0
+        #: Producers with frames in a call in flight.
+        self.busy: set[str] = set()
+        #: Calls sent on :attr:`conn` whose replies are not read yet, oldest first.
+        self.inflight: deque[_Call] = deque()
         self.wakeup: asyncio.Future[None] | None = None
+        #: Set when a call is sent: wakes the reader task.
+        self.replies: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        self.reader: asyncio.Task[None] | None = None
+        #: The call whose replies the reader has read and is settling (it may
+        #: load the library first): out of :attr:`inflight`, its producers busy.
+        self.settling: _Call | None = None
         self.conn: Any = None
+        #: The connection the reader awaits a reply on, the sender writes on.
+        self.reading: Any = None
+        self.sending: Any = None
+        #: A dropped connection still in use by one of the lane's tasks.
+        self.orphan: Any = None
 
     def wake(self) -> None:
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
+
+    def add(self, frame: Frame) -> None:
+        """Queue a frame behind its producer's earlier ones."""
+        key = frame.producer_key
+        frames = self.pending.get(key)
+        if frames is None:
+            self.pending[key] = deque((frame,))
+            if key not in self.busy:
+                self.ready.append(key)
+                self.ready_events += frame.n
+        else:
+            frames.append(frame)
+            if key not in self.busy:
+                self.ready_events += frame.n
+        # With a call in flight the sender waits for DEPTH_GATE (see Store._run).
+        inflight = len(self.inflight)
+        if not inflight or (inflight < self.depth and self.ready_events >= self.gate):
+            self.wake()
+
+    def release(self, call: _Call) -> None:
+        """A call's frames are told: its producers may send again."""
+        busy, pending, ready = self.busy, self.pending, self.ready
+        for key in call.producers:
+            busy.discard(key)
+            frames = pending.get(key)
+            if frames is not None:
+                ready.append(key)
+                self.ready_events += sum(f.n for f in frames)
+        self.wake()
 
 
 class Store:
@@ -195,7 +306,10 @@ class Store:
         self.keys = Keys(settings.key_prefix)
         #: Keyed hashes of uuids (suppression, the audit).
         self.subjects = Subjects(client, self.keys, settings.privacy_key_env)
-        self._lanes = [_Lane() for _ in range(settings.publish_lanes)]
+        # A cluster's calls go one at a time per lane, node by node (ClusterCalls).
+        depth = 1 if self._cluster is not None else settings.publish_depth
+        gate = max(1, int(settings.publish_batch_events * DEPTH_GATE))
+        self._lanes = [_Lane(depth, gate) for _ in range(settings.publish_lanes)]
         self._started = False
         self._closing = False
         #: The backlog each tag's events stream had at its last publish call.
@@ -211,6 +325,10 @@ class Store:
     async def __aenter__(self) -> Store:
         for i, lane in enumerate(self._lanes):
             lane.task = asyncio.create_task(self._run(lane), name=f"eventwire-publisher-{i}")
+            if self._cluster is None:  # a cluster's calls are read by ClusterCalls
+                lane.reader = asyncio.create_task(
+                    self._read(lane), name=f"eventwire-publisher-{i}-replies"
+                )
         self._started = True
         return self
 
@@ -312,9 +430,7 @@ class Store:
         # A producer always takes the same lane, so its frames reach Redis in
         # the order they were sent; lanes let one batch be packed while
         # another runs in Redis.
-        lane = self._lanes[hash(frame.producer_key) % len(self._lanes)]
-        lane.queue.append(frame)
-        lane.wake()
+        self._lanes[hash(frame.producer_key) % len(self._lanes)].add(frame)
 
     async def call(self, function: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Call one function of the library, in its own round trip.
@@ -327,7 +443,7 @@ class Store:
         Raises:
             StoreUnavailable: Redis is unreachable, slow, or answered an error.
         """
-        (result,) = await self._fcall([pack_fcall(function, keys, args)], routes=[keys[0]])
+        (result,) = await self._fcall([pack_fcall(function, keys, args)], [keys[0]])
         if isinstance(result, Exception):
             raise StoreUnavailable(f"redis error: {result}")
         return result
@@ -354,21 +470,24 @@ class Store:
         s = self.settings
         return 0 if s.on_backlog == "trim" else s.max_backlog or s.stream_maxlen
 
-    async def _run(self, lane: _Lane) -> None:
-        loop = asyncio.get_running_loop()
+    def _take(self, lane: _Lane) -> tuple[list[Frame], list[str]]:
+        """The next batch of a lane: ready producers' frames up to ``publish_batch_events``.
+
+        Returns the frames and the producers they make busy. A producer's
+        frames beyond the limit stay pending behind the batch.
+        """
         limit = self.settings.publish_batch_events
-        queue = lane.queue
-        while True:
-            if not queue:
-                if self._closing:
-                    return
-                lane.wakeup = loop.create_future()
-                await lane.wakeup
-                continue
-            batch: list[Frame] = []
-            events = 0
-            while queue and (not batch or events + queue[0].n <= limit):
-                frame = queue.popleft()
+        pending, ready, busy = lane.pending, lane.ready, lane.busy
+        batch: list[Frame] = []
+        producers: list[str] = []
+        events = 0
+        while ready:
+            key = ready[0]
+            frames = pending[key]
+            taken = False
+            while frames and (not batch or events + frames[0].n <= limit):
+                frame = frames.popleft()
+                lane.ready_events -= frame.n
                 owner = frame.owner
                 if owner is not None and frame.epoch <= owner.failed_epoch:
                     # An earlier frame of this connection failed: see FrameOwner.
@@ -376,13 +495,202 @@ class Store:
                     continue
                 batch.append(frame)
                 events += frame.n
-            if not batch:
-                continue
-            if time.monotonic() < self._down_until:
+                taken = True
+            if frames and not taken:
+                break  # the batch is full before this producer's next frame
+            ready.popleft()
+            if not frames:
+                del pending[key]
+            if taken:
+                busy.add(key)
+                producers.append(key)
+            if frames:
+                lane.ready_events -= sum(f.n for f in frames)  # pending behind the batch
+                break  # the batch is full
+        return batch, producers
+
+    async def _run(self, lane: _Lane) -> None:
+        """A lane's sender: packs ready frames into calls while fewer than ``publish_depth`` fly."""
+        loop = asyncio.get_running_loop()
+        depth, gate = lane.depth, lane.gate
+        try:
+            while True:
+                inflight = len(lane.inflight)
+                # With a call in flight another goes only once enough waits
+                # (DEPTH_GATE): a tiny one would cost a call's overhead for
+                # frames that gather anyway while the first runs (group commit).
+                if not lane.ready or (inflight and (inflight >= depth or lane.ready_events < gate)):
+                    if (
+                        self._closing
+                        and not lane.pending
+                        and not lane.inflight
+                        and lane.settling is None
+                    ):
+                        return
+                    lane.wakeup = loop.create_future()
+                    await lane.wakeup
+                    continue
+                batch, producers = self._take(lane)
+                if not batch:
+                    continue
+                by_tag: dict[str, list[Frame]] = {}
                 for frame in batch:
-                    frame.fail("redis unavailable")
+                    by_tag.setdefault(frame.tag, []).append(frame)
+                call = _Call(by_tag, [], producers)
+                if time.monotonic() < self._down_until:
+                    self._fail_call(lane, call, "redis unavailable")
+                    continue
+                if self._cluster is not None:
+                    await self._flush(call)
+                    lane.release(call)
+                else:
+                    await self._send(lane, call)
+        finally:
+            if lane.reader is not None:
+                lane.reader.cancel()
+                await asyncio.gather(lane.reader, return_exceptions=True)
+                lane.reader = None
+
+    def _fail_call(self, lane: _Lane, call: _Call, why: str) -> None:
+        """Nack every frame of a call not settled yet, in order, and free its producers."""
+        if call.done:
+            return
+        call.done = True
+        for frames in call.by_tag.values():
+            for frame in frames:
+                frame.fail(why)
+        lane.release(call)
+
+    async def _send(self, lane: _Lane, call: _Call) -> None:
+        """Pack a call and write it on the lane's connection; the reader task reads its replies."""
+        loop = asyncio.get_running_loop()
+        call.commands, _ = self._pack_batch(call.by_tag)
+        call.started = time.perf_counter()
+        call.deadline = loop.time() + self.settings.store_timeout
+        conn = lane.conn
+        try:
+            async with asyncio.timeout_at(call.deadline):
+                if conn is None:
+                    conn = lane.conn = await self._pool.get_connection()
+                call.conn = conn
+                lane.inflight.append(call)
+                replies = lane.replies
+                if replies is not None and not replies.done():
+                    replies.set_result(None)
+                lane.sending = conn
+                try:
+                    await conn.send_packed_command(
+                        [p for command in call.commands for p in command], check_health=False
+                    )
+                finally:
+                    lane.sending = None
+        except Exception as exc:
+            if call.conn is None:  # no connection: nothing was sent
+                self._outage(exc)
+                self._fail_call(lane, call, self._why(exc))
+            elif not call.done:  # else the reader found the connection broken first
+                await self._broken(lane, conn, exc)
+        if lane.orphan is not None:
+            await self._let_go(lane)
+
+    async def _read(self, lane: _Lane) -> None:
+        """A lane's reader: the replies of its calls in flight, in the order they were sent."""
+        loop = asyncio.get_running_loop()
+        inflight = lane.inflight
+        while True:
+            if lane.orphan is not None:
+                await self._let_go(lane)
+            if not inflight:
+                lane.replies = loop.create_future()
+                await lane.replies
                 continue
-            await self._flush(batch, lane)
+            call = inflight[0]
+            conn = call.conn
+            results: list[Any] = []
+            lane.reading = conn
+            try:
+                async with asyncio.timeout_at(call.deadline):
+                    for _ in call.commands:
+                        try:
+                            results.append(await conn.read_response(disconnect_on_error=False))
+                        except ResponseError as exc:
+                            results.append(exc)
+            except Exception as exc:
+                lane.reading = None
+                if not call.done:
+                    await self._broken(lane, conn, exc)
+                continue
+            lane.reading = None
+            if call.done:  # failed while its replies were on their way
+                continue
+            inflight.popleft()
+            call.done = True
+            lane.settling = call
+            try:
+                await self._reload_missing(call.commands, results)
+                metrics.STORE_SECONDS.observe(time.perf_counter() - call.started)
+                self._settle_results(call.by_tag, results)
+            except Exception as exc:
+                self._outage(exc)
+                for frames in call.by_tag.values():
+                    for frame in frames:
+                        frame.fail(self._why(exc))
+            finally:
+                lane.settling = None
+                lane.release(call)
+
+    async def _broken(self, lane: _Lane, conn: Any, exc: BaseException) -> None:
+        """The lane's connection failed: every call in flight on it is nacked, oldest first.
+
+        Redis ran some of them, perhaps, but nothing tells which: their frames
+        are nacked and resent, and de-duplication makes that safe. The
+        connection is dropped (a late reply must never be read as another
+        call's); the lane takes a fresh one for its next call, and this one
+        goes back to the pool only once neither of the lane's tasks is still
+        writing or reading on it.
+        """
+        self._outage(exc)
+        why = self._why(exc)
+        inflight = lane.inflight
+        failed = [c for c in inflight if c.conn is conn]
+        kept = [c for c in inflight if c.conn is not conn]
+        inflight.clear()
+        inflight.extend(kept)
+        if lane.conn is conn:
+            lane.conn = None
+        for call in failed:
+            self._fail_call(lane, call, why)
+        await conn.disconnect()
+        if lane.orphan is None:
+            lane.orphan = conn
+            await self._let_go(lane)
+        else:  # cannot happen: a lane has one connection in use at a time
+            await self._pool.release(conn)
+
+    async def _let_go(self, lane: _Lane) -> None:
+        """Give a dropped connection back to the pool once no task of the lane is using it."""
+        conn = lane.orphan
+        if conn is None or conn is lane.reading or conn is lane.sending:
+            return
+        lane.orphan = None
+        await self._pool.release(conn)
+
+    def _outage(self, exc: BaseException) -> None:
+        """Count a failed round trip; nack the next frames at once for ``retry_after_ms``."""
+        metrics.STORE_ERRORS.inc()
+        self._down_until = time.monotonic() + self.settings.retry_after_ms / 1000
+        if not isinstance(exc, OUTAGE):
+            # Whatever went wrong, the publisher must live on: the frames are
+            # nacked and their clients resend them.
+            log.error("publish_failed", error=repr(exc))
+
+    @staticmethod
+    def _why(exc: BaseException) -> str:
+        if isinstance(exc, StoreUnavailable):
+            return str(exc)
+        if isinstance(exc, OUTAGE):
+            return f"redis unreachable: {exc or 'timeout'}"
+        return str(exc) or type(exc).__name__
 
     def _pack_batch(self, by_tag: dict[str, list[Frame]]) -> tuple[list[list[bytes]], list[str]]:
         """One packed ``publish`` call per tag (all its keys share one slot), and its route key.
@@ -432,25 +740,24 @@ class Store:
             )
         return calls, routes
 
-    async def _flush(self, batch: list[Frame], lane: _Lane) -> None:
-        by_tag: dict[str, list[Frame]] = {}
-        for frame in batch:
-            by_tag.setdefault(frame.tag, []).append(frame)
-        calls, routes = self._pack_batch(by_tag)
+    async def _flush(self, call: _Call) -> None:
+        """Run one call on a cluster (node by node, :class:`ClusterCalls`) and settle it."""
+        call.done = True
+        commands, routes = self._pack_batch(call.by_tag)
         started = time.perf_counter()
         try:
-            results = await self._fcall(calls, lane, routes)
+            results = await self._fcall(commands, routes)
         except Exception as exc:
-            # Whatever went wrong, the publisher must live on: the frames are
-            # nacked and their clients resend them.
-            metrics.STORE_ERRORS.inc()
-            self._down_until = time.monotonic() + self.settings.retry_after_ms / 1000
-            if not isinstance(exc, StoreUnavailable):
-                log.exception("publish_failed")
-            for frame in batch:
-                frame.fail(str(exc))
+            self._outage(exc)
+            for frames in call.by_tag.values():
+                for frame in frames:
+                    frame.fail(self._why(exc))
             return
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+        self._settle_results(call.by_tag, results)
+
+    def _settle_results(self, by_tag: dict[str, list[Frame]], results: list[Any]) -> None:
+        """Tell each frame of a call how it ended, from its tag's reply."""
         for frames, result in zip(by_tag.values(), results, strict=True):
             if isinstance(result, Exception):
                 metrics.STORE_ERRORS.inc()
@@ -525,12 +832,7 @@ class Store:
             "unavailable (clients resend) until the backlog is half drained",
         )
 
-    async def _fcall(
-        self,
-        commands: Sequence[list[bytes]],
-        lane: _Lane | None = None,
-        routes: Sequence[str] = (),
-    ) -> list[Any]:
+    async def _fcall(self, commands: Sequence[list[bytes]], routes: Sequence[str]) -> list[Any]:
         """Run packed FCALLs in one round trip; load the library first if Redis lost it.
 
         ``routes`` holds one key of each command: on a cluster, the command
@@ -538,41 +840,49 @@ class Store:
         """
         if self._cluster is not None:
             return await self._cluster.fcall(commands, routes)
-        results = await self._pipeline(commands, lane)
-        again = [i for i, r in enumerate(results) if missing_function(r)]
-        if again:
-            # Redis restarted without persistence, or was flushed. A call to a
-            # missing function did nothing, so those calls are sent again.
-            load = pack_args(LOAD_LIBRARY)
-            retried = await self._pipeline([load, *(commands[i] for i in again)], lane)
-            if isinstance(retried[0], Exception):
-                raise StoreUnavailable(f"cannot load the function library: {retried[0]}")
-            for i, r in zip(again, retried[1:], strict=True):
-                results[i] = r
+        results = await self._pipeline(commands)
+        await self._reload_missing(commands, results)
         return results
 
-    async def _pipeline(
-        self, commands: Sequence[list[bytes]], lane: _Lane | None = None
-    ) -> list[Any]:
-        """Send packed commands in one write and read their replies; error replies are returned.
+    async def _reload_missing(self, commands: Sequence[list[bytes]], results: list[Any]) -> None:
+        """Send again, after loading the library, the commands whose function Redis lacked.
+
+        Redis restarted without persistence, or was flushed. A call to a
+        missing function did nothing, so it is sent again; its results
+        replace those in ``results``. (A lane's later calls in flight hold
+        other producers' frames only, so this one running after them keeps
+        every producer's order.)
+
+        Raises:
+            StoreUnavailable: Redis is unreachable, or refused the library.
+        """
+        again = [i for i, r in enumerate(results) if missing_function(r)]
+        if not again:
+            return
+        load = pack_args(LOAD_LIBRARY)
+        retried = await self._pipeline([load, *(commands[i] for i in again)])
+        if isinstance(retried[0], Exception):
+            raise StoreUnavailable(f"cannot load the function library: {retried[0]}")
+        for i, r in zip(again, retried[1:], strict=True):
+            results[i] = r
+
+    async def _pipeline(self, commands: Sequence[list[bytes]]) -> list[Any]:
+        """Send packed commands in one write on a pooled connection and read their replies.
 
         redis-py's Pipeline object costs more per command than the whole Lua
         step at small frames, so commands come packed and this talks to one
-        connection directly: the lane's own, or one from the pool. Any
-        failure drops that connection: a reply that arrives late must never
-        be read as another command's.
+        connection directly. Error replies are returned. Any failure drops
+        that connection: a reply that arrives late must never be read as
+        another command's.
 
         Raises:
             StoreUnavailable: Redis is unreachable or did not answer in time.
         """
         pool = self._pool
-        conn: Any = lane.conn if lane is not None else None
+        conn: Any = None
         try:
             async with asyncio.timeout(self.settings.store_timeout):
-                if conn is None:
-                    conn = await pool.get_connection()
-                    if lane is not None:
-                        lane.conn = conn
+                conn = await pool.get_connection()
                 results = await exchange(conn, commands)
         except OUTAGE as exc:
             if conn is not None:
@@ -583,9 +893,7 @@ class Store:
                 await conn.disconnect()
             raise
         finally:
-            # A lane keeps its connection (disconnected after a failure, it
-            # connects again on next use); others go back to the pool.
-            if conn is not None and lane is None:
+            if conn is not None:
                 await pool.release(conn)
         return results
 

@@ -12,9 +12,10 @@
 -- the same tag.
 --
 --   ew:{site}:events          accepted and server-made events (XADD; trimmed by
---                             MAXLEN ~, or, while it has a persist group and
---                             max_backlog is above 0, only below what the
---                             group has acknowledged: see backlog_of)
+--                             MAXLEN ~ (publish: one XTRIM per call), or, while
+--                             it has a persist group and max_backlog is above
+--                             0, only below what the group has acknowledged:
+--                             see backlog_of)
 --   ew:{site}:rejected        rejected events
 --   ew:{site}:producer:<p>    a producer's highest stored seq (PX producer_ttl)
 --   ew:{site}:sess:<uuid>     the customer's open session: id, first, last,
@@ -25,7 +26,8 @@
 --   ew:{site}:due             customer -> when its session must be looked at
 --   ew:{site}:dead            entries the persist worker gave up on (not here)
 --   ew:{site}:alias:<uuid>    the customer an anonymous uuid merged into (in
---                             the anonymous uuid's partition; never expires)
+--                             the anonymous uuid's partition; expires after the
+--                             site's retain_days, never without it)
 --   ew:{site}:aliases:<uuid>  the uuids merged into a customer (set, in the
 --                             customer's partition)
 --   ew:{site}:suppressed      keyed hashes of forgotten customers (set; each
@@ -209,36 +211,83 @@ end
 -- frame that finds max_backlog entries unacknowledged is refused. 0 (on_backlog
 -- = "trim"), or no persist group: MAXLEN ~ events_maxlen, as a live-only
 -- stream needs.
+--
+-- Redis' work per frame is mostly its redis.call()s, so each producer and
+-- session key is read once per call and written once at its end (a call is
+-- atomic: nobody sees the keys in between, and what is written is what a
+-- write per frame would have left). A producer's first frame of the call
+-- reads and writes its seq in one SET ... GET of the frame's highest seq;
+-- only when that was not the new high-water mark (a resend, or more frames
+-- of the producer in the call) is it written again at the end.
+
+-- The open session publish checks: as load_session, without closed. Lua's
+-- tonumber() parses a string twice (strtod is most of a frame's Lua time);
+-- arithmetic coerces it once.
+local function open_session(skey)
+  local v = redis.call('HMGET', skey, 'id', 'first', 'last', 'events', 'quiet')
+  if not v[1] then
+    return nil
+  end
+  return {id = v[1], first = v[2] + 0, last = v[3] + 0, events = v[4] + 0, quiet = v[5] ~= false}
+end
+
+-- The seq of a frame's last item that moves the stored seq (all but R), or
+-- nil: the stored seq after the frame, unless it was higher already or a
+-- denied item (n) above it is (then the end of the call writes it again).
+local function frame_top(args, a, n)
+  for i = a + 3 * (n - 1), a, -3 do
+    if args[i + 1] ~= 'R' then
+      return args[i]
+    end
+  end
+  return nil
+end
+
 local function publish(keys, args)
   local events, rejected, due = unpack(keys, 1, 3)
   local events_maxlen, rejected_maxlen, producer_ttl_ms, idle_ms, max_ms, taken, end_record,
     max_backlog = unpack(args, 1, 8)
+  local call = redis.call
   local out = {}
-  local now
+  local now, now_text -- Redis' clock (ms), and as text for HSET
+  local idle, maxd = tonumber(idle_ms), tonumber(max_ms)
   local cap = tonumber(max_backlog)
   local group = cap > 0 and backlog_of(events, cap) or nil
   local backlog = group and group.backlog
-  local k, a = 4, 9 -- the first frame's keys and arguments
-  while k <= #keys do
+  -- Per key of the call: sessions[key] = the session (false: none open), and
+  -- seqs[key] = {cur = number, top = string to store, stored = string in Redis}.
+  local sessions, touched, seqs, producers = {}, {}, {}, {}
+  local stored, recorded = 0, false -- events added, rejected records added
+  local k, a, nkeys = 4, 9, #keys -- the first frame's keys and arguments
+  while k <= nkeys do
     local producer, session = unpack(keys, k, k + 1)
     local session_id, uuid, n = unpack(args, a, a + 2)
-    n = tonumber(n)
+    n = n + 0
     k, a = k + 2, a + 3
     local status = 0
+    local s
     if session_id ~= '' then
-      now = now or now_ms()
-      local s = load_session(session)
+      if not now then
+        now = now_ms()
+        now_text = int(now)
+      end
+      s = sessions[session]
+      if s == nil then
+        s = open_session(session) or false
+        sessions[session] = s
+      end
       if not s or s.id ~= session_id then
         status = 1
       else
         local why
-        if now >= s.last + tonumber(idle_ms) then
+        if now >= s.last + idle then
           why = 'idle'
-        elseif now >= s.first + tonumber(max_ms) then
+        elseif now >= s.first + maxd then
           why = 'max'
         end
         if why then
           end_session(events, due, session, events_maxlen, uuid, s, why, now, taken, end_record)
+          sessions[session] = false
           status = 1
         end
       end
@@ -252,38 +301,55 @@ local function publish(keys, args)
       out[#out + 1] = 0
       out[#out + 1] = status
     else
-      local top = redis.call('GET', producer)
-      local cur = tonumber(top or '0')
+      local p = seqs[producer]
+      if p == nil then
+        local first = frame_top(args, a, n)
+        local stored
+        if first then
+          stored = first
+          p = call('SET', producer, first, 'PX', producer_ttl_ms, 'GET')
+        else
+          p = call('GET', producer)
+          stored = p and '' -- an existing key's expiry is renewed at the end
+        end
+        p = {cur = (p or 0) + 0, top = p, stored = stored}
+        seqs[producer] = p
+        producers[#producers + 1] = producer
+      end
+      local cur = p.cur
       local added, dup = 0, 0
       for _ = 1, n do
         local seq, kind, payload = unpack(args, a, a + 2)
-        local s = tonumber(seq)
         if kind == 'R' then
-          redis.call('XADD', rejected, 'MAXLEN', '~', rejected_maxlen, '*', 'event', payload)
-        elseif s > cur then
-          cur, top = s, seq
-          if kind == 'e' then
-            if group then
-              redis.call('XADD', events, '*', 'event', payload)
-            else
-              redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', 'event', payload)
+          call('XADD', rejected, '*', 'event', payload)
+          recorded = true
+        else
+          local q = seq + 0
+          if q > cur then
+            cur, p.top = q, seq
+            if kind == 'e' then
+              call('XADD', events, '*', 'event', payload)
+              added = added + 1
+            elseif kind == 'r' then
+              call('XADD', rejected, '*', 'event', payload)
+              recorded = true
             end
-            added = added + 1
-          elseif kind == 'r' then
-            redis.call('XADD', rejected, 'MAXLEN', '~', rejected_maxlen, '*', 'event', payload)
+          elseif kind == 'e' then
+            dup = dup + 1
           end
-        elseif kind == 'e' then
-          dup = dup + 1
         end
         a = a + 3
       end
-      if top then
-        redis.call('SET', producer, top, 'PX', producer_ttl_ms)
+      p.cur = cur
+      if s and added > 0 then
+        if not s.touched then
+          s.touched = true
+          touched[#touched + 1] = session
+        end
+        s.events = s.events + added
+        s.last = now
       end
-      if session_id ~= '' and added > 0 then
-        redis.call('HINCRBY', session, 'events', added)
-        redis.call('HSET', session, 'last', now)
-      end
+      stored = stored + added
       if backlog then
         backlog = backlog + added
       end
@@ -292,8 +358,28 @@ local function publish(keys, args)
       out[#out + 1] = 0
     end
   end
+  for _, key in ipairs(producers) do
+    local p = seqs[key]
+    if p.top and p.top ~= p.stored then
+      call('SET', key, p.top, 'PX', producer_ttl_ms)
+    end
+  end
+  for _, key in ipairs(touched) do
+    local s = sessions[key]
+    if s then -- not ended later in the call
+      call('HSET', key, 'events', int(s.events), 'last', now_text)
+    end
+  end
+  -- The streams are trimmed once per call, as XADD's MAXLEN ~ would have left
+  -- them (whole nodes from the head while more than maxlen remain; LIMIT 0:
+  -- as many as that takes, as MAXLEN ~ on each XADD of the call would have).
   if group then
     trim_acknowledged(events, events_maxlen, group)
+  elseif stored > 0 then
+    call('XTRIM', events, 'MAXLEN', '~', events_maxlen, 'LIMIT', 0)
+  end
+  if recorded then
+    call('XTRIM', rejected, 'MAXLEN', '~', rejected_maxlen, 'LIMIT', 0)
   end
   out[#out + 1] = backlog or -1
   return out
@@ -388,16 +474,22 @@ local function may_merge(alias_key, own_aliases, suppressed, subject, to, refuse
   return true, ''
 end
 
--- Record a merge decided by may_merge: the alias key names its customer.
-local function record_merge(alias_key, to)
-  redis.call('SET', alias_key, to)
+-- Record a merge decided by may_merge: the alias key names its customer,
+-- for ttl_ms (the site's retain_days: as long as the store keeps the merge;
+-- 0: no expiry). A merge recorded again (the same customer) renews it.
+local function record_merge(alias_key, to, ttl_ms)
+  if tonumber(ttl_ms) > 0 then
+    redis.call('SET', alias_key, to, 'PX', ttl_ms)
+  else
+    redis.call('SET', alias_key, to)
+  end
 end
 
 local function leave(keys, args)
   local session, conns, live, due, events, alias_key, own_aliases, suppressed, producer =
     unpack(keys)
   local uuid, member, grace_ms, events_maxlen, taken, end_record, identify_record, refused_record,
-    refused, subject, to = unpack(args)
+    refused, subject, to, alias_ttl_ms = unpack(args)
   local now = now_ms()
   local stored = producer and (redis.call('GET', producer) or '0') or '0'
   redis.call('ZREM', live, member)
@@ -413,7 +505,7 @@ local function leave(keys, args)
     -- stream (and through it the store's aliases table) and Redis agree.
     local ok, why = may_merge(alias_key, own_aliases, suppressed, subject, to, refused)
     if ok then
-      record_merge(alias_key, to)
+      record_merge(alias_key, to, alias_ttl_ms)
       merged = 1
       server_event(events, session, events_maxlen, s.id, now, identify_record, {})
     else
@@ -438,10 +530,10 @@ end
 -- Returns {merged, reason}.
 local function alias(keys, args)
   local alias_key, own_aliases, suppressed = unpack(keys)
-  local subject, to, refused = unpack(args)
+  local subject, to, refused, alias_ttl_ms = unpack(args)
   local ok, why = may_merge(alias_key, own_aliases, suppressed, subject, to, refused)
   if ok then
-    record_merge(alias_key, to)
+    record_merge(alias_key, to, alias_ttl_ms)
     return {1, ''}
   end
   return {0, why}
