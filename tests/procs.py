@@ -42,23 +42,34 @@ async def eventwire_command(*args: str) -> asyncio.subprocess.Process:
     )
 
 
+#: Ports :func:`free_port` handed out in this process: never handed out twice.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port free on 127.0.0.1 right now, never one this process was given before.
+
+    The kernel often gives the same port to two binds to port 0 in a row (one
+    in nine on the test machine), so two servers of one test picked this way
+    would be told the same port. Another process may still take the port
+    before it is bound; :meth:`RedisProcess.start` retries with a fresh one.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
-def _wait_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+#: How many ports a first start of redis-server tries when the one it was
+#: given is taken by the time it binds.
+PORT_TRIES = 5
+
+
+class PortTaken(Exception):
+    """redis-server exited at start: a port it was given was in use."""
 
 
 class RedisProcess:
@@ -67,27 +78,77 @@ class RedisProcess:
     Args:
         appendonly: turn AOF on (``appendfsync`` as given).
         appendfsync: ``always``, ``everysec`` or ``no``.
+        extra: more ``redis-server`` arguments.
+        cluster_bus: a cluster node: its bus (``--cluster-port``) on a free
+            port too, and its ``nodes.conf`` in its data folder.
     """
 
     def __init__(
-        self, appendonly: bool = False, appendfsync: str = "everysec", extra: tuple[str, ...] = ()
+        self,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
+        extra: tuple[str, ...] = (),
+        cluster_bus: bool = False,
     ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed; scripts/test installs it")
         self.dir = Path(tempfile.mkdtemp(prefix="ew-redis-"))
         self.port = free_port()
+        #: The cluster bus port; 0 when not a cluster node.
+        self.bus_port = free_port() if cluster_bus else 0
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def url(self) -> str:
         """redis:// URL of this server."""
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def log(self) -> Path:
+        """The server's log file (kept across restarts)."""
+        return self.dir / "redis.log"
+
     def start(self) -> RedisProcess:
-        """Start (or restart) the server on the same port and data folder."""
+        """Start (or restart) the server on the same port and data folder; return once it serves.
+
+        A port picked free can be taken before redis-server binds it (by
+        another process's bind or outgoing connection). On the first start
+        the server then gets fresh ports; a restart keeps its port, which its
+        clients know, and tries it again until the deadline.
+
+        Raises:
+            RuntimeError: the server exited (its log's tail in the message).
+            TimeoutError: not ready in time.
+        """
+        deadline = time.monotonic() + 10 * UNIT
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                self._spawn(deadline)
+            except PortTaken as taken:
+                if attempt == PORT_TRIES or time.monotonic() > deadline:
+                    raise RuntimeError(f"{taken} ({attempt} tries)") from None
+                if self._started:
+                    time.sleep(0.1)
+                else:
+                    self.port = free_port()
+                    self.bus_port = free_port() if self.bus_port else 0
+                continue
+            self._started = True
+            return self
+        raise AssertionError("unreachable")
+
+    def _spawn(self, deadline: float) -> None:
+        """One redis-server; wait until its own log says it serves.
+
+        Its log, not a connection, tells: a connection could reach another
+        process listening on a port taken meanwhile.
+        """
+        cluster = ("--cluster-port", str(self.bus_port)) if self.bus_port else ()
+        config = ("--cluster-config-file", str(self.dir / "nodes.conf")) if self.bus_port else ()
         args = [
             "redis-server",
             "--port",
@@ -105,12 +166,36 @@ class RedisProcess:
             "--daemonize",
             "no",
             "--logfile",
-            str(self.dir / "redis.log"),
+            str(self.log),
+            *cluster,
+            *config,
             *self.extra,
         ]
+        offset = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        _wait_port(self.port, 10 * UNIT)
-        return self
+        while True:
+            code = self.proc.poll()
+            said = self._log_since(offset)
+            if "Ready to accept connections" in said:
+                return
+            if code is not None:
+                self.proc = None
+                if "Address already in use" in said:
+                    raise PortTaken(f"redis-server: port {self.port} or {self.bus_port} in use")
+                raise RuntimeError(f"redis-server exited with {code}: {said[-2000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"redis-server on port {self.port} not ready: {said[-2000:]}")
+            time.sleep(0.02)
+
+    def _log_since(self, offset: int) -> str:
+        """What the log gained past ``offset`` bytes."""
+        try:
+            with self.log.open("rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def kill(self) -> None:
         """SIGKILL the server (what a crash loses depends on appendfsync)."""
@@ -168,18 +253,14 @@ class RedisClusterProcess:
             raise RuntimeError("redis-cli is not installed; scripts/test installs it")
         self.replicas = replicas
         self.nodes = [
+            # The bus port defaults to port + 10000, which may be taken or above 65535.
             RedisProcess(
                 appendonly=appendonly,
                 extra=("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms)),
+                cluster_bus=True,
             )
             for _ in range(masters * (1 + replicas))
         ]
-        for node in self.nodes:
-            # The bus port defaults to port + 10000, which may be taken or above 65535.
-            node.extra += (
-                *("--cluster-config-file", str(node.dir / "nodes.conf")),
-                *("--cluster-port", str(free_port())),
-            )
 
     @property
     def url(self) -> str:
@@ -223,10 +304,11 @@ class RedisClusterProcess:
                 return False
         return True
 
-    def primary_of(self, slot: int) -> RedisProcess:
-        """The node serving ``slot`` as primary now (asked of any live node)."""
+    def primary_of(self, slot: int, asked: int | None = None) -> RedisProcess:
+        """The node serving ``slot`` as primary now, as the node on port ``asked`` (else
+        any live node) sees it."""
         for node in self.nodes:
-            if node.proc is None:
+            if node.proc is None or asked not in (None, node.port):
                 continue
             for line in self.cli(node.port, "CLUSTER", "NODES").splitlines():
                 fields = line.split()

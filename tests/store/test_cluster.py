@@ -126,7 +126,10 @@ async def test_function_flush_is_recovered(
     make_server: MakeServer, redis_cluster_proc: RedisClusterProcess, cluster: RedisCluster
 ) -> None:
     """A node that lost the function library gets it again; no frame is lost."""
-    srv = await start(make_server, redis_cluster_proc)
+    # No reaper pass nor heartbeat between the flush and the track: either would load
+    # the library first (the reaper's every 0.05 s did, now and then), and the track's
+    # own reload would go untested.
+    srv = await start(make_server, redis_cluster_proc, reap_interval=3600, heartbeat_ttl=3600)
     producer = producer_id()
     async with peer(srv.url, site="docs") as p:
         await p.hello("u-f", producer)
@@ -334,10 +337,27 @@ def test_cluster_url_nodes_and_masked_password() -> None:
 
 
 async def move_slot(proc: RedisClusterProcess, slot: int, to_port: int) -> None:
-    """Give an empty slot to another master (every node is told)."""
+    """Give an empty slot to another master, as a resharding does; return once every node
+    routes it there.
+
+    The target imports the slot before it is given it: only then does it take a new
+    config epoch, so its claim outranks the old owner's gossip. Told bare, a node that
+    heard the old owner's last ping before being told could give the slot back, and
+    two nodes would send each other's clients MOVED forever.
+    """
+    source_port = (await asyncio.to_thread(proc.primary_of, slot)).port
     target = (await on_node(to_port, "CLUSTER", "MYID")).decode()
-    for node in proc.nodes:
-        await on_node(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target)
+    source = (await on_node(source_port, "CLUSTER", "MYID")).decode()
+    assert await on_node(source_port, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 0
+    await on_node(to_port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source)
+    await on_node(source_port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target)
+    others = [n.port for n in proc.nodes if n.port not in (to_port, source_port)]
+    for port in (to_port, source_port, *others):
+        await on_node(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target)
+    async with asyncio.timeout(10 * UNIT):
+        for node in proc.nodes:
+            while (await asyncio.to_thread(proc.primary_of, slot, node.port)).port != to_port:  # noqa: ASYNC110 - the cluster's state
+                await asyncio.sleep(0.05)
 
 
 async def test_moved_slot_fails_at_most_once_then_follows(
@@ -376,6 +396,9 @@ async def test_moved_slot_fails_at_most_once_then_follows(
         assert failures <= 1
         assert await on_node(new_port, "XLEN", key) > 0
     finally:
+        # Stopped first: its session ends would write the slot again between the flush
+        # and the move back.
+        await srv.stop()
         await on_node(new_port, "FLUSHALL")
         await move_slot(redis_cluster_proc, slot, int(old.port))
 
