@@ -16,7 +16,7 @@ flight. Per round it reads Redis' CPU (``INFO cpu``, user + sys) and
 commands the Lua issued) and prints medians with min-max:
 
     .venv/bin/python scripts/bench_lua.py
-    .venv/bin/python scripts/bench_lua.py --lib old=/work/main/server/eventwire/store/store.lua \\
+    .venv/bin/python scripts/bench_lua.py --lib old=/tmp/store-before.lua \\
         --lib new=server/eventwire/store/store.lua --rounds 5
 
 A library must take the FCALL layout of this tree's functions.py.
