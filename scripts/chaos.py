@@ -6,7 +6,7 @@ small), two ``eventwire persist`` workers (``claim_idle`` 2 s) on the store
 (a temp SQLite file, or ``--dsn``), and two kinds of clients that keep a
 ledger of what they sent: CLIENTS Python clients (each event's label is a
 unique id) and one load generator (``bench/loadgen.py --ledger``, LOADGENS
-connections of its own producers at ``--rate``; it resends nacked frames and
+connections, each its own producer, 200 events/s each; it resends nacked frames and
 reconnects with the same producer, and ledgers each stored event's
 ``producer seq``, the store's own key). For ``-t`` seconds it
 injects, at random bounded times drawn from ``--seed``: SIGKILL of a server
