@@ -462,7 +462,8 @@ async def run(args: argparse.Namespace) -> int:
             foreign += len(set(lg_stored) - lg_acked)
         print(
             f"chaos: acked {len(acked) + len(lg_acked):,} (python {len(acked):,}, "
-            f"loadgen {len(lg_acked):,}, its reconnects {lg_record.get('reconnects', 0)}), "
+            f"loadgen {len(lg_acked):,}; its reconnects {lg_record.get('reconnects', 0)}, "
+            f"frames welcome.acked covered {lg_record.get('resumed_frames', 0)}), "
             f"stored {sum(stored.values()):,}, missing {missing}, "
             f"doubled {doubled}, unknown {foreign}, clients not flushed {unacked}, "
             f"nacks {nacks:,} {dict(codes)}; faults: {dict(done)}; longest ack-to-row "
