@@ -59,24 +59,16 @@ from eventwire.store import (  # noqa: E402
 from eventwire.store.resp import bulk, pack_args, pack_fcall, pack_items  # noqa: E402
 
 SITE = "bench"
-NODE_DEDUP_LUA = """
-local top = redis.call('GET', KEYS[2])
-local cur = tonumber(top or '0')
-local added, dup = 0, 0
-for i = 3, #ARGV, 2 do
-  local s = tonumber(ARGV[i])
-  if s > cur then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[i + 1])
-    cur = s
-    top = ARGV[i]
-    added = added + 1
-  else
-    dup = dup + 1
-  end
-end
-if top then redis.call('SET', KEYS[2], top, 'EX', ARGV[2]) end
-return {added, dup}
-"""
+
+
+def node_dedup_lua() -> str:
+    """The reference: the Lua of the node-dedup peer (bench/peers/node_dedup.js), as it runs."""
+    text = (ROOT / "bench" / "peers" / "node_dedup.js").read_text()
+    start = text.index("const PUBLISH_LUA = `") + len("const PUBLISH_LUA = `")
+    return text[start : text.index("`;", start)]
+
+
+NODE_DEDUP_LUA = node_dedup_lua()
 
 
 def free_port() -> int:

@@ -113,19 +113,19 @@ class Producer:
             await asyncio.sleep(0)
 
 
+def depth_store(redis_proc: RedisProcess, **settings: Any) -> Store:
+    """A store of one lane with four calls in flight, no wait before a resend."""
+    s = Settings(
+        redis_url=redis_proc.url, publish_depth=4, publish_lanes=1, retry_after_ms=0, **settings
+    )
+    return Store(connect_redis(redis_proc.url, s), s, SitesBook(None, {}))
+
+
 async def test_depth_keeps_order_and_exactly_once_through_kills(
     redis_proc: RedisProcess, redis: aioredis.Redis
 ) -> None:
     """Kills and a lost library with several calls in flight lose, double and reorder nothing."""
-    settings = Settings(
-        redis_url=redis_proc.url,
-        publish_depth=4,
-        publish_lanes=1,
-        publish_batch_events=12,
-        retry_after_ms=0,
-        store_timeout=2.0,
-    )
-    store = Store(connect_redis(redis_proc.url, settings), settings, SitesBook(None, {}))
+    store = depth_store(redis_proc, publish_batch_events=12, store_timeout=2.0)
     lane = store._lanes[0]
     breaks = {"kill": 0, "paused kill": 0, "flush": 0}
     modes = list(breaks)
@@ -206,15 +206,7 @@ async def test_depth_keeps_order_when_a_full_backlog_drains_between_calls(
     A producer's later frames are never in a call flying beside the refused
     one, so they never get stored before it is resent.
     """
-    settings = Settings(
-        redis_url=redis_proc.url,
-        publish_depth=4,
-        publish_lanes=1,
-        publish_batch_events=6,
-        max_backlog=20,
-        retry_after_ms=0,
-    )
-    store = Store(connect_redis(redis_proc.url, settings), settings, SitesBook(None, {}))
+    store = depth_store(redis_proc, publish_batch_events=6, max_backlog=20)
     events = store.keys.events(SITE)
     await redis.xgroup_create(events, "persist", id="$", mkstream=True)
     stop = asyncio.Event()
