@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import structlog
+from prometheus_client import REGISTRY
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 from websockets.typing import Subprotocol
 
-from eventwire.gateway import EventwireServer
+from eventwire.gateway import HANDSHAKE_TIMEOUTS_LOG_EVERY, EventwireServer, HandshakeTimeouts
 from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisProcess, ServerProcess
 from tests.wire import client_events, event, peer, producer_id, stream
@@ -258,3 +260,72 @@ async def test_hello_storm(server: EventwireServer, redis: aioredis.Redis) -> No
 
     sessions = await asyncio.gather(*(one(i) for i in range(300)))
     assert len(set(sessions)) == 300
+
+
+def _handshake_timeouts() -> float:
+    return REGISTRY.get_sample_value("eventwire_handshake_timeouts_total") or 0.0
+
+
+async def _aborted(reader: asyncio.StreamReader) -> bytes:
+    """What the server sent before it closed the TCP connection."""
+    try:
+        return await reader.read()
+    except ConnectionResetError:
+        return b""
+
+
+async def test_handshake_timeout_counted_and_logged(make_server: MakeServer) -> None:
+    """A handshake not finished within hello_timeout is aborted, counted and logged once."""
+    srv = await make_server(hello_timeout=0.3)
+    before = _handshake_timeouts()
+    with structlog.testing.capture_logs() as logs:
+        silent = await asyncio.open_connection("127.0.0.1", srv.port)
+        partial = await asyncio.open_connection("127.0.0.1", srv.port)
+        # A request whose headers never end (slowloris).
+        partial[1].write(b"GET /v1/track/app HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(5):
+            answers = await asyncio.gather(_aborted(silent[0]), _aborted(partial[0]))
+        took = asyncio.get_running_loop().time() - started
+        for _, writer in (silent, partial):
+            writer.close()
+    assert answers == [b"", b""]  # no HTTP answer: the TCP connection was closed
+    assert 0.25 <= took < 3
+    assert _handshake_timeouts() - before == 2
+    assert srv.handshake_timeouts.total == 2
+    lines = [e for e in logs if e["event"] == "handshake_timeouts"]
+    assert len(lines) == 1, logs  # the second came within HANDSHAKE_TIMEOUTS_LOG_EVERY
+    (line,) = lines
+    assert (line["log_level"], line["aborted"], line["hello_timeout"]) == ("warning", 1, 0.3)
+    assert "127.0.0.1" not in repr(line)
+
+
+async def test_completed_handshake_not_a_handshake_timeout(make_server: MakeServer) -> None:
+    """A 101 within hello_timeout is no handshake timeout; no hello after it is a protocol error."""
+    srv = await make_server(hello_timeout=0.3)
+    before = _handshake_timeouts()
+    errors = "eventwire_protocol_errors_total"
+    labels = {"site": "app", "code": "hello_timeout"}
+    errors_before = REGISTRY.get_sample_value(errors, labels) or 0.0
+    with structlog.testing.capture_logs() as logs:
+        async with peer(srv.url) as p:
+            assert (await p.recv())["code"] == "hello_timeout"
+            await p.ws.wait_closed()
+    assert p.ws.close_code == 1008
+    assert _handshake_timeouts() == before
+    assert srv.handshake_timeouts.total == 0
+    assert not [e for e in logs if e["event"] == "handshake_timeouts"]
+    assert (REGISTRY.get_sample_value(errors, labels) or 0.0) - errors_before == 1
+
+
+def test_handshake_timeout_lines_rate_limited() -> None:
+    """One line at the first timeout, then at most one per window, with the count since the last."""
+    now = [100.0]
+    timeouts = HandshakeTimeouts(0.3, lambda: 7, clock=lambda: now[0])
+    with structlog.testing.capture_logs() as logs:
+        for step in (0.0, 1.0, 2.0, HANDSHAKE_TIMEOUTS_LOG_EVERY, 0.5, 60.0):
+            now[0] += step
+            timeouts.timed_out(request_received=False)
+    assert [(e["aborted"], e["total"]) for e in logs] == [(1, 1), (3, 4), (2, 6)]
+    assert logs[0]["connections_open"] == 7
+    assert timeouts.total == 6

@@ -19,16 +19,17 @@ sessions' ends, then closes the store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 import struct
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import msgspec
 import structlog
@@ -70,6 +71,8 @@ PUBLIC_FILES: Final = {
 TRACKER_HTTP_MARKER: Final = b'/*ew:http_url*/ ""'
 #: How often the sites file's modification time is looked at.
 SITES_POLL: Final = 1.0
+#: At most one ``handshake_timeouts`` line in this many seconds (the metric counts each).
+HANDSHAKE_TIMEOUTS_LOG_EVERY: Final = 10.0
 
 log = structlog.get_logger("eventwire.gateway")
 _ids = itertools.count(1)
@@ -115,6 +118,61 @@ INBOX_HIGH: Final = 16
 INBOX_LOW: Final = 4
 
 
+class HandshakeTimeouts:
+    """The handshakes of one listener aborted at ``hello_timeout``: counted, and logged.
+
+    The listener's connections bound their handshake with this (see
+    :meth:`TrackConnection.handshake`) instead of websockets' ``open_timeout``,
+    which aborts such a connection without a log line or a count. Each one is
+    counted in ``eventwire_handshake_timeouts_total``; a warning
+    ``handshake_timeouts`` comes with the first one after a quiet spell, then
+    at most one per :data:`HANDSHAKE_TIMEOUTS_LOG_EVERY` seconds, with how
+    many came since the previous line (those of the last seconds of an
+    episode are only in the metric). Never the address.
+
+    Args:
+        timeout: seconds from the accept to the 101 (``hello_timeout``).
+        open_connections: how many tracking connections are open now (in the line).
+        clock: monotonic seconds (a test's own).
+    """
+
+    def __init__(
+        self,
+        timeout: float,
+        open_connections: Callable[[], int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.timeout = timeout
+        self._open_connections = open_connections
+        self._clock = clock
+        #: Handshakes aborted since the start.
+        self.total = 0
+        #: Aborted since the last line, and when that line was written (monotonic).
+        self._unlogged = 0
+        self._logged_at: float | None = None
+
+    def timed_out(self, request_received: bool) -> None:
+        """One handshake ran out of time (``request_received``: its HTTP request was read)."""
+        metrics.HANDSHAKE_TIMEOUTS.inc()
+        self.total += 1
+        self._unlogged += 1
+        now = self._clock()
+        if self._logged_at is not None and now - self._logged_at < HANDSHAKE_TIMEOUTS_LOG_EVERY:
+            return
+        log.warning(
+            "handshake_timeouts",
+            aborted=self._unlogged,
+            total=self.total,
+            hello_timeout=self.timeout,
+            request_received=request_received,
+            connections_open=self._open_connections(),
+            hint="handshakes not answered with a 101 within hello_timeout were aborted "
+            "(TCP closed): the process is too busy to open them in time, or clients stall",
+        )
+        self._unlogged = 0
+        self._logged_at = now
+
+
 class TrackConnection(ServerConnection):
     """A websockets connection that hands its messages to a reader without a wait or a task.
 
@@ -135,10 +193,21 @@ class TrackConnection(ServerConnection):
     # keys CPython shares among a class' instance dicts (at most 30), which
     # makes each connection's dict ~0.3 KiB instead of ~1.6 KiB when the
     # attributes come in the usual order.
-    __slots__ = ("_fragments", "_reading_paused", "address", "inbox", "reader", "site", "visitor")
+    __slots__ = (
+        "_fragments",
+        "_reading_paused",
+        "address",
+        "inbox",
+        "reader",
+        "site",
+        "timeouts",
+        "visitor",
+    )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, timeouts: HandshakeTimeouts, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: The listener's handshake deadline and its count (shared by its connections).
+        self.timeouts = timeouts
         # The library only appends, removes and iterates: a list is 0.6 KiB
         # smaller than the deque per connection.
         self.drain_waiters = []  # type: ignore[assignment]
@@ -153,6 +222,19 @@ class TrackConnection(ServerConnection):
         self.reader: MessageReader | None = None
         self._fragments: list[bytes] | None = None
         self._reading_paused = False
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        """The library's handshake, within ``hello_timeout``; one that runs out is counted.
+
+        The TimeoutError goes on to the library's connection handler, which
+        aborts the TCP connection as it does at its own ``open_timeout``.
+        """
+        try:
+            async with asyncio.timeout(self.timeouts.timeout):
+                await super().handshake(*args, **kwargs)
+        except TimeoutError:
+            self.timeouts.timed_out(self.request is not None)
+            raise
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -380,6 +462,10 @@ class EventwireServer:
         self.peers = PeerLimits(
             settings.max_connections_per_ip, settings.handshakes_per_ip, settings.handshake_burst
         )
+        #: Handshakes aborted at ``hello_timeout`` before the 101 (counted, logged).
+        self.handshake_timeouts = HandshakeTimeouts(
+            settings.hello_timeout, lambda: len(self._connections)
+        )
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -407,7 +493,11 @@ class EventwireServer:
             port,
             process_request=self._process_request,
             select_subprotocol=_select_subprotocol,
-            create_connection=TrackConnection,
+            # "a wrapper or a subclass" says its docstring; typed as a class only.
+            create_connection=cast(
+                type[ServerConnection],
+                functools.partial(TrackConnection, timeouts=self.handshake_timeouts),
+            ),
             compression=None,
             max_size=settings.max_frame_bytes,
             # Incoming frames queued per connection before TCP backpressure.
@@ -415,7 +505,9 @@ class EventwireServer:
             # One keepalive task for every connection (Keepalive), not one each.
             ping_interval=None,
             ping_timeout=None,
-            open_timeout=settings.hello_timeout,
+            # TrackConnection.handshake bounds the handshake by hello_timeout
+            # itself, and counts the ones that run out (the library's is silent).
+            open_timeout=None,
             server_header=None,
             reuse_port=True,
             backlog=self.settings.listen_backlog,

@@ -38,6 +38,11 @@ BOT_CONNECTIONS: Final = Counter(
 HANDSHAKES_REFUSED: Final = Counter(
     "eventwire_handshakes_refused", "Opening handshakes refused, by HTTP status.", ["status"]
 )
+HANDSHAKE_TIMEOUTS: Final = Counter(
+    "eventwire_handshake_timeouts",
+    "Opening handshakes aborted (TCP closed, no HTTP answer) for taking longer than "
+    "hello_timeout from the accept to the 101.",
+)
 
 
 class SiteCounts:
