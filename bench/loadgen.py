@@ -15,6 +15,15 @@ one ack per frame, in order, whose ``seq`` is the frame's highest and whose
 accepted + duplicate + rejected is B. A nack is counted, not resent, and fails
 the run, as does an error, a close or a malformed ack.
 
+``--ledger FILE`` (``scripts/chaos``' second client kind) is the other way
+round: frames go through the ``websockets`` client, a nacked frame is resent
+(same bytes: same producer and seqs) after ``retry_after_ms`` once every
+frame in flight is answered, a lost connection is made again with the same
+producer and what ``welcome.acked`` does not cover is resent, and every
+stored event's ``producer seq`` is written to FILE. ``--rate`` paces it. The
+run fails only if a frame is still unanswered at the timeout or an ack is
+malformed.
+
 Frames are encoded once into a pool, and for the raw client framed and masked
 once too: a send patches only the frame number inside each seq (a few integer
 operations, the same bytes for every event of the frame) and makes one
@@ -458,6 +467,11 @@ class Run:
         self.latencies_ns: list[int] = []
         self.accepted = self.duplicate = self.rejected = 0
         self.acked_frames = self.nacks = self.bad_acks = 0
+        #: Ledger mode: nacks by code, and connections lost and made again.
+        self.nack_codes: dict[str, int] = {}
+        self.reconnects = 0
+        #: Ledger mode: frames a welcome's ``acked`` covered (their ack was lost).
+        self.resumed = 0
         self.sent_events = self.sent_frames = 0
         self.errors: list[str] = []
         self.notes: list[str] = []
@@ -905,6 +919,176 @@ async def run_websockets(run: Run) -> int:
     return t_end
 
 
+# -- the ledger client (chaos runs) --------------------------------------------------
+
+
+@dataclass(slots=True)
+class LedgerFrame:
+    """One frame of a ledger connection: its number, its bytes and when it was first sent."""
+
+    number: int
+    payload: bytes
+    sent_ns: int = 0
+
+
+async def run_ledger(run: Run) -> int:
+    """Frames that must all be stored once, whatever fails; returns the end time (ns).
+
+    Each of C connections keeps one producer for the whole run and holds
+    every frame until it is answered: a ``nack`` puts the frame aside, nothing
+    new is sent until every frame in flight is answered, and then the nacked
+    frames go again, same bytes (same producer and seqs), after the longest
+    ``retry_after_ms``. A lost connection (or an ``error`` and its close)
+    puts every unanswered frame back; the connection reconnects with the same
+    producer, drops what ``welcome.acked`` covers (stored by an earlier
+    connection) and resends the rest. Each stored event's ``producer seq``
+    goes to the ledger file as one line. ``--duration`` bounds the new
+    frames, ``--rate`` their events per second per connection.
+    """
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake
+    from websockets.typing import Origin, Subprotocol
+
+    a = run.args
+    codec = run.codec
+    url = f"ws://{a.host}:{a.port}/v1/track/{a.site}"
+    text = codec.name == "json"
+    decode = codec.decoder.decode
+    ledger = open(a.ledger, "w")  # noqa: SIM115, ASYNC230 - closed below, after every task
+    origin = Origin(a.origin) if a.origin else None
+    run.t0 = time.perf_counter_ns()
+    run.cpu_before = run.cpu.snapshot()
+    if a.duration:
+        run.deadline_ns = run.t0 + int(a.duration * 1e9)
+    gap_ns = int(codec.batch / a.rate * 1e9) if a.rate else 0
+
+    def stored(p: Producer, frame: LedgerFrame) -> None:
+        first = frame.number * codec.M
+        ledger.write("".join(f"{p.name} {first + i}\n" for i in range(codec.batch)))
+        run.acked_frames += 1
+        run.t_last_ack = time.perf_counter_ns()
+
+    async def one(index: int) -> None:
+        p = run.producer(index)
+        frames_left = run.frames_per_connection()
+        position = (index * 7919) % len(run.pool)
+        pending: deque[LedgerFrame] = deque()  # not sent on this connection, in seq order
+        next_send = time.perf_counter_ns()
+        attempt = 0
+        while True:
+            if not pending and (
+                frames_left <= 0 or time.perf_counter_ns() > (run.deadline_ns or 1 << 62)
+            ):
+                return
+            # Unanswered frames of this connection, back to ``pending`` if it is lost.
+            inflight: deque[LedgerFrame] = deque()
+            nacked: list[LedgerFrame] = []
+            try:
+                async with connect(
+                    url, origin=origin, subprotocols=[Subprotocol(codec.subprotocol)],
+                    compression=None, max_size=None, max_queue=None, ping_interval=None,
+                    proxy=None, open_timeout=10,
+                ) as ws:  # fmt: skip
+                    await ws.send(codec.hello(p.customer, p.name), text=text)
+                    welcome = decode(await ws.recv(decode=False))
+                    if not isinstance(welcome, Welcome):
+                        raise ConnectionError(f"expected welcome, got {welcome!r}")
+                    attempt = 0
+                    last = codec.batch - 1
+                    while pending and pending[0].number * codec.M + last <= welcome.acked:
+                        # Stored by an earlier connection whose ack was lost: counted
+                        # as accepted (the server took them then).
+                        stored(p, pending.popleft())
+                        run.accepted += codec.batch
+                        p.accepted += codec.batch
+                        run.resumed += 1
+                    retry_ms = 0
+                    while True:
+                        # Send: the pending frames first, then new ones (paced), W at most.
+                        while len(inflight) < a.window and not nacked:
+                            if pending:
+                                frame = pending.popleft()
+                            else:
+                                now = time.perf_counter_ns()
+                                if frames_left <= 0 or (
+                                    run.deadline_ns is not None and now > run.deadline_ns
+                                ):
+                                    break
+                                if now < next_send:
+                                    if not inflight:
+                                        await asyncio.sleep((next_send - now) / 1e9)
+                                        continue
+                                    break
+                                next_send = max(next_send + gap_ns, now - 10 * gap_ns)
+                                raw = run.pool[position].render(
+                                    codec.slot_value(p.next_frame), codec.slot_width
+                                )
+                                frame = LedgerFrame(p.next_frame, raw, now)
+                                p.next_frame += 1
+                                frames_left -= 1
+                                position = (position + 1) % len(run.pool)
+                                run.sent_frames += 1
+                                run.sent_events += codec.batch
+                            inflight.append(frame)
+                            await ws.send(frame.payload, text=text)
+                        if not inflight:
+                            if nacked:  # every frame answered: resend the nacked ones
+                                await asyncio.sleep(retry_ms / 1000)
+                                pending.extendleft(reversed(nacked))
+                                nacked, retry_ms = [], 0
+                                continue
+                            if not pending:
+                                return
+                            continue
+                        message = decode(await ws.recv(decode=False))
+                        if isinstance(message, Ack):
+                            frame = inflight.popleft()
+                            expected = frame.number * codec.M + last
+                            rejected = len(message.rejected)
+                            if message.seq != expected or (
+                                message.accepted + message.duplicate + rejected != codec.batch
+                            ):
+                                run.bad_acks += 1
+                                run.note(f"conn {index}: ack {message!r}, expected seq {expected}")
+                            run.accepted += message.accepted
+                            p.accepted += message.accepted
+                            run.duplicate += message.duplicate
+                            run.rejected += rejected
+                            run.latencies_ns.append(time.perf_counter_ns() - frame.sent_ns)
+                            stored(p, frame)
+                        elif isinstance(message, Nack):
+                            nacked.append(inflight.popleft())
+                            run.nacks += 1
+                            run.nack_codes[message.code] = run.nack_codes.get(message.code, 0) + 1
+                            retry_ms = max(retry_ms, message.retry_after_ms)
+                        else:  # an error: the close follows
+                            run.note(f"conn {index}: {message!r}")
+                            await ws.close()
+                            raise ConnectionError(f"error {message!r}")
+            except (OSError, ConnectionError, ConnectionClosed, InvalidHandshake, TimeoutError):
+                # Oldest first: the nacked frames, then those in flight, then the rest.
+                pending.extendleft(reversed([*nacked, *inflight]))
+                run.reconnects += 1
+                attempt += 1
+                await asyncio.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
+
+    tasks = [asyncio.create_task(one(i)) for i in range(a.conns)]
+    try:
+        done, pending_tasks = await asyncio.wait(tasks, timeout=(a.duration or 0) + a.timeout)
+        for task in pending_tasks:
+            task.cancel()
+            run.errors.append("ledger client: frames unanswered at the timeout")
+        for task in done:
+            if task.exception():
+                run.errors.append(f"ledger client: {task.exception()!r}")
+        if pending_tasks:
+            await asyncio.wait(pending_tasks)
+    finally:
+        ledger.close()
+    run.cpu_after = run.cpu.snapshot()
+    return time.perf_counter_ns()
+
+
 # -- CPU accounting from /proc ------------------------------------------------------
 
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
@@ -1192,6 +1376,9 @@ def result(a: argparse.Namespace, run: Run, t_end: int, verdict: dict[str, Any])
         "duplicate": run.duplicate,
         "rejected": run.rejected,
         "nacks": run.nacks,
+        "nack_codes": run.nack_codes,
+        "reconnects": run.reconnects,
+        "resumed_frames": run.resumed,
         "bad_acks": run.bad_acks,
         "events_per_s": round(run.accepted / elapsed) if elapsed > 0 else 0,
         "frames_per_s": round(run.acked_frames / elapsed) if elapsed > 0 else 0,
@@ -1208,8 +1395,8 @@ def result(a: argparse.Namespace, run: Run, t_end: int, verdict: dict[str, Any])
         not run.errors
         and run.sent_frames > 0
         and run.acked_frames == run.sent_frames
-        and run.accepted == run.sent_events
-        and not run.nacks
+        and run.accepted + (run.duplicate if a.ledger else 0) == run.sent_events
+        and (a.ledger is not None or not run.nacks)
         and not run.bad_acks
         and verdict.get("verify_ok", True)
     )
@@ -1437,6 +1624,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=120, help="fail if acks are missing by then")
     p.add_argument("--impl", choices=["raw", "websockets"], default="raw")
+    p.add_argument(
+        "--ledger",
+        default=None,
+        metavar="FILE",
+        help="chaos mode (websockets client): resend nacked frames and reconnect with the "
+        "same producer; write each stored event's 'producer seq' to FILE",
+    )
+    p.add_argument(
+        "--rate", type=float, default=0, help="ledger mode: events/s per connection (0: no cap)"
+    )
     p.add_argument("--pool", type=int, default=0, help="distinct encoded frames (default: auto)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--redis-host", default="127.0.0.1")
@@ -1487,6 +1684,8 @@ def main(argv: list[str] | None = None) -> int:
 
     codec = Codec(a.encoding, a.batch)
     frames = a.pool or max(16, min(4096, 8192 // a.batch))
+    if a.ledger is not None:
+        a.impl = "ledger"
     pool, event_bytes = build_pool(codec, frames, a.seed, masked=a.impl == "raw")
     a.average_event_bytes = event_bytes / (frames * a.batch)
     run = Run(a, codec, pool)
@@ -1507,7 +1706,7 @@ def main(argv: list[str] | None = None) -> int:
             runner = uvloop.run
         except ImportError:
             pass
-    load = run_raw if a.impl == "raw" else run_websockets
+    load = {"raw": run_raw, "websockets": run_websockets, "ledger": run_ledger}[a.impl]
     try:
         t_end = runner(load(run))
     except (TimeoutError, OSError, ConnectionError) as exc:

@@ -3,8 +3,12 @@
 Starts, on loopback and free ports in a temp dir: a private Redis (AOF,
 ``appendfsync always``), ``eventwire serve --workers 2`` (``max_backlog``
 small), two ``eventwire persist`` workers (``claim_idle`` 2 s) on the store
-(a temp SQLite file, or ``--dsn``), and CLIENTS Python clients, each keeping a
-ledger of the events it tracked (label = a unique id). For ``-t`` seconds it
+(a temp SQLite file, or ``--dsn``), and two kinds of clients that keep a
+ledger of what they sent: CLIENTS Python clients (each event's label is a
+unique id) and one load generator (``bench/loadgen.py --ledger``, LOADGENS
+connections, each its own producer, 200 events/s each; it resends nacked frames and
+reconnects with the same producer, and ledgers each stored event's
+``producer seq``, the store's own key). For ``-t`` seconds it
 injects, at random bounded times drawn from ``--seed``: SIGKILL of a server
 child (the supervisor starts another), SIGKILL of a persist worker
 (restarted; its batch is reclaimed), Redis stopped and started again on its
@@ -14,16 +18,14 @@ refusing the workers for 3 to 15 s (SQLite: another connection holds the
 file's write lock, past the workers' 10 s busy timeout; PostgreSQL: the
 workers' connections are terminated as soon as they connect). At the end
 every client flushes (everything tracked must be acked), the workers drain,
-and the ledgers are compared with the store's rows: it prints acked, stored,
-missing, doubled, nacks by code, faults and the longest time an acked event
+and the ledgers are compared with the store's rows: it prints acked (per
+client kind), stored, missing, doubled, nacks by code, faults and the
+longest time an acked event
 waited to be a row (sampled every 0.25 s: the stream's newest entry, and
 when the group had stored everything up to it), and exits 1 on any missing
-or doubled row (or an unacked event).
+or doubled row (or an unacked event, or a load generator that failed).
 
-Not here yet (see the README): the raw load generator (bench/loadgen.py)
-as a second client kind.
-
-usage: chaos.py [-t 60] [--dsn URL] [--seed N] [--clients 4]
+usage: chaos.py [-t 60] [--dsn URL] [--seed N] [--clients 4] [--loadgens 2]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import random
@@ -44,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -56,6 +60,10 @@ SITE = "chaos"
 STREAM = f"ew:{{{SITE}}}:events"
 MAX_BACKLOG = 3000
 EVENTWIRE = str(ROOT / ".venv" / "bin" / "eventwire")
+LOADGEN = str(ROOT / "bench" / "loadgen.py")
+#: The load generator's events per frame, and events per second per connection.
+LOADGEN_BATCH = 10
+LOADGEN_RATE = 200
 
 
 def free_port() -> int:
@@ -288,6 +296,37 @@ async def client_loop(url: str, n: int, stop: asyncio.Event, ledger: list[str]) 
     return client
 
 
+def start_loadgen(rig: Rig, conns: int, seconds: float, seed: int) -> subprocess.Popen[bytes]:
+    """``bench/loadgen.py --ledger`` on the run's site: new frames for ``seconds``."""
+    return rig._spawn(
+        sys.executable, LOADGEN, "--port", str(rig.port), "--site", SITE, "--origin", "",
+        "-c", str(conns), "-b", str(LOADGEN_BATCH), "-w", "2", "-n", "100000000",
+        "--rate", str(LOADGEN_RATE), "--duration", f"{seconds:g}", "--timeout", "120",
+        "--seed", str(seed), "--verify", "none", "--ledger", str(rig.work / "loadgen.ledger"),
+        "--json", str(rig.work / "loadgen.json"),
+    )  # fmt: skip
+
+
+async def loadgen_rows(dsn: str) -> collections.Counter[str]:
+    """The store's rows of the load generator's producers, as ``producer seq``."""
+    sink = open_sink(dsn)
+    await sink.open()
+    try:
+        if dsn.startswith("postgres"):
+
+            async def fetch(conn: Any) -> list[Any]:
+                sql = "SELECT producer, seq FROM events WHERE site = $1 AND producer LIKE 'lg-%'"
+                return list(await conn.fetch(sql, SITE))
+
+            rows = await sink.run(fetch)
+        else:
+            sql = "SELECT producer, seq FROM events WHERE site = ? AND producer LIKE 'lg-%'"
+            rows = await sink.run(lambda db: db.execute(sql, (SITE,)).fetchall())
+    finally:
+        await sink.close()
+    return collections.Counter(f"{producer} {seq}" for producer, seq in rows)
+
+
 async def faults(
     rig: Rig, rng: random.Random, until: float, done: collections.Counter[str]
 ) -> None:
@@ -351,6 +390,7 @@ async def run(args: argparse.Namespace) -> int:
     tasks = [
         asyncio.create_task(client_loop(url, n, stop, ledgers[n])) for n in range(args.clients)
     ]
+    loadgen = start_loadgen(rig, args.loadgens, args.t, args.seed) if args.loadgens else None
     done: collections.Counter[str] = collections.Counter()
     code = 0
     waits = [0.0, 0.0]  # longest closed wait, longest open one
@@ -372,6 +412,18 @@ async def run(args: argparse.Namespace) -> int:
             codes.update(c.nack_codes)
         for client in clients:
             await client.__aexit__(None, None, None)
+        lg_record: dict[str, Any] = {}
+        if loadgen is not None:  # it stops at -t and answers what it sent
+            while loadgen.poll() is None:  # noqa: ASYNC110 - a child process
+                await asyncio.sleep(0.2)
+            record = rig.work / "loadgen.json"
+            lines = record.read_text().splitlines() if record.exists() else []
+            lg_record = json.loads(lines[-1]) if lines else {}
+            nacks += lg_record.get("nacks", 0)
+            codes.update(lg_record.get("nack_codes", {}))
+            if loadgen.returncode != 0 or not lg_record.get("ok"):
+                print(f"chaos: the load generator failed (exit {loadgen.returncode})")
+                code = 1
         for i in range(2):  # both workers up for the drain
             if rig.workers[i] is None:
                 rig.start_worker(i)
@@ -397,8 +449,22 @@ async def run(args: argparse.Namespace) -> int:
         missing = len(acked - set(stored))
         doubled = sum(1 for c in stored.values() if c > 1)
         foreign = len(set(stored) - acked)
+        lg_acked: set[str] = set()
+        if loadgen is not None:
+            ledger = rig.work / "loadgen.ledger"
+            lg_lines = ledger.read_text().splitlines() if ledger.exists() else []
+            lg_acked = set(lg_lines)
+            doubled += len(lg_lines) - len(lg_acked)  # an event ledgered twice
+            lg_stored = await loadgen_rows(dsn)
+            stored.update(lg_stored)
+            missing += len(lg_acked - set(lg_stored))
+            doubled += sum(1 for c in lg_stored.values() if c > 1)
+            foreign += len(set(lg_stored) - lg_acked)
         print(
-            f"chaos: acked {len(acked):,}, stored {sum(stored.values()):,}, missing {missing}, "
+            f"chaos: acked {len(acked) + len(lg_acked):,} (python {len(acked):,}, "
+            f"loadgen {len(lg_acked):,}; its reconnects {lg_record.get('reconnects', 0)}, "
+            f"frames welcome.acked covered {lg_record.get('resumed_frames', 0)}), "
+            f"stored {sum(stored.values()):,}, missing {missing}, "
             f"doubled {doubled}, unknown {foreign}, clients not flushed {unacked}, "
             f"nacks {nacks:,} {dict(codes)}; faults: {dict(done)}; longest ack-to-row "
             f"{max(waits):.1f} s"
@@ -406,6 +472,9 @@ async def run(args: argparse.Namespace) -> int:
         if missing or doubled or foreign or unacked:
             code = 1
     finally:
+        if loadgen is not None and loadgen.poll() is None:
+            loadgen.kill()
+            loadgen.wait()
         sampled.set()
         with contextlib.suppress(Exception):
             await sampler
@@ -425,6 +494,12 @@ def main() -> int:
     parser.add_argument("--dsn", help="the store (default: a temp SQLite file)")
     parser.add_argument("--seed", type=int, default=int(time.time()), help="random seed")
     parser.add_argument("--clients", type=int, default=4, help="Python clients (4)")
+    parser.add_argument(
+        "--loadgens",
+        type=int,
+        default=2,
+        help=f"load generator connections, {LOADGEN_RATE} events/s each (2; 0: none)",
+    )
     return asyncio.run(run(parser.parse_args()))
 
 
