@@ -16,6 +16,7 @@ import asyncio
 import json
 import random
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -113,6 +114,19 @@ class Producer:
             await asyncio.sleep(0)
 
 
+async def run_beside(
+    producers: list[Producer], background: Coroutine[Any, Any, None], stop: asyncio.Event
+) -> None:
+    """Run the producers to their end (60 s at most) with a background task, then stop it."""
+    task = asyncio.create_task(background)
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.gather(*(p.run() for p in producers))
+    finally:
+        stop.set()
+        await task
+
+
 def depth_store(redis_proc: RedisProcess, **settings: Any) -> Store:
     """A store of one lane with four calls in flight, no wait before a resend."""
     s = Settings(
@@ -173,13 +187,7 @@ async def test_depth_keeps_order_and_exactly_once_through_kills(
 
     producers = [Producer(store, f"p{i}", 1000, 6) for i in range(8)]
     async with store:
-        task = asyncio.create_task(breaker())
-        try:
-            async with asyncio.timeout(60):
-                await asyncio.gather(*(p.run() for p in producers))
-        finally:
-            stop.set()
-            await task
+        await run_beside(producers, breaker(), stop)
     reader = aioredis.Redis.from_url(redis_proc.url)  # the fixture's client was killed too
     try:
         entries = await reader.xrange(store.keys.events(SITE))
@@ -222,13 +230,7 @@ async def test_depth_keeps_order_when_a_full_backlog_drains_between_calls(
 
     producers = [Producer(store, f"p{i}", 300, 4) for i in range(8)]
     async with store:
-        task = asyncio.create_task(drainer())
-        try:
-            async with asyncio.timeout(60):
-                await asyncio.gather(*(p.run() for p in producers))
-        finally:
-            stop.set()
-            await task
+        await run_beside(producers, drainer(), stop)
     stored: dict[str, list[int]] = {p.name: [] for p in producers}
     for _, fields in await redis.xrange(events):
         event = json.loads(fields[b"event"])
