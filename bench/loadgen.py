@@ -802,6 +802,20 @@ async def run_raw(run: Run) -> int:
 # -- the websockets client (cross-check) -------------------------------------------
 
 
+async def wait_clients(
+    run: Run, tasks: list[asyncio.Task[Any]], within: float, who: str, late: str
+) -> set[asyncio.Task[Any]]:
+    """Wait for the client tasks; cancel and note those still running, note those that failed."""
+    done, pending = await asyncio.wait(tasks, timeout=within)
+    for task in pending:
+        task.cancel()
+        run.errors.append(f"{who}: {late}")
+    for task in done:
+        if task.exception():
+            run.errors.append(f"{who}: {task.exception()!r}")
+    return pending
+
+
 async def run_websockets(run: Run) -> int:
     """The same load through the ``websockets`` client; returns the end time (ns)."""
     from websockets.asyncio.client import ClientConnection, connect
@@ -907,15 +921,9 @@ async def run_websockets(run: Run) -> int:
     if a.duration:
         run.deadline_ns = run.t0 + int(a.duration * 1e9)
     go.set()
-    done, pending = await asyncio.wait(tasks, timeout=a.timeout)
+    await wait_clients(run, tasks, a.timeout, "websockets client", "timed out")
     t_end = time.perf_counter_ns()
     run.cpu_after = run.cpu.snapshot()
-    for task in pending:
-        task.cancel()
-        run.errors.append("websockets client timed out")
-    for task in done:
-        if task.exception():
-            run.errors.append(f"websockets client: {task.exception()!r}")
     return t_end
 
 
@@ -1074,13 +1082,13 @@ async def run_ledger(run: Run) -> int:
 
     tasks = [asyncio.create_task(one(i)) for i in range(a.conns)]
     try:
-        done, pending_tasks = await asyncio.wait(tasks, timeout=(a.duration or 0) + a.timeout)
-        for task in pending_tasks:
-            task.cancel()
-            run.errors.append("ledger client: frames unanswered at the timeout")
-        for task in done:
-            if task.exception():
-                run.errors.append(f"ledger client: {task.exception()!r}")
+        pending_tasks = await wait_clients(
+            run,
+            tasks,
+            (a.duration or 0) + a.timeout,
+            "ledger client",
+            "frames unanswered at the timeout",
+        )
         if pending_tasks:
             await asyncio.wait(pending_tasks)
     finally:
