@@ -26,9 +26,9 @@ from eventwire.core.validation import (
     DENIED,
     INVALID,
     UNAUTHORIZED,
+    FrameJudge,
     Identity,
     Limits,
-    FrameJudge,
     Rejected,
 )
 

@@ -195,14 +195,14 @@ class FrameJudge:
     __slots__ = (
         "_actions",
         "_ahead",
+        "_at",
         "_authenticated",
         "_behind",
         "_bot",
+        "_buffer",
         "_hosts",
         "_limits",
         "_max_bytes",
-        "_at",
-        "_buffer",
         "_received",
         "_verdict",
     )
