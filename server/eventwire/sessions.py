@@ -226,6 +226,7 @@ class Sessions:
             producer_ttl_ms=int(self.settings.producer_ttl * 1000),
             subject=subject,
             alias=alias,
+            alias_ttl_ms=self._alias_ttl_ms(site) if alias else 0,
         )
         keys = self._customer_keys(tag, uuid, producer)
         opened = parse_open(await self.store.call(FN_OPEN, call_keys(keys), args))
@@ -366,14 +367,13 @@ class Sessions:
         keys = self.keys
         call = AliasKeys(keys.alias(tag, alias), keys.aliases(tag, alias), keys.suppressed(tag))
         subject = await self.store.subjects.subject(site, alias)
-        args = AliasArgs(
-            subject=subject, to=uuid, refused=refused, alias_ttl_ms=self._alias_ttl_ms(site)
-        )
+        ttl_ms = self._alias_ttl_ms(site)
+        args = AliasArgs(subject=subject, to=uuid, refused=refused, alias_ttl_ms=ttl_ms)
         done = parse_alias(await self.store.call(FN_ALIAS, call, args))
         if done.merged:
             try:
                 await record_alias(
-                    self.store.redis, keys, site, self.store.partitions(site), uuid, alias
+                    self.store.redis, keys, site, self.store.partitions(site), uuid, alias, ttl_ms
                 )
             except OUTAGE as exc:
                 raise StoreUnavailable(unreachable(exc)) from None

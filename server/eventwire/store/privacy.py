@@ -169,11 +169,22 @@ async def linked(client: RedisClient, keys: Keys, site: str, partitions: int, uu
 
 
 async def record_alias(
-    client: RedisClient, keys: Keys, site: str, partitions: int, uuid: str, alias: str
+    client: RedisClient,
+    keys: Keys,
+    site: str,
+    partitions: int,
+    uuid: str,
+    alias: str,
+    ttl_ms: int,
 ) -> None:
-    """Add ``alias`` to a customer's aliases set (after ``alias`` recorded the merge)."""
-    tag = Keys.tag(site, uuid, partitions)
-    await client.sadd(keys.aliases(tag, uuid), alias)
+    """Add ``alias`` to a customer's aliases set (after ``alias`` recorded the merge); with
+    ``ttl_ms`` (the site's retain_days) the set lives that long after this merge."""
+    key = keys.aliases(Keys.tag(site, uuid, partitions), uuid)
+    pipe = client.pipeline(transaction=False)
+    pipe.sadd(key, alias)
+    if ttl_ms > 0:
+        pipe.pexpire(key, ttl_ms)
+    await pipe.execute()
 
 
 class StreamsForgotten(NamedTuple):
