@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import structlog
 
 from eventwire.core.config import Settings
 from eventwire.core.frames import EVENT
@@ -267,3 +268,31 @@ async def test_close_answers_frames_whose_call_waits_for_the_library(
     await closing
     assert [a.result() for a in answers] == [("stored", 3, 0)] * len(producers)
     assert await redis.xlen(store.keys.events(SITE)) == 3 * len(producers)
+
+
+async def test_a_call_that_cannot_be_packed_is_nacked_and_the_lane_lives_on(
+    redis_proc: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault while packing a call (a bug): its frames are nacked, the error is logged, and
+    the next frames are stored as usual (the lane task must not die with frames unanswered)."""
+    async with depth_store(redis_proc) as store:
+        real_pack = store._pack_batch
+        faults = iter([RuntimeError("injected")])
+
+        def pack_once_faulty(by_tag: Any) -> Any:  # fault injection
+            fault = next(faults, None)
+            if fault is not None:
+                raise fault
+            return real_pack(by_tag)
+
+        monkeypatch.setattr(store, "_pack_batch", pack_once_faulty)
+        producer = Producer(store, "p-pack", events=1, window=1)
+        with structlog.testing.capture_logs() as logs:
+            _, first = producer.frame(1, 1)
+            async with asyncio.timeout(5):
+                assert (await first)[0] == "failed"
+                _, again = producer.frame(1, 1)  # the client's resend
+                assert await again == ("stored", 1, 0)
+        (line,) = [e for e in logs if e["event"] == "publish_pack_failed"]
+        assert (line["log_level"], line["frames"]) == ("error", 1)
+        assert not [e for e in logs if e["event"] == "publisher_lane_failed"]

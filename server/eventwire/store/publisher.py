@@ -85,6 +85,12 @@ DEPTH_GATE = 1.0
 BACKLOG_QUIET = 30.0
 
 
+def _lane_ended(task: asyncio.Task[None]) -> None:
+    """A lane task that ended by an exception says so (its frames would wait unanswered)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("publisher_lane_failed", task=task.get_name(), error=repr(task.exception()))
+
+
 class FrameSink(Protocol):
     """Who hears how a frame ended. Called from the publisher task; must not block."""
 
@@ -332,10 +338,12 @@ class Store:
     async def __aenter__(self) -> Store:
         for i, lane in enumerate(self._lanes):
             lane.task = asyncio.create_task(self._run(lane), name=f"eventwire-publisher-{i}")
+            lane.task.add_done_callback(_lane_ended)
             if self._cluster is None:  # a cluster's calls are read by ClusterCalls
                 lane.reader = asyncio.create_task(
                     self._read(lane), name=f"eventwire-publisher-{i}-replies"
                 )
+                lane.reader.add_done_callback(_lane_ended)
         self._started = True
         return self
 
@@ -571,7 +579,14 @@ class Store:
     async def _send(self, lane: _Lane, call: _Call) -> None:
         """Pack a call and write it on the lane's connection; the reader task reads its replies."""
         loop = asyncio.get_running_loop()
-        call.commands, _ = self._pack_batch(call.by_tag)
+        try:
+            call.commands, _ = self._pack_batch(call.by_tag)
+        except Exception as exc:
+            # A frame this code cannot pack (a bug): its call is nacked, never left
+            # unanswered, and the lane lives on (a dead lane would answer no frame again).
+            log.exception("publish_pack_failed", frames=sum(map(len, call.by_tag.values())))
+            self._fail_call(lane, call, f"cannot pack the call: {exc!r}")
+            return
         call.started = time.perf_counter()
         call.deadline = loop.time() + self.settings.store_timeout
         conn = lane.conn
