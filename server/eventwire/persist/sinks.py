@@ -485,75 +485,100 @@ class SqliteSink:
             await self._call(db.close)
 
 
-class PostgresSink:
-    """The PostgreSQL store: one asyncpg connection (a worker writes one batch at a time).
+class _Writer:
+    """One connection of a PostgreSQL sink, the staging table of its session, and its turn."""
 
-    Events go in by binary ``COPY`` into a staging table, then one ``INSERT
-    ... ON CONFLICT DO NOTHING`` per batch (see :meth:`write`).
+    def __init__(self) -> None:
+        self.conn: Any = None
+        #: The connection whose session has the staging table.
+        self.staged: Any = None
+        self.lock = asyncio.Lock()
+
+
+class PostgresSink:
+    """The PostgreSQL store: :data:`WRITERS` asyncpg connections, one batch at a time on each.
+
+    Events go in by binary ``COPY`` into a staging table, then one ``INSERT``
+    per batch (see :meth:`write`). Two batches may be written at once, each
+    on a connection of its own (the worker keeps :attr:`writers` batches in
+    flight): PostgreSQL works on one while the worker encodes, commits or
+    acks the other. The first connection also serves every other call.
     """
 
     #: How long connecting, and each statement, may take before the batch fails (and is retried).
     TIMEOUT: Final = 30.0
+    #: Connections that write batches at the same time.
+    WRITERS: Final = 2
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, writers: int = WRITERS) -> None:
         self.dsn = dsn
-        self._conn: Any = None
-        #: The connection whose session has the staging table.
-        self._staged: Any = None
-        self._lock = asyncio.Lock()
+        #: Batches :meth:`write` takes at the same time.
+        self.writers = max(1, writers)
+        self._pool = [_Writer() for _ in range(self.writers)]
+        self._idle: asyncio.Queue[_Writer] = asyncio.Queue()
+        for writer in self._pool:
+            self._idle.put_nowait(writer)
+        #: The first connection's turn: every call but a write takes it.
+        self._lock = self._pool[0].lock
 
-    async def _connected(self) -> Any:
-        """The connection, made again if it was lost (a PostgreSQL restart)."""
-        if self._conn is None or self._conn.is_closed():
+    @property
+    def _conn(self) -> Any:
+        return self._pool[0].conn
+
+    async def _connected(self, writer: _Writer | None = None) -> Any:
+        """A connection (the first one by default), made again if it was lost."""
+        writer = writer or self._pool[0]
+        if writer.conn is None or writer.conn.is_closed():
             import asyncpg  # type: ignore[import-untyped]
 
-            self._conn = await asyncpg.connect(self.dsn, timeout=self.TIMEOUT)
-        return self._conn
+            writer.conn = await asyncpg.connect(self.dsn, timeout=self.TIMEOUT)
+        return writer.conn
 
     async def open(self) -> None:
         """Connect, then migrate under an advisory lock (workers may start together)."""
-        await self._connected()
-        async with self._lock, self._conn.transaction():
-            await self._conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('eventwire.persist.schema'))"
-            )
-            await self._conn.execute(
+        conn = await self._connected()
+        async with self._lock, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('eventwire.persist.schema'))")
+            await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
             )
-            found = await self._conn.fetchval("SELECT max(version) FROM schema_version") or 0
+            found = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
             for version in range(found, SCHEMA_VERSION):
                 for statement in MIGRATIONS[version]:
-                    await self._conn.execute(statement.format(json="jsonb"))
-                await self._conn.execute(
-                    "INSERT INTO schema_version (version) VALUES ($1)", version + 1
-                )
+                    await conn.execute(statement.format(json="jsonb"))
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version + 1)
 
     async def write(self, rows: Sequence[EventRow]) -> int:
         """Insert in one transaction; returns how many event rows were new.
 
         Binary ``COPY`` into a temporary staging table (emptied at each
-        commit), then one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``:
-        COPY is the fastest way in, and the INSERT keeps writes idempotent.
+        commit), then one ``INSERT ... SELECT``: COPY is the fastest way in,
+        and the primary key keeps writes idempotent. Up to :attr:`writers`
+        calls run at once, each on its own connection.
         """
         if not rows:
             return 0
-        conn = await self._connected()
-        async with self._lock:
-            if self._staged is not conn:
-                # Its own statement, outside the batch's transaction (whose
-                # rollback would take it back); it lives as long as the connection.
-                await conn.execute(
-                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING} "
-                    "(LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-                    timeout=self.TIMEOUT,
-                )
-                await conn.execute(
-                    f"ALTER TABLE {_STAGING} ALTER COLUMN params TYPE bytea "
-                    "USING convert_to(params::text, 'UTF8')",
-                    timeout=self.TIMEOUT,
-                )
-                self._staged = conn
-            return await self._write(conn, rows)
+        writer = await self._idle.get()
+        try:
+            conn = await self._connected(writer)
+            async with writer.lock:
+                if writer.staged is not conn:
+                    # Its own statement, outside the batch's transaction (whose
+                    # rollback would take it back); it lives as long as the connection.
+                    await conn.execute(
+                        f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING} "
+                        "(LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+                        timeout=self.TIMEOUT,
+                    )
+                    await conn.execute(
+                        f"ALTER TABLE {_STAGING} ALTER COLUMN params TYPE bytea "
+                        "USING convert_to(params::text, 'UTF8')",
+                        timeout=self.TIMEOUT,
+                    )
+                    writer.staged = conn
+                return await self._write(conn, rows)
+        finally:
+            self._idle.put_nowait(writer)
 
     async def _write(self, conn: Any, rows: Sequence[EventRow]) -> int:
         import asyncpg
@@ -634,7 +659,8 @@ class PostgresSink:
         return n
 
     async def close(self) -> None:
-        """Close the connection."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await conn.close()
+        """Close the connections."""
+        for writer in self._pool:
+            if writer.conn is not None:
+                conn, writer.conn = writer.conn, None
+                await conn.close()
