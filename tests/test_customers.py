@@ -39,6 +39,7 @@ from tests.store.test_cluster import cluster  # noqa: F401 (a fixture)
 from tests.wire import event, now_ms, peer
 
 WRITE_KEY = "segment-write-key-0123456789"
+OLD_WRITE_KEY = "segment-write-key-of-old-site"
 SITES = f"""
 [sites.shop]
 allow_no_origin = true
@@ -58,6 +59,7 @@ keys = [{{ alg = "HS256", secret_env = "{SECRET_ENV}" }}]
 [sites.old]
 allow_no_origin = true
 retain_days = 1
+write_keys = [{{ secret_env = "EW_TEST_CUSTOMERS_OLD_WRITE_KEY" }}]
 
 [sites.idle]
 allow_no_origin = true
@@ -71,8 +73,10 @@ def env() -> Iterator[None]:
     """The token secret and the Segment write key in the environment (children inherit it)."""
     os.environ[SECRET_ENV] = SECRET
     os.environ["EW_TEST_CUSTOMERS_WRITE_KEY"] = WRITE_KEY
+    os.environ["EW_TEST_CUSTOMERS_OLD_WRITE_KEY"] = OLD_WRITE_KEY
     yield
     del os.environ["EW_TEST_CUSTOMERS_WRITE_KEY"]
+    del os.environ["EW_TEST_CUSTOMERS_OLD_WRITE_KEY"]
 
 
 @pytest.fixture
@@ -300,15 +304,29 @@ async def test_a_site_without_keys_merges_on_any_identify(
     assert {"anon-a4", "cust-k5"} <= {a.uuid for a in feed}
 
 
-async def test_an_alias_key_expires_with_the_sites_retain_days(
+async def test_alias_keys_expire_with_the_sites_retain_days(
     srv: EventwireServer, redis: aioredis.Redis
 ) -> None:
-    """On a site with retain_days the merge's alias key lives that long, as the store's row."""
+    """On a site with retain_days the merge's alias key and the customer's aliases set live
+    that long, as the store's row."""
     await browse_then_log_in(srv.url, "old", "anon-a9", "cust-k9", with_token=False)
     (moved,) = await identify_events(redis, "old")
     assert moved["params"] == {"previous_uuid": "anon-a9", "merged": True}
     assert await redis.get(KEYS.alias("old", "anon-a9")) == b"cust-k9"
     assert 86_400_000 - 60_000 < await redis.pttl(KEYS.alias("old", "anon-a9")) <= 86_400_000
+    # ... and so does the customer's aliases set, renewed by each merge.
+    assert await redis.smembers(KEYS.aliases("old", "cust-k9")) == {b"anon-a9"}
+    assert 86_400_000 - 60_000 < await redis.pttl(KEYS.aliases("old", "cust-k9")) <= 86_400_000
+    # A Segment alias records its merge the same way.
+    basic = "Basic " + base64.b64encode(f"{OLD_WRITE_KEY}:".encode()).decode()
+    body = {"type": "alias", "userId": "seg-k9", "previousId": "seg-a9", "messageId": "m9"}
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": basic}) as http,
+        http.post(f"{srv.http_url}/v1/batch", json={"batch": [body]}) as r,
+    ):
+        assert (r.status, (await r.json())["accepted"]) == (200, 1)
+    assert await redis.smembers(KEYS.aliases("old", "seg-k9")) == {b"seg-a9"}
+    assert 86_400_000 - 60_000 < await redis.pttl(KEYS.aliases("old", "seg-k9")) <= 86_400_000
 
 
 async def test_a_merge_across_partitions_keeps_each_key_in_its_partition(
@@ -340,6 +358,7 @@ async def test_segment_alias_and_identify_take_the_same_path(
                 assert (r.status, (await r.json())["accepted"]) == (200, 1)
     assert await redis.get(KEYS.alias("open", "seg-a1")) == b"seg-k1"
     assert await redis.get(KEYS.alias("open", "seg-a2")) == b"seg-k1"
+    assert await redis.pttl(KEYS.aliases("open", "seg-k1")) == -1  # no retain_days: kept
     await wait_for(lambda: persisted(worker.sink, redis), "the worker")
     assert await rows(worker.sink, "SELECT alias, uuid FROM aliases ORDER BY alias") == [
         ("seg-a1", "seg-k1"),

@@ -7,6 +7,7 @@ a multiple of tests.procs.UNIT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -15,7 +16,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import structlog
+from prometheus_client import REGISTRY
 
+from eventwire.core.errors import StoreUnavailable
+from eventwire.sessions import LEAVE_CONCURRENCY
+from eventwire.store import FN_LEAVE, REDIS_POOL_SIZE
 from tests.conftest import MakeServer
 from tests.procs import UNIT, RedisProcess, ServerProcess
 from tests.wire import client_events, event, peer, producer_id, stream
@@ -263,3 +269,86 @@ async def test_process_killed_client_moves(
     assert again["session"] == welcome["session"]
     (end,) = await wait_for(redis, "session.end", 1)
     assert end["params"]["events"] == 1
+
+
+async def _drop_many(srv: Any, n: int) -> None:
+    """``n`` connections of ``n`` customers, each after its welcome, then all their TCP
+    connections reset at once (a network blip): the server sees them all end together."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def one(i: int) -> Any:
+            p = await stack.enter_async_context(peer(srv.url))
+            await p.hello(f"many-{i}")
+            return p
+
+        for p in await asyncio.gather(*(one(i) for i in range(n))):
+            p.ws.transport.abort()
+
+
+async def test_mass_disconnect_leaves_bounded(
+    make_server: MakeServer, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many connections closing at once: at most LEAVE_CONCURRENCY leave steps in flight, none
+    failing for want of a pooled connection, and every session ends after its grace."""
+    srv = await make_server(**FAST)
+    assert srv.sessions is not None
+    store = srv.sessions.store
+    real_call = store.call
+    flying = peak = 0
+
+    async def counted(function: str, keys: Any, args: Any) -> Any:
+        nonlocal flying, peak
+        if function != FN_LEAVE:
+            return await real_call(function, keys, args)
+        flying += 1
+        peak = max(peak, flying)
+        try:
+            return await real_call(function, keys, args)
+        finally:
+            flying -= 1
+
+    monkeypatch.setattr(store, "call", counted)
+    n = 4 * REDIS_POOL_SIZE
+    with structlog.testing.capture_logs() as logs:
+        await _drop_many(srv, n)
+        ends = await wait_for(redis, "session.end", n, wait=10)
+    assert len(ends) == n
+    assert {e["params"]["reason"] for e in ends} == {"closed"}
+    assert 1 < peak <= LEAVE_CONCURRENCY
+    assert not [e for e in logs if e["event"] == "leave_failed"]
+
+
+async def test_leaves_fail_fast_in_an_outage(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a leave finds Redis away, the leaves waiting fail at once (not each after
+    store_timeout), are counted, and the log has one line for them all."""
+    srv = await make_server(**FAST)
+    assert srv.sessions is not None
+    store = srv.sessions.store
+    real_call = store.call
+    reached = 0
+
+    async def away(function: str, keys: Any, args: Any) -> Any:  # fault injection
+        nonlocal reached
+        if function != FN_LEAVE:
+            return await real_call(function, keys, args)
+        reached += 1
+        await asyncio.sleep(0.05)
+        raise StoreUnavailable("redis unreachable: injected")
+
+    monkeypatch.setattr(store, "call", away)
+    failed = "eventwire_session_leaves_failed_total"
+    before = REGISTRY.get_sample_value(failed) or 0.0
+    n = 3 * LEAVE_CONCURRENCY
+    with structlog.testing.capture_logs() as logs:
+        await _drop_many(srv, n)
+        deadline = asyncio.get_running_loop().time() + 5 * UNIT
+        while (REGISTRY.get_sample_value(failed) or 0.0) - before < n:
+            assert asyncio.get_running_loop().time() < deadline, reached
+            await asyncio.sleep(0.02)
+    assert reached <= LEAVE_CONCURRENCY  # the first batch in flight; the rest failed at once
+    lines = [e for e in logs if e["event"] == "leave_failed"]
+    assert len(lines) == 1, lines
+    assert (lines[0]["count"], lines[0]["log_level"]) == (1, "warning")
+    assert lines[0]["error"] == "redis unreachable: injected"

@@ -54,6 +54,7 @@ from eventwire.core.visitor import Enrichment, Visitor
 from eventwire.http import HttpListener, SegmentApi
 from eventwire.http.batch import retry_after_header
 from eventwire.ingest import IngestConnection
+from eventwire.log import Episodes
 from eventwire.pages import StaticFiles
 from eventwire.sessions import Sessions
 from eventwire.store import Store, connect_redis
@@ -144,33 +145,25 @@ class HandshakeTimeouts:
     ) -> None:
         self.timeout = timeout
         self._open_connections = open_connections
-        self._clock = clock
-        #: Handshakes aborted since the start.
-        self.total = 0
-        #: Aborted since the last line, and when that line was written (monotonic).
-        self._unlogged = 0
-        self._logged_at: float | None = None
+        self._lines = Episodes(
+            log, "handshake_timeouts", HANDSHAKE_TIMEOUTS_LOG_EVERY, count_as="aborted", clock=clock
+        )
+
+    @property
+    def total(self) -> int:
+        """Handshakes aborted since the start."""
+        return self._lines.total
 
     def timed_out(self, request_received: bool) -> None:
         """One handshake ran out of time (``request_received``: its HTTP request was read)."""
         metrics.HANDSHAKE_TIMEOUTS.inc()
-        self.total += 1
-        self._unlogged += 1
-        now = self._clock()
-        if self._logged_at is not None and now - self._logged_at < HANDSHAKE_TIMEOUTS_LOG_EVERY:
-            return
-        log.warning(
-            "handshake_timeouts",
-            aborted=self._unlogged,
-            total=self.total,
+        self._lines.note(
             hello_timeout=self.timeout,
             request_received=request_received,
             connections_open=self._open_connections(),
             hint="handshakes not answered with a 101 within hello_timeout were aborted "
             "(TCP closed): the process is too busy to open them in time, or clients stall",
         )
-        self._unlogged = 0
-        self._logged_at = now
 
 
 class TrackConnection(ServerConnection):

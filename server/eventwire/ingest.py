@@ -263,7 +263,7 @@ class Carrier:
             )
         except StoreUnavailable as exc:
             # The heartbeat lapses instead, and a reaper counts it as closed.
-            log.warning("leave_failed", error=str(exc))
+            self.sessions.leave_failed(exc)
 
     # -- FrameSink: called from the store's publisher task ----------------------------
 

@@ -17,7 +17,8 @@ import ipaddress
 import logging
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import msgspec
@@ -138,3 +139,55 @@ def _route_stdlib(shared: list[Processor], renderer: Processor, level: int) -> N
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class Episodes:
+    """A warning for what comes in bursts, one line per episode instead of one per case.
+
+    :meth:`note` writes ``event`` at the first case after a quiet spell, then
+    at most one line per ``every`` seconds, each with how many cases came
+    since the line before (the ``count`` field, named by ``count_as``) and
+    since the start (``total``); the cases of an episode's last seconds are
+    only counted (a metric beside it counts each). The fields of the call
+    that writes the line go with it, as do the logger's context variables
+    (the connection of the first case).
+
+    Args:
+        logger: where the lines go.
+        event: the lines' event name.
+        every: the least seconds between two lines.
+        count_as: the name of the field with the count since the line before.
+        clock: monotonic seconds (a test's own).
+    """
+
+    def __init__(
+        self,
+        logger: Any,
+        event: str,
+        every: float,
+        count_as: str = "count",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self.event = event
+        self.every = every
+        self._count_as = count_as
+        self._clock = clock
+        #: Cases since the start.
+        self.total = 0
+        #: Cases since the last line, and when that line was written (monotonic).
+        self._unlogged = 0
+        self._logged_at: float | None = None
+
+    def note(self, **fields: Any) -> None:
+        """One case: counted, and written with ``fields`` unless a line came within ``every``."""
+        self.total += 1
+        self._unlogged += 1
+        now = self._clock()
+        if self._logged_at is not None and now - self._logged_at < self.every:
+            return
+        self._log.warning(
+            self.event, **{self._count_as: self._unlogged}, total=self.total, **fields
+        )
+        self._unlogged = 0
+        self._logged_at = now

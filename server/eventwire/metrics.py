@@ -44,6 +44,12 @@ HANDSHAKE_TIMEOUTS: Final = Counter(
     "hello_timeout from the accept to the 101.",
 )
 
+SESSION_LEAVES_FAILED: Final = Counter(
+    "eventwire_session_leaves_failed",
+    "Closed connections whose leave step Redis did not take (their heartbeat lapses "
+    "instead, and a reaper ends their session).",
+)
+
 
 class SiteCounts:
     """Counts of one site's track frames and events, added to on the ingest path."""

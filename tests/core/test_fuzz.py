@@ -12,6 +12,7 @@ the same kind of input for as long as you like.
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
 import os
 import re
@@ -45,7 +46,14 @@ from eventwire.core.protocol import (
 )
 from eventwire.core.records import RejectedRecord, StoredEvent, event_text
 from eventwire.core.rules import Verdict
-from eventwire.core.validation import Identity, Limits, Rejected, action_problem, judge_event
+from eventwire.core.validation import (
+    FrameJudge,
+    Identity,
+    Limits,
+    Rejected,
+    action_problem,
+    judge_event,
+)
 from eventwire.ingest import undecodable_record
 from scripts.fuzz import SPECIAL_BYTES
 
@@ -474,6 +482,97 @@ def test_judge_any_event(event: WireEvent, who: Identity, verdict: Verdict | Non
         assert result.code in REJECT_CODES
     else:
         check_stored(result, event, who, verdict)
+
+
+def reference_judge(
+    event: WireEvent, who: Identity, received: int, limits: Limits, verdict: Verdict | None
+) -> bytes | Rejected:
+    """judge_event as it was written before FrameJudge: the whole StoredEvent encoded at once."""
+    from eventwire.core import validation as v
+
+    action = event.action
+    problem = action_problem(action)
+    if problem is not None:
+        return Rejected(v.INVALID_ACTION, problem)
+    required: tuple[str, ...] = ()
+    if verdict is not None:
+        if verdict.denied or (verdict.needs_auth and not who.authenticated):
+            return v.site_refusal(action, verdict)
+        required = verdict.required
+    params = event.params if event.params is not None else {}
+    if required or action in v.BUILTIN_REQUIRED:
+        problem = v.missing_params(action, params, required)
+        if problem is not None:
+            return Rejected(v.MISSING_PARAM, problem)
+    if action == "page.visit" and who.hosts is not None:
+        referrer = params.get("referrer")
+        params["source"] = v.source_json(
+            params["url"], referrer if type(referrer) is str else "", who.hosts
+        )
+    time = event.time
+    original_time = None
+    if time is None:
+        time = received
+    elif time > received + limits.max_clock_skew_ms:
+        original_time, time = time, received
+    elif time < received - limits.max_event_age_ms:
+        return v.too_old(time, limits)
+    stored = StoredEvent(
+        site=who.site,
+        uuid=who.uuid,
+        session=who.session,
+        producer=who.producer,
+        seq=event.seq,
+        action=action,
+        label=event.label if event.label is not None else v.default_label(action, params),
+        time=time,
+        received=received,
+        params=params,
+        original_time=original_time,
+        authenticated=who.authenticated,
+        bot=who.bot,
+    )
+    return v.encode_stored(stored, limits.max_event_bytes)
+
+
+@FUZZ
+@given(
+    events=st.lists(
+        st.builds(
+            WireEvent,
+            seq=st.integers(1, MAX_SEQ),
+            action=st.sampled_from(["page.visit", "product.view", "a.b", "ab"]) | good_actions,
+            label=st.none() | st.text(max_size=256),
+            time=st.none() | times | st.integers(-MAX_TIME, MAX_TIME),
+            params=st.none()
+            | st.dictionaries(msgpack_keys, msgpack_values, max_size=4)
+            | st.fixed_dictionaries(
+                {"url": st.text(max_size=40)},
+                optional={"referrer": st.text(max_size=40) | st.integers(), "pad": st.text()},
+            ),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    who=identities,
+    bot=st.booleans(),
+    hosts=st.none() | st.just(frozenset({"shop.example.com"})),
+    verdict=verdicts,
+)
+def test_frame_judge_is_the_whole_record(
+    events: list[WireEvent],
+    who: Identity,
+    bot: bool,
+    hosts: frozenset[str] | None,
+    verdict: Verdict | None,
+) -> None:
+    """One judge for a frame's events answers each as the whole-record judge did, byte for byte."""
+    who = msgspec.structs.replace(who, bot=bot, hosts=hosts)
+    limits = msgspec.structs.replace(LIMITS, max_event_bytes=400)  # some events too large
+    judge = FrameJudge(who, NOW, limits, verdict)
+    for event in events:
+        expected = reference_judge(copy.deepcopy(event), who, NOW, limits, verdict)
+        assert judge(copy.deepcopy(event)) == expected
 
 
 @FUZZ

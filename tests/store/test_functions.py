@@ -227,6 +227,7 @@ def open_args(uuid: str, member: str, session: str, idle_ms: int = 60_000) -> Op
         producer_ttl_ms=60_000,
         subject=f"h-{uuid}",
         alias="",
+        alias_ttl_ms=0,
     )
 
 
@@ -446,6 +447,25 @@ async def test_an_alias_key_lives_as_long_as_the_sites_retain_days(lib: aioredis
     assert parse_leave(await call(lib, FN_LEAVE, call_keys(leaving("u-7", None)), leave)).merged
     assert await lib.get(KEYS.alias(TAG, "u-7")) == b"c-7"
     assert day < await lib.pttl(KEYS.alias(TAG, "u-7")) <= 2 * day
+
+
+async def test_a_customers_aliases_set_lives_as_long_as_the_sites_retain_days(
+    lib: aioredis.Redis,
+) -> None:
+    """open with an alias adds it to the customer's aliases set; with a ttl (the site's
+    retain_days) the set expires that long after its last merge, without one never."""
+    day = 86_400_000
+    args = open_args("c-8", "m:1:c-8", "s-8")._replace(alias="a-8", alias_ttl_ms=day)
+    await call(lib, FN_OPEN, call_keys(customer("c-8")), args)
+    assert await lib.smembers(KEYS.aliases(TAG, "c-8")) == {b"a-8"}
+    assert day - 60_000 < await lib.pttl(KEYS.aliases(TAG, "c-8")) <= day
+    again = open_args("c-8", "m:2:c-8", "s-8")._replace(alias="b-8", alias_ttl_ms=3 * day)
+    await call(lib, FN_OPEN, call_keys(customer("c-8")), again)
+    assert await lib.smembers(KEYS.aliases(TAG, "c-8")) == {b"a-8", b"b-8"}
+    assert 2 * day < await lib.pttl(KEYS.aliases(TAG, "c-8")) <= 3 * day
+    forever = open_args("c-9", "m:1:c-9", "s-9")._replace(alias="a-9")
+    await call(lib, FN_OPEN, call_keys(customer("c-9")), forever)
+    assert await lib.pttl(KEYS.aliases(TAG, "c-9")) == -1
 
 
 async def test_a_refused_merge_says_why_in_client_identify(lib: aioredis.Redis) -> None:

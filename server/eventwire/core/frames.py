@@ -26,10 +26,10 @@ from eventwire.core.validation import (
     DENIED,
     INVALID,
     UNAUTHORIZED,
+    FrameJudge,
     Identity,
     Limits,
     Rejected,
-    judge_event,
 )
 
 #: Kinds of item in one frame, as the Lua step reads them.
@@ -78,13 +78,14 @@ def judge_events(
     rejections: list[Rejection] = []
     denied = 0
     top = 0
+    judge = FrameJudge(who, received, limits, verdict)
     for event in events:
         if isinstance(event, WireEvent):
             seq = event.seq
             outcome: bytes | Rejected = (
                 # The verdict is looked up only for a well-formed action: a
                 # frame of long junk actions must not fill the verdict cache.
-                judge_event(event, who, received, limits, verdict)
+                judge(event)
                 if seq > top
                 else Rejected(INVALID, f"seq {seq} is not above the seq before it ({top})")
             )

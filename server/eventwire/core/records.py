@@ -38,6 +38,35 @@ class StoredEvent(Struct, kw_only=True, omit_defaults=True):
     bot: bool = False
 
 
+class StoredHead(Struct):
+    """The first fields of a :class:`StoredEvent`: the sender, the same for a frame's events.
+
+    A frame's events are encoded as the head's JSON once (:func:`stored_prefix`)
+    and each event's :class:`StoredTail`: together the bytes of the whole
+    :class:`StoredEvent` (``tests/core/test_records.py`` holds the field lists
+    and the bytes equal).
+    """
+
+    site: str
+    uuid: str
+    session: str
+    producer: str
+
+
+class StoredTail(Struct, omit_defaults=True):
+    """The fields of a :class:`StoredEvent` after :class:`StoredHead`'s, in order."""
+
+    seq: int
+    action: str
+    label: str
+    time: int
+    received: int
+    params: dict[str, Any]
+    original_time: int | None = None
+    authenticated: bool = False
+    bot: bool = False
+
+
 class RejectedRecord(Struct, kw_only=True, omit_defaults=True):
     """The JSON in the ``event`` field of ``ew:{site}:rejected``.
 
@@ -58,6 +87,16 @@ class RejectedRecord(Struct, kw_only=True, omit_defaults=True):
 
 #: Stored records are JSON whatever the subprotocol (docs/protocol.md section 7).
 record_encoder: Final = msgspec.json.Encoder()
+
+
+def stored_prefix(site: str, uuid: str, session: str, producer: str) -> bytes:
+    """The JSON a :class:`StoredEvent` of this sender starts with: its head's, without the ``}``.
+
+    The stored event's JSON is this, then a ``,`` and what
+    :data:`record_encoder` writes for the :class:`StoredTail` after its ``{``:
+    the bytes it writes for the whole :class:`StoredEvent`.
+    """
+    return record_encoder.encode(StoredHead(site, uuid, session, producer))[:-1]
 
 
 class _ShortRepr(reprlib.Repr):

@@ -15,7 +15,7 @@ from typing import Any, Final
 import msgspec
 
 from eventwire.core.protocol import WireEvent
-from eventwire.core.records import StoredEvent, record_encoder
+from eventwire.core.records import StoredEvent, StoredTail, record_encoder, stored_prefix
 from eventwire.core.rules import Verdict
 from eventwire.core.source import source_json
 
@@ -152,6 +152,164 @@ def encode_stored(stored: StoredEvent, max_event_bytes: int) -> bytes | Rejected
     return encoded
 
 
+#: What a frame's judge keeps per action name: why it is refused, or the
+#: site's required params, whether any param must be checked, and whether its
+#: events are page visits to enrich.
+_ActionStep = Rejected | tuple[tuple[str, ...], bool, bool]
+
+#: Stored-event prefixes by sender (:func:`stored_prefix`), emptied past this many.
+_PREFIXES_MAX: Final = 4096
+_prefixes: dict[tuple[str, str, str, str], bytes] = {}
+
+
+_encode_into: Final = record_encoder.encode_into
+
+
+def _prefix_of(who: Identity) -> bytes:
+    key = (who.site, who.uuid, who.session, who.producer)
+    prefix = _prefixes.get(key)
+    if prefix is None:
+        if len(_prefixes) >= _PREFIXES_MAX:
+            _prefixes.clear()
+        prefix = _prefixes[key] = stored_prefix(*key)
+    return prefix
+
+
+class FrameJudge:
+    """Judges the events of one frame: :func:`judge_event` with what a frame shares made once.
+
+    Calling it with an event gives what :func:`judge_event` gives for it with
+    the same arguments. What depends only on the action name (its form, the
+    site's verdict, which params are required) is found once per name and
+    frame, in the same order (the verdict is asked only for a well-formed
+    name); the sender's part of the stored JSON is encoded once per sender
+    (:class:`~eventwire.core.records.StoredHead`), each event's rest by itself.
+
+    Args:
+        who: the connection's site, customer, session and producer.
+        received: the frame's receive time, ms since the epoch.
+        limits: size and time limits.
+        verdict: as for :func:`judge_event`.
+    """
+
+    __slots__ = (
+        "_actions",
+        "_ahead",
+        "_at",
+        "_authenticated",
+        "_behind",
+        "_bot",
+        "_buffer",
+        "_hosts",
+        "_limits",
+        "_max_bytes",
+        "_received",
+        "_verdict",
+    )
+
+    def __init__(
+        self,
+        who: Identity,
+        received: int,
+        limits: Limits,
+        verdict: Verdict | Callable[[str], Verdict] | None = None,
+    ) -> None:
+        self._actions: dict[str, _ActionStep] = {}
+        self._verdict = verdict
+        self._authenticated = who.authenticated
+        self._bot = who.bot
+        self._hosts = who.hosts
+        self._received = received
+        self._limits = limits
+        self._ahead = received + limits.max_clock_skew_ms
+        self._behind = received - limits.max_event_age_ms
+        self._max_bytes = limits.max_event_bytes
+        # Each event's tail is written over the buffer's end, its "{" made a ",".
+        self._buffer = bytearray(_prefix_of(who))
+        self._at = len(self._buffer)
+
+    def _action_step(self, action: str) -> _ActionStep:
+        """What the action's name decides, the first steps of :func:`judge_event`."""
+        problem = action_problem(action)
+        if problem is not None:
+            return Rejected(INVALID_ACTION, problem)
+        required: tuple[str, ...] = ()
+        verdict = self._verdict
+        if verdict is not None:
+            if callable(verdict):
+                # Asked only now: the site caches a verdict per action name, and a
+                # malformed name may be as long as a frame.
+                verdict = verdict(action)
+            if verdict.denied or (verdict.needs_auth and not self._authenticated):
+                return site_refusal(action, verdict)
+            required = verdict.required
+        check = bool(required) or action in BUILTIN_REQUIRED
+        return (required, check, action == "page.visit" and self._hosts is not None)
+
+    def __call__(self, event: WireEvent) -> bytes | Rejected:
+        """One event's stored JSON, or why it is rejected (see :func:`judge_event`)."""
+        action = event.action
+        step = self._actions.get(action)
+        if step is None:
+            step = self._actions[action] = self._action_step(action)
+        if isinstance(step, Rejected):
+            return step
+        required, check, visit = step
+        params = event.params if event.params is not None else {}
+        if check:
+            problem = missing_params(action, params, required)
+            if problem is not None:
+                return Rejected(MISSING_PARAM, problem)
+        if visit:
+            # The decoded params are this event's own: set in place, no copy. The
+            # JSON comes from a cache per (url, referrer): a visit costs a lookup.
+            referrer = params.get("referrer")
+            params["source"] = source_json(
+                params["url"],
+                referrer if type(referrer) is str else "",
+                self._hosts,  # type: ignore[arg-type]  # visit: hosts is not None
+            )
+        time = event.time
+        original_time = None
+        received = self._received
+        if time is None:
+            time = received
+        elif time > self._ahead:
+            # A client clock far ahead is corrected, not punished; the original is kept.
+            original_time, time = time, received
+        elif time < self._behind:
+            return too_old(time, self._limits)
+        tail = StoredTail(
+            event.seq,
+            action,
+            event.label if event.label is not None else default_label(action, params),
+            time,
+            received,
+            params,
+            original_time,
+            self._authenticated,
+            self._bot,
+        )
+        buffer, at = self._buffer, self._at
+        try:
+            _encode_into(tail, buffer, at)
+        except (TypeError, ValueError) as exc:
+            # MessagePack extension types and array or nil map keys have no JSON form.
+            return Rejected(INVALID, f"params hold a value JSON cannot carry: {exc}")
+        except RecursionError:
+            # Decoded a few stack frames up, params nested at the recursion limit
+            # can fail to encode here.
+            return Rejected(INVALID, "params are nested too deeply to store")
+        buffer[at] = 44  # ","
+        size = len(buffer)
+        if size > self._max_bytes:
+            return Rejected(
+                TOO_LARGE,
+                f"event encodes to {size} bytes; max_event_bytes is {self._max_bytes}",
+            )
+        return bytes(buffer)
+
+
 def judge_event(
     event: WireEvent,
     who: Identity,
@@ -164,8 +322,10 @@ def judge_event(
     The steps, each rejecting with the first problem it finds: the action's
     form (:func:`action_problem`), the site's verdict (:func:`site_refusal`),
     required params (:func:`missing_params`), the time (corrected when ahead,
-    :func:`too_old` when far behind), and the encoding (:func:`encode_stored`).
-    It runs once per event: each step is called only where it has work to do.
+    :func:`too_old` when far behind), and the encoding (as
+    :func:`encode_stored`: no JSON form, or over ``max_event_bytes``).
+    Each step is called only where it has work to do. The events of one
+    frame are judged by one :class:`FrameJudge`, which gives the same.
 
     Args:
         event: the decoded wire event.
@@ -179,56 +339,7 @@ def judge_event(
     Returns:
         The stored event's JSON, or why it is rejected.
     """
-    action = event.action
-    problem = action_problem(action)
-    if problem is not None:
-        return Rejected(INVALID_ACTION, problem)
-    required: tuple[str, ...] = ()
-    if verdict is not None:
-        if callable(verdict):
-            # Asked only now: the site caches a verdict per action name, and a
-            # malformed name may be as long as a frame.
-            verdict = verdict(action)
-        if verdict.denied or (verdict.needs_auth and not who.authenticated):
-            return site_refusal(action, verdict)
-        required = verdict.required
-    params = event.params if event.params is not None else {}
-    if required or action in BUILTIN_REQUIRED:
-        problem = missing_params(action, params, required)
-        if problem is not None:
-            return Rejected(MISSING_PARAM, problem)
-    if action == "page.visit" and who.hosts is not None:
-        # The decoded params are this event's own: set in place, no copy. The
-        # JSON comes from a cache per (url, referrer): a visit costs a lookup.
-        referrer = params.get("referrer")
-        params["source"] = source_json(
-            params["url"], referrer if type(referrer) is str else "", who.hosts
-        )
-    time = event.time
-    original_time = None
-    if time is None:
-        time = received
-    elif time > received + limits.max_clock_skew_ms:
-        # A client clock far ahead is corrected, not punished; the original is kept.
-        original_time, time = time, received
-    elif time < received - limits.max_event_age_ms:
-        return too_old(time, limits)
-    stored = StoredEvent(
-        site=who.site,
-        uuid=who.uuid,
-        session=who.session,
-        producer=who.producer,
-        seq=event.seq,
-        action=action,
-        label=event.label if event.label is not None else default_label(action, params),
-        time=time,
-        received=received,
-        params=params,
-        original_time=original_time,
-        authenticated=who.authenticated,
-        bot=who.bot,
-    )
-    return encode_stored(stored, limits.max_event_bytes)
+    return FrameJudge(who, received, limits, verdict)(event)
 
 
 def visit_source(params: dict[str, Any], hosts: frozenset[str]) -> msgspec.Raw:

@@ -197,37 +197,78 @@ class Delta(msgspec.Struct):
 
 
 def aggregate(rows: Iterable[NewRow]) -> Delta:
-    """The exact counts of a batch's inserted rows, by minute, 10 minutes and hour.
-
-    Counted with :class:`collections.Counter` over tuples (its counting loop
-    is C): a 2,000-row batch takes a few milliseconds.
-    """
+    """The exact counts of a batch's inserted rows, by minute, 10 minutes and hour."""
     rows = list(rows)
+    if not rows:
+        return Delta({}, {})
+    sites, received, actions, uuids, pages, bots = zip(*rows, strict=True)
+    return aggregate_columns(sites, received, actions, uuids, pages, bots)
+
+
+def aggregate_columns(
+    sites: Sequence[str],
+    received: Sequence[int],
+    actions: Sequence[str],
+    uuids: Sequence[str],
+    pages: Sequence[str | None],
+    bots: Sequence[Any],
+) -> Delta:
+    """:func:`aggregate` of rows given column by column (row ``i`` is each column's item ``i``).
+
+    Rows are grouped by site and minute first (a batch is nearly always one
+    site's rows of one minute: then no row is looked at one by one), and
+    each group's columns are counted by :class:`collections.Counter`, whose
+    counting loop is C.
+    """
     minute_ms, ten_ms, hour_ms = COUNT_SPAN * 1000, RECENT_TOP_SPAN * 1000, TOP_SPAN * 1000
-    counts: Counter[tuple[str, int, str]] = Counter(
-        (site, received - received % minute_ms, "accepted") for site, received, *_ in rows
-    )
-    counts.update(
-        (site, received - received % minute_ms, _SESSION_ITEMS[action])
-        for site, received, action, *_ in rows
-        if action in _SESSION_ITEMS
-    )
-    counts.update(
-        (site, received - received % minute_ms, "bots") for site, received, *_, bot in rows if bot
-    )
-    tens = [(site, received - received % ten_ms, a, u, p) for site, received, a, u, p, _ in rows]
-    by_table = {
-        "actions": Counter((site, b, a) for site, b, a, _, _ in tens),
-        "customers": Counter((site, b, u) for site, b, _, u, _ in tens),
-        "pages": Counter((site, b, p) for site, b, _, _, p in tens if p is not None),
-    }
+    n = len(sites)
+    if not n:
+        return Delta({}, {})
+    first_site, low, high = sites[0], min(received), max(received)
+    groups: dict[tuple[str, int], list[int]] | None = None
+    if low - low % minute_ms != high - high % minute_ms or sites.count(first_site) != n:
+        groups = {}
+        for i, (site, at) in enumerate(zip(sites, received, strict=True)):
+            groups.setdefault((site, at - at % minute_ms), []).append(i)
+    counts: dict[tuple[str, int, str], int] = {}
     tops: dict[tuple[str, int, int, str], dict[str, int]] = {}
-    for table, counted in by_table.items():
-        for (site, b, key), n in counted.items():
-            tops.setdefault((site, RECENT_TOP_SPAN, b, table), {})[key] = n
-            hour = tops.setdefault((site, TOP_SPAN, b - b % hour_ms, table), {})
-            hour[key] = hour.get(key, 0) + n
-    return Delta(dict(counts), tops)
+
+    def add(key: tuple[str, int, int, str], counted: Counter[Any]) -> None:
+        table = tops.setdefault(key, {})
+        for item, k in counted.items():
+            table[item] = table.get(item, 0) + k
+
+    parts: Iterable[tuple[tuple[str, int], Sequence[int] | None]]
+    parts = [((first_site, low - low % minute_ms), None)] if groups is None else groups.items()
+    for (site, minute), rows in parts:
+        if rows is None:
+            a, u, p, b = actions, uuids, pages, bots
+        else:
+            a = [actions[i] for i in rows]
+            u = [uuids[i] for i in rows]
+            p = [pages[i] for i in rows]
+            b = [bots[i] for i in rows]
+        counts[(site, minute, "accepted")] = len(a)
+        by_action = Counter(a)
+        for action, item in _SESSION_ITEMS.items():
+            if by_action.get(action):
+                counts[(site, minute, item)] = by_action[action]
+        robots = sum(map(bool, b))
+        if robots:
+            counts[(site, minute, "bots")] = robots
+        by_page = Counter(p)
+        by_page.pop(None, None)
+        ten = minute - minute % ten_ms
+        hour = ten - ten % hour_ms
+        for table, counted in (
+            ("actions", by_action),
+            ("customers", Counter(u)),
+            ("pages", by_page),
+        ):
+            if counted:
+                add((site, RECENT_TOP_SPAN, ten, table), counted)
+                add((site, TOP_SPAN, hour, table), counted)
+    return Delta(counts, tops)
 
 
 _SESSION_ITEMS: Final = {"session.start": "started", "session.end": "ended"}
@@ -332,11 +373,11 @@ def true_bounds(held_rows: Sequence[tuple[Any, ...]]) -> dict[str, tuple[int, in
 # -- carrying out a plan --------------------------------------------------------
 
 
-def write_sqlite(db: sqlite3.Connection, inserted: Sequence[NewRow]) -> None:
-    """Add the rows a batch inserted to the rollups, in its transaction (before COMMIT)."""
-    if not inserted:
-        return
-    steps = plan(aggregate(inserted))
+def write_sqlite(db: sqlite3.Connection, inserted: Sequence[NewRow] | Delta) -> None:
+    """Add the rows a batch inserted (or their :class:`Delta`) to the rollups, in its
+    transaction (before COMMIT)."""
+    delta = inserted if isinstance(inserted, Delta) else aggregate(inserted)
+    steps = plan(delta)
     step = next(steps, None)
     while step is not None:
         answer: list[tuple[Any, ...]] = []

@@ -38,6 +38,7 @@ from eventwire.store.client import (
     connect_redis,
     connect_stream_reader,
     redis_client,
+    unreachable,
 )
 from eventwire.store.cluster import CLUSTER_POLL_MS, CLUSTER_READS, ClusterCalls, on_key_node
 from eventwire.store.functions import (
@@ -230,5 +231,6 @@ __all__ = [
     "stream_id",
     "time_ms",
     "trimmed_after",
+    "unreachable",
     "xread_entries",
 ]

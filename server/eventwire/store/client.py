@@ -77,6 +77,13 @@ OUTAGE: Final = (
     TimeoutError,
 )
 
+
+def unreachable(exc: BaseException, what: str = "redis") -> str:
+    """Why a call found Redis unreachable, for :class:`StoreUnavailable`: the
+    exception's text, or ``timeout`` for one without (``asyncio.timeout``'s)."""
+    return f"{what} unreachable: {str(exc) or 'timeout'}"
+
+
 #: Redis connections per process: the publisher uses one at a time, hellos and
 #: health checks the rest. Each costs a socket and ~20 KiB in Redis.
 REDIS_POOL_SIZE: Final = 32

@@ -20,7 +20,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
 from eventwire.core.errors import StoreUnavailable
-from eventwire.store.client import OUTAGE, exchange
+from eventwire.store.client import OUTAGE, exchange, unreachable
 from eventwire.store.functions import LOAD_LIBRARY
 from eventwire.store.replies import missing_function
 from eventwire.store.resp import pack_args
@@ -104,7 +104,7 @@ class ClusterCalls:
             # covered, and redis-py refuses the new map; the map in hand
             # still routes every other node's calls.
             if not cluster.nodes_manager.slots_cache:
-                raise StoreUnavailable(f"redis cluster unreachable: {exc or 'timeout'}") from None
+                raise StoreUnavailable(unreachable(exc, "redis cluster")) from None
         groups: dict[str, tuple[ClusterNode, list[int]]] = {}
         for i, key in enumerate(routes):
             node = cluster.get_node_from_key(key)

@@ -161,6 +161,9 @@ class OpenArgs(NamedTuple):
     subject: str
     #: The anonymous uuid an identify merged into this customer, or ''.
     alias: str
+    #: How long the customer's aliases set lives after that merge (the site's
+    #: ``retain_days``; 0: no expiry), as the merge's alias key does.
+    alias_ttl_ms: int
 
 
 class LeaveArgs(NamedTuple):

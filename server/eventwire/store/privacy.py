@@ -31,7 +31,7 @@ from typing import Any, Final, NamedTuple
 import msgspec
 
 from eventwire.core.errors import ConfigError, StoreUnavailable
-from eventwire.store.client import OUTAGE, RedisClient, RedisError
+from eventwire.store.client import OUTAGE, RedisClient, RedisError, unreachable
 from eventwire.store.keys import Keys
 from eventwire.store.replies import reply_text
 
@@ -128,7 +128,7 @@ class Subjects:
                 await self.client.set(key, secrets.token_hex(32), nx=True)
                 found = await self.client.get(key)
             except (*OUTAGE, RedisError) as exc:
-                raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+                raise StoreUnavailable(unreachable(exc)) from None
             if found is not None:  # else deleted between the two calls: again
                 return reply_text(found).encode()
 
@@ -162,18 +162,29 @@ async def linked(client: RedisClient, keys: Keys, site: str, partitions: int, uu
         into = await client.get(keys.alias(tag, uuid))
         members = await client.smembers(keys.aliases(tag, uuid))
     except (*OUTAGE, RedisError) as exc:
-        raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+        raise StoreUnavailable(unreachable(exc)) from None
     return Linked(
         reply_text(into) if into is not None else None, sorted(reply_text(m) for m in members)
     )
 
 
 async def record_alias(
-    client: RedisClient, keys: Keys, site: str, partitions: int, uuid: str, alias: str
+    client: RedisClient,
+    keys: Keys,
+    site: str,
+    partitions: int,
+    uuid: str,
+    alias: str,
+    ttl_ms: int,
 ) -> None:
-    """Add ``alias`` to a customer's aliases set (after ``alias`` recorded the merge)."""
-    tag = Keys.tag(site, uuid, partitions)
-    await client.sadd(keys.aliases(tag, uuid), alias)
+    """Add ``alias`` to a customer's aliases set (after ``alias`` recorded the merge); with
+    ``ttl_ms`` (the site's retain_days) the set lives that long after this merge."""
+    key = keys.aliases(Keys.tag(site, uuid, partitions), uuid)
+    pipe = client.pipeline(transaction=False)
+    pipe.sadd(key, alias)
+    if ttl_ms > 0:
+        pipe.pexpire(key, ttl_ms)
+    await pipe.execute()
 
 
 class StreamsForgotten(NamedTuple):
@@ -281,7 +292,7 @@ async def forget_customers(
                 else:
                     counts["producers"] += int(await client.delete(key))
     except (*OUTAGE, RedisError) as exc:
-        raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+        raise StoreUnavailable(unreachable(exc)) from None
     return counts, deleted_ids
 
 
@@ -363,7 +374,7 @@ async def set_suppressed(
             else:
                 changed += int(await client.srem(key, subject))
     except (*OUTAGE, RedisError) as exc:
-        raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+        raise StoreUnavailable(unreachable(exc)) from None
     return changed
 
 
@@ -399,7 +410,7 @@ async def audit(
             },
         )
     except (*OUTAGE, RedisError) as exc:
-        raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+        raise StoreUnavailable(unreachable(exc)) from None
     return reply_text(entry)
 
 
@@ -420,4 +431,4 @@ async def linked_subjects(client: RedisClient, keys: Keys, site: str, subject: s
                 return out
             start = "(" + reply_text(page[-1][0])
     except (*OUTAGE, RedisError) as exc:
-        raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+        raise StoreUnavailable(unreachable(exc)) from None

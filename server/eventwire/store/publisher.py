@@ -35,7 +35,14 @@ from eventwire.core.config import SessionTimings, Settings
 from eventwire.core.errors import StoreUnavailable
 from eventwire.core.ordering import FrameOwner
 from eventwire.core.rules import SitesBook
-from eventwire.store.client import OUTAGE, RedisClient, RedisError, ResponseError, exchange
+from eventwire.store.client import (
+    OUTAGE,
+    RedisClient,
+    RedisError,
+    ResponseError,
+    exchange,
+    unreachable,
+)
 from eventwire.store.cluster import ClusterCalls
 from eventwire.store.functions import (
     FN_PUBLISH,
@@ -689,7 +696,7 @@ class Store:
         if isinstance(exc, StoreUnavailable):
             return str(exc)
         if isinstance(exc, OUTAGE):
-            return f"redis unreachable: {exc or 'timeout'}"
+            return unreachable(exc)
         return str(exc) or type(exc).__name__
 
     def _pack_batch(self, by_tag: dict[str, list[Frame]]) -> tuple[list[list[bytes]], list[str]]:
@@ -887,7 +894,7 @@ class Store:
         except OUTAGE as exc:
             if conn is not None:
                 await conn.disconnect()
-            raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+            raise StoreUnavailable(unreachable(exc)) from None
         except BaseException:
             if conn is not None:
                 await conn.disconnect()

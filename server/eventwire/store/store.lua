@@ -29,7 +29,8 @@
 --                             the anonymous uuid's partition; expires after the
 --                             site's retain_days, never without it)
 --   ew:{site}:aliases:<uuid>  the uuids merged into a customer (set, in the
---                             customer's partition)
+--                             customer's partition; expires the site's
+--                             retain_days after its last merge, never without)
 --   ew:{site}:suppressed      keyed hashes of forgotten customers (set; each
 --                             hash in the partition of the uuid it hashes)
 --   ew:{site}:forgotten       ids of events entries a forget deleted before
@@ -397,7 +398,8 @@ end
 local function open(keys, args)
   local session, conns, live, due, events, producer, suppressed, aliases = unpack(keys)
   local uuid, member, session_id, start_record, heartbeat_ms, grace_ms, idle_ms, max_ms,
-    events_maxlen, taken, end_record, carry, producer_ttl_ms, subject, alias = unpack(args)
+    events_maxlen, taken, end_record, carry, producer_ttl_ms, subject, alias, alias_ttl_ms =
+    unpack(args)
   if redis.call('SISMEMBER', suppressed, subject) == 1 then
     -- A forgotten customer who asked to stay forgotten: nothing is registered,
     -- no session opened, nothing stored.
@@ -405,6 +407,9 @@ local function open(keys, args)
   end
   if alias ~= '' then
     redis.call('SADD', aliases, alias)
+    if tonumber(alias_ttl_ms) > 0 then
+      redis.call('PEXPIRE', aliases, alias_ttl_ms)
+    end
   end
   local now = now_ms()
   local grace, idle, maxd = tonumber(grace_ms), tonumber(idle_ms), tonumber(max_ms)

@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from eventwire.core.errors import StoreUnavailable
-from eventwire.store.client import OUTAGE, RedisClient
+from eventwire.store.client import OUTAGE, RedisClient, unreachable
 from eventwire.store.cluster import CLUSTER_POLL_MS, CLUSTER_READS, on_key_node
 from eventwire.store.keys import Keys
 from eventwire.store.replies import (
@@ -125,7 +125,7 @@ async def read_site_summary(
                     pipe.xinfo_stream(keys.rejected(tag))
                 now, *replies = await pipe.execute(raise_on_error=False)
     except OUTAGE as exc:
-        raise StoreUnavailable(f"redis unreachable: {exc or 'timeout'}") from None
+        raise StoreUnavailable(unreachable(exc)) from None
     for reply in (now, *replies[::3]):
         if isinstance(reply, Exception):
             raise StoreUnavailable(f"redis error: {reply}")
