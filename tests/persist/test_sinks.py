@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
@@ -112,5 +114,21 @@ async def test_bot_column(dsn: str) -> None:  # noqa: F811
             finally:
                 await conn.close()
             assert sorted((r["producer"], r["bot"]) for r in found) == [("b", True), ("p", False)]
+    finally:
+        await sink.close()
+
+
+async def test_two_writes_at_once_store_each_row_once(dsn: str) -> None:  # noqa: F811
+    """Two overlapping batches written at the same time (PostgreSQL: on two connections,
+    one of them waiting for the other's commit) store and report every row once."""
+    sink = open_sink(dsn)
+    await sink.open()
+    try:
+        assert await sink.write([row(1)]) == 1
+        first = [row(seq) for seq in range(1, 3001)]
+        second = [row(seq) for seq in range(2001, 5001)]
+        written = await asyncio.gather(sink.write(first), sink.write(second))
+        assert sum(written) == 4999
+        assert await sink.count() == 5000
     finally:
         await sink.close()

@@ -27,7 +27,7 @@ from eventwire.core.config import Settings
 from eventwire.core.rules import SitesBook, load_sites
 from eventwire.gateway import EventwireServer
 from eventwire.persist.sinks import EventRow, Sink, open_sink
-from eventwire.persist.worker import GROUP, PersistOptions, Worker
+from eventwire.persist.worker import GROUP, READ_COUNT, PersistOptions, Worker
 from eventwire.store import Keys
 from tests.conftest import SITES_TOML, MakeServer
 from tests.procs import UNIT, RedisProcess
@@ -755,3 +755,52 @@ async def test_partitions_lag_gauge_and_trimming(
     assert all(t < n for t, n in full)
     assert stats["persist_lag"] == 0
     assert stats["persist_pending"] == 0
+
+
+class SlowSink(ForwardingSink):
+    """A sink that says it writes two batches at once and takes its time over each,
+    noting how many of its writes were running together at most."""
+
+    writers = 2
+
+    def __init__(self, inner: Sink) -> None:
+        super().__init__(inner)
+        self.running = self.most = 0
+
+    async def write(self, rows: Sequence[EventRow]) -> int:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(0.2 * UNIT)
+            return await self.inner.write(rows)
+        finally:
+            self.running -= 1
+
+
+async def test_two_batches_in_flight_each_acked_after_its_write(
+    redis: aioredis.Redis,
+    redis_proc: RedisProcess,
+    sites_file: Path,
+    dsn: str,
+) -> None:
+    """A sink that writes two batches at once gets two from the worker (never more), and
+    every entry still becomes one row, acked."""
+    n = 4 * READ_COUNT + 7
+    for start in range(0, n, 1000):
+        pipe = redis.pipeline(transaction=False)
+        for seq in range(start + 1, min(n, start + 1000) + 1):
+            pipe.xadd("ew:{app}:events", {"event": stored_event(seq)})
+        await pipe.execute()
+    sink = SlowSink(open_sink(dsn))
+    worker = await start_worker(redis_proc, sites_file, dsn, sink=sink)
+    try:
+        await wait_rows(sink, n, within=60)
+        deadline = time.monotonic() + 10 * UNIT
+        while await pending(redis):
+            assert time.monotonic() < deadline, "entries left unacked"
+            await asyncio.sleep(0.02)
+    finally:
+        await worker.stop()
+    assert sink.most == 2
+    assert worker.rows_written == n
+    assert (await client_rows(dsn))[0] == n

@@ -201,8 +201,10 @@ class Worker:
         self._store_ok = True
         self._next_claim = 0.0
         self._next_info = 0.0
-        #: The write (then ack) of the batch before, running while the next is read.
-        self._inflight: asyncio.Task[None] | None = None
+        #: The writes (then acks) of the batches before, running while the next is read:
+        #: as many as the sink writes at once (its ``writers``, else one), oldest first.
+        self._inflight: list[asyncio.Task[None]] = []
+        self._depth = max(1, int(getattr(self.sink, "writers", 1)))
         #: A batch read while the write before it failed: processed first once the store is back.
         self._carry: Sequence[tuple[Stream, Entries]] = ()
         #: Rows inserted by this worker (duplicates not counted).
@@ -297,11 +299,11 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), RETRY_DELAY)
 
-    async def _drain(self) -> None:
-        """Wait for the write and ack in flight; its failure is raised here."""
-        task, self._inflight = self._inflight, None
-        if task is not None:
-            await task
+    async def _drain(self, keep: int = 0) -> None:
+        """Wait for the writes and acks in flight, oldest first, until ``keep`` are left;
+        a failure is raised here."""
+        while len(self._inflight) > keep:
+            await self._inflight.pop(0)
 
     async def _step(self) -> None:
         if not self._store_ok:
@@ -335,23 +337,25 @@ class Worker:
             if not self._streams:
                 await self._pause()
             return
-        # Pipelined: this read runs while the batch before is written and acked.
+        # Pipelined: this read runs while the batches before are written and acked.
         # With a write in flight the read does not block, so an idle stream
         # never holds back the ack of the batch before.
         delivered, error = await self.groups.read_new(
-            [s.key for s in self._streams], self._read_count(), block=self._inflight is None
+            [s.key for s in self._streams], self._read_count(), block=not self._inflight
         )
         batch = [(self._by_key[key], entries) for key, entries in delivered if key in self._by_key]
         # Decoded while the batch before is still being written: the store's
         # thread and this loop work at the same time.
         prepared = self._prepare(batch) if batch else None
         try:
-            await self._drain()
+            # A sink that writes several batches at once (PostgreSQL) gets the
+            # next one while the one before is still being written.
+            await self._drain(keep=self._depth - 1 if prepared is not None else 0)
         except BaseException:
             self._carry = batch  # read, never written: written first when the store is back
             raise
         if prepared is not None:
-            self._inflight = asyncio.create_task(self._commit(prepared))
+            self._inflight.append(asyncio.create_task(self._commit(prepared)))
         if error is None:
             return
         await self._drain()
