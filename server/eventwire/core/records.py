@@ -38,33 +38,29 @@ class StoredEvent(Struct, kw_only=True, omit_defaults=True):
     bot: bool = False
 
 
-class StoredHead(Struct):
-    """The first fields of a :class:`StoredEvent`: the sender, the same for a frame's events.
+def _part_of_stored(name: str, first: int, last: int | None, doc: str) -> type[Struct]:
+    """A struct of :class:`StoredEvent`'s fields ``first`` to ``last``, as they are there."""
+    fields = msgspec.structs.fields(StoredEvent)[first:last]
+    return msgspec.defstruct(
+        name,
+        [
+            (f.name, f.type) if f.default is msgspec.NODEFAULT else (f.name, f.type, f.default)
+            for f in fields
+        ],
+        omit_defaults=True,
+        module=__name__,
+        namespace={"__doc__": doc},
+    )
 
-    A frame's events are encoded as the head's JSON once (:func:`stored_prefix`)
-    and each event's :class:`StoredTail`: together the bytes of the whole
-    :class:`StoredEvent` (``tests/core/test_records.py`` holds the field lists
-    and the bytes equal).
-    """
 
-    site: str
-    uuid: str
-    session: str
-    producer: str
-
-
-class StoredTail(Struct, omit_defaults=True):
-    """The fields of a :class:`StoredEvent` after :class:`StoredHead`'s, in order."""
-
-    seq: int
-    action: str
-    label: str
-    time: int
-    received: int
-    params: dict[str, Any]
-    original_time: int | None = None
-    authenticated: bool = False
-    bot: bool = False
+#: The first fields of a :class:`StoredEvent`: the sender, the same for a frame's
+#: events. A frame's events are encoded as the head's JSON once
+#: (:func:`stored_prefix`) and each event's :data:`StoredTail`: together the bytes
+#: of the whole :class:`StoredEvent` (``tests/core/test_frames.py`` holds the bytes
+#: equal). Both are made from StoredEvent's own fields, so they cannot drift.
+StoredHead: Final = _part_of_stored("StoredHead", 0, 4, "StoredEvent's sender fields.")
+#: The fields of a :class:`StoredEvent` after :data:`StoredHead`'s, in order.
+StoredTail: Final = _part_of_stored("StoredTail", 4, None, "StoredEvent's fields after its head.")
 
 
 class RejectedRecord(Struct, kw_only=True, omit_defaults=True):
