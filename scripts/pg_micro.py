@@ -85,14 +85,19 @@ async def timed(name: str, aw: Any) -> Any:
     return out
 
 
+async def copy_in(conn: Any, rows: list[sinks.EventRow]) -> None:
+    """The batch into the staging table by binary COPY, timed as ``copy``."""
+    await timed(
+        "copy",
+        conn.copy_records_to_table(
+            STAGING, records=list(map(msgspec.structs.astuple, rows)), columns=COLS
+        ),
+    )
+
+
 async def v_baseline(conn: Any, rows: list[sinks.EventRow]) -> None:
     async with conn.transaction():
-        await timed(
-            "copy",
-            conn.copy_records_to_table(
-                STAGING, records=list(map(msgspec.structs.astuple, rows)), columns=COLS
-            ),
-        )
+        await copy_in(conn, rows)
         ins = await timed(
             "insert",
             conn.fetch(
@@ -105,24 +110,14 @@ async def v_baseline(conn: Any, rows: list[sinks.EventRow]) -> None:
 
 async def v_noreturn(conn: Any, rows: list[sinks.EventRow]) -> None:
     async with conn.transaction():
-        await timed(
-            "copy",
-            conn.copy_records_to_table(
-                STAGING, records=list(map(msgspec.structs.astuple, rows)), columns=COLS
-            ),
-        )
+        await copy_in(conn, rows)
         await timed("insert", conn.execute(insert_sql("convert_from(params, 'UTF8')::jsonb")))
 
 
 async def v_plainret(conn: Any, rows: list[sinks.EventRow]) -> None:
     """RETURNING only the plain columns (page extracted from staging not needed)."""
     async with conn.transaction():
-        await timed(
-            "copy",
-            conn.copy_records_to_table(
-                STAGING, records=list(map(msgspec.structs.astuple, rows)), columns=COLS
-            ),
-        )
+        await copy_in(conn, rows)
         await timed(
             "insert",
             conn.fetch(
@@ -133,12 +128,7 @@ async def v_plainret(conn: Any, rows: list[sinks.EventRow]) -> None:
 
 async def v_notexists(conn: Any, rows: list[sinks.EventRow]) -> None:
     async with conn.transaction():
-        await timed(
-            "copy",
-            conn.copy_records_to_table(
-                STAGING, records=list(map(msgspec.structs.astuple, rows)), columns=COLS
-            ),
-        )
+        await copy_in(conn, rows)
         await timed(
             "insert",
             conn.execute(
@@ -154,12 +144,7 @@ async def v_notexists(conn: Any, rows: list[sinks.EventRow]) -> None:
 async def v_nojson(conn: Any, rows: list[sinks.EventRow]) -> None:
     """params as a constant jsonb: what parsing costs."""
     async with conn.transaction():
-        await timed(
-            "copy",
-            conn.copy_records_to_table(
-                STAGING, records=list(map(msgspec.structs.astuple, rows)), columns=COLS
-            ),
-        )
+        await copy_in(conn, rows)
         await timed("insert", conn.execute(insert_sql("'{}'::jsonb")))
 
 
@@ -171,12 +156,7 @@ async def v_copydirect(conn: Any, rows: list[sinks.EventRow]) -> None:
 
 async def v_copyonly(conn: Any, rows: list[sinks.EventRow]) -> None:
     async with conn.transaction():
-        await timed(
-            "copy",
-            conn.copy_records_to_table(
-                STAGING, records=list(map(msgspec.structs.astuple, rows)), columns=COLS
-            ),
-        )
+        await copy_in(conn, rows)
 
 
 SINK = sinks.PostgresSink("")
