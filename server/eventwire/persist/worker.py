@@ -58,7 +58,7 @@ from eventwire.persist.sinks import (
     pack_rows,
 )
 from eventwire.persist.upkeep import DeadEntry, Entries, Retention, Stream, Upkeep, streams_of
-from eventwire.store import ConsumerGroup, GroupMissing, Keys, StreamEntry
+from eventwire.store import ConsumerGroup, GroupMissing, Keys, ReadEntries, StreamEntry
 
 __all__ = ["GROUP", "PersistOptions", "Stream", "Worker", "consumer_name", "streams_of"]
 
@@ -91,11 +91,12 @@ BATCHES: Final = Counter("eventwire_persist_batches", "Batches committed and ack
 
 @dataclass(slots=True)
 class _Prepared:
-    """A batch decoded: its rows, their entry ids by stream key (in row order,
-    stream by stream), the entries they came from, and what goes to the dead stream."""
+    """A batch decoded: its rows, their entry ids by stream key (bytes, as the ack
+    sends them; in row order, stream by stream), the entries they came from, and
+    what goes to the dead stream."""
 
     rows: list[EventRow] = field(default_factory=list)
-    ids: dict[str, list[str]] = field(default_factory=dict)
+    ids: dict[str, Sequence[bytes]] = field(default_factory=dict)
     sources: list[tuple[Stream, Entries]] = field(default_factory=list)
     dead: list[DeadEntry] = field(default_factory=list)
 
@@ -415,13 +416,19 @@ class Worker:
         all are good, else one by one) and the entries that go to the dead stream."""
         prepared = _Prepared()
         for stream, entries in batch:
-            raws = [raw for _, raw in entries]
+            # A read's entries come as their ids and events (ReadEntries): no
+            # StreamEntry is made on the way to the row and the ack.
+            if isinstance(entries, ReadEntries):
+                raws, ids = entries.events, entries.ids
+            else:
+                raws = [raw for _, raw in entries]
+                ids = [entry_id.encode() for entry_id, _ in entries]
             rows = None
             if not deliveries and None not in raws:
                 rows = decode_rows(stream.site, raws)  # type: ignore[arg-type]
             if rows is not None:
                 prepared.rows += rows
-                prepared.ids[stream.key] = [entry_id for entry_id, _ in entries]
+                prepared.ids[stream.key] = ids
                 prepared.sources.append((stream, entries))
                 continue
             good: list[StreamEntry] = []
@@ -441,7 +448,7 @@ class Worker:
                     continue
                 good.append(StreamEntry(entry_id, raw))
             if good:
-                prepared.ids[stream.key] = [entry_id for entry_id, _ in good]
+                prepared.ids[stream.key] = [entry_id.encode() for entry_id, _ in good]
                 prepared.sources.append((stream, good))
         # What the SQLite sink's thread would compute from the rows, computed here
         # (while the batch before is written): that thread then holds the GIL for less.
@@ -485,7 +492,7 @@ class Worker:
             except Exception as exc:
                 failed.append((stream, entry_id, raw, repr(exc)))
                 continue
-            await self.groups.ack({stream.key: [entry_id]})
+            await self.groups.ack({stream.key: [entry_id.encode()]})
             self._count([row], written)
         if not failed:
             return
