@@ -454,14 +454,18 @@ def sqlite_path(dsn: str) -> Path:
     return Path(dsn)
 
 
-def open_sink(dsn: str) -> Sink:
+def open_sink(dsn: str, pg_writers: int | None = None) -> Sink:
     """The sink a DSN names (not opened yet).
+
+    Args:
+        pg_writers: a PostgreSQL sink's writing connections (default
+            :attr:`PostgresSink.WRITERS`); SQLite has one.
 
     Raises:
         ValueError: the DSN's scheme is neither sqlite nor postgresql.
     """
     if dsn.startswith(("postgresql://", "postgres://")):
-        return PostgresSink(dsn)
+        return PostgresSink(dsn, PostgresSink.WRITERS if pg_writers is None else pg_writers)
     return SqliteSink(sqlite_path(dsn))
 
 
@@ -632,10 +636,11 @@ class _Writer:
 
 
 class PostgresSink:
-    """The PostgreSQL store: :data:`WRITERS` asyncpg connections, one batch at a time on each.
+    """The PostgreSQL store: ``writers`` asyncpg connections (:data:`WRITERS` by default),
+    one batch at a time on each.
 
     Events go in by binary ``COPY`` into a staging table, then one ``INSERT``
-    per batch (see :meth:`write`). Two batches may be written at once, each
+    per batch (see :meth:`write`). ``writers`` batches may be written at once, each
     on a connection of its own (the worker keeps :attr:`writers` batches in
     flight): PostgreSQL works on one while the worker encodes, commits or
     acks the other. The first connection also serves every other call.
@@ -643,7 +648,8 @@ class PostgresSink:
 
     #: How long connecting, and each statement, may take before the batch fails (and is retried).
     TIMEOUT: Final = 30.0
-    #: Connections that write batches at the same time.
+    #: Connections that write batches at the same time unless told otherwise
+    #: (the ``persist_pg_writers`` setting has the same default).
     WRITERS: Final = 2
 
     def __init__(self, dsn: str, writers: int = WRITERS) -> None:

@@ -50,6 +50,7 @@ from eventwire.core.rules import SitesBook
 from eventwire.persist.sinks import (
     DEFAULT_DSN,
     EventRow,
+    PostgresSink,
     Sink,
     SqliteSink,
     decode_row,
@@ -103,7 +104,8 @@ class _Prepared:
 
 @dataclass(frozen=True, kw_only=True)
 class PersistOptions:
-    """The worker's own settings (``EVENTWIRE_PERSIST_DSN``, ``_CLAIM_IDLE``, ``_MAX_DELIVERIES``).
+    """The worker's own settings (``EVENTWIRE_PERSIST_DSN``, ``_CLAIM_IDLE``, ``_MAX_DELIVERIES``,
+    ``_PERSIST_PG_WRITERS``).
 
     Attributes:
         dsn: the store; SQLite file (default ``data/events.db``) or ``postgresql://``.
@@ -123,6 +125,10 @@ class PersistOptions:
     #: resume, ``tail --since``); older ones that the group has acknowledged are
     #: trimmed. Costs ~0.5 KiB of Redis memory per event kept.
     retain: float = 3600.0
+    #: PostgreSQL connections the worker writes batches on at once, one batch
+    #: each (it keeps that many in flight); each is a backend in PostgreSQL.
+    #: SQLite ignores it.
+    pg_writers: int = PostgresSink.WRITERS
 
     def __post_init__(self) -> None:
         if not self.claim_idle > 0:
@@ -131,6 +137,8 @@ class PersistOptions:
             raise ConfigError(f"max_deliveries must be at least 1, got {self.max_deliveries}")
         if self.retain < 0:
             raise ConfigError(f"retain must be 0 or more, got {self.retain}")
+        if self.pg_writers < 1:
+            raise ConfigError(f"pg_writers must be at least 1, got {self.pg_writers}")
 
     @classmethod
     def from_settings(
@@ -148,6 +156,7 @@ class PersistOptions:
             if max_deliveries is not None
             else settings.max_deliveries,
             retain=settings.persist_retain,
+            pg_writers=settings.persist_pg_writers,
         )
 
 
@@ -180,7 +189,7 @@ class Worker:
         self.book = book
         self.options = options
         self.keys = Keys(settings.key_prefix)
-        self.sink: Sink = sink if sink is not None else open_sink(options.dsn)
+        self.sink: Sink = sink if sink is not None else open_sink(options.dsn, options.pg_writers)
         self.consumer = consumer or consumer_name()
         #: Every Redis call of the worker (its own client).
         self.groups = ConsumerGroup(settings.redis_url, self.consumer, BLOCK_MS, GROUP)
