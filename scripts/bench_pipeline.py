@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 
 from eventwire.core.config import Settings
 from eventwire.core.rules import SiteConfig, SiteRules, SitesBook
+from eventwire.heap import freeze_imports
 from eventwire.persist.sinks import open_sink
 from eventwire.persist.worker import PersistOptions, Worker
 
@@ -94,6 +95,7 @@ async def persist_rate(redis_url: str, dsn: str) -> tuple[int, float, float]:
     worker = Worker(settings, book, PersistOptions(dsn=dsn), sink=sink)
     started, cpu = time.perf_counter(), time.process_time()
     await worker.start()
+    freeze_imports()  # as `eventwire persist` does once started
     while True:
         (group,) = await redis.xinfo_groups(STREAM)
         if group["lag"] == 0 and group["pending"] == 0:
