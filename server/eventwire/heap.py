@@ -94,30 +94,38 @@ class HeapKeeper:
         freeze_imports()
         self._thawed_at = self._clock()
 
-    def due(self) -> bool:
-        """Whether it is time to collect fully: enough churn, or a small heap's interval."""
+    def due(self) -> str | None:
+        """Why it is time to collect fully (``churn``, or a small heap's ``interval``), or None."""
         open_now = self._open()
         if self._closed() - self._closed_at_thaw >= max(MIN_CHURN, open_now // 4):
-            return True
-        return open_now < MIN_OPEN and self._clock() - self._thawed_at >= SMALL_THAW_INTERVAL
+            return "churn"
+        if open_now < MIN_OPEN and self._clock() - self._thawed_at >= SMALL_THAW_INTERVAL:
+            return "interval"
+        return None
 
     def step(self) -> None:
         """One round: a full collection if :meth:`due`, then young garbage out and a freeze."""
-        if self.due():
-            self._thaw()
+        why = self.due()
+        if why is not None:
+            self._thaw(why)
         gc.collect(1)
         gc.freeze()
 
-    def _thaw(self) -> None:
-        """Everything back to the collector, and one full collection."""
+    def _thaw(self, why: str) -> None:
+        """Everything back to the collector, and one full collection.
+
+        Logged at info after churn (a pause worth knowing of), at debug on a
+        small heap's interval (short, once a minute).
+        """
         started = time.perf_counter()
         gc.unfreeze()
         collected = gc.collect()
         self._closed_at_thaw = self._closed()
         self._thawed_at = self._clock()
         self.thaws += 1
-        log.info(
+        (log.info if why == "churn" else log.debug)(
             "heap_collected",
+            why=why,
             collected=collected,
             ms=round((time.perf_counter() - started) * 1000),
             open_connections=self._open(),
