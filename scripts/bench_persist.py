@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from eventwire.core.config import Settings
 from eventwire.core.records import StoredEvent
 from eventwire.core.rules import SiteConfig, SiteRules, SitesBook
+from eventwire.heap import freeze_imports
 from eventwire.persist.sinks import PostgresSink, open_sink
 from eventwire.persist.worker import PersistOptions, Worker, tune_gc
 
@@ -154,6 +155,7 @@ async def main() -> None:
     worker = Worker(settings, book, options, sink=sink)
     started, cpu = time.perf_counter(), time.process_time()
     await worker.start()
+    freeze_imports()  # as `eventwire persist` does once started
     # The worker's own count: polling the store with count(*) would take the
     # sink's lock (and SQLite's file) from the worker it measures.
     while worker.rows_written < args.n:  # noqa: ASYNC110 - polling the worker is the point
