@@ -96,12 +96,10 @@ RETRY_DELAY: Final = 1.0
 #: The cyclic collector's young-generation threshold in a persist worker's process
 #: (CPython's default: 700). A batch makes tens of thousands of lists and tuples
 #: (hiredis' reply, the rows' values) that reference counting frees with it; at 700
-#: they set off ~2,000 young, ~180 middle and ~16 full collections per 300,000 rows
-#: (scripts/bench_persist.py, timed by gc.callbacks): 0.45-0.58 s of collecting,
-#: ~0.4 of the worker's CPU into PostgreSQL, and 0.10-0.14 s with the imports frozen
-#: (:func:`eventwire.heap.freeze_imports`); at 20,000, 1-4 young ones, 2-11 ms.
-#: Collections then run for what outlives batches; a cycle (a failure's
-#: traceback) waits for at most this many new objects.
+#: they set off ~2,000 young and ~16 full collections per 300,000 rows, ~0.4 of the
+#: worker's CPU into PostgreSQL (scripts/bench_persist.py, timed by gc.callbacks).
+#: Above what a batch holds at once, collections run for what outlives batches; a
+#: cycle (a failure's traceback) waits for at most this many new objects.
 GC_YOUNG: Final = 20_000
 
 ROWS_WRITTEN: Final = Counter(
