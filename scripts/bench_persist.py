@@ -33,7 +33,7 @@ from eventwire.core.records import StoredEvent
 from eventwire.core.rules import SiteConfig, SiteRules, SitesBook
 from eventwire.heap import freeze_imports
 from eventwire.persist.sinks import PostgresSink, open_sink
-from eventwire.persist.worker import PersistOptions, Worker, tune_gc
+from eventwire.persist.worker import PersistOptions, Worker
 
 SITE = "bench"
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,6 @@ async def main() -> None:
         )
         return
     settings = msgspec.convert({"redis_url": args.redis_url}, Settings)
-    tune_gc()  # as `eventwire persist` does in its process
     book = SitesBook(None, {SITE: SiteRules(SITE, SiteConfig(allow_no_origin=True))})
     options = PersistOptions(dsn=args.dsn, pg_writers=args.pg_writers)
     sink = open_sink(args.dsn, options.pg_writers)

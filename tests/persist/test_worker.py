@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import os
 import secrets
@@ -29,7 +28,7 @@ from eventwire.core.errors import ConfigError
 from eventwire.core.rules import SitesBook, load_sites
 from eventwire.gateway import EventwireServer
 from eventwire.persist.sinks import EventRow, PostgresSink, Sink, SqliteSink, open_sink
-from eventwire.persist.worker import GC_YOUNG, GROUP, READ_COUNT, PersistOptions, Worker, tune_gc
+from eventwire.persist.worker import GROUP, READ_COUNT, PersistOptions, Worker
 from eventwire.store import Keys
 from tests.conftest import SITES_TOML, MakeServer
 from tests.procs import UNIT, RedisProcess
@@ -875,28 +874,3 @@ async def test_three_pg_writers_write_every_row_once(
     assert used == 3
     assert worker.rows_written == n
     assert (await client_rows(dsn))[0] == n
-
-
-def test_tune_gc_lets_a_batch_die_by_reference_count() -> None:
-    """After tune_gc a batch's worth of short-lived lists and tuples (as hiredis' reply
-    and the rows' values make) sets off no collection; only the young threshold moved."""
-    before = gc.get_threshold()
-    runs = [0]
-
-    def count(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            runs[0] += 1
-
-    gc.collect()
-    gc.callbacks.append(count)
-    try:
-        tune_gc()
-        assert gc.get_threshold() == (GC_YOUNG, before[1], before[2])
-        for _ in range(20):
-            batch = [[b"id", [b"event", b"{}"]] for _ in range(READ_COUNT)]
-            values = [tuple(entry) for entry in batch]
-            del batch, values
-        assert runs[0] == 0
-    finally:
-        gc.callbacks.remove(count)
-        gc.set_threshold(*before)

@@ -32,7 +32,7 @@ from eventwire.core.rules import SitesBook, load_sites
 from eventwire.heap import freeze_imports
 from eventwire.log import configure
 from eventwire.persist.sinks import Activity, open_sink
-from eventwire.persist.worker import PersistOptions, Worker, tune_gc
+from eventwire.persist.worker import PersistOptions, Worker
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -68,7 +68,6 @@ async def run_persist(args: argparse.Namespace) -> int:
         print(f"eventwire: configuration error: {exc}", file=sys.stderr)
         return 2
     configure(loaded.settings.log_level)
-    tune_gc()
     if metrics_addr is not None:
         start_http_server(metrics_addr[1], addr=metrics_addr[0])
     worker = Worker(loaded.settings, book, options)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import secrets
 import socket
@@ -62,16 +61,7 @@ from eventwire.persist.sinks import (
 from eventwire.persist.upkeep import DeadEntry, Entries, Retention, Stream, Upkeep, streams_of
 from eventwire.store import ConsumerGroup, GroupMissing, Keys, ReadEntries, StreamEntry
 
-__all__ = [
-    "GC_YOUNG",
-    "GROUP",
-    "PersistOptions",
-    "Stream",
-    "Worker",
-    "consumer_name",
-    "streams_of",
-    "tune_gc",
-]
+__all__ = ["GROUP", "PersistOptions", "Stream", "Worker", "consumer_name", "streams_of"]
 
 log = structlog.get_logger("eventwire.persist")
 
@@ -93,14 +83,6 @@ BLOCK_MS: Final = 1000
 INFO_INTERVAL: Final = 5.0
 #: How long the loop waits after a Redis or store failure before trying again.
 RETRY_DELAY: Final = 1.0
-#: The cyclic collector's young-generation threshold in a persist worker's process
-#: (CPython's default: 700). A batch makes tens of thousands of lists and tuples
-#: (hiredis' reply, the rows' values) that reference counting frees with it; at 700
-#: they set off ~2,000 young and ~16 full collections per 300,000 rows, ~0.4 of the
-#: worker's CPU into PostgreSQL (scripts/bench_persist.py, timed by gc.callbacks).
-#: Above what a batch holds at once, collections run for what outlives batches; a
-#: cycle (a failure's traceback) waits for at most this many new objects.
-GC_YOUNG: Final = 20_000
 
 ROWS_WRITTEN: Final = Counter(
     "eventwire_persist_rows_written", "Event rows inserted (duplicates not counted).", ["site"]
@@ -176,13 +158,6 @@ class PersistOptions:
             retain=settings.persist_retain,
             pg_writers=settings.persist_pg_writers,
         )
-
-
-def tune_gc() -> None:
-    """Set the collector of a process that runs persist workers (:data:`GC_YOUNG`; the
-    older generations keep their thresholds). ``eventwire persist`` calls it at start."""
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG, middle, old)
 
 
 def consumer_name() -> str:
