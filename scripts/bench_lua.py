@@ -50,13 +50,12 @@ from eventwire.store import (  # noqa: E402
     Keys,
     OpenArgs,
     PublishArgs,
-    PublishFrameArgs,
     PublishFrameKeys,
     PublishKeys,
     session_end_record,
     session_start_record,
 )
-from eventwire.store.resp import bulk, pack_args, pack_fcall, pack_items  # noqa: E402
+from eventwire.store.resp import bulk, frame_count, pack_args, pack_fcall, pack_items  # noqa: E402
 
 SITE = "bench"
 
@@ -414,10 +413,9 @@ def pack_publish(fn: str, head: PublishKeys, fixed: list[Any], frames: list[Cust
         for _ in range(epf):
             c.seq += 1
             items.extend((c.seq, b"e", payload(c.uuid, c.session, c.producer, c.seq)))
-        fa = PublishFrameArgs(c.session, c.uuid, epf)
-        tail.extend(bulk(a) for a in fa)
+        tail.append(bulk(c.session))
         tail.append(pack_items(items))
-        count += 3 + 3 * epf
+        count += frame_count(epf)
     return pack_fcall(fn, [*head, *frame_keys], fixed, tail, count)
 
 
