@@ -1,23 +1,32 @@
-"""The cyclic garbage collector kept off the objects of long-lived connections.
+"""The cyclic garbage collector kept off the long-lived heap.
 
-Every open connection holds about a hundred objects the collector tracks
-(its websockets connection, protocol and parser, its transport, tasks and
-futures, its protocol state), and they live as long as the connection.
-CPython's full collection walks all of them each time the long-lived objects
-grew by a quarter: with 19,500 idle connections on the 2-core reference
-machine a pass took 0.5 to 1.6 s, in which no frame was answered (a trickle's
-p99 ack latency went from 8 ms to 0.7-1.2 s).
+A server process holds two kinds of long-lived objects the collector tracks:
+what it imported (modules, classes, functions, compiled patterns: about
+75,000 objects), and every open connection's objects (its websockets
+protocol and parser, its transport, futures, its protocol state: about a
+hundred each). CPython's full collection walks all of them whenever the
+objects that outlived two young collections grew by a quarter. Under load
+that is often even with few connections: frames in flight for a few
+milliseconds outlive two young collections at tens of thousands of frames
+per second, so at 50 connections a full pass (20-40 ms on the 2-core
+reference machine, walking the imports) ran every second and stopped every
+answer meanwhile (p99 ack latency 35-46 ms instead of 16-22). With 19,500
+idle connections a pass took 0.5 to 1.6 s.
 
-:class:`HeapKeeper` moves what survived into the permanent generation
-(``gc.freeze()``) every :data:`FREEZE_INTERVAL` seconds, after a young
-collection, so that full collections walk only what is new. Frozen objects
-are never collected: a closed connection's reference cycles stay until the
-next thaw. The keeper thaws and runs one full collection when the
+:class:`HeapKeeper` moves what survives into the permanent generation
+(``gc.freeze()``): once at start (:meth:`HeapKeeper.settle`, the imports),
+then every :data:`FREEZE_INTERVAL` seconds after a young collection, so that
+a full collection walks only what is new. Frozen objects are still freed
+when their last reference goes, but a frozen reference cycle is never
+collected until the next thaw: the keeper thaws and runs one full
+collection (a pause as long as a full pass of everything) when the
 connections closed since the last one reach a quarter of the open ones (at
-least :data:`MIN_CHURN`): the pause then comes with churn, once per quarter
+least :data:`MIN_CHURN`), so the pause comes with churn, once per quarter
 turnover, as CPython's own rule would have it, instead of with growth or
-idle time. With fewer than :data:`MIN_OPEN` connections open nothing is
-frozen.
+idle time. With fewer than :data:`MIN_OPEN` connections open, where a full
+pass is short, it also thaws every :data:`SMALL_THAW_INTERVAL` seconds, so
+that cycles from anything else long-lived (a Redis reconnect, a sites
+reload) wait at most that long.
 """
 
 from __future__ import annotations
@@ -34,12 +43,14 @@ log = structlog.get_logger("eventwire.heap")
 
 #: Seconds between freezes.
 FREEZE_INTERVAL: Final = 5.0
-#: Closed connections below which the keeper never thaws.
+#: Closed connections below which churn alone never thaws.
 MIN_CHURN: Final = 1_000
-#: Open connections below which nothing is frozen: a full collection of a
-#: small heap is short, and frozen cycles of closed connections would only
-#: wait for a thaw.
+#: Open connections below which a full pass is short enough to run every
+#: :data:`SMALL_THAW_INTERVAL` seconds.
 MIN_OPEN: Final = 2_000
+#: Seconds between thaws of a process with fewer than :data:`MIN_OPEN`
+#: connections open.
+SMALL_THAW_INTERVAL: Final = 60.0
 
 
 class HeapKeeper:
@@ -48,31 +59,38 @@ class HeapKeeper:
     Args:
         open_connections: how many connections are open now.
         closed_connections: how many have closed since the process started.
+        clock: seconds, monotonic (tests pass their own).
     """
 
     def __init__(
-        self, open_connections: Callable[[], int], closed_connections: Callable[[], int]
+        self,
+        open_connections: Callable[[], int],
+        closed_connections: Callable[[], int],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._open = open_connections
         self._closed = closed_connections
+        self._clock = clock
         self._closed_at_thaw = 0
+        self._thawed_at = clock()
         #: Full collections run (thaws), for tests and logs.
         self.thaws = 0
 
+    def settle(self) -> None:
+        """Once the process has started: one full collection, and what it imported frozen."""
+        gc.collect()
+        gc.freeze()
+        self._thawed_at = self._clock()
+
     def due(self) -> bool:
-        """Whether enough connections closed since the last thaw to collect fully."""
-        churn = self._closed() - self._closed_at_thaw
-        return churn >= max(MIN_CHURN, self._open() // 4)
+        """Whether it is time to collect fully: enough churn, or a small heap's interval."""
+        open_now = self._open()
+        if self._closed() - self._closed_at_thaw >= max(MIN_CHURN, open_now // 4):
+            return True
+        return open_now < MIN_OPEN and self._clock() - self._thawed_at >= SMALL_THAW_INTERVAL
 
     def step(self) -> None:
-        """One round: a full collection if :meth:`due`, then young garbage out and a freeze.
-
-        Below :data:`MIN_OPEN` open connections nothing stays frozen.
-        """
-        if self._open() < MIN_OPEN:
-            if gc.get_freeze_count():
-                self._thaw()
-            return
+        """One round: a full collection if :meth:`due`, then young garbage out and a freeze."""
         if self.due():
             self._thaw()
         gc.collect(1)
@@ -84,6 +102,7 @@ class HeapKeeper:
         gc.unfreeze()
         collected = gc.collect()
         self._closed_at_thaw = self._closed()
+        self._thawed_at = self._clock()
         self.thaws += 1
         log.info(
             "heap_collected",
@@ -93,7 +112,8 @@ class HeapKeeper:
         )
 
     async def run(self) -> None:
-        """Step every :data:`FREEZE_INTERVAL` seconds until cancelled; thaw at the end."""
+        """Settle, then step every :data:`FREEZE_INTERVAL` s until cancelled; thaw at the end."""
+        self.settle()
         try:
             while True:
                 await asyncio.sleep(FREEZE_INTERVAL)
