@@ -6,8 +6,9 @@ KEYS and ARGV are a :class:`~typing.NamedTuple` here, whose fields are the
 names ``store.lua`` unpacks them into, in the same order: these classes are
 the only place in Python that knows a position, and
 ``tests/store/test_functions.py`` holds them to the Lua text. Parts a call
-repeats (a publish call's frames and their items, a heartbeat's members)
-have a class of their own and follow the fixed arguments.
+repeats follow the fixed arguments: a publish call's frames (a class of
+their own, then one payload per item: :func:`frame_args`), a heartbeat's
+members.
 
 The server-made events whose values only Redis knows (``session.end``:
 which session ends, when and why; ``client.identify``: the session's seq
