@@ -27,6 +27,9 @@ idle time. With fewer than :data:`MIN_OPEN` connections open, where a full
 pass is short, it also thaws every :data:`SMALL_THAW_INTERVAL` seconds, so
 that cycles from anything else long-lived (a Redis reconnect, a sites
 reload) wait at most that long.
+
+The persist worker has no long-lived connections, only batches: it freezes
+what it imported once (:func:`freeze_imports`), for the same reason.
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ MIN_OPEN: Final = 2_000
 SMALL_THAW_INTERVAL: Final = 60.0
 
 
+def freeze_imports() -> None:
+    """One full collection, then everything alive frozen: call once a process has started.
+
+    A process without long-lived connections (the persist worker) needs no
+    more than this: its full collections then walk only its batches.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class HeapKeeper:
     """Freezes the long-lived heap; thaws and collects it fully after enough churn.
 
@@ -77,9 +90,8 @@ class HeapKeeper:
         self.thaws = 0
 
     def settle(self) -> None:
-        """Once the process has started: one full collection, and what it imported frozen."""
-        gc.collect()
-        gc.freeze()
+        """Once the process has started: what it imported frozen (:func:`freeze_imports`)."""
+        freeze_imports()
         self._thawed_at = self._clock()
 
     def due(self) -> bool:

@@ -28,6 +28,7 @@ from prometheus_client import start_http_server
 from eventwire.core.config import load_settings, parse_hostport
 from eventwire.core.errors import ConfigError
 from eventwire.core.rules import SitesBook, load_sites
+from eventwire.heap import freeze_imports
 from eventwire.log import configure
 from eventwire.persist.sinks import Activity, open_sink
 from eventwire.persist.worker import PersistOptions, Worker
@@ -72,6 +73,8 @@ async def run_persist(args: argparse.Namespace) -> int:
         print(f"eventwire persist: cannot start: {exc!r}", file=sys.stderr)
         await worker.stop()
         return 1
+    # Full collections walk the batches, not the imports (eventwire.heap).
+    freeze_imports()
     try:
         await worker.wait()
     finally:
