@@ -50,13 +50,12 @@ from eventwire.store import (  # noqa: E402
     Keys,
     OpenArgs,
     PublishArgs,
-    PublishFrameArgs,
     PublishFrameKeys,
     PublishKeys,
     session_end_record,
     session_start_record,
 )
-from eventwire.store.resp import bulk, pack_args, pack_fcall, pack_items  # noqa: E402
+from eventwire.store.resp import bulk, frame_count, pack_args, pack_fcall, pack_items  # noqa: E402
 
 SITE = "bench"
 
@@ -140,6 +139,7 @@ class Result:
     lua_us: list[float] = field(default_factory=list)
     instr_frame: list[float] = field(default_factory=list)
     inner: dict[str, list[float]] = field(default_factory=dict)
+    inner_us: dict[str, list[float]] = field(default_factory=dict)
 
 
 class Callgrind:
@@ -202,6 +202,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=4, help="calls in flight")
     ap.add_argument("--group", action="store_true", help="a persist group on the stream")
     ap.add_argument("--no-ref", action="store_true", help="skip node-dedup's Lua")
+    ap.add_argument("--usec", action="store_true", help="also each command's µs per frame")
     ap.add_argument(
         "--callgrind",
         action="store_true",
@@ -292,7 +293,7 @@ def run(conn: Conn, libs: list[tuple[str, Path]], scenarios: list[tuple[int, ...
             c.uuid, f"p1:1:{c.uuid}", sid,
             session_start_record(SITE, c.uuid, sid, c.producer, {}, 1764160000000),
             15_000, 60_000, timing_idle, timing_max, settings.stream_maxlen, "sei",
-            session_end_record(SITE), 0, int(settings.producer_ttl * 1000), "0" * 64, "",
+            session_end_record(SITE), 0, int(settings.producer_ttl * 1000), "0" * 64, "", 0,
         )  # fmt: skip
         reply = conn.cmd(*pack_fcall_args(open_name, list(ckeys), list(args)))
         c.session = reply[0].decode()
@@ -354,10 +355,11 @@ def run(conn: Conn, libs: list[tuple[str, Path]], scenarios: list[tuple[int, ...
                 skip = ("info", "config|resetstat", top)
                 inner_us = sum(u for cmd, (_, u) in stats.items() if cmd not in skip)
                 r.lua_us.append((stats[top][1] - inner_us) / nframes)
-                for cmd, (n, _) in stats.items():
+                for cmd, (n, u) in stats.items():
                     if cmd in skip:
                         continue
                     r.inner.setdefault(cmd, []).append(n / nframes)
+                    r.inner_us.setdefault(cmd, []).append(u / nframes)
         print(f"\n{fpc} frame(s) per call ({repeat} in a row per customer), {epf} event(s) "
               f"per frame, {calls} calls a round")  # fmt: skip
         print(f"{'':18} {'Redis CPU µs/frame':>22} {'µs/event':>20} {'µs in call/frame':>22} "
@@ -369,6 +371,11 @@ def run(conn: Conn, libs: list[tuple[str, Path]], scenarios: list[tuple[int, ...
             )
             print(f"{name:18} {med(r.cpu_us_frame):>22} {med(r.cpu_us_event):>20} "
                   f"{med(r.call_us):>22} {med(r.lua_us):>20}  {inner}")  # fmt: skip
+            if opts.usec:
+                inner = ", ".join(
+                    f"{cmd} {statistics.median(v):.2f}" for cmd, v in sorted(r.inner_us.items())
+                )
+                print(f"{'':18} µs per frame in each command: {inner}")
             if opts.callgrind:
                 ir = statistics.median(r.instr_frame)
                 print(f"{'':18} {ir:,.0f} instructions a frame, {ir / epf:,.0f} an event")
@@ -406,10 +413,9 @@ def pack_publish(fn: str, head: PublishKeys, fixed: list[Any], frames: list[Cust
         for _ in range(epf):
             c.seq += 1
             items.extend((c.seq, b"e", payload(c.uuid, c.session, c.producer, c.seq)))
-        fa = PublishFrameArgs(c.session, c.uuid, epf)
-        tail.extend(bulk(a) for a in fa)
+        tail.append(bulk(c.session))
         tail.append(pack_items(items))
-        count += 3 + 3 * epf
+        count += frame_count(epf)
     return pack_fcall(fn, [*head, *frame_keys], fixed, tail, count)
 
 

@@ -153,8 +153,11 @@ async def test_idle_found_by_the_event_itself(
     assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
     assert len({e["session"] for e in events[1:]}) == 1
     assert events[1]["session"] != welcome["session"]
-    actions = [(e["action"], e["params"].get("reason")) for e in await made(redis)]
+    server_made = await made(redis)
+    actions = [(e["action"], e["params"].get("reason")) for e in server_made]
     assert actions == [("session.start", None), ("session.end", "idle"), ("session.start", None)]
+    # The end publish made names the customer (Lua reads it from the session key).
+    assert {e["uuid"] for e in server_made} == {"u-late"}
 
 
 async def test_max_ends_a_busy_session(make_server: MakeServer, redis: aioredis.Redis) -> None:

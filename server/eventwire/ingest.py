@@ -197,9 +197,7 @@ class Carrier:
         ids = self._ids
         if ids is None or ids.session != frame.session:
             # Packed for Redis once per customer and session, not per frame.
-            ids = self._ids = pack_frame_ids(
-                self._producer_key, self._session_key, frame.session, uuid
-            )
+            ids = self._ids = pack_frame_ids(self._producer_key, self._session_key, frame.session)
         if frame.rejections:
             for r in frame.rejections:
                 metrics.REJECTS.labels(self.site, r.code).inc()

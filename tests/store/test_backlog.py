@@ -19,11 +19,11 @@ from eventwire.store import (
     LIBRARY,
     Keys,
     PublishArgs,
-    PublishFrameArgs,
     PublishFrameKeys,
     PublishItem,
     PublishKeys,
     PublishReply,
+    frame_args,
     parse_publish,
     session_end_record,
 )
@@ -42,9 +42,11 @@ async def publish(
         maxlen, 1000, 60_000, 60_000, 3_600_000, "sei", session_end_record(TAG), max_backlog
     )
     keys: list[Any] = [*head, *PublishFrameKeys(KEYS.producer(TAG, producer), "unused")]
-    argv: list[Any] = [*args, *PublishFrameArgs("", "u-1", len(seqs))]
-    for seq in seqs:
-        argv += PublishItem(seq, EVENT, b'{"seq":%d,"pad":"%s"}' % (seq, b"x" * 64))
+    pad = b"x" * 64
+    items = [
+        x for seq in seqs for x in PublishItem(seq, EVENT, b'{"seq":%d,"pad":"%s"}' % (seq, pad))
+    ]
+    argv: list[Any] = [*args, *frame_args("", items)]
     reply = await redis.fcall(FN_PUBLISH, len(keys), *keys, *argv)  # type: ignore[no-untyped-call]
     return parse_publish(reply, 1)
 

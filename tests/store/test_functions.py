@@ -9,6 +9,7 @@ the strict :class:`StoredEvent` decoder.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from eventwire.store import (
     LAYOUTS,
     LIBRARY,
     LIBRARY_VERSION,
+    REJECT,
     REJECT_ALWAYS,
     AliasArgs,
     AliasKeys,
@@ -42,7 +44,6 @@ from eventwire.store import (
     LeaveKeys,
     OpenArgs,
     PublishArgs,
-    PublishFrameArgs,
     PublishFrameKeys,
     PublishItem,
     PublishKeys,
@@ -51,6 +52,7 @@ from eventwire.store import (
     RecordHole,
     call_keys,
     fill_template,
+    frame_args,
     identify_record,
     identify_refused_record,
     parse_alias,
@@ -256,9 +258,8 @@ async def test_open_publish_leave_with_identify(lib: aioredis.Redis) -> None:
     argv: list[Any] = [*args]
     for producer, session, seqs in frames:
         keys += PublishFrameKeys(KEYS.producer(TAG, producer), KEYS.session(TAG, "u-1"))
-        argv += PublishFrameArgs(session, "u-1", len(seqs))
-        for seq in seqs:
-            argv += PublishItem(seq, EVENT, b'{"seq":%d}' % seq)
+        items = [x for seq in seqs for x in PublishItem(seq, EVENT, b'{"seq":%d}' % seq)]
+        argv += frame_args(session, items)
     done = parse_publish(await call(lib, FN_PUBLISH, keys, argv), len(frames))
     assert [(d.added, d.duplicate, d.gone) for d in done.frames] == [(2, 0, False), (0, 0, True)]
     assert done.backlog is None  # no persist group: not watched
@@ -318,6 +319,7 @@ FRAMES: list[tuple[str, str, str, list[tuple[int, bytes]]]] = [
     ("u-1", "s-1", "p-1", [(9, COUNT_ONLY)]),
     ("u-1", "s-1", "p-1", [(8, EVENT)]),  # below the denied 9: a duplicate
     ("u-3", "", "p-4", [(1, REJECT_ALWAYS)]),  # server-made: no session; moves nothing
+    ("u-2", "s-2", "p-2", [(8, EVENT), (9, EVENT), (11, EVENT)]),  # a resend, then a gap
 ]
 
 
@@ -329,9 +331,13 @@ def publish_call(tag: str, frames: list[tuple[str, str, str, list[tuple[int, byt
     argv: list[Any] = [*args]
     for uuid, session, producer, items in frames:
         keys += PublishFrameKeys(KEYS.producer(tag, producer), KEYS.session(tag, uuid))
-        argv += PublishFrameArgs(session, uuid, len(items))
-        for seq, kind in items:
-            argv += PublishItem(seq, kind, b'{"p":"%b","seq":%d}' % (producer.encode(), seq))
+        p = producer.encode()
+        flat = [
+            x
+            for seq, kind in items
+            for x in PublishItem(seq, kind, b'{"p":"%b","seq":%d}' % (p, seq))
+        ]
+        argv += frame_args(session, flat)
     return keys, argv
 
 
@@ -379,11 +385,90 @@ async def test_one_call_of_many_frames_leaves_what_a_call_per_frame_leaves(
     assert replies == [
         (2, 0, False), (1, 0, False), (1, 2, False), (1, 0, False), (0, 2, False),
         (0, 0, True), (1, 0, False), (0, 0, False), (0, 1, False), (0, 0, False),
+        (2, 1, False),
     ]  # fmt: skip
-    assert seqs == {"p-1": b"9", "p-2": b"8", "p-3": None, "p-4": None}
-    assert [msgspec.json.decode(e)["seq"] for e in events] == [1, 2, 3, 5, 7, 8]
+    assert seqs == {"p-1": b"9", "p-2": b"11", "p-3": None, "p-4": None}
+    assert [msgspec.json.decode(e)["seq"] for e in events] == [1, 2, 3, 5, 7, 8, 9, 11]
     assert [msgspec.json.decode(e)["seq"] for e in rejected] == [2, 1]
-    assert sessions == [[b"s-1", b"4"], [b"s-2", b"2"]]
+    assert sessions == [[b"s-1", b"4"], [b"s-2", b"4"]]
+
+
+def random_frames(rng: random.Random, n: int) -> list[tuple[str, list[tuple[int, bytes]]]]:
+    """Random frames of three producers, as ``judge_events`` and ``deny_all`` make them.
+
+    Consecutive seqs, gaps, resends from below the stored seq, out-of-order
+    (R) and denied items.
+    """
+    tops: dict[str, int] = {}
+    frames = []
+    for _ in range(n):
+        producer = rng.choice(["p-1", "p-2", "p-3"])
+        seq = max(1, tops.get(producer, 0) + rng.choice([-4, -1, 0, 1, 1, 1, 3]))
+        items: list[tuple[int, bytes]] = []
+        top = 0
+        for _ in range(rng.choice([1, 1, 2, 3, 5, 8])):
+            kind = rng.choice([EVENT] * 8 + [REJECT, COUNT_ONLY, REJECT_ALWAYS])
+            if kind == REJECT_ALWAYS and top:
+                items.append((max(1, top - rng.randrange(3)), kind))
+                continue
+            items.append((seq, kind))
+            top = max(top, seq)
+            seq += rng.choice([1, 1, 1, 1, 2, 5])
+        tops[producer] = max(tops.get(producer, 0), top)
+        frames.append((producer, items))
+    return frames
+
+
+async def test_publish_stores_what_per_item_dedup_stores(lib: aioredis.Redis) -> None:
+    """Random frames in random calls: each item as a seq-by-seq model of the dedup says.
+
+    An event is stored once, when its seq is above its producer's stored seq
+    (else a duplicate); r is recorded then too, R always, n moves the seq only.
+    """
+    rng = random.Random(20)
+    frames = random_frames(rng, 600)
+    head = PublishKeys(KEYS.events(TAG), KEYS.rejected(TAG), KEYS.due(TAG))
+    args = PublishArgs(10**6, 10**6, 60_000, 60_000, 3_600_000, "sei", session_end_record(TAG), 0)
+    replies: list[tuple[int, int]] = []
+    i = 0
+    while i < len(frames):
+        part = frames[i : i + rng.choice([1, 1, 2, 4, 16])]
+        i += len(part)
+        keys: list[Any] = [*head]
+        argv: list[Any] = [*args]
+        for producer, items in part:
+            keys += PublishFrameKeys(KEYS.producer(TAG, producer), KEYS.session(TAG, "u-1"))
+            payloads = [
+                b'{"p":"%s","seq":%d,"k":"%s"}' % (producer.encode(), q, k) for q, k in items
+            ]
+            argv += frame_args(
+                "", [x for (q, k), d in zip(items, payloads, strict=True) for x in (q, k, d)]
+            )
+        reply = parse_publish(await call(lib, FN_PUBLISH, keys, argv), len(part))
+        replies += [(f.added, f.duplicate) for f in reply.frames]
+    cur: dict[str, int] = {}
+    expected, events, rejected = [], [], []
+    for producer, items in frames:
+        added = dup = 0
+        for q, k in items:
+            payload = b'{"p":"%s","seq":%d,"k":"%s"}' % (producer.encode(), q, k)
+            if k == REJECT_ALWAYS:
+                rejected.append(payload)
+            elif q > cur.get(producer, 0):
+                cur[producer] = q
+                if k == EVENT:
+                    events.append(payload)
+                    added += 1
+                elif k == REJECT:
+                    rejected.append(payload)
+            elif k == EVENT:
+                dup += 1
+        expected.append((added, dup))
+    assert replies == expected
+    for producer in ("p-1", "p-2", "p-3"):
+        assert await lib.get(KEYS.producer(TAG, producer)) == b"%d" % cur[producer]
+    for key, want in ((KEYS.events(TAG), events), (KEYS.rejected(TAG), rejected)):
+        assert [f[b"event"] for _, f in await lib.xrange(key)] == want
 
 
 async def test_reap_writes_one_session_end_whatever_the_uuid(lib: aioredis.Redis) -> None:

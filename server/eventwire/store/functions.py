@@ -6,8 +6,9 @@ KEYS and ARGV are a :class:`~typing.NamedTuple` here, whose fields are the
 names ``store.lua`` unpacks them into, in the same order: these classes are
 the only place in Python that knows a position, and
 ``tests/store/test_functions.py`` holds them to the Lua text. Parts a call
-repeats (a publish call's frames and their items, a heartbeat's members)
-have a class of their own and follow the fixed arguments.
+repeats follow the fixed arguments: a publish call's frames (a class of
+their own, then one payload per item: :func:`frame_args`), a heartbeat's
+members.
 
 The server-made events whose values only Redis knows (``session.end``:
 which session ends, when and why; ``client.identify``: the session's seq
@@ -85,20 +86,48 @@ class PublishFrameKeys(NamedTuple):
 
 
 class PublishFrameArgs(NamedTuple):
-    """ARGV of one frame of a ``publish`` call, followed by its ``n`` items."""
+    """ARGV of one frame of a ``publish`` call, followed by one payload per item.
 
-    #: The session the events were encoded for ('' for server-made frames: not checked).
+    :func:`frame_args` makes the last two fields and the payloads from the
+    frame's items.
+    """
+
+    #: The session the events were encoded for ('' for server-made frames: not
+    #: checked). The uuid, needed only when the session ends, is read from the
+    #: session key.
     session_id: str
-    uuid: str
-    n: int
+    #: One kind letter per item (``core.frames``), in the items' order.
+    kinds: bytes
+    #: The items' seqs comma-separated, or only the first when each is the
+    #: one before plus 1 (nearly every frame: Redis then takes no seq per item).
+    seqs: bytes
 
 
 class PublishItem(NamedTuple):
-    """One item of a frame (packed by :func:`eventwire.store.resp.pack_items`)."""
+    """One item of a frame, as a frame holds its items (flat, in a row; :func:`frame_args`)."""
 
     seq: int
     kind: bytes
     payload: bytes
+
+
+def frame_seqs(seqs: list[int]) -> bytes:
+    """:attr:`PublishFrameArgs.seqs` of a frame whose items have these seqs."""
+    if not seqs:
+        return b""
+    first = seqs[0]
+    if len(seqs) == 1 or seqs == list(range(first, first + len(seqs))):
+        return b"%d" % first
+    return b",".join([b"%d" % seq for seq in seqs])
+
+
+def frame_args(session_id: str, items: list[Any]) -> list[Any]:
+    """A frame's ARGV of ``publish``: :class:`PublishFrameArgs`, then its payloads.
+
+    ``items`` are :class:`PublishItem` fields in a row (a frame's ``args``).
+    """
+    head = PublishFrameArgs(session_id, b"".join(items[1::3]), frame_seqs(items[0::3]))
+    return [*head, *items[2::3]]
 
 
 # -- open, leave --------------------------------------------------------------------------
@@ -252,7 +281,7 @@ class ReapArgs(NamedTuple):
 
 #: Each function's parts, in the order ``store.lua`` unpacks them.
 LAYOUTS: Final[Mapping[str, tuple[type[tuple[Any, ...]], ...]]] = {
-    "publish": (PublishKeys, PublishArgs, PublishFrameKeys, PublishFrameArgs, PublishItem),
+    "publish": (PublishKeys, PublishArgs, PublishFrameKeys, PublishFrameArgs),
     "open": (CustomerKeys, OpenArgs),
     "leave": (LeaveKeys, LeaveArgs),
     "heartbeat": (HeartbeatKeys, HeartbeatArgs),

@@ -63,7 +63,7 @@ from eventwire.store.replies import (
 from eventwire.store.resp import (
     FrameIds,
     bulk,
-    bulk_count,
+    frame_count,
     pack_args,
     pack_fcall,
     pack_frame_ids,
@@ -718,10 +718,10 @@ class Store:
         """One packed ``publish`` call per tag (all its keys share one slot), and its route key.
 
         The call is ``FCALL publish numkeys`` with the tag's three keys and two
-        per frame, the site's arguments, then per frame its session id, uuid,
-        n and n items. A frame's keys and ids come packed from its connection
-        (:attr:`Frame.ids`, packed here once if not); the site's part once per
-        site and batch.
+        per frame, the site's arguments, then per frame its session id, kinds,
+        seqs and payloads (:func:`~eventwire.store.resp.pack_items`). A
+        frame's keys and ids come packed from its connection (:attr:`Frame.ids`,
+        packed here once if not); the site's part once per site and batch.
         """
         calls: list[list[bytes]] = []
         routes: list[str] = []
@@ -742,13 +742,12 @@ class Store:
                 ids = frame.ids
                 if ids is None or ids.session != frame.session:
                     ids = frame.ids = pack_frame_ids(
-                        frame.producer_key, frame.session_key, frame.session, frame.uuid
+                        frame.producer_key, frame.session_key, frame.session
                     )
                 frame_keys.append(ids.keys)
                 tail.append(ids.args)
-                tail.append(bulk_count(frame.n))
                 tail.append(pack_items(frame.args))
-                count += 3 + 3 * frame.n
+                count += frame_count(frame.n)
             nkeys = len(head) + 2 * len(frames)
             start = ("FCALL", FN_PUBLISH, nkeys, *head)
             calls.append(

@@ -14,8 +14,11 @@ from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
 from eventwire.core.frames import COUNT_ONLY, EVENT, REJECT, REJECT_ALWAYS
+from eventwire.store.functions import frame_seqs
 
-#: Each item kind, packed once (an unknown kind is a KeyError, never a bad length).
+#: Every item kind (an unknown one is a KeyError, never a bad argument to Lua).
+_KINDS: Final = EVENT + REJECT + REJECT_ALWAYS + COUNT_ONLY
+#: The kinds of a one-item frame, packed once.
 _KIND_BULK: Final = {
     kind: b"$1\r\n" + kind + b"\r\n" for kind in (EVENT, REJECT, REJECT_ALWAYS, COUNT_ONLY)
 }
@@ -34,17 +37,8 @@ def bulk(value: Any) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
-#: The counts of small frames, packed once.
-_COUNTS: Final = [b"$%d\r\n%d\r\n" % (len(b"%d" % n), n) for n in range(101)]
-
-
-def bulk_count(n: int) -> bytes:
-    """A non-negative count as a RESP bulk string (the common ones packed once)."""
-    return _COUNTS[n] if n < len(_COUNTS) else bulk(n)
-
-
 class FrameIds(NamedTuple):
-    """A frame's KEYS (producer, session) and first ARGV (session id, uuid) of ``publish``, packed.
+    """A frame's KEYS (producer, session) and first ARGV (session id) of ``publish``, packed.
 
     They change only with the connection's customer and session, so a
     connection packs them once and its frames carry them (:class:`~eventwire.store.Frame`).
@@ -56,17 +50,17 @@ class FrameIds(NamedTuple):
     args: bytes
 
 
-def pack_frame_ids(producer_key: str, session_key: str, session: str, uuid: str) -> FrameIds:
-    """:class:`FrameIds` of one frame: two keys and two arguments, each a RESP bulk string.
+def pack_frame_ids(producer_key: str, session_key: str, session: str) -> FrameIds:
+    """:class:`FrameIds` of one frame: two keys and one argument, each a RESP bulk string.
 
     The layouts of :class:`~eventwire.store.functions.PublishFrameKeys` and
-    the first two fields of :class:`~eventwire.store.functions.PublishFrameArgs`.
+    the first field of :class:`~eventwire.store.functions.PublishFrameArgs`.
     """
-    k1, k2, s, u = producer_key.encode(), session_key.encode(), session.encode(), uuid.encode()
+    k1, k2, s = producer_key.encode(), session_key.encode(), session.encode()
     return FrameIds(
         session,
         b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(k1), k1, len(k2), k2),
-        b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(s), s, len(u), u),
+        b"$%d\r\n%b\r\n" % (len(s), s),
     )
 
 
@@ -77,21 +71,39 @@ def pack_args(args: Sequence[Any], tail: Sequence[bytes] = (), tail_count: int =
     return [b"*%d\r\n" % (len(args) + tail_count), *(bulk(a) for a in args), *tail]
 
 
-def pack_items(items: Sequence[Any]) -> bytes:
-    """A frame's flat ``[seq, kind, payload, ...]`` as RESP bulk strings (no header).
+def pack_items(items: list[Any]) -> bytes:
+    """A frame's flat ``[seq, kind, payload, ...]`` as its ARGV after the ids (no header).
 
     Each item is a :class:`~eventwire.store.functions.PublishItem`'s fields
-    in a row.
+    in a row; packed are the ``kinds`` and ``seqs`` of
+    :class:`~eventwire.store.functions.PublishFrameArgs`, then one payload per
+    item: ``2 + len(items) // 3`` bulk strings (:func:`frame_count`).
     """
-    out = []
-    for i in range(0, len(items), 3):
-        seq = b"%d" % items[i]
-        payload = items[i + 2]
-        out.append(
-            b"$%d\r\n%b\r\n%b$%d\r\n%b\r\n"
-            % (len(seq), seq, _KIND_BULK[items[i + 1]], len(payload), payload)
+    if len(items) == 3:  # one item: one formatting step
+        seq, payload = b"%d" % items[0], items[2]
+        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+            _KIND_BULK[items[1]],
+            len(seq),
+            seq,
+            len(payload),
+            payload,
         )
-    return b"".join(out)
+    kinds = b"".join(items[1::3])
+    if kinds.translate(None, _KINDS):
+        raise KeyError(f"an unknown item kind in {kinds!r}")
+    seqs = frame_seqs(items[0::3])
+    return b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+        len(kinds),
+        kinds,
+        len(seqs),
+        seqs,
+        b"".join([b"$%d\r\n%b\r\n" % (len(payload), payload) for payload in items[2::3]]),
+    )
+
+
+def frame_count(n: int) -> int:
+    """The ARGV of a frame of ``n`` items: session id, kinds, seqs and ``n`` payloads."""
+    return 3 + n
 
 
 def pack_bulks(values: Sequence[bytes]) -> bytes:

@@ -201,14 +201,16 @@ end
 -- Store frames of one site. KEYS: the site's streams and due set, then per
 -- frame the producer's seq key and the customer's session key. ARGV: the
 -- fixed arguments, then per frame its session id ('' for server-made frames:
--- no session check), uuid, item count n, and n (seq, kind, payload) items in
--- seq order. Kinds: e = event (stored once), r = rejected (recorded once),
--- R = rejected out of order (recorded, does not move the stored seq), n =
--- counted only. Returns per frame {added, duplicate, status}, then the
--- stream's backlog (-1: not watched). Status 0: stored; 1 (gone): the
--- session the frame was encoded for has ended (now, or before); 2 (full):
--- the persist group's backlog is at max_backlog. Gone or full, nothing of
--- the frame was stored and the producer's seq did not move.
+-- no session check), kinds (one letter per item, in seq order: the frame's
+-- item count is its length), seqs (the items' seqs, comma-separated, or only
+-- the first one's when each item's is the one before's plus 1), and one
+-- payload per item. Kinds: e = event (stored once), r = rejected
+-- (recorded once), R = rejected out of order (recorded, does not move the
+-- stored seq), n = counted only. Returns per frame {added, duplicate,
+-- status}, then the stream's backlog (-1: not watched). Status 0: stored; 1
+-- (gone): the session the frame was encoded for has ended (now, or before);
+-- 2 (full): the persist group's backlog is at max_backlog. Gone or full,
+-- nothing of the frame was stored and the producer's seq did not move.
 --
 -- max_backlog above 0 (on_backlog = "reject"): while the events stream has a
 -- persist group, nothing the group has not acknowledged is trimmed, and a
@@ -223,28 +225,50 @@ end
 -- reads and writes its seq in one SET ... GET of the frame's highest seq;
 -- only when that was not the new high-water mark (a resend, or more frames
 -- of the producer in the call) is it written again at the end.
+--
+-- Each argument costs Redis an object and Lua a string (and each string
+-- made into a number a strtod), so an item is its payload alone: a frame of
+-- events with consecutive seqs (nearly all of them) carries one kind letter
+-- per item and its first seq, and which of its items are new follows from
+-- the stored seq without a look at each. A frame's uuid (only needed when its
+-- session ends) is read from its session key.
 
--- The open session publish checks: as load_session, without closed. Lua's
--- tonumber() parses a string twice (strtod is most of a frame's Lua time);
--- arithmetic coerces it once.
+-- The open session publish checks: as load_session, without closed and
+-- quiet (read only when the session ends). Lua's tonumber() parses a string
+-- twice (strtod is most of a frame's Lua time); arithmetic coerces it once.
 local function open_session(skey)
-  local v = redis.call('HMGET', skey, 'id', 'first', 'last', 'events', 'quiet')
+  local v = redis.call('HMGET', skey, 'id', 'first', 'last', 'events')
   if not v[1] then
     return nil
   end
-  return {id = v[1], first = v[2] + 0, last = v[3] + 0, events = v[4] + 0, quiet = v[5] ~= false}
+  return {id = v[1], first = v[2] + 0, last = v[3] + 0, events = v[4] + 0}
 end
 
--- The seq of a frame's last item that moves the stored seq (all but R), or
--- nil: the stored seq after the frame, unless it was higher already or a
--- denied item (n) above it is (then the end of the call writes it again).
-local function frame_top(args, a, n)
-  for i = a + 3 * (n - 1), a, -3 do
-    if args[i + 1] ~= 'R' then
-      return args[i]
+local KIND_R = 82 -- string.byte('R'): no standard library is there while the library loads
+
+-- The seqs of a frame of more than one item: its first item's and nil when
+-- they are consecutive (else nil and the list), whether it is plain (events
+-- only, consecutive), and the seq of its last item that moves the stored seq
+-- (all but R; nil if none): the stored seq after the frame, unless it was
+-- higher already or a denied item (n) above it is (then the end of the call
+-- writes it again).
+local function frame_seqs(kinds, seqs)
+  local first, list
+  if string.find(seqs, ',', 1, true) then
+    list = {}
+    for seq in string.gmatch(seqs, '[^,]+') do
+      list[#list + 1] = seq + 0
+    end
+  else
+    first = seqs + 0
+  end
+  for j = #kinds, 1, -1 do
+    if string.byte(kinds, j) ~= KIND_R then
+      local plain = first ~= nil and not string.find(kinds, '[^e]')
+      return first, list, plain, list and list[j] or first + j - 1
     end
   end
-  return nil
+  return first, list, false, nil
 end
 
 local function publish(keys, args)
@@ -252,21 +276,23 @@ local function publish(keys, args)
   local events_maxlen, rejected_maxlen, producer_ttl_ms, idle_ms, max_ms, taken, end_record,
     max_backlog = unpack(args, 1, 8)
   local call = redis.call
-  local out = {}
+  local out, o = {}, 0 -- the reply, and its length
   local now, now_text -- Redis' clock (ms), and as text for HSET
   local idle, maxd = tonumber(idle_ms), tonumber(max_ms)
   local cap = tonumber(max_backlog)
   local group = cap > 0 and backlog_of(events, cap) or nil
   local backlog = group and group.backlog
   -- Per key of the call: sessions[key] = the session (false: none open), and
-  -- seqs[key] = {cur = number, top = string to store, stored = string in Redis}.
-  local sessions, touched, seqs, producers = {}, {}, {}, {}
+  -- marks[key] = {cur = the high-water mark, top = what to store, stored = what
+  -- is in Redis} (numbers; top and stored nil when there is none; text: top
+  -- as text, when a frame gave it).
+  local sessions, touched, marks, producers = {}, {}, {}, {}
   local stored, recorded = 0, false -- events added, rejected records added
   local k, a, nkeys = 4, 9, #keys -- the first frame's keys and arguments
   while k <= nkeys do
     local producer, session = unpack(keys, k, k + 1)
-    local session_id, uuid, n = unpack(args, a, a + 2)
-    n = n + 0
+    local session_id, kinds, seqs = unpack(args, a, a + 2)
+    local n = #kinds
     k, a = k + 2, a + 3
     local status = 0
     local s
@@ -290,6 +316,10 @@ local function publish(keys, args)
           why = 'max'
         end
         if why then
+          -- The uuid is the session key's end: after the prefix (the events
+          -- key's, less 'events') and 'sess:'.
+          local uuid = string.sub(session, #events)
+          s.quiet = call('HEXISTS', session, 'quiet') == 1
           end_session(events, due, session, events_maxlen, uuid, s, why, now, taken, end_record)
           sessions[session] = false
           status = 1
@@ -300,51 +330,73 @@ local function publish(keys, args)
       status = 2
     end
     if status ~= 0 then
-      a = a + 3 * n
-      out[#out + 1] = 0
-      out[#out + 1] = 0
-      out[#out + 1] = status
+      out[o + 1], out[o + 2], out[o + 3] = 0, 0, status
+      o = o + 3
     else
-      local p = seqs[producer]
+      -- Item j's seq: first + j - 1, or list[j] when they were listed.
+      local first, list, plain, top
+      if n == 1 then
+        first, plain = seqs + 0, kinds == 'e'
+        top = kinds ~= 'R' and first or nil
+      elseif n > 1 then
+        first, list, plain, top = frame_seqs(kinds, seqs)
+      end
+      local p = marks[producer]
       if p == nil then
-        local first = frame_top(args, a, n)
-        local stored
-        if first then
-          stored = first
-          p = call('SET', producer, first, 'PX', producer_ttl_ms, 'GET')
+        local was -- the stored seq before the call, as text (false: none)
+        if top then
+          was = call('SET', producer, n == 1 and seqs or int(top), 'PX', producer_ttl_ms, 'GET')
         else
-          p = call('GET', producer)
-          stored = p and '' -- an existing key's expiry is renewed at the end
+          was = call('GET', producer)
         end
-        p = {cur = (p or 0) + 0, top = p, stored = stored}
-        seqs[producer] = p
+        -- Without a SET an existing key's expiry is renewed at the end (stored nil).
+        local old = was and was + 0
+        p = {cur = old or 0, top = old, text = was, stored = top}
+        marks[producer] = p
         producers[#producers + 1] = producer
       end
       local cur = p.cur
       local added, dup = 0, 0
-      for _ = 1, n do
-        local seq, kind, payload = unpack(args, a, a + 2)
-        if kind == 'R' then
-          call('XADD', rejected, '*', 'event', payload)
-          recorded = true
-        else
-          local q = seq + 0
-          if q > cur then
-            cur, p.top = q, seq
-            if kind == 'e' then
-              call('XADD', events, '*', 'event', payload)
-              added = added + 1
-            elseif kind == 'r' then
-              call('XADD', rejected, '*', 'event', payload)
-              recorded = true
+      if plain then
+        -- Events only, seqs first .. first + n - 1: those above cur are new.
+        local j = 1
+        if cur >= first then
+          j = cur - first + 2
+          dup = math.min(j - 1, n)
+        end
+        for i = a + j - 1, a + n - 1 do
+          call('XADD', events, '*', 'event', args[i])
+        end
+        if j <= n then
+          added, cur = n - j + 1, first + n - 1
+        end
+      else
+        for j = 1, n do
+          local kind, payload = string.sub(kinds, j, j), args[a + j - 1]
+          if kind == 'R' then
+            call('XADD', rejected, '*', 'event', payload)
+            recorded = true
+          else
+            local q = list and list[j] or first + j - 1
+            if q > cur then
+              cur = q
+              if kind == 'e' then
+                call('XADD', events, '*', 'event', payload)
+                added = added + 1
+              elseif kind == 'r' then
+                call('XADD', rejected, '*', 'event', payload)
+                recorded = true
+              end
+            elseif kind == 'e' then
+              dup = dup + 1
             end
-          elseif kind == 'e' then
-            dup = dup + 1
           end
         end
-        a = a + 3
       end
-      p.cur = cur
+      if cur ~= p.cur then
+        p.cur, p.top = cur, cur
+        p.text = n == 1 and seqs or nil -- the text of top, when it is at hand
+      end
       if s and added > 0 then
         if not s.touched then
           s.touched = true
@@ -357,15 +409,15 @@ local function publish(keys, args)
       if backlog then
         backlog = backlog + added
       end
-      out[#out + 1] = added
-      out[#out + 1] = dup
-      out[#out + 1] = 0
+      out[o + 1], out[o + 2], out[o + 3] = added, dup, 0
+      o = o + 3
     end
+    a = a + n -- past its payloads
   end
   for _, key in ipairs(producers) do
-    local p = seqs[key]
+    local p = marks[key]
     if p.top and p.top ~= p.stored then
-      call('SET', key, p.top, 'PX', producer_ttl_ms)
+      call('SET', key, p.text or int(p.top), 'PX', producer_ttl_ms)
     end
   end
   for _, key in ipairs(touched) do
@@ -385,7 +437,7 @@ local function publish(keys, args)
   if recorded then
     call('XTRIM', rejected, 'MAXLEN', '~', rejected_maxlen, 'LIMIT', 0)
   end
-  out[#out + 1] = backlog or -1
+  out[o + 1] = backlog or -1
   return out
 end
 
