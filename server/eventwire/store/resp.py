@@ -97,7 +97,7 @@ def pack_items(items: list[Any]) -> bytes:
         kinds,
         len(seqs),
         seqs,
-        b"".join([b"$%d\r\n%b\r\n" % (len(payload), payload) for payload in items[2::3]]),
+        pack_bulks(items[2::3]),
     )
 
 
