@@ -9,7 +9,7 @@ the same group instead (they share the stream), timed from the first entry
 read until the group has acknowledged every entry.
 
 usage: bench_persist.py --redis-url URL --dsn sqlite:///PATH|postgresql://... [-n 50000]
-                        [--workers K]
+                        [--workers K] [--pg-writers W]
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import redis.asyncio as aioredis
 from eventwire.core.config import Settings
 from eventwire.core.records import StoredEvent
 from eventwire.core.rules import SiteConfig, SiteRules, SitesBook
-from eventwire.persist.sinks import open_sink
+from eventwire.heap import freeze_imports
+from eventwire.persist.sinks import PostgresSink, open_sink
 from eventwire.persist.worker import PersistOptions, Worker
 
 SITE = "bench"
@@ -82,6 +83,8 @@ async def processes(args: argparse.Namespace, redis: aioredis.Redis) -> float:
                 args.redis_url,
                 "--dsn",
                 args.dsn,
+                "--pg-writers",
+                str(args.pg_writers),
             ],
             cwd=ROOT,
             env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
@@ -116,6 +119,12 @@ async def main() -> None:
     parser.add_argument("--dsn", required=True)
     parser.add_argument("-n", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--pg-writers",
+        type=int,
+        default=PostgresSink.WRITERS,
+        help="each worker's PostgreSQL writing connections (persist_pg_writers)",
+    )
     args = parser.parse_args()
     redis = aioredis.Redis.from_url(args.redis_url)
     await redis.delete(f"ew:{{{SITE}}}:events")
@@ -138,12 +147,14 @@ async def main() -> None:
         return
     settings = msgspec.convert({"redis_url": args.redis_url}, Settings)
     book = SitesBook(None, {SITE: SiteRules(SITE, SiteConfig(allow_no_origin=True))})
-    sink = open_sink(args.dsn)
+    options = PersistOptions(dsn=args.dsn, pg_writers=args.pg_writers)
+    sink = open_sink(args.dsn, options.pg_writers)
     await sink.open()
     before = await sink.count(SITE)
-    worker = Worker(settings, book, PersistOptions(dsn=args.dsn), sink=sink)
+    worker = Worker(settings, book, options, sink=sink)
     started, cpu = time.perf_counter(), time.process_time()
     await worker.start()
+    freeze_imports()  # as `eventwire persist` does once started
     # The worker's own count: polling the store with count(*) would take the
     # sink's lock (and SQLite's file) from the worker it measures.
     while worker.rows_written < args.n:  # noqa: ASYNC110 - polling the worker is the point

@@ -78,10 +78,16 @@ def test_check_config_prints_effective_settings() -> None:
     """check-config prints settings with their sources and the sites, secrets masked."""
     out = eventwire(
         "check-config", "--listen", "0.0.0.0:9000",
-        env={"EVENTWIRE_REDIS_URL": "redis://:s3cret@db:6379/0", "EVENTWIRE_MAX_BATCH": "50"},
+        env={
+            "EVENTWIRE_REDIS_URL": "redis://:s3cret@db:6379/0",
+            "EVENTWIRE_MAX_BATCH": "50",
+            "EVENTWIRE_PERSIST_PG_WRITERS": "3",
+        },
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     config = json.loads(out.stdout)
+    assert config["settings"]["persist_pg_writers"] == 3
+    assert config["sources"]["persist_pg_writers"] == "EVENTWIRE_PERSIST_PG_WRITERS"
     assert config["settings"]["listen"] == "0.0.0.0:9000"
     assert config["sources"]["listen"] == "command line"
     assert config["settings"]["max_batch"] == 50

@@ -72,6 +72,12 @@ def test_packed_rows_store_what_plain_rows_store(tmp_path: Path) -> None:
     ]
     values = sqlite_values(rows)
     assert [type(v[9]) for v in values] == [str, str, bytes]
+    assert values[1] == (
+        "s", "u", "x", "p", 2, "page.visit", "", 5, 1_796_308_445_391,
+        '{"url":"/a\\u00e9","n":1}', -7, 1, 1,
+    )  # fmt: skip
+    assert values[2][9] == b'{"bad":"\xff"}'
+    assert sqlite_values(rows[:2]) == values[:2]  # the batch without a bad row: the same values
     assert {type(v[11]) for v in values} == {int}
     assert pack_rows(rows).delta == rollup_delta(rows)
     assert rollup_delta(rows) == reference(

@@ -23,10 +23,11 @@ from redis.exceptions import ResponseError
 
 from eventwire.client import EventwireClient
 from eventwire.commands.stats import site_stats
-from eventwire.core.config import Settings
+from eventwire.core.config import Settings, load_settings
+from eventwire.core.errors import ConfigError
 from eventwire.core.rules import SitesBook, load_sites
 from eventwire.gateway import EventwireServer
-from eventwire.persist.sinks import EventRow, Sink, open_sink
+from eventwire.persist.sinks import EventRow, PostgresSink, Sink, SqliteSink, open_sink
 from eventwire.persist.worker import GROUP, READ_COUNT, PersistOptions, Worker
 from eventwire.store import Keys
 from tests.conftest import SITES_TOML, MakeServer
@@ -802,5 +803,74 @@ async def test_two_batches_in_flight_each_acked_after_its_write(
     finally:
         await worker.stop()
     assert sink.most == 2
+    assert worker.rows_written == n
+    assert (await client_rows(dsn))[0] == n
+
+
+def test_pg_writers_is_a_setting(tmp_path: Path) -> None:
+    """``persist_pg_writers`` (file, EVENTWIRE_PERSIST_PG_WRITERS) sets the PostgreSQL sink's
+    writing connections and the batches the worker keeps in flight; 2 by default; SQLite
+    keeps its one connection."""
+    assert Settings().persist_pg_writers == PostgresSink.WRITERS == 2
+    assert PersistOptions.from_settings(Settings()).pg_writers == 2
+    loaded = load_settings(Path(os.devnull), env={"EVENTWIRE_PERSIST_PG_WRITERS": "3"})
+    options = PersistOptions.from_settings(loaded.settings, dsn="postgresql://nobody@127.0.0.1/x")
+    assert options.pg_writers == 3
+    book = SitesBook(None, {})
+    worker = Worker(loaded.settings, book, options)
+    assert isinstance(worker.sink, PostgresSink)
+    assert (worker.sink.writers, worker._depth) == (3, 3)
+    sqlite = Worker(
+        loaded.settings,
+        book,
+        PersistOptions.from_settings(loaded.settings, dsn=f"sqlite:///{tmp_path / 'e.db'}"),
+    )
+    assert isinstance(sqlite.sink, SqliteSink)
+    assert sqlite._depth == 1
+    with pytest.raises(ConfigError, match="pg_writers"):
+        PersistOptions(pg_writers=0)
+    for bad in ("0", "33", "two"):
+        with pytest.raises(ConfigError, match="persist_pg_writers"):
+            load_settings(Path(os.devnull), env={"EVENTWIRE_PERSIST_PG_WRITERS": bad})
+
+
+def test_pg_writers_flag_is_checked_like_the_setting(tmp_path: Path) -> None:
+    """``eventwire persist --pg-writers 0`` stops with exit 2, naming the setting and the flag."""
+    out = subprocess.run(
+        [sys.executable, "-m", "eventwire", "persist", "--pg-writers", "0"],
+        capture_output=True, text=True, cwd=ROOT, timeout=30, check=False,
+        env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "persist_pg_writers" in out.stderr
+    assert "command line" in out.stderr
+
+
+@pytest.mark.parametrize("dsn", ["postgres"], indirect=True)
+async def test_three_pg_writers_write_every_row_once(
+    redis: aioredis.Redis, redis_proc: RedisProcess, sites_file: Path, dsn: str
+) -> None:
+    """With ``pg_writers = 3`` the worker writes on three connections, and every entry
+    still becomes one row, acked."""
+    n = 6 * READ_COUNT + 3
+    for start in range(0, n, 1000):
+        pipe = redis.pipeline(transaction=False)
+        for seq in range(start + 1, min(n, start + 1000) + 1):
+            pipe.xadd("ew:{app}:events", {"event": stored_event(seq)})
+        await pipe.execute()
+    worker = await start_worker(redis_proc, sites_file, dsn, pg_writers=3)
+    sink = worker.sink
+    assert isinstance(sink, PostgresSink)
+    try:
+        await wait_rows(sink, n, within=60)
+        deadline = time.monotonic() + 10 * UNIT
+        while await pending(redis):
+            assert time.monotonic() < deadline, "entries left unacked"
+            await asyncio.sleep(0.02)
+        # Each batch takes the writer idle longest: seven batches used all three.
+        used = sum(1 for writer in sink._pool if writer.conn is not None)
+    finally:
+        await worker.stop()
+    assert used == 3
     assert worker.rows_written == n
     assert (await client_rows(dsn))[0] == n

@@ -21,6 +21,7 @@ from eventwire.store.replies import (
     parse_pending_range,
     parse_pending_summary,
     parse_stream_info,
+    raw_xread_entries,
     stream_entries,
     stream_id,
     time_ms,
@@ -38,6 +39,31 @@ async def client(
     await conn.flushall()
     yield conn
     await conn.aclose()
+
+
+async def test_raw_xreadgroup_reply(client: aioredis.Redis) -> None:
+    """XREADGROUP as Redis sent it: ids kept as bytes, the event field found first or
+    later, an entry without one None; read as a sequence, StreamEntry values."""
+    first = await client.xadd("s", {"event": b"a"})
+    second = await client.xadd("s", {"other": b"b"})
+    third = await client.xadd("s", {"other": b"c", "event": b"d"})
+    await client.xgroup_create("s", "g", id="0")
+    await client.xgroup_create("t", "g", id="0", mkstream=True)
+    client.set_response_callback("XREADGROUP", lambda reply, **_: reply)  # as ConsumerGroup
+    reply = await client.execute_command(
+        "XREADGROUP", "GROUP", "g", "c1", "COUNT", 10, "STREAMS", "s", "t", ">", ">"
+    )  # fmt: skip
+    got = raw_xread_entries(reply)
+    assert [key for key, _ in got] == ["s"]  # an empty stream is left out of the reply
+    ((_, entries),) = got
+    assert entries.ids == [first, second, third]
+    assert entries.events == [b"a", None, b"d"]
+    texts = [first.decode(), second.decode(), third.decode()]
+    assert list(entries) == [(texts[0], b"a"), (texts[1], None), (texts[2], b"d")]
+    assert len(entries) == 3
+    assert entries[-1] == (texts[2], b"d")
+    assert entries[1:] == [(texts[1], None), (texts[2], b"d")]
+    assert raw_xread_entries(None) == []
 
 
 async def test_stream_and_group_replies(client: aioredis.Redis) -> None:

@@ -23,6 +23,7 @@ from eventwire.store import (
     frame_args,
     frame_count,
     pack_args,
+    pack_bulks,
     pack_fcall,
     pack_frame_ids,
     pack_items,
@@ -102,6 +103,10 @@ def test_packing_matches_hiredis() -> None:
     assert b"".join(pack_args(("FUNCTION", "LOAD", "REPLACE", "#!lua"))) == pack_command(
         ("FUNCTION", "LOAD", "REPLACE", "#!lua")
     )
+    ids = [b"1764870000000-0", b"1764870000000-12", b"9-9"]
+    acked = pack_args(("XACK", keys[0], "persist"), [pack_bulks(ids)], len(ids))
+    assert b"".join(acked) == pack_command(("XACK", keys[0], "persist", *ids))
+    assert pack_bulks([]) == b""
 
 
 def test_publish_batch_matches_hiredis() -> None:

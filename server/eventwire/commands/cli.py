@@ -124,6 +124,11 @@ def _add_persist(sub: Subparsers, default_dsn: str) -> None:
         help="deliveries before a failing entry goes to the dead stream "
         "(EVENTWIRE_MAX_DELIVERIES; 5)",
     )
+    p.add_argument(
+        "--pg-writers",
+        type=int,
+        help="PostgreSQL connections writing batches at once (EVENTWIRE_PERSIST_PG_WRITERS; 2)",
+    )
     p.add_argument("--metrics", help="serve Prometheus /metrics on HOST:PORT")
 
 

@@ -197,6 +197,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_deliveries: Annotated[int, Meta(ge=1)] = 5
     #: Seconds of persisted events kept in each stream for live readers (~0.5 KiB an event).
     persist_retain: Annotated[float, Meta(ge=0)] = 3600.0
+    #: PostgreSQL connections each worker writes batches on at once (one batch each);
+    #: each is a backend in PostgreSQL. SQLite ignores it (one connection).
+    persist_pg_writers: Annotated[int, Meta(ge=1, le=32)] = 2
     #: How often the persist worker deletes rows older than a site's ``retain_days``
     #: (and once at start), in bounded batches (one short transaction each).
     retain_interval: Annotated[float, Meta(gt=0)] = 3600.0

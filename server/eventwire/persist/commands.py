@@ -3,8 +3,9 @@
 This module owns the command-line surface of persistence and nothing else:
 it reads the settings (``redis_url``, ``key_prefix``,
 ``sites`` through :func:`eventwire.core.config.load_settings`; the worker's own
-``persist_dsn``, ``claim_idle``, ``max_deliveries`` from flags or
-``EVENTWIRE_PERSIST_DSN``, ``EVENTWIRE_CLAIM_IDLE``, ``EVENTWIRE_MAX_DELIVERIES``),
+``persist_dsn``, ``claim_idle``, ``max_deliveries``, ``persist_pg_writers`` from flags
+or ``EVENTWIRE_PERSIST_DSN``, ``EVENTWIRE_CLAIM_IDLE``, ``EVENTWIRE_MAX_DELIVERIES``,
+``EVENTWIRE_PERSIST_PG_WRITERS``),
 runs the worker until SIGTERM/SIGINT and prints the activity feed. Exit
 codes: 0 done or stopped by a signal, 1 the worker failed, 2 a configuration
 error.
@@ -47,7 +48,13 @@ async def run_persist(args: argparse.Namespace) -> int:
     """Run the worker until SIGTERM/SIGINT (finishes and acks its batch, exit 0)."""
     try:
         loaded = load_settings(
-            args.config, overrides={"sites": args.sites, "redis_url": args.redis_url}
+            args.config,
+            overrides={
+                "sites": args.sites,
+                "redis_url": args.redis_url,
+                # A setting like any other: its range is checked with the rest.
+                "persist_pg_writers": args.pg_writers,
+            },
         )
         book = SitesBook(loaded.sites_path, load_sites(loaded.sites_path))
         options = PersistOptions.from_settings(

@@ -244,6 +244,14 @@ if _EVENT_COLUMN_NAMES != _VALUES_ORDER:  # pragma: no cover - a StoredEvent cha
 _utf8: Final = codecs.utf_8_decode
 
 
+def _utf8_or_bytes(params: msgspec.Raw) -> tuple[Any, ...]:
+    """``params`` as :data:`_utf8` gives it (its text first), or its bytes if not UTF-8."""
+    try:
+        return _utf8(params)
+    except UnicodeDecodeError:
+        return (bytes(params),)
+
+
 def sqlite_values(rows: Sequence[EventRow]) -> list[tuple[Any, ...]]:
     """The rows as the staging insert binds them, each value of a type Python's sqlite3
     binds without looking up an adaptation: ``params`` as text, the booleans as 0/1,
@@ -251,35 +259,28 @@ def sqlite_values(rows: Sequence[EventRow]) -> list[tuple[Any, ...]]:
     times as much per row (15.7 against 3.3 us for 13 columns of bytes or str).
 
     ``params`` that are not UTF-8 stay bytes (stored as ``CAST(x AS TEXT)`` makes them, as
-    before).
+    before): a batch with one is made again with :func:`_utf8_or_bytes`, which costs a
+    Python call per row; the rest with the decoder itself.
     """
     try:
-        return [
-            (
-                r.site, r.uuid, r.session, r.producer, r.seq, r.action, r.label, r.time,
-                r.received, _utf8(r.params)[0],
-                _NO_TIME if r.original_time is None else r.original_time,
-                1 if r.authenticated else 0, 1 if r.bot else 0,
-            )
-            for r in rows
-        ]  # fmt: skip
+        return _sqlite_values(rows, _utf8)
     except UnicodeDecodeError:
-        pass
-    out = []
-    for r in rows:
-        try:
-            params: str | bytes = _utf8(r.params)[0]
-        except UnicodeDecodeError:
-            params = bytes(r.params)
-        out.append(
-            (
-                r.site, r.uuid, r.session, r.producer, r.seq, r.action, r.label, r.time,
-                r.received, params,
-                _NO_TIME if r.original_time is None else r.original_time,
-                1 if r.authenticated else 0, 1 if r.bot else 0,
-            )
-        )  # fmt: skip
-    return out
+        return _sqlite_values(rows, _utf8_or_bytes)
+
+
+def _sqlite_values(
+    rows: Sequence[EventRow], text: Callable[[msgspec.Raw], tuple[Any, ...]]
+) -> list[tuple[Any, ...]]:
+    """:func:`sqlite_values`, ``params`` the first value of ``text(params)``."""
+    return [
+        (
+            r.site, r.uuid, r.session, r.producer, r.seq, r.action, r.label, r.time,
+            r.received, text(r.params)[0],
+            _NO_TIME if r.original_time is None else r.original_time,
+            1 if r.authenticated else 0, 1 if r.bot else 0,
+        )
+        for r in rows
+    ]  # fmt: skip
 
 
 _get_site: Final = operator.attrgetter("site")
@@ -453,14 +454,18 @@ def sqlite_path(dsn: str) -> Path:
     return Path(dsn)
 
 
-def open_sink(dsn: str) -> Sink:
+def open_sink(dsn: str, pg_writers: int | None = None) -> Sink:
     """The sink a DSN names (not opened yet).
+
+    Args:
+        pg_writers: a PostgreSQL sink's writing connections (default
+            :attr:`PostgresSink.WRITERS`); SQLite has one.
 
     Raises:
         ValueError: the DSN's scheme is neither sqlite nor postgresql.
     """
     if dsn.startswith(("postgresql://", "postgres://")):
-        return PostgresSink(dsn)
+        return PostgresSink(dsn, PostgresSink.WRITERS if pg_writers is None else pg_writers)
     return SqliteSink(sqlite_path(dsn))
 
 
@@ -631,10 +636,11 @@ class _Writer:
 
 
 class PostgresSink:
-    """The PostgreSQL store: :data:`WRITERS` asyncpg connections, one batch at a time on each.
+    """The PostgreSQL store: ``writers`` asyncpg connections (:data:`WRITERS` by default),
+    one batch at a time on each.
 
     Events go in by binary ``COPY`` into a staging table, then one ``INSERT``
-    per batch (see :meth:`write`). Two batches may be written at once, each
+    per batch (see :meth:`write`). ``writers`` batches may be written at once, each
     on a connection of its own (the worker keeps :attr:`writers` batches in
     flight): PostgreSQL works on one while the worker encodes, commits or
     acks the other. The first connection also serves every other call.
@@ -642,7 +648,8 @@ class PostgresSink:
 
     #: How long connecting, and each statement, may take before the batch fails (and is retried).
     TIMEOUT: Final = 30.0
-    #: Connections that write batches at the same time.
+    #: Connections that write batches at the same time unless told otherwise
+    #: (the ``persist_pg_writers`` setting has the same default).
     WRITERS: Final = 2
 
     def __init__(self, dsn: str, writers: int = WRITERS) -> None:

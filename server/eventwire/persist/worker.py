@@ -50,6 +50,7 @@ from eventwire.core.rules import SitesBook
 from eventwire.persist.sinks import (
     DEFAULT_DSN,
     EventRow,
+    PostgresSink,
     Sink,
     SqliteSink,
     decode_row,
@@ -58,7 +59,7 @@ from eventwire.persist.sinks import (
     pack_rows,
 )
 from eventwire.persist.upkeep import DeadEntry, Entries, Retention, Stream, Upkeep, streams_of
-from eventwire.store import ConsumerGroup, GroupMissing, Keys, StreamEntry
+from eventwire.store import ConsumerGroup, GroupMissing, Keys, ReadEntries, StreamEntry
 
 __all__ = ["GROUP", "PersistOptions", "Stream", "Worker", "consumer_name", "streams_of"]
 
@@ -91,18 +92,20 @@ BATCHES: Final = Counter("eventwire_persist_batches", "Batches committed and ack
 
 @dataclass(slots=True)
 class _Prepared:
-    """A batch decoded: its rows, their entry ids by stream key (in row order,
-    stream by stream), the entries they came from, and what goes to the dead stream."""
+    """A batch decoded: its rows, their entry ids by stream key (bytes, as the ack
+    sends them; in row order, stream by stream), the entries they came from, and
+    what goes to the dead stream."""
 
     rows: list[EventRow] = field(default_factory=list)
-    ids: dict[str, list[str]] = field(default_factory=dict)
+    ids: dict[str, Sequence[bytes]] = field(default_factory=dict)
     sources: list[tuple[Stream, Entries]] = field(default_factory=list)
     dead: list[DeadEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
 class PersistOptions:
-    """The worker's own settings (``EVENTWIRE_PERSIST_DSN``, ``_CLAIM_IDLE``, ``_MAX_DELIVERIES``).
+    """The worker's own settings (``EVENTWIRE_PERSIST_DSN``, ``_CLAIM_IDLE``, ``_MAX_DELIVERIES``,
+    ``_PERSIST_PG_WRITERS``).
 
     Attributes:
         dsn: the store; SQLite file (default ``data/events.db``) or ``postgresql://``.
@@ -122,6 +125,10 @@ class PersistOptions:
     #: resume, ``tail --since``); older ones that the group has acknowledged are
     #: trimmed. Costs ~0.5 KiB of Redis memory per event kept.
     retain: float = 3600.0
+    #: PostgreSQL connections the worker writes batches on at once, one batch
+    #: each (it keeps that many in flight); each is a backend in PostgreSQL.
+    #: SQLite ignores it.
+    pg_writers: int = PostgresSink.WRITERS
 
     def __post_init__(self) -> None:
         if not self.claim_idle > 0:
@@ -130,6 +137,8 @@ class PersistOptions:
             raise ConfigError(f"max_deliveries must be at least 1, got {self.max_deliveries}")
         if self.retain < 0:
             raise ConfigError(f"retain must be 0 or more, got {self.retain}")
+        if self.pg_writers < 1:
+            raise ConfigError(f"pg_writers must be at least 1, got {self.pg_writers}")
 
     @classmethod
     def from_settings(
@@ -147,6 +156,7 @@ class PersistOptions:
             if max_deliveries is not None
             else settings.max_deliveries,
             retain=settings.persist_retain,
+            pg_writers=settings.persist_pg_writers,
         )
 
 
@@ -179,7 +189,7 @@ class Worker:
         self.book = book
         self.options = options
         self.keys = Keys(settings.key_prefix)
-        self.sink: Sink = sink if sink is not None else open_sink(options.dsn)
+        self.sink: Sink = sink if sink is not None else open_sink(options.dsn, options.pg_writers)
         self.consumer = consumer or consumer_name()
         #: Every Redis call of the worker (its own client).
         self.groups = ConsumerGroup(settings.redis_url, self.consumer, BLOCK_MS, GROUP)
@@ -415,13 +425,19 @@ class Worker:
         all are good, else one by one) and the entries that go to the dead stream."""
         prepared = _Prepared()
         for stream, entries in batch:
-            raws = [raw for _, raw in entries]
+            # A read's entries come as their ids and events (ReadEntries): no
+            # StreamEntry is made on the way to the row and the ack.
+            if isinstance(entries, ReadEntries):
+                raws, ids = entries.events, entries.ids
+            else:
+                raws = [raw for _, raw in entries]
+                ids = [entry_id.encode() for entry_id, _ in entries]
             rows = None
             if not deliveries and None not in raws:
                 rows = decode_rows(stream.site, raws)  # type: ignore[arg-type]
             if rows is not None:
                 prepared.rows += rows
-                prepared.ids[stream.key] = [entry_id for entry_id, _ in entries]
+                prepared.ids[stream.key] = ids
                 prepared.sources.append((stream, entries))
                 continue
             good: list[StreamEntry] = []
@@ -441,7 +457,7 @@ class Worker:
                     continue
                 good.append(StreamEntry(entry_id, raw))
             if good:
-                prepared.ids[stream.key] = [entry_id for entry_id, _ in good]
+                prepared.ids[stream.key] = [entry_id.encode() for entry_id, _ in good]
                 prepared.sources.append((stream, good))
         # What the SQLite sink's thread would compute from the rows, computed here
         # (while the batch before is written): that thread then holds the GIL for less.
@@ -485,7 +501,7 @@ class Worker:
             except Exception as exc:
                 failed.append((stream, entry_id, raw, repr(exc)))
                 continue
-            await self.groups.ack({stream.key: [entry_id]})
+            await self.groups.ack({stream.key: [entry_id.encode()]})
             self._count([row], written)
         if not failed:
             return

@@ -8,7 +8,8 @@ The modules, each owning one concern::
                 lost it), the FN_* names, the typed KEYS/ARGV of each
                 function, and the templates of the server-made records
                 Lua completes (session.end, client.identify)
-    resp        commands packed in RESP by hand, for the publish path
+    resp        commands packed in RESP by hand, for the publish path and
+                the persist worker's acks
     replies     every Redis reply parsed into a typed value, once
     client      client factories, exchange() on one connection, and OUTAGE:
                 the one tuple of exceptions meaning "Redis is away"
@@ -89,6 +90,7 @@ from eventwire.store.replies import (
     OpenReply,
     PendingSummary,
     PublishReply,
+    ReadEntries,
     ReapReply,
     SiteSnapshot,
     StreamEntry,
@@ -119,6 +121,7 @@ from eventwire.store.resp import (
     FrameIds,
     frame_count,
     pack_args,
+    pack_bulks,
     pack_fcall,
     pack_frame_ids,
     pack_items,
@@ -180,6 +183,7 @@ __all__ = [
     "PublishItem",
     "PublishKeys",
     "PublishReply",
+    "ReadEntries",
     "ReapArgs",
     "ReapKeys",
     "ReapReply",
@@ -206,6 +210,7 @@ __all__ = [
     "merge_stream_info",
     "on_key_node",
     "pack_args",
+    "pack_bulks",
     "pack_fcall",
     "pack_frame_ids",
     "pack_items",

@@ -26,7 +26,14 @@ from typing import Any, Final, NamedTuple
 from redis.asyncio.cluster import RedisCluster
 
 from eventwire.core.errors import StoreUnavailable
-from eventwire.store.client import OUTAGE, RedisClient, RedisError, ResponseError, redis_client
+from eventwire.store.client import (
+    OUTAGE,
+    RedisClient,
+    RedisError,
+    ResponseError,
+    exchange,
+    redis_client,
+)
 from eventwire.store.cluster import CLUSTER_READS, on_key_node
 from eventwire.store.keys import Keys
 from eventwire.store.replies import (
@@ -49,9 +56,11 @@ from eventwire.store.replies import (
     time_ms,
     xread_entries,
 )
+from eventwire.store.resp import pack_args, pack_bulks
 
-#: New entries by stream key, as one read gives them.
-Delivered = list[tuple[str, list[StreamEntry]]]
+#: New entries by stream key, as one read gives them (:class:`ReadEntries` from one
+#: Redis, :class:`StreamEntry` lists from a cluster's nodes).
+Delivered = list[tuple[str, Sequence[StreamEntry]]]
 
 #: Seconds a connection may take to connect, and a reply may take beyond a read's block.
 _SOCKET_SLACK: Final = 10.0
@@ -159,7 +168,7 @@ class ConsumerGroup:
                 )  # fmt: skip
             except (*OUTAGE, RedisError) as exc:
                 return [], _failed(exc)
-            return raw_xread_entries(reply), None
+            return list(raw_xread_entries(reply)), None
         # Concurrent commands must not meet an uninitialised cluster client
         # (after a failover it is again): redis-py 8's first commands look up
         # keys and policies before initialising, which closes connections
@@ -216,13 +225,43 @@ class ConsumerGroup:
                 out += result
         return out, error
 
-    async def ack(self, ids: Mapping[str, Sequence[str]]) -> None:
-        """XACK entries, by stream key, in one round trip."""
+    async def ack(self, ids: Mapping[str, Sequence[bytes]]) -> None:
+        """XACK entries (their ids as bytes, as a read gives them), by stream key, in one
+        round trip.
+
+        One XACK a stream, packed by hand (:func:`~eventwire.store.resp.pack_bulks`)
+        and sent on a pooled connection: redis-py's pipeline encoded each id
+        on its own. On a cluster, a pipeline (each stream's XACK on its node).
+        """
+        client = self.client
+        if isinstance(client, RedisCluster):
+            with _redis_failures():
+                async with client.pipeline(transaction=False) as pipe:
+                    for key, stream_ids in ids.items():
+                        pipe.xack(key, self.group, *stream_ids)
+                    await pipe.execute()
+            return
+        commands = [
+            pack_args(("XACK", key, self.group), [pack_bulks(stream_ids)], len(stream_ids))
+            for key, stream_ids in ids.items()
+            if stream_ids
+        ]
+        if not commands:
+            return
+        pool: Any = client.connection_pool
         with _redis_failures():
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key, stream_ids in ids.items():
-                    pipe.xack(key, self.group, *stream_ids)
-                await pipe.execute()
+            conn = await pool.get_connection()
+            try:
+                results = await exchange(conn, commands)
+            except BaseException:
+                # A reply that arrives late must never be read as another command's.
+                await conn.disconnect()
+                raise
+            finally:
+                await pool.release(conn)
+        for result in results:
+            if isinstance(result, Exception):
+                raise _failed(result)
 
     async def dead_letter(
         self, key: str, dead_key: str, entry_id: str, event: bytes, why: str

@@ -1,4 +1,4 @@
-"""Commands packed in RESP by hand, for the publish path.
+"""Commands packed in RESP by hand, for the publish path and the persist worker's acks.
 
 hiredis' ``pack_command`` costs ~0.4 µs per event in a 100-event call and
 grows to ~1.7 µs in a 2,000-event call (it is not linear); packing here is
@@ -64,9 +64,11 @@ def pack_frame_ids(producer_key: str, session_key: str, session: str) -> FrameId
     )
 
 
-def pack_args(args: Sequence[Any]) -> list[bytes]:
-    """One Redis command (str, bytes and int arguments) in RESP, in parts."""
-    return [b"*%d\r\n" % len(args), *(bulk(a) for a in args)]
+def pack_args(args: Sequence[Any], tail: Sequence[bytes] = (), tail_count: int = 0) -> list[bytes]:
+    """One Redis command (str, bytes and int arguments) in RESP, in parts; then
+    ``tail_count`` more arguments packed already in ``tail`` (:func:`bulk`,
+    :func:`pack_items`, :func:`pack_bulks`)."""
+    return [b"*%d\r\n" % (len(args) + tail_count), *(bulk(a) for a in args), *tail]
 
 
 def pack_items(items: list[Any]) -> bytes:
@@ -95,13 +97,22 @@ def pack_items(items: list[Any]) -> bytes:
         kinds,
         len(seqs),
         seqs,
-        b"".join([b"$%d\r\n%b\r\n" % (len(payload), payload) for payload in items[2::3]]),
+        pack_bulks(items[2::3]),
     )
 
 
 def frame_count(n: int) -> int:
     """The ARGV of a frame of ``n`` items: session id, kinds, seqs and ``n`` payloads."""
     return 3 + n
+
+
+def pack_bulks(values: Sequence[bytes]) -> bytes:
+    """Many bytes arguments as RESP bulk strings in one formatting step (no header).
+
+    ~0.09 µs per value for stream entry ids; :func:`bulk` for each costs ~0.12,
+    redis-py's encoding of an ``XACK`` of 5,000 ids ~0.4.
+    """
+    return b"".join([b"$%d\r\n%b\r\n" % (len(v), v) for v in values])
 
 
 def pack_fcall(
@@ -115,5 +126,4 @@ def pack_fcall(
 
     ``tail`` holds arguments packed already (:func:`bulk`, :func:`pack_items`).
     """
-    head = ("FCALL", function, len(keys), *keys, *args)
-    return [b"*%d\r\n" % (len(head) + tail_count), *(bulk(a) for a in head), *tail]
+    return pack_args(("FCALL", function, len(keys), *keys, *args), tail, tail_count)
