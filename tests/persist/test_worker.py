@@ -172,6 +172,15 @@ def stored_event(seq: int, uuid: str = "cust-1", site: str = "app", **extra: Any
     ).encode()
 
 
+async def add_events(redis: aioredis.Redis, n: int) -> None:
+    """Seqs 1 to n of cust-1 into app's stream, 1000 a pipeline."""
+    for start in range(0, n, 1000):
+        pipe = redis.pipeline(transaction=False)
+        for seq in range(start + 1, min(n, start + 1000) + 1):
+            pipe.xadd("ew:{app}:events", {"event": stored_event(seq)})
+        await pipe.execute()
+
+
 async def test_n_events_become_n_rows(
     server: EventwireServer,
     redis: aioredis.Redis,
@@ -787,11 +796,7 @@ async def test_two_batches_in_flight_each_acked_after_its_write(
     """A sink that writes two batches at once gets two from the worker (never more), and
     every entry still becomes one row, acked."""
     n = 4 * READ_COUNT + 7
-    for start in range(0, n, 1000):
-        pipe = redis.pipeline(transaction=False)
-        for seq in range(start + 1, min(n, start + 1000) + 1):
-            pipe.xadd("ew:{app}:events", {"event": stored_event(seq)})
-        await pipe.execute()
+    await add_events(redis, n)
     sink = SlowSink(open_sink(dsn))
     worker = await start_worker(redis_proc, sites_file, dsn, sink=sink)
     try:
@@ -853,11 +858,7 @@ async def test_three_pg_writers_write_every_row_once(
     """With ``pg_writers = 3`` the worker writes on three connections, and every entry
     still becomes one row, acked."""
     n = 6 * READ_COUNT + 3
-    for start in range(0, n, 1000):
-        pipe = redis.pipeline(transaction=False)
-        for seq in range(start + 1, min(n, start + 1000) + 1):
-            pipe.xadd("ew:{app}:events", {"event": stored_event(seq)})
-        await pipe.execute()
+    await add_events(redis, n)
     worker = await start_worker(redis_proc, sites_file, dsn, pg_writers=3)
     sink = worker.sink
     assert isinstance(sink, PostgresSink)
