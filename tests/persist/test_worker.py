@@ -118,6 +118,14 @@ async def pending(redis: aioredis.Redis, site: str = "app") -> int:
     return int(summary["pending"])
 
 
+async def wait_acked(redis: aioredis.Redis, within: float = 10 * UNIT) -> None:
+    """Until the persist group of app has nothing pending."""
+    deadline = time.monotonic() + within
+    while await pending(redis):
+        assert time.monotonic() < deadline, "entries left unacked"
+        await asyncio.sleep(0.02)
+
+
 async def client_rows(dsn: str) -> tuple[int, int]:
     """(all event rows, rows from client producers) in a store."""
     sink = open_sink(dsn)
@@ -801,10 +809,7 @@ async def test_two_batches_in_flight_each_acked_after_its_write(
     worker = await start_worker(redis_proc, sites_file, dsn, sink=sink)
     try:
         await wait_rows(sink, n, within=60)
-        deadline = time.monotonic() + 10 * UNIT
-        while await pending(redis):
-            assert time.monotonic() < deadline, "entries left unacked"
-            await asyncio.sleep(0.02)
+        await wait_acked(redis)
     finally:
         await worker.stop()
     assert sink.most == 2
@@ -864,10 +869,7 @@ async def test_three_pg_writers_write_every_row_once(
     assert isinstance(sink, PostgresSink)
     try:
         await wait_rows(sink, n, within=60)
-        deadline = time.monotonic() + 10 * UNIT
-        while await pending(redis):
-            assert time.monotonic() < deadline, "entries left unacked"
-            await asyncio.sleep(0.02)
+        await wait_acked(redis)
         # Each batch takes the writer idle longest: seven batches used all three.
         used = sum(1 for writer in sink._pool if writer.conn is not None)
     finally:
