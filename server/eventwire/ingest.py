@@ -206,7 +206,6 @@ class Carrier:
             self._tag,
             self._producer_key,
             self._session_key,
-            uuid,
             frame.session,
             frame.items,
             self,

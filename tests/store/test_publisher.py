@@ -78,7 +78,6 @@ class Producer:
             SITE,
             self.producer_key,
             self.session_key,
-            "u-" + self.name,
             "",
             items,
             self.sink,

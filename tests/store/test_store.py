@@ -128,7 +128,6 @@ def test_publish_batch_matches_hiredis() -> None:
             keys.producer(tag, "p-" + uuid),
             keys.session(tag, uuid),
             session,
-            uuid,
             items,
             None,  # type: ignore[arg-type]
             None,

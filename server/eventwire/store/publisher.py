@@ -113,7 +113,6 @@ class Frame:
         producer_key: the producer's seq key.
         session_key: the customer's session key.
         session: the session id the events were encoded for.
-        uuid: the customer.
         args: flat ``[seq, kind, payload, ...]`` in seq order.
         sink: told how the frame ended.
         token: the sink's own reference.
@@ -135,7 +134,6 @@ class Frame:
         "site",
         "tag",
         "token",
-        "uuid",
     )
 
     def __init__(
@@ -145,7 +143,6 @@ class Frame:
         producer_key: str,
         session_key: str,
         session: str,
-        uuid: str,
         args: list[Any],
         sink: FrameSink,
         token: Any,
@@ -157,7 +154,6 @@ class Frame:
         self.producer_key = producer_key
         self.session_key = session_key
         self.session = session
-        self.uuid = uuid
         self.n = len(args) // 3
         self.args = args
         self.sink = sink
@@ -394,7 +390,6 @@ class Store:
         tag: str,
         producer_key: str,
         session_key: str,
-        uuid: str,
         session: str,
         items: list[Any],
         sink: FrameSink,
@@ -408,8 +403,8 @@ class Store:
             site: the site id.
             tag: the tag of the customer's partition (:meth:`tag`).
             producer_key: ``keys.producer(tag, producer)``.
-            session_key: ``keys.session(tag, uuid)``.
-            uuid: the customer the events were encoded for.
+            session_key: ``keys.session(tag, uuid)`` of the customer the
+                events were encoded for.
             session: the session id the events were encoded for.
             items: flat ``[seq, kind, payload, ...]`` in seq order.
             sink: told how the frame ended, from the publisher task.
@@ -427,7 +422,6 @@ class Store:
             producer_key,
             session_key,
             session,
-            uuid,
             items,
             sink,
             token,
