@@ -63,8 +63,11 @@ async def fill(redis: aioredis.Redis, n: int) -> None:
         await pipe.execute()
 
 
-async def processes(args: argparse.Namespace, redis: aioredis.Redis) -> float:
-    """Seconds K ``eventwire persist`` processes take to store the whole stream."""
+async def processes(
+    redis: aioredis.Redis, redis_url: str, dsn: str, workers: int, pg_writers: int
+) -> float:
+    """Seconds ``workers`` ``eventwire persist`` processes (a fresh group) take to store
+    the whole stream, from the first entry read."""
     stream = f"ew:{{{SITE}}}:events"
     with contextlib.suppress(aioredis.ResponseError):
         await redis.xgroup_destroy(stream, "persist")
@@ -80,18 +83,18 @@ async def processes(args: argparse.Namespace, redis: aioredis.Redis) -> float:
                 "--sites",
                 str(sites),
                 "--redis",
-                args.redis_url,
+                redis_url,
                 "--dsn",
-                args.dsn,
+                dsn,
                 "--pg-writers",
-                str(args.pg_writers),
+                str(pg_writers),
             ],
             cwd=ROOT,
             env={**os.environ, "EVENTWIRE_CONFIG": os.devnull},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        for _ in range(args.workers)
+        for _ in range(workers)
     ]
     started = None
     try:
@@ -105,7 +108,7 @@ async def processes(args: argparse.Namespace, redis: aioredis.Redis) -> float:
                     started = time.perf_counter()
                 if started is not None and group["lag"] == 0 and group["pending"] == 0:
                     return time.perf_counter() - started
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
     finally:
         for proc in procs:
             proc.terminate()
@@ -134,7 +137,7 @@ async def main() -> None:
         check = open_sink(args.dsn)
         await check.open()
         before = await check.count(SITE)
-        elapsed = await processes(args, redis)
+        elapsed = await processes(redis, args.redis_url, args.dsn, args.workers, args.pg_writers)
         stored = await check.count(SITE) - before
         await check.close()
         await redis.aclose()

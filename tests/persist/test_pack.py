@@ -12,7 +12,14 @@ import msgspec
 import pytest
 
 from eventwire.persist import rollups
-from eventwire.persist.sinks import EventRow, SqliteSink, pack_rows, rollup_delta, sqlite_values
+from eventwire.persist.sinks import (
+    EventRow,
+    SqliteSink,
+    pack_rows,
+    rollup_delta,
+    sqlite_binds,
+    sqlite_values,
+)
 
 
 def reference(rows: list[rollups.NewRow]) -> rollups.Delta:
@@ -105,3 +112,28 @@ def test_packed_rows_store_what_plain_rows_store(tmp_path: Path) -> None:
     assert plain[1][:3] == (-7, 1, 1)
     assert plain[0][3:] == (b'{"url":"/a\\u00e9","n":1}'.hex().upper(), "text")
     assert plain[2][4] == "text"
+
+
+def test_binds_cut_a_batch_into_statements_in_order(tmp_path: Path) -> None:
+    """A batch's rows go in by statements of 256, 16 and 1 rows, in the batch's order;
+    a row twice in the batch, or stored already, is one row."""
+    values = [(i,) for i in range(300)]
+    binds = sqlite_binds(values)
+    assert [(size, len(statements)) for size, statements in binds] == [(256, 1), (16, 2), (1, 12)]
+    assert [v for _, statements in binds for flat in statements for v in flat] == list(range(300))
+    assert sqlite_binds([]) == []
+    assert sqlite_binds(values[:3]) == [(1, [(0,), (1,), (2,)])]
+
+    async def stored(batches: list[list[EventRow]]) -> tuple[list[int], list[Any]]:
+        sink = SqliteSink(tmp_path / "c.db")
+        await sink.open()
+        written = [await sink.write(pack_rows(batch)) for batch in batches]
+        out = sink.db.execute("SELECT seq FROM events ORDER BY rowid").fetchall()
+        await sink.close()
+        return written, [seq for (seq,) in out]
+
+    rows = [row(seq) for seq in range(1, 301)]
+    again = [row(seq) for seq in (5, 301, 301, 302)]
+    written, seqs = asyncio.run(stored([rows, rows[:20], again]))
+    assert written == [300, 0, 2]
+    assert seqs == [*range(1, 303)]

@@ -39,6 +39,9 @@ async def test_write_is_idempotent_and_survives_a_failed_batch(dsn: str) -> None
             with pytest.raises(Exception, match="json"):  # asyncpg's own error type
                 await sink.write(bad)
             assert await sink.count() == 3  # the whole batch rolled back
+            with pytest.raises(Exception, match="UTF8"):  # params that are not UTF-8
+                await sink.write([row(4), row(5, params=b'{"a": "\xff"}')])
+            assert await sink.count() == 3
         assert await sink.write([row(6)]) == 1
         assert [a.action for a in await sink.activity("s", "u", 10)] == ["product.view"] * (
             await sink.count()
