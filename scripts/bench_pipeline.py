@@ -275,6 +275,7 @@ async def main() -> int:
             async with fresh_store(dsn) as empty:
                 redis = aioredis.Redis.from_url(args.redis_url)
                 elapsed = await processes(redis, args.redis_url, empty, k, PostgresSink.WRITERS)
+                n = await redis.xlen(STREAM)  # with the session ends that came after the peak
                 await redis.aclose()
                 check = open_sink(empty)
                 await check.open()

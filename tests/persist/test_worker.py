@@ -803,10 +803,10 @@ async def test_two_batches_in_flight_each_acked_after_its_write(
 ) -> None:
     """A sink that writes two batches at once gets two from the worker (never more), and
     every entry still becomes one row, acked."""
-    n = 4 * READ_COUNT + 7
+    n = 4 * 1000 + 7
     await add_events(redis, n)
     sink = SlowSink(open_sink(dsn))
-    worker = await start_worker(redis_proc, sites_file, dsn, sink=sink)
+    worker = await start_worker(redis_proc, sites_file, dsn, sink=sink, read_count=1000)
     try:
         await wait_rows(sink, n, within=60)
         await wait_acked(redis)
@@ -839,6 +839,10 @@ def test_pg_writers_is_a_setting(tmp_path: Path) -> None:
     assert sqlite._depth == 1
     with pytest.raises(ConfigError, match="pg_writers"):
         PersistOptions(pg_writers=0)
+    assert PersistOptions().read_count == READ_COUNT
+    for bad in (0, READ_COUNT + 1):
+        with pytest.raises(ConfigError, match="read_count"):
+            PersistOptions(read_count=bad)
     for bad in ("0", "33", "two"):
         with pytest.raises(ConfigError, match="persist_pg_writers"):
             load_settings(Path(os.devnull), env={"EVENTWIRE_PERSIST_PG_WRITERS": bad})
@@ -862,9 +866,9 @@ async def test_three_pg_writers_write_every_row_once(
 ) -> None:
     """With ``pg_writers = 3`` the worker writes on three connections, and every entry
     still becomes one row, acked."""
-    n = 6 * READ_COUNT + 3
+    n = 6 * 1000 + 3
     await add_events(redis, n)
-    worker = await start_worker(redis_proc, sites_file, dsn, pg_writers=3)
+    worker = await start_worker(redis_proc, sites_file, dsn, pg_writers=3, read_count=1000)
     sink = worker.sink
     assert isinstance(sink, PostgresSink)
     try:

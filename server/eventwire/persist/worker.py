@@ -67,15 +67,19 @@ log = structlog.get_logger("eventwire.persist")
 
 #: The consumer group every persistence worker shares (:attr:`Keys.PERSIST_GROUP`).
 GROUP: Final = Keys.PERSIST_GROUP
-#: Entries per stream per read. A batch is one transaction of up to this many
-#: rows per stream; larger means fewer commits (faster) but more to redo after a
-#: crash. 5000: SQLite's fsync per commit cost half the write time at 500, and
-#: 5000 wrote 18 % more rows/s than 2000 (10000: no better; scripts/bench_persist.py).
-READ_COUNT: Final = 5000
+#: Entries per stream per read (:attr:`PersistOptions.read_count`). A batch is one
+#: transaction of up to this many rows per stream; larger means fewer commits
+#: (faster) but more to redo after a crash. 20000: with client times spread over
+#: seconds, as they are (scripts/bench --pipeline's realistic row), a SQLite
+#: commit writes every index page a batch touched, and most rows touch a page of
+#: their own: the sink alone wrote 22,000 rows/s at 5000 a batch, 36,000 at
+#: 10000, 42,000-45,000 at 20000 (with client times in order, 10000 was no
+#: better than 5000).
+READ_COUNT: Final = 20_000
 #: The most entries one read asks for over all streams: with more streams than
-#: BATCH_MAX / READ_COUNT (many sites, or partitioned ones) each stream gets an
+#: BATCH_MAX / read_count (many sites, or partitioned ones) each stream gets an
 #: equal share. Bounds a batch's memory (~1 KiB per entry decoded) and transaction.
-BATCH_MAX: Final = 10_000
+BATCH_MAX: Final = 2 * READ_COUNT
 #: How long one read waits for new entries (ms); also the longest a stop waits for it.
 BLOCK_MS: Final = 1000
 #: How often the lag gauge, the trimming alarm and retention trimming run: per
@@ -129,6 +133,9 @@ class PersistOptions:
     #: each (it keeps that many in flight); each is a backend in PostgreSQL.
     #: SQLite ignores it.
     pg_writers: int = PostgresSink.WRITERS
+    #: Entries asked of each stream per read, so the most rows a transaction holds
+    #: per stream (:data:`READ_COUNT`; a smaller one only in tests).
+    read_count: int = READ_COUNT
 
     def __post_init__(self) -> None:
         if not self.claim_idle > 0:
@@ -139,6 +146,8 @@ class PersistOptions:
             raise ConfigError(f"retain must be 0 or more, got {self.retain}")
         if self.pg_writers < 1:
             raise ConfigError(f"pg_writers must be at least 1, got {self.pg_writers}")
+        if not 1 <= self.read_count <= READ_COUNT:
+            raise ConfigError(f"read_count must be 1 to {READ_COUNT}, got {self.read_count}")
 
     @classmethod
     def from_settings(
@@ -381,7 +390,7 @@ class Worker:
 
     def _read_count(self) -> int:
         """Entries asked of each stream per read (see :data:`BATCH_MAX`)."""
-        return max(1, min(READ_COUNT, BATCH_MAX // max(1, len(self._streams))))
+        return max(1, min(self.options.read_count, BATCH_MAX // max(1, len(self._streams))))
 
     def _maybe_reload(self) -> None:
         if not self.book.changed():
