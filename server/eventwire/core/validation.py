@@ -252,7 +252,9 @@ class FrameJudge:
         step = self._actions.get(action)
         if step is None:
             step = self._actions[action] = self._action_step(action)
-        if isinstance(step, Rejected):
+        # Asked of tuple, not of Rejected: isinstance() against a Struct class
+        # goes through its metaclass, ~0.09 µs for every event that is taken.
+        if not isinstance(step, tuple):
             return step
         required, check, visit = step
         params = event.params if event.params is not None else {}
@@ -309,7 +311,8 @@ class FrameJudge:
                 TOO_LARGE,
                 f"event encodes to {size} bytes; max_event_bytes is {self._max_bytes}",
             )
-        return bytes(buffer)
+        # The copy bytes() makes, in about half the time (bytearray is a valid %b).
+        return b"%b" % buffer  # type: ignore[str-format]
 
 
 def judge_event(
