@@ -69,3 +69,52 @@ def test_referrer_table_matches_whole_labels() -> None:
     assert referrer_entry("google.evil.example.com") is None
     assert referrer_entry("notfacebook.com") is None
     assert referrer_entry("m.facebook.com") == ("social", "Facebook")
+
+
+def test_source_json_cache_is_bounded_and_keyed_by_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """source_json gives source_of's JSON, cached per (url, referrer, hosts) up to
+    SOURCE_CACHE entries (then emptied), never for a url or referrer past CACHED_URL_MAX;
+    the judge's own lookup in the cache finds the same JSON."""
+    import msgspec
+
+    from eventwire.core import source
+    from eventwire.core.protocol import WireEvent
+    from eventwire.core.validation import FrameJudge, Identity, Limits
+
+    source.source_cache.clear()
+    hosts = frozenset({"blog.shop"})
+    ref = "https://blog.shop/a"
+    raw = source.source_json(SHOP, ref, hosts)
+    assert msgspec.json.decode(raw) == {"medium": "internal", "referrer_host": "blog.shop"}
+    assert source.source_json(SHOP, ref, hosts) is raw
+    assert source.source_cache == {(SHOP, ref, hosts): raw}
+    # Another site's hosts: another entry, another answer.
+    other = source.source_json(SHOP, ref, frozenset())
+    assert msgspec.json.decode(other)["medium"] == "referral"
+    assert len(source.source_cache) == 2
+    # Too long to keep: computed each time, never stored.
+    long_url = SHOP + "?q=" + "x" * source.CACHED_URL_MAX
+    assert msgspec.json.decode(source.source_json(long_url, "", hosts)) == {"medium": "direct"}
+    assert msgspec.json.decode(source.source_json(SHOP, "https://t.co/" + "y" * 3000)) == {
+        "medium": "social",
+        "name": "Twitter",
+        "referrer_host": "t.co",
+    }
+    assert len(source.source_cache) == 2
+    # Full: emptied, then the new entry kept.
+    monkeypatch.setattr(source, "SOURCE_CACHE", 3)
+    source.source_json(SHOP + "b", "", hosts)
+    assert len(source.source_cache) == 3
+    source.source_json(SHOP + "c", "", hosts)
+    assert list(source.source_cache) == [(SHOP + "c", "", hosts)]
+    # A visit judged by a frame's judge carries the cached JSON, cached or not.
+    who = Identity(site="s", uuid="u", session="x", producer="p", hosts=hosts)
+    limits = Limits(max_event_bytes=65536, max_clock_skew_ms=1000, max_event_age_ms=10**9)
+    for params in ({"url": SHOP, "referrer": ref}, {"url": SHOP, "referrer": 7}):
+        judge = FrameJudge(who, 10**12, limits)
+        stored = judge(WireEvent(seq=1, action="page.visit", params=dict(params)))
+        assert isinstance(stored, bytes)
+        expected = source.source_of(SHOP, ref if params["referrer"] == ref else "", hosts)
+        assert msgspec.json.decode(stored)["params"]["source"] == msgspec.to_builtins(expected)
+    assert (SHOP, "", hosts) in source.source_cache
+    source.source_cache.clear()

@@ -17,7 +17,7 @@ import msgspec
 from eventwire.core.protocol import WireEvent
 from eventwire.core.records import StoredEvent, StoredTail, record_encoder, stored_prefix
 from eventwire.core.rules import Verdict
-from eventwire.core.source import source_json
+from eventwire.core.source import source_cache, source_json
 
 ACTION_MIN: Final = 3
 ACTION_MAX: Final = 32
@@ -252,7 +252,9 @@ class FrameJudge:
         step = self._actions.get(action)
         if step is None:
             step = self._actions[action] = self._action_step(action)
-        if isinstance(step, Rejected):
+        # Asked of tuple, not of Rejected: isinstance() against a Struct class
+        # goes through its metaclass, ~0.09 µs for every event that is taken.
+        if not isinstance(step, tuple):
             return step
         required, check, visit = step
         params = event.params if event.params is not None else {}
@@ -263,12 +265,14 @@ class FrameJudge:
         if visit:
             # The decoded params are this event's own: set in place, no copy. The
             # JSON comes from a cache per (url, referrer): a visit costs a lookup.
+            url = params["url"]
             referrer = params.get("referrer")
-            params["source"] = source_json(
-                params["url"],
-                referrer if type(referrer) is str else "",
-                self._hosts,  # type: ignore[arg-type]  # visit: hosts is not None
-            )
+            if type(referrer) is not str:
+                referrer = ""
+            source = source_cache.get((url, referrer, self._hosts))  # type: ignore[arg-type]
+            if source is None:
+                source = source_json(url, referrer, self._hosts)  # type: ignore[arg-type]
+            params["source"] = source
         time = event.time
         original_time = None
         received = self._received
@@ -307,7 +311,8 @@ class FrameJudge:
                 TOO_LARGE,
                 f"event encodes to {size} bytes; max_event_bytes is {self._max_bytes}",
             )
-        return bytes(buffer)
+        # The copy bytes() makes, in about half the time (bytearray is a valid %b).
+        return b"%b" % buffer  # type: ignore[str-format]
 
 
 def judge_event(

@@ -3,7 +3,7 @@
 hiredis' ``pack_command`` costs ~0.4 µs per event in a 100-event call and
 grows to ~1.7 µs in a 2,000-event call (it is not linear); packing here is
 linear at ~0.3 µs per event, and a frame's items are packed in one
-formatting step. A packed command is a list of parts that are written to
+join. A packed command is a list of parts that are written to
 the socket as they are (``writelines``), so a large call is never copied
 whole. ``tests/test_store.py`` checks the bytes against hiredis.
 """
@@ -92,13 +92,14 @@ def pack_items(items: list[Any]) -> bytes:
     if kinds.translate(None, _KINDS):
         raise KeyError(f"an unknown item kind in {kinds!r}")
     seqs = frame_seqs(items[0::3])
-    return b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
-        len(kinds),
-        kinds,
-        len(seqs),
-        seqs,
-        pack_bulks(items[2::3]),
-    )
+    # Joined once from parts, each payload as it is: formatting each payload
+    # into its bulk string, then the bulks into the frame, copied every
+    # payload twice more (~0.2 µs an event of ~450 bytes).
+    parts = [b"$%d\r\n%b\r\n$%d\r\n%b" % (len(kinds), kinds, len(seqs), seqs)]
+    for payload in items[2::3]:
+        parts += (b"\r\n$%d\r\n" % len(payload), payload)
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def frame_count(n: int) -> int:
