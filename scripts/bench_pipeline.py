@@ -7,7 +7,9 @@
    row, timed; printed with persist/ingest. With ``--persist-workers K`` (K > 1),
    then K ``eventwire persist`` processes sharing a fresh group, timed the same
    way (scripts/bench_persist.py).
-3. The sustained row: Redis flushed, an ``eventwire persist`` process on the
+3. The same with realistic events (:func:`realistic_fill`): the stream made
+   again by ``bench/loadgen.py`` at full speed, then one worker per store.
+4. The sustained row: Redis flushed, an ``eventwire persist`` process on the
    first store, ``bench/loadgen.py --ledger`` (10 connections, 100-event
    frames, 4 in flight, paced at half the peak; a nacked frame is resent
    after ``retry_after_ms``, as any v1 client does) for SUSTAIN s; the
@@ -143,6 +145,38 @@ async def fresh_store(dsn: str) -> AsyncIterator[str]:
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")
     finally:
         await conn.close()
+
+
+async def realistic_fill(args: argparse.Namespace) -> str:
+    """The stream made again by ``bench/loadgen.py`` (10:100:4, DURATION s, no persist
+    group: trimmed at ``stream_maxlen``): its events are a shop's (page visits,
+    products, carts, checkouts; ~265 bytes) and their client times up to 5 s behind,
+    as real clients' are. scripts/bench.py's events come in time order, so every
+    index insert lands at an index's end; these land anywhere in the last seconds,
+    which is what costs a store (SQLite writes each index page a batch touched)."""
+    redis = aioredis.Redis.from_url(args.redis_url)
+    with contextlib.suppress(aioredis.ResponseError):
+        await redis.xgroup_destroy(STREAM, "persist")
+    await redis.delete(STREAM)
+    work, url = Path(tempfile.mkdtemp()), urlsplit(args.url)
+    await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "loadgen.py", "--host", url.hostname or "127.0.0.1",
+         "--port", str(url.port), "--site", SITE, "-c", "10", "-b", "100", "-w", "4",
+         "-n", "1000000000", "--duration", str(args.duration), "--verify", "none",
+         "--json", str(work / "load.json")],
+        cwd=ROOT / "bench", capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    out = work / "load.json"
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    n = await redis.xlen(STREAM)
+    await redis.aclose()
+    if not rows:
+        raise SystemExit("bench/loadgen.py failed")
+    return (
+        f"realistic events (bench/loadgen.py, client times up to 5 s behind): "
+        f"{rows[-1]['events_per_s']:,} events/s for {args.duration:g} s, {n:,} in the stream"
+    )
 
 
 async def sample_backlog(redis_url: str, stop: asyncio.Event, seen: list[int]) -> None:
@@ -289,6 +323,18 @@ async def main() -> int:
                 f"{load_note(since, None)}",
                 flush=True,
             )
+    since = cpu_busy()
+    sent = await realistic_fill(args)
+    print(f"{sent}; {load_note(since, None)}", flush=True)
+    for dsn in args.dsn:
+        since = cpu_busy()
+        n, elapsed, cpu = await persist_rate(args.redis_url, dsn)
+        print(
+            f"persist of these into {dsn.split(':')[0]} (1 worker): {n:,} rows in "
+            f"{elapsed:.2f} s = {n / elapsed:,.0f} rows/s = {n / elapsed / eps:.2f}x ingest; "
+            f"worker CPU {cpu:.1f} s; {load_note(since, 100 * cpu / elapsed)}",
+            flush=True,
+        )
     if args.sustain > 0:
         since = cpu_busy()
         line = await sustained(args, eps / 2, args.dsn[0])
